@@ -1,0 +1,453 @@
+//! Typed configuration: built-in defaults < `proxy.toml` (or `--config PATH`) < environment
+//! variables `BULK_PROXY_...` (nesting with `__`, e.g. `BULK_PROXY_UPSTREAM__URL`).
+//!
+//! Loading never starts anything; [`Config::validate`] checks every value and names the key, the value
+//! and the reason on failure, so `fhir-bulk-proxy check-config` and start-up report the same errors.
+//! `proxy.toml` at the repository root documents every key, its default and its environment name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+/// Environment variable prefix; nested keys are joined with `__`.
+pub const ENV_PREFIX: &str = "BULK_PROXY_";
+
+/// The whole configuration tree.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstream: UpstreamConfig,
+    pub log: LogConfig,
+    pub metadata: MetadataConfig,
+}
+
+/// The listener and how the proxy presents itself.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Listen address. Default `0.0.0.0:8080`.
+    pub listen: String,
+    /// Public base URL of the proxy's FHIR endpoint, used for absolute URLs in responses
+    /// (Content-Location, manifests, rewritten Location headers). Default: unset, derived per request
+    /// from `X-Forwarded-Proto` / `X-Forwarded-Host` / `Host` and the base path.
+    pub public_url: Option<String>,
+    /// Path under which the proxy serves FHIR. Default: unset, the path of `upstream.url`
+    /// (or of `public_url` when that is set).
+    pub base_path: Option<String>,
+    /// TLS for the listener (rustls; TLS 1.2 and 1.3 only). Default: unset, plain HTTP.
+    pub tls: Option<TlsConfig>,
+    /// Grace period on SIGTERM / SIGINT for in-flight requests, in seconds. Default 30.
+    pub shutdown_grace_secs: u64,
+    /// Largest request body the proxy reads itself (kick-off, token), in bytes. Passthrough bodies are
+    /// streamed and not limited. Default 1 MiB.
+    pub max_body_bytes: usize,
+}
+
+/// Certificate and key for the listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the certificate chain.
+    pub cert: PathBuf,
+    /// PEM file with the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// The FHIR server behind the proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The upstream's FHIR base URL, e.g. `http://fhir:8080/fhir`. Required.
+    pub url: String,
+    /// TCP connect timeout, in milliseconds. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Time to wait for the upstream's response headers, in milliseconds; exceeding it answers 504.
+    /// Default 60000.
+    pub request_timeout_ms: u64,
+    /// Idle pooled connections are closed after this many seconds. Default 90.
+    pub pool_idle_timeout_secs: u64,
+    /// Idle connections kept per upstream host. Default 64.
+    pub pool_max_idle_per_host: usize,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `json` (one object a line) or `text` (human). Default `text`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `fhir_bulk_proxy=debug,info`. Default `info`.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// The augmented CapabilityStatement served at `{base}/metadata`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetadataConfig {
+    /// How long the upstream's CapabilityStatement is cached, in seconds (0 = not cached). Default 60.
+    pub cache_ttl_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            public_url: None,
+            base_path: None,
+            tls: None,
+            shutdown_grace_secs: 30,
+            max_body_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 60_000,
+            pool_idle_timeout_secs: 90,
+            pool_max_idle_per_host: 64,
+        }
+    }
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+impl Default for MetadataConfig {
+    fn default() -> Self {
+        Self { cache_ttl_secs: 60 }
+    }
+}
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid `{key}` = {value:?}: {reason}")]
+    Invalid {
+        key: &'static str,
+        value: String,
+        reason: String,
+    },
+}
+
+fn invalid(key: &'static str, value: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+impl Config {
+    /// The figment of defaults < file < environment. `path` is the `--config` argument; without it
+    /// `proxy.toml` in the working directory is read when it exists.
+    pub fn figment(path: Option<&Path>) -> Figment {
+        let file = path.map_or_else(|| PathBuf::from("proxy.toml"), Path::to_path_buf);
+        let toml = if path.is_some() {
+            // An explicit file must exist: a typo must not silently fall back to defaults.
+            Toml::file_exact(file)
+        } else {
+            Toml::file(file)
+        };
+        Figment::from(Serialized::defaults(Config::default()))
+            .merge(toml)
+            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+    }
+
+    /// Loads and validates.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_figment(Self::figment(path))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that can be wrong; the error names the key, the value and why.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.server
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| invalid("server.listen", &self.server.listen, e.to_string()))?;
+        self.upstream_url()?;
+        if let Some(public) = &self.server.public_url {
+            parse_base_url("server.public_url", public)?;
+        }
+        if let Some(base) = &self.server.base_path {
+            if !base.starts_with('/') || base.contains(['?', '#']) {
+                return Err(invalid(
+                    "server.base_path",
+                    base,
+                    "must be an absolute path such as `/fhir`, without query or fragment",
+                ));
+            }
+        }
+        if let Some(tls) = &self.server.tls {
+            for (key, path) in [("server.tls.cert", &tls.cert), ("server.tls.key", &tls.key)] {
+                if !path.is_file() {
+                    return Err(invalid(key, path.display().to_string(), "no such file"));
+                }
+            }
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid(
+                "server.max_body_bytes",
+                self.server.max_body_bytes.to_string(),
+                "must be at least 1024",
+            ));
+        }
+        for (key, value) in [
+            (
+                "upstream.connect_timeout_ms",
+                self.upstream.connect_timeout_ms,
+            ),
+            (
+                "upstream.request_timeout_ms",
+                self.upstream.request_timeout_ms,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0", "must be greater than 0"));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", &self.log.level, e.to_string()))?;
+        Ok(())
+    }
+
+    /// The listen address (validated).
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.server
+            .listen
+            .parse()
+            .map_err(|e: std::net::AddrParseError| {
+                invalid("server.listen", &self.server.listen, e.to_string())
+            })
+    }
+
+    /// The upstream base URL, without a trailing slash on its path.
+    pub fn upstream_url(&self) -> Result<Url, ConfigError> {
+        if self.upstream.url.is_empty() {
+            return Err(invalid(
+                "upstream.url",
+                "",
+                "required: the upstream FHIR base URL (BULK_PROXY_UPSTREAM__URL)",
+            ));
+        }
+        parse_base_url("upstream.url", &self.upstream.url)
+    }
+
+    /// The path the proxy serves FHIR under: `server.base_path`, else the public URL's path, else
+    /// the upstream URL's path. Never ends with `/` (the root is the empty string).
+    pub fn base_path(&self) -> String {
+        let raw = match (&self.server.base_path, &self.server.public_url) {
+            (Some(base), _) => base.clone(),
+            (None, Some(public)) => Url::parse(public)
+                .map(|u| u.path().to_owned())
+                .unwrap_or_default(),
+            (None, None) => Url::parse(&self.upstream.url)
+                .map(|u| u.path().to_owned())
+                .unwrap_or_default(),
+        };
+        raw.trim_end_matches('/').to_owned()
+    }
+
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream.connect_timeout_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.upstream.request_timeout_ms)
+    }
+
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_grace_secs)
+    }
+}
+
+fn parse_base_url(key: &'static str, value: &str) -> Result<Url, ConfigError> {
+    let mut url = Url::parse(value).map_err(|e| invalid(key, value, e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(key, value, "scheme must be http or https"));
+    }
+    if url.host_str().is_none() {
+        return Err(invalid(key, value, "must name a host"));
+    }
+    if url.query().is_some() || url.fragment().is_some() {
+        return Err(invalid(key, value, "must not have a query or fragment"));
+    }
+    let trimmed = url.path().trim_end_matches('/').to_owned();
+    url.set_path(&trimmed);
+    Ok(url)
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn with_upstream(jail: &mut Jail) {
+        jail.set_env(
+            "BULK_PROXY_UPSTREAM__URL",
+            "http://fhir.internal:8080/fhir/",
+        );
+    }
+
+    #[test]
+    fn defaults_then_file_then_environment() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "proxy.toml",
+                "[server]\nlisten = \"127.0.0.1:9000\"\nshutdown_grace_secs = 5\n[upstream]\nurl = \"http://file/fhir\"\n",
+            )?;
+            jail.set_env("BULK_PROXY_SERVER__SHUTDOWN_GRACE_SECS", "7");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.server.listen, "127.0.0.1:9000", "file beats default");
+            assert_eq!(config.server.shutdown_grace_secs, 7, "env beats file");
+            assert_eq!(config.upstream.url, "http://file/fhir");
+            assert_eq!(config.upstream.request_timeout_ms, 60_000, "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn explicit_config_path_must_exist() {
+        Jail::expect_with(|jail| {
+            with_upstream(jail);
+            let err = Config::load(Some(Path::new("missing.toml"))).unwrap_err();
+            assert!(err.to_string().contains("missing.toml"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn base_path_follows_upstream_unless_set() {
+        Jail::expect_with(|jail| {
+            with_upstream(jail);
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.base_path(), "/fhir");
+            assert_eq!(
+                config.upstream_url().unwrap().as_str(),
+                "http://fhir.internal:8080/fhir"
+            );
+            jail.set_env("BULK_PROXY_SERVER__BASE_PATH", "/");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.base_path(), "");
+            Ok(())
+        });
+    }
+
+    fn error_for(key: &str, value: &str) -> String {
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            with_upstream(jail);
+            jail.set_env(key, value);
+            if key.contains("__TLS__") {
+                jail.set_env("BULK_PROXY_SERVER__TLS__KEY", value);
+            }
+            message = Config::load(None).unwrap_err().to_string();
+            Ok(())
+        });
+        message
+    }
+
+    #[test]
+    fn each_bad_value_names_key_value_and_reason() {
+        let cases = [
+            ("BULK_PROXY_SERVER__LISTEN", "nonsense", "server.listen"),
+            (
+                "BULK_PROXY_UPSTREAM__URL",
+                "ftp://x/fhir",
+                "scheme must be http",
+            ),
+            ("BULK_PROXY_UPSTREAM__URL", "not a url", "upstream.url"),
+            ("BULK_PROXY_UPSTREAM__URL", "http://x/fhir?a=b", "query"),
+            (
+                "BULK_PROXY_SERVER__PUBLIC_URL",
+                "relative/path",
+                "server.public_url",
+            ),
+            ("BULK_PROXY_SERVER__BASE_PATH", "fhir", "server.base_path"),
+            (
+                "BULK_PROXY_SERVER__TLS__CERT",
+                "/nope.pem",
+                "server.tls.cert",
+            ),
+            (
+                "BULK_PROXY_SERVER__MAX_BODY_BYTES",
+                "10",
+                "server.max_body_bytes",
+            ),
+            (
+                "BULK_PROXY_UPSTREAM__REQUEST_TIMEOUT_MS",
+                "0",
+                "upstream.request_timeout_ms",
+            ),
+            ("BULK_PROXY_LOG__LEVEL", "[[[", "log.level"),
+            ("BULK_PROXY_LOG__FORMAT", "xml", "format"),
+            (
+                "BULK_PROXY_SERVER__SHUTDOWN_GRACE_SECS",
+                "-1",
+                "shutdown_grace_secs",
+            ),
+        ];
+        for (key, value, expected) in cases {
+            let message = error_for(key, value);
+            let lower = message.to_lowercase();
+            assert!(
+                lower.contains(expected) && message.contains(value),
+                "{key}={value}: {message}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_upstream_is_an_error() {
+        Jail::expect_with(|_jail| {
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("upstream.url") && err.contains("required"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        Jail::expect_with(|jail| {
+            with_upstream(jail);
+            jail.create_file("proxy.toml", "[server]\nlisten_addr = \"x\"\n")?;
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("listen_addr"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,11 @@
+//! The few FHIR R4 wire types the proxy builds or edits itself: OperationOutcome (every error
+//! response, FHIR R4 §3.1.0 / Bulk Data IG "Response - Error Status") and the bulk-data and SMART
+//! entries added to the upstream's CapabilityStatement (Bulk Data IG "Server Capability Documentation").
+
+pub mod capability;
+pub mod operation_outcome;
+
+pub use operation_outcome::{IssueSeverity, OperationOutcome};
+
+/// Media type of FHIR JSON resources.
+pub const FHIR_JSON: &str = "application/fhir+json";

@@ -1,0 +1,325 @@
+//! The upstream client: one pooled hyper client (HTTP/1.1, plain or rustls) shared by passthrough
+//! and by the proxy's own upstream calls (metadata, readiness).
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{HeaderMap, Method, Request, Response, Uri, Version, header};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::sync::Notify;
+use url::Url;
+
+use super::ProxyError;
+use super::headers::{add_forwarded, rewrite_locations, strip_hop_by_hop};
+use crate::config::Config;
+use crate::telemetry::metrics;
+
+/// Who sent a request and how the proxy is seen from outside; needed to forward it.
+#[derive(Debug, Clone)]
+pub struct ClientContext {
+    pub addr: Option<IpAddr>,
+    /// `http` or `https`: the scheme of the connection to the proxy.
+    pub scheme: &'static str,
+    /// The proxy's public FHIR base URL for this request (no trailing slash).
+    pub public_base: String,
+}
+
+/// The upstream FHIR server.
+pub struct Upstream {
+    client: Client<HttpsConnector<HttpConnector>, Body>,
+    /// The configured base URL without a trailing slash, e.g. `http://fhir:8080/fhir`.
+    base: String,
+    /// `scheme://authority` of the upstream.
+    origin: String,
+    /// Path of the upstream base (`""` for the root).
+    upstream_path: String,
+    /// Path under which the proxy serves FHIR (`""` for the root).
+    proxy_path: String,
+    timeout: Duration,
+}
+
+impl Upstream {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let base: Url = config.upstream_url()?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_connect_timeout(Some(config.connect_timeout()));
+        http.set_nodelay(true);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_native_roots()?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(config.upstream.pool_idle_timeout_secs))
+            .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
+            .build(https);
+        let upstream_path = base.path().trim_end_matches('/').to_owned();
+        let origin = base.origin().ascii_serialization();
+        Ok(Self {
+            client,
+            base: format!("{origin}{upstream_path}"),
+            origin,
+            upstream_path,
+            proxy_path: config.base_path(),
+            timeout: config.request_timeout(),
+        })
+    }
+
+    /// The upstream's FHIR base URL (no trailing slash).
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// Maps a path-and-query received by the proxy onto the upstream: the proxy's base path is
+    /// replaced by the upstream's; anything outside it goes to the same path on the upstream origin.
+    /// The rest of the path and the query are kept byte for byte.
+    pub fn map_path_and_query(&self, path_and_query: &str) -> String {
+        let (path, query) = match path_and_query.find('?') {
+            Some(i) => path_and_query.split_at(i),
+            None => (path_and_query, ""),
+        };
+        let rest = path
+            .strip_prefix(&self.proxy_path)
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+        let path = match rest {
+            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => "/".to_owned(),
+            Some(rest) => format!("{}{rest}", self.upstream_path),
+            None => path.to_owned(),
+        };
+        format!("{}{path}{query}", self.origin)
+    }
+
+    /// Forwards a client's request and streams the response back.
+    pub async fn forward(
+        &self,
+        mut request: Request<Body>,
+        context: &ClientContext,
+    ) -> Result<Response<Body>, ProxyError> {
+        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
+        let uri = self.uri(path_and_query)?;
+        let authority = request.uri().authority().cloned();
+        *request.uri_mut() = uri;
+        *request.version_mut() = Version::HTTP_11;
+        let headers = request.headers_mut();
+        strip_hop_by_hop(headers);
+        if !headers.contains_key(header::HOST) {
+            // HTTP/2 clients send the authority in the URI instead of a Host header.
+            if let Some(value) = authority.and_then(|a| a.as_str().parse().ok()) {
+                headers.insert(header::HOST, value);
+            }
+        }
+        add_forwarded(headers, context.addr, context.scheme);
+        // The client library sets Host from the upstream URI, as a plain reverse proxy does.
+        headers.remove(header::HOST);
+
+        let response = self.send("passthrough", request).await?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        rewrite_locations(&mut parts.headers, &self.base, &context.public_base);
+        Ok(Response::from_parts(parts, Body::new(body)))
+    }
+
+    /// GETs `path_and_query` (relative to the upstream base, e.g. `/metadata`) and reads the whole
+    /// body, up to `limit` bytes. For the proxy's own small requests, never for passthrough.
+    pub async fn get_small(
+        &self,
+        route: &'static str,
+        path: &str,
+        headers: HeaderMap,
+        limit: usize,
+    ) -> Result<(axum::http::response::Parts, Bytes), ProxyError> {
+        let uri = self.uri_of(&format!("{}{path}", self.base))?;
+        let mut request = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .body(Body::empty())
+            .map_err(|e| ProxyError::Protocol(e.to_string()))?;
+        *request.headers_mut() = headers;
+        let response = self.send(route, request).await?;
+        let (parts, body) = response.into_parts();
+        let bytes = Limited::new(body, limit)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    ProxyError::TooLarge(limit)
+                } else {
+                    ProxyError::Protocol(e.to_string())
+                }
+            })?
+            .to_bytes();
+        Ok((parts, bytes))
+    }
+
+    /// Sends one request. The timeout covers the wait for response headers once the request body
+    /// has been sent: a long upload is not cut short, a silent upstream is.
+    pub async fn send(
+        &self,
+        route: &'static str,
+        request: Request<Body>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let started = Instant::now();
+        let (parts, body) = request.into_parts();
+        let sent = Arc::new(Notify::new());
+        let body = Body::new(SignalEnd {
+            inner: body,
+            signal: EndSignal(sent.clone()),
+        });
+        let request = Request::from_parts(parts, body);
+        let timeout = self.timeout;
+        let deadline = async {
+            sent.notified().await;
+            tokio::time::sleep(timeout).await;
+        };
+        let outcome = tokio::select! {
+            result = self.client.request(request) => result.map_err(|e| {
+                if e.is_connect() {
+                    ProxyError::Unreachable(error_chain(&e))
+                } else {
+                    ProxyError::Protocol(error_chain(&e))
+                }
+            }),
+            () = deadline => Err(ProxyError::Timeout(timeout.as_millis() as u64)),
+        };
+        let label = match &outcome {
+            Ok(_) => "ok",
+            Err(ProxyError::Timeout(_)) => "timeout",
+            Err(ProxyError::Unreachable(_)) => "connect_error",
+            Err(_) => "protocol_error",
+        };
+        metrics::upstream(route, label, started.elapsed());
+        outcome
+    }
+
+    fn uri(&self, path_and_query: &str) -> Result<Uri, ProxyError> {
+        self.uri_of(&self.map_path_and_query(path_and_query))
+    }
+
+    fn uri_of(&self, url: &str) -> Result<Uri, ProxyError> {
+        url.parse().map_err(|e| {
+            ProxyError::Protocol(format!("cannot build the upstream URL {url:?}: {e}"))
+        })
+    }
+}
+
+/// The error and its causes on one line (hyper's top-level messages alone say little).
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
+/// Notifies when the request body has been sent (or dropped).
+struct EndSignal(Arc<Notify>);
+
+impl Drop for EndSignal {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A request body that notifies once it has been sent completely.
+    struct SignalEnd {
+        #[pin]
+        inner: Body,
+        signal: EndSignal,
+    }
+}
+
+impl HttpBody for SignalEnd {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.signal.0.notify_one();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let ended = self.inner.is_end_stream();
+        if ended {
+            // hyper stops polling a body that says it has ended.
+            self.signal.0.notify_one();
+        }
+        ended
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn upstream(url: &str, base_path: Option<&str>) -> Upstream {
+        let mut result = None;
+        Jail::expect_with(|jail| {
+            jail.set_env("BULK_PROXY_UPSTREAM__URL", url);
+            if let Some(base) = base_path {
+                jail.set_env("BULK_PROXY_SERVER__BASE_PATH", base);
+            }
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            result = Some(Upstream::new(&config).map_err(|e| e.to_string())?);
+            Ok(())
+        });
+        result.unwrap()
+    }
+
+    #[test]
+    fn same_base_path_maps_to_itself() {
+        let up = upstream("http://fhir:8080/fhir", None);
+        assert_eq!(
+            up.map_path_and_query("/fhir/Patient/1/_history?_count=2&_count=3"),
+            "http://fhir:8080/fhir/Patient/1/_history?_count=2&_count=3"
+        );
+        assert_eq!(up.map_path_and_query("/fhir"), "http://fhir:8080/fhir");
+        assert_eq!(
+            up.map_path_and_query("/fhirx/a"),
+            "http://fhir:8080/fhirx/a"
+        );
+    }
+
+    #[test]
+    fn different_base_paths_are_translated() {
+        let up = upstream("http://fhir:8080/api/r4/", Some("/"));
+        assert_eq!(
+            up.map_path_and_query("/Patient?name=a%20b"),
+            "http://fhir:8080/api/r4/Patient?name=a%20b"
+        );
+        let up = upstream("http://fhir:8080", Some("/fhir"));
+        assert_eq!(
+            up.map_path_and_query("/fhir/Patient"),
+            "http://fhir:8080/Patient"
+        );
+        assert_eq!(up.map_path_and_query("/fhir"), "http://fhir:8080/");
+    }
+}

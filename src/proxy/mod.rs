@@ -1,0 +1,22 @@
+//! Passthrough: every request the proxy does not answer itself is forwarded to the upstream FHIR
+//! server and the response streamed back. Bodies are never buffered (hyper bodies are passed
+//! through frame by frame), paths and queries are forwarded byte for byte, hop-by-hop headers are
+//! dropped, `X-Forwarded-*` added, and `Location` headers rebased on the proxy's public URL.
+
+mod forward;
+pub mod headers;
+
+pub use forward::{ClientContext, Upstream};
+
+/// Why the upstream could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the upstream FHIR server is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the upstream FHIR server did not answer within {0} ms")]
+    Timeout(u64),
+    #[error("the upstream FHIR server sent an invalid response: {0}")]
+    Protocol(String),
+    #[error("the upstream response is larger than {0} bytes")]
+    TooLarge(usize),
+}

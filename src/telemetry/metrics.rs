@@ -1,0 +1,72 @@
+//! Prometheus metrics. The names are part of the operational interface (dashboards, alerts):
+//!
+//! - `bulk_proxy_requests_total{route, status}`: responses by route class and status code;
+//! - `bulk_proxy_request_duration_seconds{route}`: time to response headers;
+//! - `bulk_proxy_requests_in_flight`: requests being handled;
+//! - `bulk_proxy_upstream_duration_seconds{route, outcome}`: upstream latency to response headers,
+//!   `outcome` = `ok` | `connect_error` | `timeout`.
+//!
+//! The recorder is process-global (the `metrics` facade); it is installed once even when a test
+//! process starts several proxies.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS_TOTAL: &str = "bulk_proxy_requests_total";
+pub const REQUEST_DURATION: &str = "bulk_proxy_request_duration_seconds";
+pub const IN_FLIGHT: &str = "bulk_proxy_requests_in_flight";
+pub const UPSTREAM_DURATION: &str = "bulk_proxy_upstream_duration_seconds";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// The process-wide Prometheus handle, installing the recorder on first use.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding application): then our
+            // handle renders nothing, which is better than failing to start.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// Records one upstream exchange.
+pub fn upstream(route: &'static str, outcome: &'static str, elapsed: Duration) {
+    metrics::histogram!(UPSTREAM_DURATION, "route" => route, "outcome" => outcome)
+        .record(elapsed.as_secs_f64());
+}
+
+/// Records one answered request.
+pub fn request(route: &'static str, status: u16, elapsed: Duration) {
+    metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status.to_string())
+        .increment(1);
+    metrics::histogram!(REQUEST_DURATION, "route" => route).record(elapsed.as_secs_f64());
+}
+
+/// Counts a request in `bulk_proxy_requests_in_flight` until dropped.
+pub struct InFlight(());
+
+impl InFlight {
+    pub fn start() -> Self {
+        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        Self(())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+    }
+}

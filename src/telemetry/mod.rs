@@ -1,0 +1,26 @@
+//! Logs and metrics. Logs are `tracing` events, printed as JSON lines or human text
+//! (`log.format`); every request runs in a span carrying its request id. Metrics are Prometheus
+//! text served at `/metrics` (see [`metrics`]).
+
+pub mod metrics;
+
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{LogConfig, LogFormat};
+
+/// Installs the global subscriber. Call once, from `main`; tests leave logging off.
+pub fn init(config: &LogConfig) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&config.level)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    }
+    .map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))
+}

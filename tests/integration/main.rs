@@ -1,0 +1,9 @@
+//! Integration tests: a real proxy on a real socket in front of a fake (or real) upstream.
+
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+mod operations;
+mod reference_config;
+mod passthrough;

@@ -1,0 +1,202 @@
+//! Metadata augmentation, health, readiness, metrics, shutdown and the command line.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::{FakeFhir, TestProxy, client};
+
+#[tokio::test]
+async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
+    let fake = FakeFhir::new().start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    let response = client().get(proxy.url("/metadata")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/fhir+json");
+    let cs: Value = response.json().await.unwrap();
+    assert_eq!(cs["fhirVersion"], "4.0.1", "upstream content kept");
+    assert_eq!(
+        cs["instantiates"][0],
+        "http://hl7.org/fhir/uv/bulkdata/CapabilityStatement/bulk-data"
+    );
+    let rest = &cs["rest"][0];
+    assert_eq!(rest["operation"][0]["name"], "export");
+    let patient = rest["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Patient")
+        .unwrap();
+    let names: Vec<_> = patient["operation"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["export", "patient-export"]);
+    let group = rest["resource"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["type"] == "Group")
+        .unwrap();
+    assert_eq!(group["operation"][1]["name"], "group-export");
+    assert_eq!(
+        rest["security"]["extension"][0]["extension"][0]["valueUri"],
+        proxy.url("/token").as_str()
+    );
+
+    client().get(proxy.url("/metadata")).send().await.unwrap();
+    let fetches = fake
+        .received()
+        .iter()
+        .filter(|r| r.uri.ends_with("/metadata"))
+        .count();
+    assert_eq!(fetches, 1, "the second request is served from the cache");
+}
+
+#[tokio::test]
+async fn xml_metadata_passes_through_untouched() {
+    let fake = FakeFhir::new().start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    let response = client()
+        .get(proxy.url("/metadata"))
+        .header("accept", "application/fhir+xml")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["content-type"], "application/fhir+xml");
+    assert_eq!(
+        response.text().await.unwrap(),
+        "<CapabilityStatement xmlns=\"http://hl7.org/fhir\"><status value=\"active\"/></CapabilityStatement>"
+    );
+}
+
+#[tokio::test]
+async fn metadata_errors_pass_through_unchanged() {
+    let fake = FakeFhir::new().capability(None).start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    let response = client().get(proxy.url("/metadata")).send().await.unwrap();
+    assert_eq!(response.status(), 500);
+    assert_eq!(response.text().await.unwrap(), "metadata broke");
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics() {
+    let fake = FakeFhir::new().start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    assert_eq!(
+        client()
+            .get(proxy.root("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client()
+            .get(proxy.root("/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    client().get(proxy.url("/Patient")).send().await.unwrap();
+    let metrics = client()
+        .get(proxy.root("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bulk_proxy_upstream_duration_seconds_bucket"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("bulk_proxy_requests_in_flight"),
+        "{metrics}"
+    );
+
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let down = TestProxy::start(TestProxy::config(&format!("http://127.0.0.1:{port}"))).await;
+    let response = client().get(down.root("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        client()
+            .get(down.root("/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn shutdown_lets_a_slow_request_finish_then_stops_accepting() {
+    let fake = FakeFhir::new().start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    let addr = proxy.addr;
+    let slow = tokio::spawn(
+        client()
+            .get(proxy.url("/Patient"))
+            .header("x-fake-delay-ms", "1000")
+            .send(),
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = tokio::spawn(proxy.shutdown());
+    let response = slow
+        .await
+        .unwrap()
+        .expect("the in-flight request completes");
+    assert_eq!(response.status(), 200);
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("server::run returns after draining")
+        .unwrap()
+        .unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "no longer accepting"
+    );
+}
+
+#[test]
+fn check_config_names_the_bad_key_and_exits_non_zero() {
+    let bin = env!("CARGO_BIN_EXE_fhir-bulk-proxy");
+    let output = std::process::Command::new(bin)
+        .arg("check-config")
+        .env("BULK_PROXY_UPSTREAM__URL", "ftp://nowhere")
+        .env_remove("BULK_PROXY_CONFIG")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("upstream.url") && stderr.contains("ftp://nowhere"),
+        "{stderr}"
+    );
+
+    let output = std::process::Command::new(bin)
+        .arg("check-config")
+        .env("BULK_PROXY_UPSTREAM__URL", "http://fhir:8080/fhir")
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,41 @@
+//! The shipped `proxy.toml` is valid and documents every key the code knows.
+
+use fhir_bulk_proxy::config::Config;
+
+#[test]
+fn shipped_proxy_toml_is_valid() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let config: Config = toml::from_str(&text).expect("proxy.toml parses into Config");
+    config.validate().expect("proxy.toml validates");
+}
+
+#[test]
+fn proxy_toml_documents_every_key_with_its_environment_name() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let mut config = Config::default();
+    config.server.public_url = Some(String::new());
+    config.server.base_path = Some(String::new());
+    config.server.tls = Some(fhir_bulk_proxy::config::TlsConfig { cert: "c".into(), key: "k".into() });
+    let tree = serde_json::to_value(&config).unwrap();
+    let mut keys = Vec::new();
+    collect_keys(&tree, "", &mut keys);
+    for key in keys {
+        let env = format!("BULK_PROXY_{}", key.to_uppercase().replace('.', "__"));
+        assert!(text.contains(&env), "proxy.toml does not document {key} ({env})");
+    }
+}
+
+fn collect_keys(value: &serde_json::Value, prefix: &str, keys: &mut Vec<String>) {
+    if let Some(object) = value.as_object() {
+        for (name, child) in object {
+            let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+            if child.is_object() {
+                collect_keys(child, &path, keys);
+            } else {
+                keys.push(path);
+            }
+        }
+    }
+}
