@@ -9,12 +9,19 @@
 //!   that turns every error into an OperationOutcome.
 //! - [`proxy`]: passthrough to the upstream, streamed both ways, with the reverse-proxy header rules.
 //! - [`fhir`]: the few FHIR wire types the proxy writes (OperationOutcome, CapabilityStatement edits).
+//! - [`job`]: the vocabulary `export` and `store` share: an export job, its units of work and their
+//!   checkpoints, all persisted as JSON so a rolling upgrade reads the previous version's records.
+//! - [`store`]: the `JobStore` trait where jobs, units, leases, poll times and `jti`s live; an
+//!   embedded redb file by default (one node, persistent), Redis when replicas share the work. Both
+//!   pass one contract suite, and every decision between workers is atomic in both.
 //! - [`telemetry`]: logs (JSON or text) and Prometheus metrics.
 
 pub mod app;
 pub mod config;
 pub mod fhir;
 pub mod http;
+pub mod job;
 pub mod proxy;
 pub mod server;
+pub mod store;
 pub mod telemetry;

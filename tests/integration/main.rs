@@ -5,5 +5,6 @@
 mod support;
 
 mod operations;
-mod reference_config;
 mod passthrough;
+mod reference_config;
+mod store_contract;

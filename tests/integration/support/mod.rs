@@ -3,9 +3,11 @@
 
 pub mod fake_fhir;
 pub mod proxy;
+pub mod redis;
 
 pub use fake_fhir::FakeFhir;
 pub use proxy::TestProxy;
+pub use redis::RedisServer;
 
 /// A reqwest client that neither follows redirects nor decompresses.
 pub fn client() -> reqwest::Client {

@@ -1,0 +1,177 @@
+//! The vocabulary that `export` and `store` share: an export [`Job`], its [`Unit`]s of work and
+//! their [`Checkpoint`]s. Both stores persist these as JSON, so every field is serde-friendly and
+//! new fields must have defaults (a rolling upgrade reads records written by the previous version).
+//!
+//! A job is split at kick-off into units (one search: a resource type × a patient batch or a
+//! `_typeFilter` query). Workers on any replica claim units with a lease, page through the
+//! upstream, append NDJSON lines to the unit's part files and commit a checkpoint after each page.
+
+use serde::{Deserialize, Serialize};
+
+/// Seconds since the Unix epoch.
+pub type UnixSecs = u64;
+
+/// Current time in Unix seconds.
+pub fn now_unix() -> UnixSecs {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Export level (Bulk Data IG: system, Patient, Group).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "level", content = "id", rename_all = "lowercase")]
+pub enum Level {
+    System,
+    Patient,
+    Group(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Planned; units are being worked on.
+    Running,
+    /// Every unit finished; the manifest is ready.
+    Completed,
+    /// Nothing could be exported; `Job::error` says why.
+    Failed,
+}
+
+/// One file of the manifest (`output` or `error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    /// Resource type of every line (`OperationOutcome` for error files).
+    #[serde(rename = "type")]
+    pub resource_type: String,
+    /// Storage key of the file, relative to the job (e.g. `Observation.1.ndjson`).
+    pub name: String,
+    /// Number of lines (resources).
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// An export job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: String,
+    /// The client that started it; only this client sees it.
+    pub client_id: String,
+    pub level: Level,
+    /// The kick-off URL exactly as requested (the manifest's `request`).
+    pub request: String,
+    /// FHIR instant fixed at kick-off; every search is bounded above by it.
+    pub transaction_time: String,
+    /// `_since` and `_until` (normalised FHIR instants), the searches' `_lastUpdated` bounds.
+    #[serde(default)]
+    pub since: Option<String>,
+    #[serde(default)]
+    pub until: Option<String>,
+    /// Resource types the job exports (after `_type`, scopes and upstream support).
+    pub types: Vec<String>,
+    /// `_elements`, kept for the writers.
+    #[serde(default)]
+    pub elements: Vec<String>,
+    pub state: JobState,
+    pub created_at: UnixSecs,
+    #[serde(default)]
+    pub completed_at: Option<UnixSecs>,
+    /// When the job and its files are deleted (set at completion).
+    #[serde(default)]
+    pub expires_at: Option<UnixSecs>,
+    /// Number of units, and how many are finished (for `X-Progress`).
+    pub units_total: u32,
+    #[serde(default)]
+    pub units_done: u32,
+    /// Resources written so far (for `X-Progress`).
+    #[serde(default)]
+    pub resources_written: u64,
+    /// OperationOutcome diagnostics known at kick-off (ignored parameters under lenient handling,
+    /// unknown patients...), written to the error file at completion.
+    #[serde(default)]
+    pub warnings: Vec<String>,
+    /// The manifest's files, set at completion.
+    #[serde(default)]
+    pub output: Vec<OutputFile>,
+    #[serde(default)]
+    pub error_files: Vec<OutputFile>,
+    /// Why the job failed (state `Failed`).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnitState {
+    Pending,
+    Running,
+    Done,
+    Failed,
+}
+
+/// Where a unit stands: enough to resume after a crash without loss or duplicates.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The upstream's `next` link for the following page (absent before the first page and after
+    /// the last).
+    #[serde(default)]
+    pub next: Option<String>,
+    /// Pages committed.
+    #[serde(default)]
+    pub pages: u64,
+    /// The unit's part files and their committed sizes; bytes past `bytes` are discarded on resume.
+    #[serde(default)]
+    pub files: Vec<OutputFile>,
+    /// The greatest `meta.lastUpdated` written, and the ids written with exactly that value: a
+    /// unit whose paging cursor expired resumes with `_lastUpdated=ge{last_updated}` and skips them.
+    #[serde(default)]
+    pub last_updated: Option<String>,
+    #[serde(default)]
+    pub ids_at_last_updated: Vec<String>,
+    /// OperationOutcome lines to report for this unit (page-level problems).
+    #[serde(default)]
+    pub issues: Vec<String>,
+}
+
+/// One search of a job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Unit {
+    pub job_id: String,
+    /// Position within the job (0-based); also names the unit's part files.
+    pub index: u32,
+    pub resource_type: String,
+    /// The search relative to the upstream base, e.g. `Observation?patient=a,b&code=x`, without
+    /// `_count` and the `_lastUpdated` bounds (added by the pager).
+    pub search: String,
+    pub state: UnitState,
+    /// The worker holding the lease, and until when (Unix seconds).
+    #[serde(default)]
+    pub owner: Option<String>,
+    #[serde(default)]
+    pub lease_until: UnixSecs,
+    #[serde(default)]
+    pub checkpoint: Checkpoint,
+    /// Why the unit failed (state `Failed`).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+impl Unit {
+    pub fn new(job_id: &str, index: u32, resource_type: &str, search: String) -> Self {
+        Self {
+            job_id: job_id.to_owned(),
+            index,
+            resource_type: resource_type.to_owned(),
+            search,
+            state: UnitState::Pending,
+            owner: None,
+            lease_until: 0,
+            checkpoint: Checkpoint::default(),
+            error: None,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, UnitState::Done | UnitState::Failed)
+    }
+}

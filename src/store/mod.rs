@@ -1,0 +1,112 @@
+//! Job state: the [`JobStore`] trait and its two implementations, which pass one contract suite
+//! (`tests/integration/store_contract.rs`):
+//!
+//! - [`embedded`] (the default): a redb database file on local disk; one node, nothing to install,
+//!   persistent across restarts (a restarted node still answers status and resumes its jobs);
+//! - [`redis`]: several replicas share jobs, units, leases, rate limits and `jti`s.
+//!
+//! Records are the JSON of the types in [`crate::job`]. Every operation that decides between
+//! workers (claiming a unit, saving it under a lease, finishing the last unit, the per-client cap,
+//! first use of a `jti`) is atomic in both stores.
+
+use async_trait::async_trait;
+
+use crate::job::{Job, Unit, UnixSecs};
+
+pub mod embedded;
+pub mod redis;
+
+/// Why the store could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The store is unreachable or failing (Redis down, disk error): callers answer 503 and retry.
+    #[error("job store unavailable: {0}")]
+    Unavailable(String),
+    /// A record could not be decoded (written by an incompatible version, or corrupted).
+    #[error("job store record is corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Outcome of [`JobStore::create_job`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    Yes,
+    /// The client already has `max_active` running jobs.
+    TooManyActive,
+}
+
+#[async_trait]
+pub trait JobStore: Send + Sync + 'static {
+    /// Whether the store answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Stores a new job (state Running) and its units, unless the client already has
+    /// `max_active_per_client` jobs in state Running. Atomic: concurrent kick-offs of one client
+    /// on several replicas cannot exceed the cap. Job ids are unique: a job whose id is already
+    /// stored is refused with [`StoreError::Corrupt`], never overwritten.
+    async fn create_job(
+        &self,
+        job: &Job,
+        units: &[Unit],
+        max_active_per_client: usize,
+    ) -> Result<Created, StoreError>;
+
+    async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+
+    /// Replaces an existing job record (state, progress, manifest). Returns false, writing nothing,
+    /// when the job no longer exists (deleted meanwhile).
+    async fn put_job(&self, job: &Job) -> Result<bool, StoreError>;
+
+    /// Deletes a job and its units. Returns whether it existed.
+    async fn delete_job(&self, id: &str) -> Result<bool, StoreError>;
+
+    /// Ids of every stored job (for the sweeper and for resuming after a restart).
+    async fn job_ids(&self) -> Result<Vec<String>, StoreError>;
+
+    /// The units of a job, ordered by index.
+    async fn units(&self, job_id: &str) -> Result<Vec<Unit>, StoreError>;
+
+    /// Claims one unit of a Running job that is Pending, or Running with `lease_until < now`
+    /// (its worker died): sets `owner = worker`, `lease_until`, state Running, and returns it.
+    async fn claim_unit(
+        &self,
+        worker: &str,
+        now: UnixSecs,
+        lease_until: UnixSecs,
+    ) -> Result<Option<Unit>, StoreError>;
+
+    /// Saves `unit` (checkpoint, lease extension) if `worker` still owns it. Returns false, writing
+    /// nothing, when the lease was lost (taken over, or the job was deleted) or the unit is
+    /// already finished. The stored owner stays `worker` whatever `unit.owner` says.
+    async fn save_unit(&self, unit: &Unit, worker: &str) -> Result<bool, StoreError>;
+
+    /// Saves a finished unit (state Done or Failed) if `worker` owns it, and returns how many units
+    /// of its job are still unfinished. Atomic: exactly one worker sees `Some(0)`. `None` when the
+    /// lease was lost or the job is gone. A retry by the same worker of a finish that was already
+    /// committed (its answer lost, e.g. a Redis timeout) returns the current count again without
+    /// counting twice, so that worker can still complete the job.
+    async fn finish_unit(&self, unit: &Unit, worker: &str) -> Result<Option<u32>, StoreError>;
+
+    /// Gives a unit back (state Pending, no owner) if `worker` owns it: graceful shutdown, so
+    /// another worker carries on at once.
+    async fn release_unit(&self, unit: &Unit, worker: &str) -> Result<(), StoreError>;
+
+    /// Records a status poll of `job_id` at `now_ms`. Returns false (and records nothing) when the
+    /// previous accepted poll was less than `min_interval_ms` earlier.
+    async fn record_poll(
+        &self,
+        job_id: &str,
+        now_ms: u64,
+        min_interval_ms: u64,
+    ) -> Result<bool, StoreError>;
+
+    /// Remembers a client assertion's `jti` for `issuer` until `expires_at`. Returns true the first
+    /// time, false for a replay. Expired entries are forgotten.
+    async fn first_use(
+        &self,
+        issuer: &str,
+        jti: &str,
+        now: UnixSecs,
+        expires_at: UnixSecs,
+    ) -> Result<bool, StoreError>;
+}
