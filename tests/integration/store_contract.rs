@@ -653,3 +653,25 @@ async fn redis_down_answers_unavailable_quickly() {
         "{refused:?}"
     );
 }
+
+#[tokio::test]
+async fn redis_delete_leaves_no_keys_behind() {
+    let server = RedisServer::start();
+    let store = redis(&server).await;
+    create(&store, "j1", 5).await;
+    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    unit.state = UnitState::Done;
+    store.finish_unit(&unit, "w").await.unwrap();
+    store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    assert!(store.record_poll("j1", 1_000, 60_000).await.unwrap());
+    assert!(store.delete_job("j1").await.unwrap());
+
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "left behind: {keys:?}");
+}
