@@ -1,5 +1,5 @@
-//! The application state every handler shares: configuration, the upstream client, caches and the
-//! metrics handle. Built once per server; cloned as `AppState` (an `Arc`).
+//! The application state every handler shares: configuration, the upstream client, caches, the
+//! authorization server and the metrics handle. Built once per server; cloned as `AppState` (an `Arc`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,6 +7,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::auth::Auth;
 use crate::config::Config;
 use crate::http::metadata::MetadataCache;
 use crate::proxy::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, first_forwarded};
@@ -19,6 +20,8 @@ pub struct App {
     pub config: Config,
     pub upstream: Upstream,
     pub metadata: MetadataCache,
+    /// Token endpoint and bearer-token checks (SMART Backend Services).
+    pub auth: Auth,
     pub metrics: PrometheusHandle,
     /// Path under which the proxy serves FHIR (`""` for the root).
     pub base_path: String,
@@ -31,6 +34,7 @@ impl App {
         Ok(Self {
             upstream: Upstream::new(&config)?,
             metadata: MetadataCache::new(config.metadata.cache_ttl_secs),
+            auth: Auth::new(&config)?,
             metrics: metrics::handle(),
             base_path: config.base_path(),
             tls: config.server.tls.is_some(),

@@ -14,6 +14,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 use url::Url;
 
+mod auth;
+pub use auth::{AuthConfig, ClientConfig, UpstreamAuthConfig, UpstreamAuthScheme};
+
 /// Environment variable prefix; nested keys are joined with `__`.
 pub const ENV_PREFIX: &str = "BULK_PROXY_";
 
@@ -25,6 +28,7 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     pub log: LogConfig,
     pub metadata: MetadataConfig,
+    pub auth: AuthConfig,
 }
 
 /// The listener and how the proxy presents itself.
@@ -74,6 +78,9 @@ pub struct UpstreamConfig {
     pub pool_idle_timeout_secs: u64,
     /// Idle connections kept per upstream host. Default 64.
     pub pool_max_idle_per_host: usize,
+    /// Credentials the proxy presents upstream on its own requests (`[upstream.auth]`).
+    /// Default: none.
+    pub auth: UpstreamAuthConfig,
 }
 
 /// Log output.
@@ -122,6 +129,7 @@ impl Default for UpstreamConfig {
             request_timeout_ms: 60_000,
             pool_idle_timeout_secs: 90,
             pool_max_idle_per_host: 64,
+            auth: UpstreamAuthConfig::default(),
         }
     }
 }
@@ -236,6 +244,8 @@ impl Config {
                 return Err(invalid(key, "0", "must be greater than 0"));
             }
         }
+        self.upstream.auth.validate()?;
+        self.auth.validate()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", &self.log.level, e.to_string()))?;
         Ok(())

@@ -7,6 +7,9 @@
 //! - [`app`]: the state shared by all handlers.
 //! - [`http`]: one module per endpoint the proxy answers itself, the router, and the error boundary
 //!   that turns every error into an OperationOutcome.
+//! - [`auth`]: SMART Backend Services: the client registry, client-assertion checks (JWKS URLs with
+//!   caching and rotation, single-use `jti`), SMART v1/v2 scopes, and the proxy's own access tokens,
+//!   verifiable by any replica without a lookup.
 //! - [`proxy`]: passthrough to the upstream, streamed both ways, with the reverse-proxy header rules.
 //! - [`fhir`]: the few FHIR wire types the proxy writes (OperationOutcome, CapabilityStatement edits).
 //! - [`job`]: the vocabulary `export` and `store` share: an export job, its units of work and their
@@ -17,6 +20,7 @@
 //! - [`telemetry`]: logs (JSON or text) and Prometheus metrics.
 
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod fhir;
 pub mod http;

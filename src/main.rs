@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use fhir_bulk_proxy::auth::keygen;
 use fhir_bulk_proxy::{config::Config, server, telemetry};
 
 #[derive(Parser)]
@@ -25,12 +26,42 @@ enum Command {
     Run,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// Generate a key pair for a backend-services client and print its `[[auth.clients]]` entry.
+    Keygen {
+        #[arg(long)]
+        client_id: String,
+        /// ES384 or RS384.
+        #[arg(long, default_value = "ES384")]
+        alg: fhir_bulk_proxy::auth::keygen::KeyAlgorithm,
+        /// Scopes to register (repeatable).
+        #[arg(long = "scope", default_value = "system/*.read")]
+        scopes: Vec<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let command = cli.command.unwrap_or(Command::Run);
+    if let Command::Keygen {
+        client_id,
+        alg,
+        scopes,
+    } = &command
+    {
+        let key = keygen::generate(*alg)?;
+        print!(
+            "{}",
+            keygen::Report {
+                client_id,
+                scopes,
+                key: &key
+            }
+        );
+        return Ok(());
+    }
     let config = Config::load(cli.config.as_deref())?;
-    match cli.command.unwrap_or(Command::Run) {
+    match command {
+        Command::Keygen { .. } => Ok(()),
         Command::CheckConfig => {
             println!("configuration is valid (upstream {})", config.upstream.url);
             Ok(())

@@ -4,6 +4,7 @@
 
 pub mod capability;
 pub mod operation_outcome;
+pub mod resource_types;
 
 pub use operation_outcome::{IssueSeverity, OperationOutcome};
 

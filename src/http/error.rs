@@ -1,11 +1,13 @@
 //! The one error boundary: every error the proxy answers itself becomes a response here, with the
 //! status mapping in one `match`. FHIR endpoints answer an OperationOutcome
-//! (`application/fhir+json`); each error is tagged with where it came from ([`ErrorSource`]), which
-//! labels logs and metrics.
+//! (`application/fhir+json`); the token endpoint answers RFC 6749 §5.2 error JSON (SPEC A4.26); a
+//! missing or invalid bearer token gets `WWW-Authenticate: Bearer` (RFC 6750 §3, SPEC A1.9). Each
+//! error is tagged with where it came from ([`ErrorSource`]), which labels logs and metrics.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::auth::{AuthError, OAuthError};
 use crate::fhir::{FHIR_JSON, OperationOutcome};
 use crate::proxy::ProxyError;
 
@@ -40,20 +42,44 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     Internal(String),
+    /// No valid bearer token: 401 + `WWW-Authenticate: Bearer`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// The token is valid but its scopes do not cover the request.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A token endpoint error, answered as OAuth JSON instead of an OperationOutcome.
+    #[error(transparent)]
+    OAuth(#[from] OAuthError),
+}
+
+impl From<AuthError> for ApiError {
+    fn from(error: AuthError) -> Self {
+        match error {
+            AuthError::Forbidden(_) => Self::Forbidden(error.to_string()),
+            AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => {
+                Self::Unauthorized(error.to_string())
+            }
+        }
+    }
 }
 
 impl ApiError {
     pub fn source(&self) -> ErrorSource {
         match self {
             Self::Proxy(_) => ErrorSource::Upstream,
-            Self::BadRequest(_) | Self::NotFound(_) | Self::PayloadTooLarge(_) => {
-                ErrorSource::Client
-            }
+            Self::BadRequest(_)
+            | Self::NotFound(_)
+            | Self::PayloadTooLarge(_)
+            | Self::Unauthorized(_)
+            | Self::Forbidden(_) => ErrorSource::Client,
+            Self::OAuth(OAuthError::Unavailable(_)) => ErrorSource::Internal,
+            Self::OAuth(_) => ErrorSource::Client,
             Self::Internal(_) => ErrorSource::Internal,
         }
     }
 
-    /// Status and OperationOutcome issue code.
+    /// Status and OperationOutcome issue code (OAuth errors carry their own code instead).
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Proxy(ProxyError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
@@ -65,6 +91,15 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
             Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
+            Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            // RFC 6749 §5.2: 400 for every error (invalid_client MAY be 401, and 400 satisfies
+            // every test kit); an oversized body is 413; a replay cache outage is retryable.
+            Self::OAuth(OAuthError::TooLarge(_)) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            Self::OAuth(OAuthError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "transient")
+            }
+            Self::OAuth(_) => (StatusCode::BAD_REQUEST, "security"),
         }
     }
 }
@@ -78,8 +113,21 @@ impl IntoResponse for ApiError {
         } else {
             tracing::warn!(error = %self, source = source.as_str(), "request failed");
         }
-        let mut response =
-            outcome_response(status, &OperationOutcome::error(code, self.to_string()));
+        let mut response = match &self {
+            Self::OAuth(error) => oauth_response(status, error),
+            _ => outcome_response(status, &OperationOutcome::error(code, self.to_string())),
+        };
+        let challenge = match &self {
+            Self::Unauthorized(_) => Some("Bearer"),
+            Self::Forbidden(_) => Some("Bearer error=\"insufficient_scope\""),
+            _ => None,
+        };
+        if let Some(challenge) = challenge {
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
         response.extensions_mut().insert(source);
         response
     }
@@ -92,4 +140,21 @@ pub fn outcome_response(status: StatusCode, outcome: &OperationOutcome) -> Respo
         .headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
     response
+}
+
+/// RFC 6749 §5.2 error JSON, never cached (§5.1's headers apply to errors as well: SPEC A4.25).
+fn oauth_response(status: StatusCode, error: &OAuthError) -> Response {
+    let body = serde_json::json!({
+        "error": error.code(),
+        "error_description": error.to_string(),
+    });
+    let mut response = (status, axum::Json(body)).into_response();
+    no_store(response.headers_mut());
+    response
+}
+
+/// `Cache-Control: no-store` and `Pragma: no-cache` (RFC 6749 §5.1).
+pub fn no_store(headers: &mut axum::http::HeaderMap) {
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
 }

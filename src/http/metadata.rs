@@ -68,7 +68,7 @@ pub async fn get(State(app): State<AppState>, request: Request) -> Result<Respon
     if wants_passthrough(&request) {
         return passthrough(State(app), request).await;
     }
-    let token_url = format!("{}/token", app.public_base(request.headers()));
+    let token_url = app.auth.token_url(&app.public_base(request.headers()));
     if let Some(mut cached) = app.metadata.get() {
         capability::augment(&mut cached, &token_url);
         return Ok(fhir_json(&cached));

@@ -8,6 +8,8 @@
 pub mod error;
 pub mod metadata;
 mod ops;
+mod smart;
+mod token;
 
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -17,7 +19,7 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tracing::Instrument;
 
@@ -36,11 +38,56 @@ pub fn router(state: AppState) -> Router {
             &format!("{base}/metadata"),
             get(metadata::get).fallback(passthrough),
         )
-        .fallback(passthrough)
+        .merge(auth_routes(&state))
+        .fallback(protected_passthrough)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
         .with_state(state)
+}
+
+/// The token endpoint and SMART discovery, when the proxy is the authorization server.
+fn auth_routes(state: &AppState) -> Router<AppState> {
+    if !state.auth.enabled() {
+        return Router::new();
+    }
+    let base = &state.base_path;
+    Router::new()
+        .route(
+            &format!("{base}{}", state.auth.token_path()),
+            post(token::post).fallback(passthrough),
+        )
+        .route(
+            &format!("{base}/.well-known/smart-configuration"),
+            get(smart::configuration).fallback(passthrough),
+        )
+        .route(
+            &format!("{base}{}", smart::AUTHORIZE_PATH),
+            get(smart::authorize).post(smart::authorize),
+        )
+}
+
+/// Passthrough behind the proxy's own tokens when `auth.passthrough` is on (reads only, scoped by
+/// the resource type in the path; the client's `Authorization` is replaced by `upstream.auth`),
+/// plain passthrough otherwise.
+async fn protected_passthrough(
+    State(app): State<AppState>,
+    mut request: Request<Body>,
+) -> Result<Response, ApiError> {
+    if app.auth.protects_passthrough() {
+        let grant = app.auth.authorize(request.headers())?;
+        let path = request.uri().path();
+        let rest = path.strip_prefix(app.base_path.as_str()).unwrap_or(path);
+        crate::auth::passthrough::check(&grant, request.method(), rest)?;
+        let headers = request.headers_mut();
+        headers.remove(axum::http::header::AUTHORIZATION);
+        if let Some(value) = app.config.upstream.auth.authorization() {
+            let value = axum::http::HeaderValue::from_str(&value)
+                .map_err(|_| ApiError::Internal("upstream.auth is not a valid header".into()))?;
+            headers.insert(axum::http::header::AUTHORIZATION, value);
+        }
+    }
+    passthrough(State(app), request).await
 }
 
 /// Forwards the request to the upstream and streams the answer back.
@@ -57,9 +104,12 @@ pub async fn passthrough(
 }
 
 /// The route class of a matched route, for metrics and logs.
-fn route_class(matched: Option<&str>) -> &'static str {
+fn route_class(matched: Option<&str>, token_path: &str) -> &'static str {
     match matched {
         None => "passthrough",
+        Some(path) if path.ends_with("/.well-known/smart-configuration") => "smart",
+        Some(path) if path.ends_with("/authorize") => "smart",
+        Some(path) if path.ends_with(token_path) => "token",
         Some("/healthz" | "/readyz" | "/metrics") => "ops",
         Some(path) if path.ends_with("/metadata") => "metadata",
         Some(_) => "other",
@@ -67,13 +117,14 @@ fn route_class(matched: Option<&str>) -> &'static str {
 }
 
 /// Request span, access log line and request metrics.
-async fn observe(State(_app): State<AppState>, request: Request, next: Next) -> Response {
+async fn observe(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = route_class(
         request
             .extensions()
             .get::<MatchedPath>()
             .map(MatchedPath::as_str),
+        app.auth.token_path(),
     );
     let request_id = request
         .headers()

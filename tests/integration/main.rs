@@ -4,6 +4,7 @@
 
 mod support;
 
+mod auth;
 mod operations;
 mod passthrough;
 mod reference_config;

@@ -4,6 +4,7 @@
 pub mod fake_fhir;
 pub mod proxy;
 pub mod redis;
+pub mod smart;
 
 pub use fake_fhir::FakeFhir;
 pub use proxy::TestProxy;

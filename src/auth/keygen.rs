@@ -1,0 +1,193 @@
+//! `fhir-bulk-proxy keygen`: a key pair for a new backend-services client (SPEC A4.1–3): the private
+//! JWK the client signs its assertions with, the public JWK Set the proxy verifies them with, and the
+//! `[[auth.clients]]` snippet that registers it.
+
+use std::fmt;
+
+use josekit::jwk::Jwk;
+use josekit::jwk::alg::ec::EcCurve;
+use serde_json::{Value, json};
+
+/// The signing algorithm of a generated key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyAlgorithm {
+    Es384,
+    Rs384,
+}
+
+impl KeyAlgorithm {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Es384 => "ES384",
+            Self::Rs384 => "RS384",
+        }
+    }
+}
+
+impl std::str::FromStr for KeyAlgorithm {
+    type Err = KeygenError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.to_ascii_uppercase().as_str() {
+            "ES384" => Ok(Self::Es384),
+            "RS384" => Ok(Self::Rs384),
+            _ => Err(KeygenError::Algorithm(text.to_owned())),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeygenError {
+    #[error("unsupported algorithm {0:?}: use ES384 or RS384")]
+    Algorithm(String),
+    #[error("key generation failed: {0}")]
+    Crypto(String),
+}
+
+/// A generated key pair.
+#[derive(Debug, Clone)]
+pub struct GeneratedKey {
+    pub kid: String,
+    pub algorithm: KeyAlgorithm,
+    /// The private JWK (with `kid`, `alg`, `use`): the client's secret.
+    pub private_jwk: Value,
+    /// `{"keys": [public JWK]}`: what the proxy needs.
+    pub public_jwks: Value,
+}
+
+/// RSA modulus size; 2048 bits is the floor SMART's examples use, 3072 lasts longer.
+const RSA_BITS: u32 = 3072;
+
+/// Generates a key pair with a fresh random `kid`.
+pub fn generate(algorithm: KeyAlgorithm) -> Result<GeneratedKey, KeygenError> {
+    let crypto = |e: josekit::JoseError| KeygenError::Crypto(e.to_string());
+    let mut jwk = match algorithm {
+        KeyAlgorithm::Es384 => Jwk::generate_ec_key(EcCurve::P384).map_err(crypto)?,
+        KeyAlgorithm::Rs384 => Jwk::generate_rsa_key(RSA_BITS).map_err(crypto)?,
+    };
+    let kid = uuid::Uuid::new_v4().simple().to_string();
+    jwk.set_key_id(&kid);
+    jwk.set_algorithm(algorithm.name());
+    jwk.set_key_use("sig");
+    let public = jwk.to_public_key().map_err(crypto)?;
+    let private_jwk = Value::Object(jwk.as_ref().clone());
+    let mut public_jwk = Value::Object(public.as_ref().clone());
+    // Keep the metadata on the public half too, whatever the library copies.
+    for (name, value) in [
+        ("kid", &kid as &str),
+        ("alg", algorithm.name()),
+        ("use", "sig"),
+    ] {
+        public_jwk[name] = json!(value);
+    }
+    Ok(GeneratedKey {
+        kid,
+        algorithm,
+        private_jwk,
+        public_jwks: json!({ "keys": [public_jwk] }),
+    })
+}
+
+/// The `[[auth.clients]]` entry registering `client_id` with this key inline.
+pub fn config_snippet(client_id: &str, scopes: &[String], key: &GeneratedKey) -> String {
+    let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
+    let scopes = scopes
+        .iter()
+        .map(|s| quote(s))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[[auth.clients]]\n\
+         client_id = {id}\n\
+         scopes = [{scopes}]\n\
+         # The public JWK Set, inline (JSON). Or publish it and register its URL instead:\n\
+         # jwks_url = \"https://client.example.org/.well-known/jwks.json\"\n\
+         jwks = {jwks}\n",
+        id = quote(client_id),
+        jwks = quote(&key.public_jwks.to_string()),
+    )
+}
+
+/// What `keygen` prints.
+pub struct Report<'a> {
+    pub client_id: &'a str,
+    pub scopes: &'a [String],
+    pub key: &'a GeneratedKey,
+}
+
+impl fmt::Display for Report<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+        writeln!(
+            f,
+            "# Private key of client {:?} ({}, kid {}). Keep it secret: the client signs its\n\
+             # assertions with it (e.g. BULK_CLIENT_KEY=<file> cargo run --example backend_client).",
+            self.client_id,
+            self.key.algorithm.name(),
+            self.key.kid
+        )?;
+        writeln!(f, "{}\n", pretty(&self.key.private_jwk))?;
+        writeln!(
+            f,
+            "# Public JWK Set: publish it at the client's JWKS URL, or register it inline.\n{}\n",
+            pretty(&self.key.public_jwks)
+        )?;
+        writeln!(
+            f,
+            "# proxy.toml\n{}",
+            config_snippet(self.client_id, self.scopes, self.key)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientConfig;
+
+    #[test]
+    fn a_generated_key_has_a_private_half_and_a_public_set() {
+        for algorithm in [KeyAlgorithm::Es384, KeyAlgorithm::Rs384] {
+            let key = generate(algorithm).unwrap();
+            assert_eq!(key.private_jwk["kid"], key.kid.as_str());
+            assert_eq!(key.private_jwk["alg"], algorithm.name());
+            assert!(key.private_jwk.get("d").is_some(), "private");
+            let public = &key.public_jwks["keys"][0];
+            assert!(public.get("d").is_none(), "public set has no private part");
+            assert_eq!(public["kid"], key.kid.as_str());
+            assert_eq!(public["use"], "sig");
+        }
+    }
+
+    #[test]
+    fn the_snippet_is_a_valid_client_registration() {
+        let key = generate(KeyAlgorithm::Es384).unwrap();
+        let snippet = config_snippet("my \"client\"", &["system/*.read".into()], &key);
+        #[derive(serde::Deserialize)]
+        struct Auth {
+            clients: Vec<ClientConfig>,
+        }
+        #[derive(serde::Deserialize)]
+        struct File {
+            auth: Auth,
+        }
+        let file: File = toml::from_str(&snippet).unwrap();
+        let client = &file.auth.clients[0];
+        assert_eq!(client.client_id, "my \"client\"");
+        assert_eq!(client.inline_keys().unwrap()[0]["kid"], key.kid.as_str());
+        assert!(client.allowed_scopes().unwrap().can_read_all());
+    }
+
+    #[test]
+    fn only_es384_and_rs384_are_offered() {
+        assert_eq!(
+            "es384".parse::<KeyAlgorithm>().unwrap(),
+            KeyAlgorithm::Es384
+        );
+        assert_eq!(
+            "RS384".parse::<KeyAlgorithm>().unwrap(),
+            KeyAlgorithm::Rs384
+        );
+        assert!("HS256".parse::<KeyAlgorithm>().is_err());
+    }
+}
