@@ -7,11 +7,19 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
-use crate::auth::Auth;
-use crate::config::Config;
+use crate::auth::{Auth, JtiError, JtiStore};
+use crate::config::{Config, StoreBackend};
+use crate::export::Exporter;
+use crate::export::pager::Pager;
+use crate::http::error::ApiError;
 use crate::http::metadata::MetadataCache;
+use crate::job::now_unix;
 use crate::proxy::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, first_forwarded};
 use crate::proxy::{ClientContext, Upstream};
+use crate::storage::Storage;
+use crate::store::JobStore;
+use crate::store::embedded::EmbeddedStore;
+use crate::store::redis::RedisStore;
 use crate::telemetry::metrics;
 
 pub type AppState = Arc<App>;
@@ -23,6 +31,9 @@ pub struct App {
     /// Token endpoint and bearer-token checks (SMART Backend Services).
     pub auth: Auth,
     pub metrics: PrometheusHandle,
+    pub store: Arc<dyn JobStore>,
+    pub storage: Storage,
+    pub exporter: Arc<Exporter>,
     /// Path under which the proxy serves FHIR (`""` for the root).
     pub base_path: String,
     /// Whether the listener speaks TLS.
@@ -30,16 +41,120 @@ pub struct App {
 }
 
 impl App {
-    pub fn new(config: Config) -> anyhow::Result<Self> {
+    /// Builds the state: opens the job store and the file storage, connects nothing else yet.
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let store: Arc<dyn JobStore> = match config.store.backend {
+            StoreBackend::Embedded => {
+                if let Some(dir) = config
+                    .store
+                    .path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                {
+                    std::fs::create_dir_all(dir)?;
+                }
+                Arc::new(EmbeddedStore::open(&config.store.path)?)
+            }
+            StoreBackend::Redis => Arc::new(
+                RedisStore::connect(config.store.redis_url.as_deref().unwrap_or_default()).await?,
+            ),
+        };
+        let storage = Storage::local(&config.storage.path)?;
+        let mut upstream_headers = axum::http::HeaderMap::new();
+        if let Some(value) = config.upstream.auth.authorization() {
+            upstream_headers.insert(header::AUTHORIZATION, value.parse()?);
+        }
+        let pager = Pager::new(&config, upstream_headers)?;
+        let exporter = Arc::new(Exporter::new(
+            store.clone(),
+            storage.clone(),
+            pager,
+            config.export.clone(),
+        ));
         Ok(Self {
             upstream: Upstream::new(&config)?,
             metadata: MetadataCache::new(config.metadata.cache_ttl_secs),
-            auth: Auth::new(&config)?,
+            auth: Auth::with_jti_store(&config, Arc::new(StoreJti(store.clone())))?,
             metrics: metrics::handle(),
+            store,
+            storage,
+            exporter,
             base_path: config.base_path(),
             tls: config.server.tls.is_some(),
             config,
         })
+    }
+
+    /// Resource types the upstream's CapabilityStatement lists (`None` when it cannot tell).
+    pub async fn upstream_types(&self) -> Option<Vec<String>> {
+        let statement = crate::http::metadata::capability_statement(self, None)
+            .await
+            .ok()??;
+        let types: Vec<String> = statement["rest"]
+            .as_array()?
+            .iter()
+            .filter(|r| r["mode"] == "server")
+            .flat_map(|r| r["resource"].as_array().into_iter().flatten())
+            .filter_map(|r| r["type"].as_str().map(str::to_owned))
+            .collect();
+        (!types.is_empty()).then_some(types)
+    }
+
+    /// The Patient ids that are members of `Group/{id}` on the upstream.
+    pub async fn group_members(&self, id: &str) -> Result<Vec<String>, ApiError> {
+        let body = self
+            .exporter
+            .pager
+            .read(&format!("Group/{id}"))
+            .await
+            .map_err(|e| match e {
+                crate::export::pager::FetchError::Rejected { status, .. }
+                    if status.as_u16() == 404 || status.as_u16() == 410 =>
+                {
+                    ApiError::NotFound(format!("Group/{id} does not exist on the upstream server"))
+                }
+                other => ApiError::UpstreamFailed(format!("cannot read Group/{id}: {other}")),
+            })?;
+        let group: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|e| ApiError::UpstreamFailed(format!("Group/{id} is not valid JSON: {e}")))?;
+        let mut members = Vec::new();
+        for member in group["member"].as_array().into_iter().flatten() {
+            let Some(reference) = member["entity"]["reference"].as_str() else {
+                continue;
+            };
+            // Relative (`Patient/1`) or absolute (`http://up/fhir/Patient/1`) references.
+            let tail = reference.rsplit_once("Patient/").map(|(_, id)| id);
+            if let Some(pid) = tail.filter(|p| crate::export::kickoff::is_fhir_id(p)) {
+                if !members.iter().any(|m| m == pid) {
+                    members.push(pid.to_owned());
+                }
+            }
+        }
+        Ok(members)
+    }
+
+    /// Every Patient id on the upstream (Patient-level export).
+    pub async fn exporter_patients(&self) -> Result<Vec<String>, ApiError> {
+        let pager = &self.exporter.pager;
+        let mut url = pager.search_url(
+            "Patient?_elements=id",
+            None,
+            &crate::export::kickoff::format_instant(time::OffsetDateTime::now_utc()),
+        );
+        let mut ids = Vec::new();
+        loop {
+            let body = pager
+                .fetch(&url, !ids.is_empty())
+                .await
+                .map_err(|e| ApiError::UpstreamFailed(format!("cannot list patients: {e}")))?;
+            let page = crate::export::ndjson::read_page(&body, "Patient", &[])
+                .map_err(|e| ApiError::UpstreamFailed(format!("cannot list patients: {e}")))?;
+            ids.extend(page.lines.into_iter().filter_map(|l| l.id));
+            match page.next.and_then(|n| pager.resolve_next(&url, &n)) {
+                Some(next) => url = next,
+                None => return Ok(ids),
+            }
+        }
     }
 
     /// The scheme clients use to reach the proxy.
@@ -84,6 +199,24 @@ fn is_host(value: &str) -> bool {
         && value.bytes().all(|b| {
             b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
         })
+}
+
+/// The job store as the token endpoint's replay cache, so replicas share `jti`s.
+struct StoreJti(Arc<dyn JobStore>);
+
+#[async_trait::async_trait]
+impl JtiStore for StoreJti {
+    async fn first_use(
+        &self,
+        issuer: &str,
+        jti: &str,
+        expires_at_unix: u64,
+    ) -> Result<bool, JtiError> {
+        self.0
+            .first_use(issuer, jti, now_unix(), expires_at_unix)
+            .await
+            .map_err(|e| JtiError::Unavailable(e.to_string()))
+    }
 }
 
 #[cfg(test)]

@@ -17,15 +17,23 @@
 //! - [`store`]: the `JobStore` trait where jobs, units, leases, poll times and `jti`s live; an
 //!   embedded redb file by default (one node, persistent), Redis when replicas share the work. Both
 //!   pass one contract suite, and every decision between workers is atomic in both.
+//! - [`export`]: kick-off parsing, planning into units, upstream paging, NDJSON writing, the workers
+//!   that run units with checkpoints, and job finalisation.
+//! - [`storage`]: where export files live (a local directory, shared by replicas as a volume).
+//! - [`memory_fhir`]: a small in-memory FHIR server (fixtures, fault injection): the upstream of the
+//!   demo, the export tests and the benchmarks; not used by the proxy itself.
 //! - [`telemetry`]: logs (JSON or text) and Prometheus metrics.
 
 pub mod app;
 pub mod auth;
 pub mod config;
+pub mod export;
 pub mod fhir;
 pub mod http;
 pub mod job;
+pub mod memory_fhir;
 pub mod proxy;
 pub mod server;
+pub mod storage;
 pub mod store;
 pub mod telemetry;

@@ -28,7 +28,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let grace = config.shutdown_grace();
-    let app = Arc::new(App::new(config)?);
+    let app = Arc::new(App::new(config).await?);
+    let workers_stop = tokio_util::sync::CancellationToken::new();
+    let workers = app.exporter.spawn(workers_stop.clone());
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),
@@ -36,7 +38,7 @@ pub async fn run(
         base_path = %app.base_path,
         "fhir-bulk-proxy listening"
     );
-    let router = http::router(app);
+    let router = http::router(app.clone());
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -90,10 +92,18 @@ pub async fn run(
     drop(listener);
     tracing::info!(
         grace_secs = grace.as_secs(),
-        "shutting down: draining in-flight requests"
+        "shutting down: draining in-flight requests and export workers"
     );
-    match tokio::time::timeout(grace, graceful.shutdown()).await {
-        Ok(()) => tracing::info!("all connections closed"),
+    // Workers release their units at once, so another replica carries on without waiting.
+    workers_stop.cancel();
+    let drained = async {
+        graceful.shutdown().await;
+        for worker in workers {
+            let _ = worker.await;
+        }
+    };
+    match tokio::time::timeout(grace, drained).await {
+        Ok(()) => tracing::info!("all connections closed, workers stopped"),
         Err(_) => tracing::warn!("grace period over: closing the remaining connections"),
     }
     Ok(())

@@ -10,6 +10,8 @@ use axum::response::{IntoResponse, Response};
 use crate::auth::{AuthError, OAuthError};
 use crate::fhir::{FHIR_JSON, OperationOutcome};
 use crate::proxy::ProxyError;
+use crate::storage::StorageError;
+use crate::store::StoreError;
 
 /// Who caused an error: decides the status class and labels metrics (pingora's `ErrorSource`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,6 +40,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
+    /// The token is valid but its scopes do not cover the request.
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     PayloadTooLarge(String),
     #[error("{0}")]
@@ -45,12 +50,20 @@ pub enum ApiError {
     /// No valid bearer token: 401 + `WWW-Authenticate: Bearer`.
     #[error("{0}")]
     Unauthorized(String),
-    /// The token is valid but its scopes do not cover the request.
-    #[error("{0}")]
-    Forbidden(String),
     /// A token endpoint error, answered as OAuth JSON instead of an OperationOutcome.
     #[error(transparent)]
     OAuth(#[from] OAuthError),
+    /// The upstream failed a request the proxy made on its own behalf (not passthrough).
+    #[error("{0}")]
+    UpstreamFailed(String),
+    /// Too many exports or polls: 429 with `Retry-After`.
+    #[error("{message}")]
+    TooManyRequests { retry_after: u64, message: String },
+    /// The job store is unreachable: 503 with `Retry-After`, a transient issue.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
 }
 
 impl From<AuthError> for ApiError {
@@ -67,7 +80,7 @@ impl From<AuthError> for ApiError {
 impl ApiError {
     pub fn source(&self) -> ErrorSource {
         match self {
-            Self::Proxy(_) => ErrorSource::Upstream,
+            Self::Proxy(_) | Self::UpstreamFailed(_) => ErrorSource::Upstream,
             Self::BadRequest(_)
             | Self::NotFound(_)
             | Self::PayloadTooLarge(_)
@@ -75,7 +88,8 @@ impl ApiError {
             | Self::Forbidden(_) => ErrorSource::Client,
             Self::OAuth(OAuthError::Unavailable(_)) => ErrorSource::Internal,
             Self::OAuth(_) => ErrorSource::Client,
-            Self::Internal(_) => ErrorSource::Internal,
+            Self::TooManyRequests { .. } => ErrorSource::Client,
+            Self::Internal(_) | Self::Store(_) | Self::Storage(_) => ErrorSource::Internal,
         }
     }
 
@@ -89,10 +103,9 @@ impl ApiError {
             Self::Proxy(ProxyError::TooLarge(_)) => (StatusCode::BAD_GATEWAY, "too-costly"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
-            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
-            Self::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "exception"),
-            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             // RFC 6749 §5.2: 400 for every error (invalid_client MAY be 401, and 400 satisfies
             // every test kit); an oversized body is 413; a replay cache outage is retryable.
             Self::OAuth(OAuthError::TooLarge(_)) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
@@ -100,6 +113,14 @@ impl ApiError {
                 (StatusCode::SERVICE_UNAVAILABLE, "transient")
             }
             Self::OAuth(_) => (StatusCode::BAD_REQUEST, "security"),
+            Self::Internal(_) | Self::Storage(_) | Self::Store(StoreError::Corrupt(_)) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "exception")
+            }
+            Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "throttled"),
+            Self::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "transient"),
+            Self::Store(StoreError::Unavailable(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "transient")
+            }
         }
     }
 }
@@ -127,6 +148,16 @@ impl IntoResponse for ApiError {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static(challenge),
             );
+        }
+        let retry_after = match &self {
+            Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
+            Self::Store(StoreError::Unavailable(_)) => Some(5),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         response.extensions_mut().insert(source);
         response

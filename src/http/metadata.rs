@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::error::ApiError;
 use super::passthrough;
-use crate::app::AppState;
+use crate::app::{App, AppState};
 use crate::fhir::{FHIR_JSON, capability};
 use crate::proxy::headers::strip_hop_by_hop;
 
@@ -68,23 +68,55 @@ pub async fn get(State(app): State<AppState>, request: Request) -> Result<Respon
     if wants_passthrough(&request) {
         return passthrough(State(app), request).await;
     }
-    let token_url = app.auth.token_url(&app.public_base(request.headers()));
-    if let Some(mut cached) = app.metadata.get() {
-        capability::augment(&mut cached, &token_url);
-        return Ok(fhir_json(&cached));
+    let token_url = format!(
+        "{}{}",
+        app.public_base(request.headers()),
+        app.config.auth.token_path
+    );
+    match fetch(&app, Some(request.headers())).await? {
+        Fetched::Statement(mut statement) => {
+            capability::augment(&mut statement, &token_url);
+            Ok(fhir_json(&statement))
+        }
+        Fetched::Other(mut parts, body) => {
+            strip_hop_by_hop(&mut parts.headers);
+            Ok(Response::from_parts(parts, Body::from(body)))
+        }
     }
+}
 
+/// The upstream's CapabilityStatement as it sent it (cached), or `None` when it answered something
+/// else.
+pub async fn capability_statement(
+    app: &App,
+    headers: Option<&HeaderMap>,
+) -> Result<Option<Value>, ApiError> {
+    Ok(match fetch(app, headers).await? {
+        Fetched::Statement(statement) => Some(statement),
+        Fetched::Other(..) => None,
+    })
+}
+
+enum Fetched {
+    Statement(Value),
+    Other(axum::http::response::Parts, bytes::Bytes),
+}
+
+async fn fetch(app: &App, client_headers: Option<&HeaderMap>) -> Result<Fetched, ApiError> {
+    if let Some(cached) = app.metadata.get() {
+        return Ok(Fetched::Statement(cached));
+    }
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static(FHIR_JSON));
     for name in [
         header::AUTHORIZATION,
-        "x-request-id".parse().expect("valid"),
+        HeaderName::from_static("x-request-id"),
     ] {
-        if let Some(value) = request.headers().get(&name) {
+        if let Some(value) = client_headers.and_then(|h| h.get(&name)) {
             headers.insert(name, value.clone());
         }
     }
-    let (mut parts, body) = app
+    let (parts, body) = app
         .upstream
         .get_small("metadata", "/metadata", headers, MAX_CAPABILITY_BYTES)
         .await?;
@@ -92,17 +124,13 @@ pub async fn get(State(app): State<AppState>, request: Request) -> Result<Respon
         .then(|| serde_json::from_slice::<Value>(&body).ok())
         .flatten()
         .filter(capability::is_capability_statement);
-    match parsed {
-        Some(mut statement) => {
+    Ok(match parsed {
+        Some(statement) => {
             app.metadata.put(&statement);
-            capability::augment(&mut statement, &token_url);
-            Ok(fhir_json(&statement))
+            Fetched::Statement(statement)
         }
-        None => {
-            strip_hop_by_hop(&mut parts.headers);
-            Ok(Response::from_parts(parts, Body::from(body)))
-        }
-    }
+        None => Fetched::Other(parts, body),
+    })
 }
 
 fn fhir_json(value: &Value) -> Response {

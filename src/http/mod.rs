@@ -6,9 +6,12 @@
 //! tracing span, and a line in the request metrics.
 
 pub mod error;
+mod export;
+mod files;
 pub mod metadata;
 mod ops;
 mod smart;
+mod status;
 mod token;
 
 use std::net::SocketAddr;
@@ -37,6 +40,30 @@ pub fn router(state: AppState) -> Router {
         .route(
             &format!("{base}/metadata"),
             get(metadata::get).fallback(passthrough),
+        )
+        .route(
+            &format!("{base}/$export"),
+            get(export::system)
+                .post(export::system)
+                .fallback(passthrough),
+        )
+        .route(
+            &format!("{base}/Patient/$export"),
+            get(export::patient)
+                .post(export::patient)
+                .fallback(passthrough),
+        )
+        .route(
+            &format!("{base}/Group/{{id}}/$export"),
+            get(export::group).post(export::group).fallback(passthrough),
+        )
+        .route(
+            &format!("{base}/$export-status/{{id}}"),
+            get(status::get).delete(status::delete),
+        )
+        .route(
+            &format!("{base}/$export-file/{{id}}/{{name}}"),
+            get(files::get),
         )
         .merge(auth_routes(&state))
         .fallback(protected_passthrough)
@@ -112,6 +139,9 @@ fn route_class(matched: Option<&str>, token_path: &str) -> &'static str {
         Some(path) if path.ends_with(token_path) => "token",
         Some("/healthz" | "/readyz" | "/metrics") => "ops",
         Some(path) if path.ends_with("/metadata") => "metadata",
+        Some(path) if path.ends_with("/$export") => "export",
+        Some(path) if path.contains("/$export-status/") => "status",
+        Some(path) if path.contains("/$export-file/") => "file",
         Some(_) => "other",
     }
 }

@@ -5,6 +5,7 @@
 mod support;
 
 mod auth;
+mod export;
 mod operations;
 mod passthrough;
 mod reference_config;

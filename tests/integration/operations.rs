@@ -153,7 +153,15 @@ async fn shutdown_lets_a_slow_request_finish_then_stops_accepting() {
             .header("x-fake-delay-ms", "1000")
             .send(),
     );
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Shut down only once the request is in flight (the upstream has it), however loaded the
+    // machine is.
+    for _ in 0..200 {
+        if !fake.received().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!fake.received().is_empty(), "the slow request reached the upstream");
     let stopped = tokio::spawn(proxy.shutdown());
     let response = slow
         .await

@@ -9,6 +9,8 @@ use tokio::task::JoinHandle;
 pub struct TestProxy {
     pub addr: SocketAddr,
     pub config: Config,
+    /// Job store and files of this proxy, unless the test chose its own paths.
+    _dir: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -23,7 +25,14 @@ impl TestProxy {
         config
     }
 
-    pub async fn start(config: Config) -> Self {
+    pub async fn start(mut config: Config) -> Self {
+        let defaults = Config::default();
+        let dir = (config.store.path == defaults.store.path).then(|| {
+            let dir = tempfile::tempdir().unwrap();
+            config.store.path = dir.path().join("jobs.redb");
+            config.storage.path = dir.path().join("files");
+            dir
+        });
         config.validate().expect("valid test configuration");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -35,12 +44,29 @@ impl TestProxy {
                 let _ = stopped.await;
             },
         ));
-        Self {
+        let proxy = Self {
             addr,
             config,
+            _dir: dir,
             stop: Some(stop),
             task: Some(task),
+        };
+        proxy.wait_until_serving().await;
+        proxy
+    }
+
+    /// Start-up (store, keys, clients) happens inside `server::run`: wait until it answers.
+    async fn wait_until_serving(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if let Ok(response) = client.get(self.root("/healthz")).send().await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }
+        panic!("the proxy did not start within 5 s");
     }
 
     /// `http://127.0.0.1:PORT` + the base path.

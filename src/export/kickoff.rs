@@ -1,0 +1,648 @@
+//! Kick-off request parsing and validation (SPEC A5; Bulk Data IG "Bulk Data Kick-off Request").
+//!
+//! GET parameters come from the query string, POST parameters from a FHIR `Parameters` body (and
+//! the query string). Repeated list parameters are read as one comma-joined list (A5.5); repeated
+//! `_typeFilter`s for one type are OR'ed (A5.19). Under `Prefer: handling=lenient`, unsupported or
+//! invalid optional parameters are ignored and reported (A5.8); under strict handling (the default)
+//! they are rejected with 400 naming the parameter and the reason.
+
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::fhir::resource_types::is_resource_type;
+use crate::job::Level;
+
+/// The `_outputFormat` values accepted (all mean NDJSON).
+const OUTPUT_FORMATS: &[&str] = &["application/fhir+ndjson", "application/ndjson", "ndjson"];
+
+/// Search parameters that shape results rather than select them: never allowed in `_typeFilter`.
+const RESULT_PARAMETERS: &[&str] = &[
+    "_include",
+    "_revinclude",
+    "_sort",
+    "_count",
+    "_elements",
+    "_summary",
+    "_total",
+    "_contained",
+    "_containedType",
+    "_format",
+    "_pretty",
+];
+
+/// A rejected kick-off: the parameter (or header) and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{param}: {reason}")]
+pub struct KickOffError {
+    pub param: String,
+    pub reason: String,
+}
+
+fn reject(param: &str, reason: impl Into<String>) -> KickOffError {
+    KickOffError {
+        param: param.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// A validated kick-off request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KickOff {
+    /// `_since`, as given (normalised) and parsed.
+    pub since: Option<OffsetDateTime>,
+    pub until: Option<OffsetDateTime>,
+    /// `_type`, in request order without duplicates; `None` when absent.
+    pub types: Option<Vec<String>>,
+    /// `_typeFilter`s: (type, query) pairs; several for one type are OR'ed.
+    pub type_filters: Vec<(String, String)>,
+    /// `_elements`: `elem` or `Type.elem`.
+    pub elements: Vec<String>,
+    /// `patient` ids (POST only, Patient and Group level).
+    pub patients: Vec<String>,
+    pub include_associated_data: Vec<String>,
+    pub lenient: bool,
+    /// Diagnostics for parameters ignored under lenient handling.
+    pub ignored: Vec<String>,
+}
+
+/// The raw request, as the HTTP layer saw it.
+pub struct RawKickOff<'a> {
+    pub level: &'a Level,
+    pub is_post: bool,
+    pub query: &'a str,
+    pub accept: Option<&'a str>,
+    pub prefer: Option<&'a str>,
+    /// The POST body, parsed as JSON (`None` for GET or an empty body).
+    pub body: Option<&'a Value>,
+    pub now: OffsetDateTime,
+}
+
+/// Parses and validates a kick-off request.
+pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
+    check_accept(raw.accept)?;
+    let lenient = check_prefer(raw.prefer)?;
+    let mut params: Vec<(String, ParamValue)> = url::form_urlencoded::parse(raw.query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), ParamValue::Text(v.into_owned())))
+        .collect();
+    if raw.is_post {
+        if let Some(body) = raw.body {
+            params.extend(parameters_body(body)?);
+        }
+    }
+
+    let mut out = KickOff {
+        lenient,
+        ..KickOff::default()
+    };
+    // Under lenient handling an invalid optional parameter is reported, not fatal.
+    let soft = |out: &mut KickOff, error: KickOffError| -> Result<(), KickOffError> {
+        if lenient {
+            out.ignored
+                .push(format!("ignored {}: {}", error.param, error.reason));
+            Ok(())
+        } else {
+            Err(error)
+        }
+    };
+
+    let mut since_seen = false;
+    let mut until_seen = false;
+    let mut formats_seen = false;
+    for (name, value) in params {
+        match name.as_str() {
+            "_outputFormat" => {
+                let text = value.text(&name)?;
+                if formats_seen {
+                    return Err(reject(&name, "may be given once"));
+                }
+                formats_seen = true;
+                if !OUTPUT_FORMATS.contains(&text.as_str()) {
+                    return Err(reject(
+                        &name,
+                        format!("{text:?} is not supported; use application/fhir+ndjson"),
+                    ));
+                }
+            }
+            "_since" | "_until" => {
+                let seen = if name == "_since" {
+                    &mut since_seen
+                } else {
+                    &mut until_seen
+                };
+                if *seen {
+                    return Err(reject(&name, "may be given once"));
+                }
+                *seen = true;
+                let instant = parse_instant(&name, &value.text(&name)?)?;
+                if instant > raw.now && name == "_since" {
+                    return Err(reject(&name, "is in the future"));
+                }
+                if name == "_since" {
+                    out.since = Some(instant);
+                } else {
+                    out.until = Some(instant);
+                }
+            }
+            "_type" => {
+                let types = out.types.get_or_insert_with(Vec::new);
+                for t in split_list(&value.text(&name)?) {
+                    if !is_resource_type(&t) {
+                        return Err(reject(
+                            &name,
+                            format!("{t:?} is not a FHIR R4 resource type"),
+                        ));
+                    }
+                    if !types.contains(&t) {
+                        types.push(t);
+                    }
+                }
+            }
+            "_typeFilter" => {
+                let text = value.text(&name)?;
+                match parse_type_filter(&text) {
+                    Ok(filter) => out.type_filters.push(filter),
+                    Err(e) => soft(&mut out, e)?,
+                }
+            }
+            "_elements" => {
+                for element in split_list(&value.text(&name)?) {
+                    match check_element(&element) {
+                        Ok(()) => out.elements.push(element),
+                        Err(e) => soft(&mut out, e)?,
+                    }
+                }
+            }
+            "patient" => {
+                if !raw.is_post {
+                    return Err(reject(&name, "is only accepted in a POST Parameters body"));
+                }
+                if *raw.level == Level::System {
+                    return Err(reject(&name, "does not apply to a system-level export"));
+                }
+                let reference = value.reference();
+                let id = reference
+                    .strip_prefix("Patient/")
+                    .filter(|id| is_fhir_id(id))
+                    .ok_or_else(|| {
+                        reject(&name, format!("{reference:?} is not a Patient reference"))
+                    })?;
+                if !out.patients.iter().any(|p| p == id) {
+                    out.patients.push(id.to_owned());
+                }
+            }
+            "includeAssociatedData" => {
+                let values = split_list(&value.text(&name)?);
+                let e = reject(&name, "associated data is not supported by this server");
+                if lenient {
+                    out.include_associated_data.extend(values);
+                }
+                soft(&mut out, e)?;
+            }
+            "allowPartialManifests" => {
+                // Accepted; the proxy always answers with a complete manifest (A7.8 MAY).
+            }
+            "organizeOutputBy" => soft(&mut out, reject(&name, "is not supported by this server"))?,
+            other => soft(
+                &mut out,
+                reject(other, "is not a kick-off parameter of this server"),
+            )?,
+        }
+    }
+    if let (Some(since), Some(until)) = (out.since, out.until) {
+        if until < since {
+            return Err(reject("_until", "is earlier than _since"));
+        }
+    }
+    Ok(out)
+}
+
+/// A parameter value from the query string or from a `Parameters` body.
+enum ParamValue {
+    Text(String),
+    Reference(String),
+}
+
+impl ParamValue {
+    fn text(&self, name: &str) -> Result<String, KickOffError> {
+        match self {
+            Self::Text(text) => Ok(text.clone()),
+            Self::Reference(_) => Err(reject(name, "expects a string value, not a reference")),
+        }
+    }
+
+    fn reference(&self) -> String {
+        match self {
+            Self::Reference(r) | Self::Text(r) => r.clone(),
+        }
+    }
+}
+
+/// Reads a FHIR `Parameters` body (A5.22).
+fn parameters_body(body: &Value) -> Result<Vec<(String, ParamValue)>, KickOffError> {
+    if body.get("resourceType").and_then(Value::as_str) != Some("Parameters") {
+        return Err(reject(
+            "body",
+            "a POST kick-off body must be a FHIR Parameters resource",
+        ));
+    }
+    let Some(parameters) = body.get("parameter") else {
+        return Ok(Vec::new());
+    };
+    let parameters = parameters
+        .as_array()
+        .ok_or_else(|| reject("body", "Parameters.parameter must be an array"))?;
+    let mut out = Vec::with_capacity(parameters.len());
+    for p in parameters {
+        let name = p
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| reject("body", "every Parameters.parameter needs a name"))?;
+        let value = [
+            "valueString",
+            "valueInstant",
+            "valueDateTime",
+            "valueCode",
+            "valueUri",
+            "valueUrl",
+            "valueCanonical",
+        ]
+        .iter()
+        .find_map(|k| p.get(*k).and_then(Value::as_str))
+        .map(|s| ParamValue::Text(s.to_owned()))
+        .or_else(|| {
+            p.get("valueBoolean")
+                .and_then(Value::as_bool)
+                .map(|b| ParamValue::Text(b.to_string()))
+        })
+        .or_else(|| {
+            p.get("valueReference")
+                .and_then(|r| r.get("reference"))
+                .and_then(Value::as_str)
+                .map(|s| ParamValue::Reference(s.to_owned()))
+        })
+        .or_else(|| {
+            p.get("valueCoding")
+                .and_then(|c| c.get("code"))
+                .and_then(Value::as_str)
+                .map(|s| ParamValue::Text(s.to_owned()))
+        })
+        .ok_or_else(|| reject(name, "has no supported value[x]"))?;
+        out.push((name.to_owned(), value));
+    }
+    Ok(out)
+}
+
+fn check_accept(accept: Option<&str>) -> Result<(), KickOffError> {
+    let accept =
+        accept.ok_or_else(|| reject("Accept", "header is required (application/fhir+json)"))?;
+    let ok = accept.split(',').any(|media| {
+        let media = media.split(';').next().unwrap_or("").trim();
+        matches!(
+            media,
+            "application/fhir+json" | "application/json" | "*/*" | "application/*"
+        )
+    });
+    if ok {
+        Ok(())
+    } else {
+        Err(reject(
+            "Accept",
+            format!("{accept:?} is not supported; use application/fhir+json"),
+        ))
+    }
+}
+
+/// Checks `Prefer: respond-async` and returns whether `handling=lenient` was asked for.
+fn check_prefer(prefer: Option<&str>) -> Result<bool, KickOffError> {
+    let prefer = prefer.unwrap_or("");
+    let tokens: Vec<String> = prefer
+        .split([',', ';'])
+        .map(|t| t.trim().to_ascii_lowercase().replace(' ', ""))
+        .collect();
+    if !tokens.iter().any(|t| t == "respond-async") {
+        return Err(reject("Prefer", "header must include respond-async"));
+    }
+    Ok(tokens.iter().any(|t| t == "handling=lenient"))
+}
+
+/// Parses a FHIR instant; `+` decoded as a space is restored (A5.12).
+pub fn parse_instant(param: &str, text: &str) -> Result<OffsetDateTime, KickOffError> {
+    let normalised = text.trim().replace(' ', "+");
+    OffsetDateTime::parse(&normalised, &Rfc3339).map_err(|_| {
+        reject(
+            param,
+            format!("{text:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z or +01:00)"),
+        )
+    })
+}
+
+/// Formats an instant as FHIR does (UTC, `Z`).
+pub fn format_instant(instant: OffsetDateTime) -> String {
+    instant
+        .to_offset(time::UtcOffset::UTC)
+        .format(&Rfc3339)
+        .unwrap_or_default()
+}
+
+fn split_list(text: &str) -> Vec<String> {
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn parse_type_filter(text: &str) -> Result<(String, String), KickOffError> {
+    let (resource_type, query) = text.split_once('?').ok_or_else(|| {
+        reject(
+            "_typeFilter",
+            format!("{text:?} is not of the form Type?search"),
+        )
+    })?;
+    if !is_resource_type(resource_type) {
+        return Err(reject(
+            "_typeFilter",
+            format!("{resource_type:?} is not a FHIR R4 resource type"),
+        ));
+    }
+    for (key, _) in url::form_urlencoded::parse(query.as_bytes()) {
+        let base = key.split(':').next().unwrap_or("");
+        if RESULT_PARAMETERS.contains(&base) {
+            return Err(reject(
+                "_typeFilter",
+                format!("{key} is a result parameter and cannot filter an export"),
+            ));
+        }
+        if key.is_empty() {
+            return Err(reject(
+                "_typeFilter",
+                format!("{text:?} has an invalid search parameter"),
+            ));
+        }
+    }
+    Ok((resource_type.to_owned(), query.to_owned()))
+}
+
+fn check_element(element: &str) -> Result<(), KickOffError> {
+    let (resource_type, name) = match element.split_once('.') {
+        Some((t, n)) => (Some(t), n),
+        None => (None, element),
+    };
+    if let Some(t) = resource_type {
+        if !is_resource_type(t) {
+            return Err(reject(
+                "_elements",
+                format!("{t:?} is not a FHIR R4 resource type"),
+            ));
+        }
+    }
+    let valid = !name.is_empty()
+        && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if valid {
+        Ok(())
+    } else {
+        Err(reject(
+            "_elements",
+            format!("{element:?} is not a top-level element name"),
+        ))
+    }
+}
+
+/// A FHIR id: 1-64 of `[A-Za-z0-9\-.]`.
+pub fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const ACCEPT: Option<&str> = Some("application/fhir+json");
+    const PREFER: Option<&str> = Some("respond-async");
+
+    fn get(level: &Level, query: &str) -> Result<KickOff, KickOffError> {
+        parse(&RawKickOff {
+            level,
+            is_post: false,
+            query,
+            accept: ACCEPT,
+            prefer: PREFER,
+            body: None,
+            now: OffsetDateTime::now_utc(),
+        })
+    }
+
+    fn post(level: &Level, body: Value, prefer: &str) -> Result<KickOff, KickOffError> {
+        parse(&RawKickOff {
+            level,
+            is_post: true,
+            query: "",
+            accept: ACCEPT,
+            prefer: Some(prefer),
+            body: Some(&body),
+            now: OffsetDateTime::now_utc(),
+        })
+    }
+
+    #[test]
+    fn the_three_output_format_aliases_are_accepted_and_others_rejected() {
+        for format in ["application/fhir+ndjson", "application/ndjson", "ndjson"] {
+            let query = format!("_outputFormat={}", format.replace('+', "%2B"));
+            assert!(get(&Level::System, &query).is_ok(), "{format}");
+        }
+        for format in ["application/xml", "text/html", "x-custom"] {
+            let err = get(&Level::System, &format!("_outputFormat={format}")).unwrap_err();
+            assert_eq!(err.param, "_outputFormat");
+        }
+    }
+
+    #[test]
+    fn accept_and_prefer_are_required() {
+        let raw = |accept, prefer| RawKickOff {
+            level: &Level::System,
+            is_post: false,
+            query: "",
+            accept,
+            prefer,
+            body: None,
+            now: OffsetDateTime::now_utc(),
+        };
+        assert_eq!(parse(&raw(None, PREFER)).unwrap_err().param, "Accept");
+        assert_eq!(
+            parse(&raw(Some("text/html"), PREFER)).unwrap_err().param,
+            "Accept"
+        );
+        assert_eq!(parse(&raw(ACCEPT, None)).unwrap_err().param, "Prefer");
+        assert!(
+            parse(&raw(ACCEPT, Some("respond-async, handling=lenient")))
+                .unwrap()
+                .lenient
+        );
+    }
+
+    #[test]
+    fn since_must_be_a_valid_past_instant() {
+        let ok = get(&Level::System, "_since=2024-01-02T03:04:05.123+01:00").unwrap();
+        assert_eq!(
+            format_instant(ok.since.unwrap()),
+            "2024-01-02T02:04:05.123Z"
+        );
+        // `+` decoded as a space by a careless client.
+        assert!(get(&Level::System, "_since=2024-01-02T03:04:05+01:00").is_ok());
+        for bad in ["0000-60-01T30:70:80+05:00", "yesterday", "2024-01-02"] {
+            assert_eq!(
+                get(&Level::System, &format!("_since={bad}"))
+                    .unwrap_err()
+                    .param,
+                "_since"
+            );
+        }
+        let err = get(&Level::System, "_since=2057-01-01T00:00:00Z").unwrap_err();
+        assert!(err.reason.contains("future"));
+        let err = get(
+            &Level::System,
+            "_since=2024-01-02T00:00:00Z&_until=2023-01-01T00:00:00Z",
+        )
+        .unwrap_err();
+        assert_eq!(err.param, "_until");
+    }
+
+    #[test]
+    fn repeated_types_are_one_list() {
+        let k = get(
+            &Level::System,
+            "_type=Patient,Observation&_type=Condition&_type=Patient",
+        )
+        .unwrap();
+        assert_eq!(k.types.unwrap(), ["Patient", "Observation", "Condition"]);
+        assert_eq!(
+            get(&Level::System, "_type=MissingType").unwrap_err().param,
+            "_type"
+        );
+    }
+
+    #[test]
+    fn type_filters_reject_result_parameters_unless_lenient() {
+        let k = get(
+            &Level::System,
+            "_typeFilter=Observation%3Fcode%3D1234&_typeFilter=Observation%3Fcategory%3Dlab",
+        )
+        .unwrap();
+        assert_eq!(k.type_filters.len(), 2);
+        let err = get(
+            &Level::System,
+            "_typeFilter=Observation%3F_include%3DObservation:subject",
+        )
+        .unwrap_err();
+        assert!(err.reason.contains("_include"));
+        let err = get(&Level::System, "_typeFilter=Observation%3F_count%3D5").unwrap_err();
+        assert!(err.reason.contains("_count"));
+        assert_eq!(
+            get(&Level::System, "_typeFilter=NoQuery")
+                .unwrap_err()
+                .param,
+            "_typeFilter"
+        );
+    }
+
+    #[test]
+    fn post_parameters_body_is_read() {
+        let body = json!({
+            "resourceType": "Parameters",
+            "parameter": [
+                { "name": "_type", "valueString": "Patient,Observation" },
+                { "name": "_since", "valueInstant": "2024-01-01T00:00:00Z" },
+                { "name": "patient", "valueReference": { "reference": "Patient/123" } },
+                { "name": "patient", "valueReference": { "reference": "Patient/456" } },
+                { "name": "_outputFormat", "valueString": "ndjson" }
+            ]
+        });
+        let k = post(&Level::Group("g".into()), body, "respond-async").unwrap();
+        assert_eq!(k.types.unwrap(), ["Patient", "Observation"]);
+        assert_eq!(k.patients, ["123", "456"]);
+        assert!(k.since.is_some());
+    }
+
+    #[test]
+    fn patient_parameter_rules() {
+        let body = json!({ "resourceType": "Parameters", "parameter": [
+            { "name": "patient", "valueReference": { "reference": "Patient/1" } }
+        ]});
+        assert_eq!(
+            post(&Level::System, body.clone(), "respond-async")
+                .unwrap_err()
+                .param,
+            "patient"
+        );
+        assert!(post(&Level::Patient, body, "respond-async").is_ok());
+        assert_eq!(
+            get(&Level::Patient, "patient=Patient/1").unwrap_err().param,
+            "patient"
+        );
+        let bad = json!({ "resourceType": "Parameters", "parameter": [
+            { "name": "patient", "valueReference": { "reference": "Observation/1" } }
+        ]});
+        assert_eq!(
+            post(&Level::Patient, bad, "respond-async")
+                .unwrap_err()
+                .param,
+            "patient"
+        );
+        assert_eq!(
+            post(
+                &Level::Patient,
+                json!({"resourceType": "Patient"}),
+                "respond-async"
+            )
+            .unwrap_err()
+            .param,
+            "body"
+        );
+    }
+
+    #[test]
+    fn unsupported_parameters_depend_on_handling() {
+        for query in [
+            "includeAssociatedData=LatestProvenanceResources",
+            "organizeOutputBy=Patient",
+            "_bogus=1",
+        ] {
+            assert!(get(&Level::System, query).is_err(), "{query} strict");
+            let lenient = parse(&RawKickOff {
+                level: &Level::System,
+                is_post: false,
+                query,
+                accept: ACCEPT,
+                prefer: Some("respond-async, handling=lenient"),
+                body: None,
+                now: OffsetDateTime::now_utc(),
+            })
+            .unwrap();
+            assert_eq!(lenient.ignored.len(), 1, "{query}");
+        }
+    }
+
+    #[test]
+    fn elements_are_top_level_names() {
+        let k = get(&Level::System, "_elements=id,Patient.meta&_elements=status").unwrap();
+        assert_eq!(k.elements, ["id", "Patient.meta", "status"]);
+        assert!(get(&Level::System, "_elements=Patient.name.given").is_err());
+        assert!(get(&Level::System, "_elements=Nope.id").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn never_panics_on_any_query(query in ".{0,200}") {
+            let _ = get(&Level::System, &query);
+            let _ = get(&Level::Group("x".into()), &query);
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Turns one upstream searchset page into NDJSON lines (DESIGN "hot path"): each entry's resource
+//! is taken as raw JSON and written as one line; it is only re-serialised when its bytes must change
+//! (a pretty-printed upstream, `_elements`). Entries with `search.mode` `include` or `outcome` are
+//! not data; an OperationOutcome in a page is reported as an issue.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+
+/// `meta.tag` added to resources reduced by `_elements` (Bulk Data IG, A5.15).
+const SUBSETTED: (&str, &str) = (
+    "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
+    "SUBSETTED",
+);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    #[error("the upstream page is not a FHIR searchset Bundle: {0}")]
+    NotABundle(String),
+}
+
+#[derive(Deserialize)]
+struct Page<'a> {
+    #[serde(rename = "resourceType")]
+    resource_type: Option<String>,
+    #[serde(default, borrow)]
+    entry: Vec<Entry<'a>>,
+    #[serde(default)]
+    link: Vec<Link>,
+}
+
+#[derive(Deserialize)]
+struct Entry<'a> {
+    #[serde(borrow)]
+    resource: Option<&'a RawValue>,
+    #[serde(default)]
+    search: Option<EntrySearch>,
+}
+
+#[derive(Deserialize)]
+struct EntrySearch {
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Link {
+    relation: String,
+    url: String,
+}
+
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "resourceType")]
+    resource_type: String,
+    id: Option<String>,
+    meta: Option<HeadMeta>,
+}
+
+#[derive(Deserialize)]
+struct HeadMeta {
+    #[serde(rename = "lastUpdated")]
+    last_updated: Option<String>,
+}
+
+/// One resource ready to be written.
+#[derive(Debug)]
+pub struct Line {
+    pub id: Option<String>,
+    pub last_updated: Option<String>,
+    /// The resource as one line of JSON, with the trailing `\n`.
+    pub bytes: Vec<u8>,
+}
+
+/// What a page held.
+#[derive(Debug, Default)]
+pub struct PageContent {
+    pub lines: Vec<Line>,
+    /// The `next` link, as given (absolute or relative).
+    pub next: Option<String>,
+    /// OperationOutcome resources found in the page (as JSON text), to report.
+    pub issues: Vec<String>,
+}
+
+/// Reads a searchset page; keeps resources of `resource_type` only, applying `elements`.
+pub fn read_page(
+    body: &[u8],
+    resource_type: &str,
+    elements: &[String],
+) -> Result<PageContent, PageError> {
+    let page: Page<'_> =
+        serde_json::from_slice(body).map_err(|e| PageError::NotABundle(e.to_string()))?;
+    if page.resource_type.as_deref() != Some("Bundle") {
+        return Err(PageError::NotABundle(format!(
+            "resourceType is {:?}",
+            page.resource_type.unwrap_or_default()
+        )));
+    }
+    let elements = elements_for(resource_type, elements);
+    let mut content = PageContent {
+        next: page
+            .link
+            .into_iter()
+            .find(|l| l.relation == "next")
+            .map(|l| l.url),
+        ..PageContent::default()
+    };
+    for entry in page.entry {
+        let Some(raw) = entry.resource else { continue };
+        let mode = entry.search.and_then(|s| s.mode);
+        let head: Head = match serde_json::from_str(raw.get()) {
+            Ok(head) => head,
+            Err(e) => {
+                content.issues.push(issue_json(&format!(
+                    "an entry's resource is not valid FHIR JSON: {e}"
+                )));
+                continue;
+            }
+        };
+        if head.resource_type == "OperationOutcome" || mode.as_deref() == Some("outcome") {
+            content.issues.push(compact(raw.get()));
+            continue;
+        }
+        if mode.as_deref() == Some("include") || head.resource_type != resource_type {
+            continue;
+        }
+        let mut bytes = match &elements {
+            Some(keep) => subset(raw.get(), keep),
+            None => compact(raw.get()),
+        }
+        .into_bytes();
+        bytes.push(b'\n');
+        content.lines.push(Line {
+            id: head.id,
+            last_updated: head.meta.and_then(|m| m.last_updated),
+            bytes,
+        });
+    }
+    Ok(content)
+}
+
+/// The raw JSON on one line: unchanged unless it holds line breaks (a pretty-printing upstream).
+fn compact(raw: &str) -> String {
+    if raw.contains(['\n', '\r']) {
+        match serde_json::from_str::<Value>(raw) {
+            Ok(value) => value.to_string(),
+            Err(_) => raw.replace(['\n', '\r'], " "),
+        }
+    } else {
+        raw.to_owned()
+    }
+}
+
+/// An OperationOutcome (one line of JSON) with one error issue.
+pub fn issue_json(diagnostics: &str) -> String {
+    json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "error", "code": "processing", "diagnostics": diagnostics }]
+    })
+    .to_string()
+}
+
+/// The elements kept for `resource_type`, or `None` when `_elements` does not apply to it.
+fn elements_for(resource_type: &str, elements: &[String]) -> Option<Vec<String>> {
+    let applicable: Vec<String> = elements
+        .iter()
+        .filter_map(|e| match e.split_once('.') {
+            Some((t, name)) if t == resource_type => Some(name.to_owned()),
+            Some(_) => None,
+            None => Some(e.clone()),
+        })
+        .collect();
+    if applicable.is_empty() {
+        return None;
+    }
+    let mut keep: Vec<String> = ["resourceType", "id", "meta"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    keep.extend(mandatory(resource_type).iter().map(|s| (*s).to_owned()));
+    keep.extend(applicable);
+    Some(keep)
+}
+
+/// Mandatory (min 1) top-level elements of common R4 types; `[x]` choices end with `*`.
+fn mandatory(resource_type: &str) -> &'static [&'static str] {
+    match resource_type {
+        "AllergyIntolerance" => &["patient"],
+        "CarePlan" => &["status", "intent", "subject"],
+        "CareTeam" | "Device" | "Location" | "Medication" | "Organization" | "Patient"
+        | "Practitioner" => &[],
+        "Claim" => &[
+            "status",
+            "type",
+            "use",
+            "patient",
+            "created",
+            "provider",
+            "priority",
+            "insurance",
+        ],
+        "Condition" => &["subject"],
+        "Coverage" => &["status", "beneficiary", "payor"],
+        "DiagnosticReport" => &["status", "code"],
+        "DocumentReference" => &["status", "content"],
+        "Encounter" => &["status", "class"],
+        "ExplanationOfBenefit" => &[
+            "status",
+            "type",
+            "use",
+            "patient",
+            "created",
+            "insurer",
+            "provider",
+            "outcome",
+            "insurance",
+        ],
+        "Goal" => &["lifecycleStatus", "description", "subject"],
+        "Group" => &["type", "actual"],
+        "ImagingStudy" => &["status", "subject"],
+        "Immunization" => &["status", "vaccineCode", "patient", "occurrence*"],
+        "MedicationAdministration" => &["status", "medication*", "subject", "effective*"],
+        "MedicationRequest" => &["status", "intent", "medication*", "subject"],
+        "Observation" => &["status", "code"],
+        "Procedure" => &["status", "subject"],
+        "Provenance" => &["target", "recorded", "agent"],
+        "ServiceRequest" => &["status", "intent", "subject"],
+        _ => &[],
+    }
+}
+
+/// Keeps the listed top-level elements and tags the resource SUBSETTED.
+fn subset(raw: &str, keep: &[String]) -> String {
+    let Ok(Value::Object(object)) = serde_json::from_str::<Value>(raw) else {
+        return compact(raw);
+    };
+    let kept = |key: &str| {
+        keep.iter().any(|k| match k.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => {
+                k == key
+                    || key.strip_prefix(k.as_str()).is_some_and(is_choice_suffix)
+                    || key == format!("_{k}")
+            }
+        })
+    };
+    let mut out: Map<String, Value> = object.into_iter().filter(|(k, _)| kept(k)).collect();
+    let meta = out.entry("meta").or_insert_with(|| json!({}));
+    if let Some(meta) = meta.as_object_mut() {
+        let tags = meta.entry("tag").or_insert_with(|| json!([]));
+        if let Some(tags) = tags.as_array_mut() {
+            tags.push(json!({ "system": SUBSETTED.0, "code": SUBSETTED.1 }));
+        }
+    }
+    Value::Object(out).to_string()
+}
+
+/// `valueQuantity` for `value`: a choice-type suffix starts with an upper-case letter.
+fn is_choice_suffix(rest: &str) -> bool {
+    rest.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(entries: &str, next: Option<&str>) -> Vec<u8> {
+        let link = next.map_or(String::new(), |n| {
+            format!(
+                r#","link":[{{"relation":"self","url":"s"}},{{"relation":"next","url":"{n}"}}]"#
+            )
+        });
+        format!(r#"{{"resourceType":"Bundle","type":"searchset","entry":[{entries}]{link}}}"#)
+            .into_bytes()
+    }
+
+    #[test]
+    fn raw_resources_become_lines_and_next_is_read() {
+        let body = page(
+            r#"{"resource":{"resourceType":"Patient","id":"a","meta":{"lastUpdated":"2024-01-01T00:00:00Z"}},"search":{"mode":"match"}},
+               {"resource":{"resourceType":"Patient","id":"b"}}"#,
+            Some("http://up/fhir?page=2"),
+        );
+        let content = read_page(&body, "Patient", &[]).unwrap();
+        assert_eq!(content.lines.len(), 2);
+        assert_eq!(
+            content.lines[0].bytes,
+            br#"{"resourceType":"Patient","id":"a","meta":{"lastUpdated":"2024-01-01T00:00:00Z"}}
+"#
+        );
+        assert_eq!(
+            content.lines[0].last_updated.as_deref(),
+            Some("2024-01-01T00:00:00Z")
+        );
+        assert_eq!(content.lines[1].id.as_deref(), Some("b"));
+        assert_eq!(content.next.as_deref(), Some("http://up/fhir?page=2"));
+    }
+
+    #[test]
+    fn pretty_printed_resources_become_one_line() {
+        let body = page(
+            "{\"resource\": {\n  \"resourceType\": \"Patient\",\n  \"id\": \"p\",\n  \"name\": [{\"text\": \"a\\nb\"}]\n}}",
+            None,
+        );
+        let content = read_page(&body, "Patient", &[]).unwrap();
+        let line = std::str::from_utf8(&content.lines[0].bytes).unwrap();
+        assert_eq!(line.matches('\n').count(), 1, "{line}");
+        let value: Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["name"][0]["text"], "a\nb");
+    }
+
+    #[test]
+    fn includes_and_outcomes_are_not_data() {
+        let body = page(
+            r#"{"resource":{"resourceType":"Observation","id":"o"}},
+               {"resource":{"resourceType":"Patient","id":"p"},"search":{"mode":"include"}},
+               {"resource":{"resourceType":"OperationOutcome","issue":[{"severity":"warning","code":"processing"}]},"search":{"mode":"outcome"}}"#,
+            None,
+        );
+        let content = read_page(&body, "Observation", &[]).unwrap();
+        assert_eq!(content.lines.len(), 1);
+        assert_eq!(content.issues.len(), 1);
+        assert!(content.issues[0].contains("OperationOutcome"));
+    }
+
+    #[test]
+    fn elements_keep_mandatory_ones_and_tag_subsetted() {
+        let body = page(
+            r#"{"resource":{"resourceType":"Observation","id":"o","status":"final","code":{"text":"c"},"valueQuantity":{"value":1},"subject":{"reference":"Patient/p"},"note":[{"text":"n"}]}}"#,
+            None,
+        );
+        let content = read_page(
+            &body,
+            "Observation",
+            &["Observation.value".into(), "Patient.name".into()],
+        )
+        .unwrap();
+        let value: Value = serde_json::from_slice(&content.lines[0].bytes).unwrap();
+        assert_eq!(value["status"], "final");
+        assert_eq!(value["valueQuantity"]["value"], 1);
+        assert!(value.get("subject").is_none() && value.get("note").is_none());
+        assert_eq!(value["meta"]["tag"][0]["code"], "SUBSETTED");
+        // _elements naming only other types leaves this type whole.
+        let content = read_page(&body, "Observation", &["Patient.name".into()]).unwrap();
+        let value: Value = serde_json::from_slice(&content.lines[0].bytes).unwrap();
+        assert!(value.get("note").is_some() && value.get("meta").is_none());
+    }
+
+    #[test]
+    fn a_non_bundle_is_an_error() {
+        assert!(read_page(br#"{"resourceType":"OperationOutcome"}"#, "Patient", &[]).is_err());
+        assert!(read_page(b"<html>", "Patient", &[]).is_err());
+    }
+}

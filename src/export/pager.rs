@@ -1,0 +1,285 @@
+//! Upstream search paging: builds each unit's search URL (with `_count`, the `_lastUpdated` bounds
+//! and the sort), fetches pages under the global concurrency cap, and retries 5xx / 429 / timeouts
+//! with capped exponential backoff that honours `Retry-After` (DESIGN "The upstream is protected").
+//! `next` links may be absolute or relative; one naming another host (the upstream's own idea of
+//! its address) is moved onto the configured upstream origin.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use reqwest::StatusCode;
+use reqwest::header::{ACCEPT, HeaderMap, HeaderValue, RETRY_AFTER};
+use tokio::sync::Semaphore;
+use url::Url;
+
+use crate::config::Config;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The paging cursor is gone (410 Gone, or 404 on a `next` link): resume with a new query.
+    #[error("the upstream paging cursor expired ({0})")]
+    Expired(StatusCode),
+    /// A client error that retrying cannot fix (400, 401, 403, ...).
+    #[error("the upstream rejected the search with {status}: {body}")]
+    Rejected { status: StatusCode, body: String },
+    /// Retries exhausted.
+    #[error("the upstream failed {attempts} times; last error: {last}")]
+    Exhausted { attempts: u32, last: String },
+    #[error("the upstream page is larger than {0} bytes")]
+    TooLarge(usize),
+}
+
+pub struct Pager {
+    client: reqwest::Client,
+    base: Url,
+    page_size: u32,
+    sort: bool,
+    max_attempts: u32,
+    retry_base: Duration,
+    retry_max: Duration,
+    max_page_bytes: usize,
+    permits: Arc<Semaphore>,
+}
+
+impl Pager {
+    pub fn new(config: &Config, headers: HeaderMap) -> anyhow::Result<Self> {
+        let e = &config.export;
+        let mut headers = headers;
+        headers.insert(ACCEPT, HeaderValue::from_static("application/fhir+json"));
+        let client = reqwest::Client::builder()
+            .default_headers(headers)
+            .connect_timeout(config.connect_timeout())
+            .timeout(Duration::from_millis(e.page_timeout_ms))
+            .pool_max_idle_per_host(e.max_upstream_concurrency.max(4))
+            .redirect(reqwest::redirect::Policy::limited(3))
+            .build()?;
+        Ok(Self {
+            client,
+            base: config.upstream_url()?,
+            page_size: e.page_size,
+            sort: e.sort_by_last_updated,
+            max_attempts: e.retry_max_attempts,
+            retry_base: Duration::from_millis(e.retry_base_ms),
+            retry_max: Duration::from_millis(e.retry_max_ms),
+            max_page_bytes: e.max_page_bytes,
+            permits: Arc::new(Semaphore::new(e.max_upstream_concurrency)),
+        })
+    }
+
+    /// The first URL of a search (`Type?query` relative to the upstream base), bounded by
+    /// `_lastUpdated` `lower` (exclusive `gt`, or inclusive `ge` when resuming) and `upper` (`le`).
+    pub fn search_url(&self, search: &str, lower: Option<(&str, &str)>, upper: &str) -> String {
+        let mut url = format!("{}/{}", self.base.as_str().trim_end_matches('/'), search);
+        let mut sep = if search.contains('?') { '&' } else { '?' };
+        if url.ends_with('?') {
+            sep = ' ';
+        }
+        let mut push = |url: &mut String, param: String| {
+            if sep != ' ' {
+                url.push(sep);
+            }
+            url.push_str(&param);
+            sep = '&';
+        };
+        push(&mut url, format!("_count={}", self.page_size));
+        if let Some((prefix, instant)) = lower {
+            push(
+                &mut url,
+                format!("_lastUpdated={prefix}{}", encode(instant)),
+            );
+        }
+        push(&mut url, format!("_lastUpdated=le{}", encode(upper)));
+        if self.sort {
+            push(&mut url, "_sort=_lastUpdated".to_owned());
+        }
+        url
+    }
+
+    /// A `next` link made absolute, on the configured upstream origin.
+    pub fn resolve_next(&self, current: &str, next: &str) -> Option<String> {
+        let current = Url::parse(current).ok()?;
+        let mut next = current.join(next).ok()?;
+        if next.origin() != self.base.origin() {
+            next.set_scheme(self.base.scheme()).ok()?;
+            next.set_host(self.base.host_str()).ok()?;
+            next.set_port(self.base.port()).ok()?;
+        }
+        Some(next.into())
+    }
+
+    /// Fetches one page, retrying what can be retried. `is_next_link` makes 404 mean an expired
+    /// cursor rather than a rejected search.
+    pub async fn fetch(&self, url: &str, is_next_link: bool) -> Result<Bytes, FetchError> {
+        let mut last = String::new();
+        for attempt in 0..self.max_attempts {
+            let wait = match self.try_fetch(url).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(Attempt::Fatal(status, body)) => {
+                    return Err(
+                        if status == StatusCode::GONE
+                            || (is_next_link && status == StatusCode::NOT_FOUND)
+                        {
+                            FetchError::Expired(status)
+                        } else {
+                            FetchError::Rejected { status, body }
+                        },
+                    );
+                }
+                Err(Attempt::TooLarge) => return Err(FetchError::TooLarge(self.max_page_bytes)),
+                Err(Attempt::Retry {
+                    reason,
+                    retry_after,
+                }) => {
+                    last = reason;
+                    retry_after
+                        .unwrap_or_else(|| self.backoff(attempt))
+                        .min(self.retry_max)
+                }
+            };
+            if attempt + 1 < self.max_attempts {
+                tracing::debug!(url, attempt, wait_ms = wait.as_millis() as u64, error = %last, "retrying upstream page");
+                tokio::time::sleep(wait).await;
+            }
+        }
+        Err(FetchError::Exhausted {
+            attempts: self.max_attempts,
+            last,
+        })
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        self.retry_base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.retry_max)
+    }
+
+    async fn try_fetch(&self, url: &str) -> Result<Bytes, Attempt> {
+        let _permit = self.permits.acquire().await.map_err(|_| Attempt::Retry {
+            reason: "shutting down".into(),
+            retry_after: None,
+        })?;
+        let response = self
+            .client
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| Attempt::Retry {
+                reason: e.to_string(),
+                retry_after: None,
+            })?;
+        let status = response.status();
+        if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::REQUEST_TIMEOUT
+        {
+            let retry_after = response
+                .headers()
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            return Err(Attempt::Retry {
+                reason: format!("upstream answered {status}"),
+                retry_after,
+            });
+        }
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(Attempt::Fatal(status, body.chars().take(500).collect()));
+        }
+        let mut body = BytesMut::new();
+        let mut response = response;
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > self.max_page_bytes {
+                        return Err(Attempt::TooLarge);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return Ok(body.freeze()),
+                Err(e) => {
+                    return Err(Attempt::Retry {
+                        reason: e.to_string(),
+                        retry_after: None,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Reads one resource (e.g. `Group/1`) from the upstream.
+    pub async fn read(&self, path: &str) -> Result<Bytes, FetchError> {
+        let url = format!("{}/{}", self.base.as_str().trim_end_matches('/'), path);
+        self.fetch(&url, false).await
+    }
+}
+
+enum Attempt {
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    Fatal(StatusCode, String),
+    TooLarge,
+}
+
+fn encode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pager() -> Pager {
+        let mut config = Config::default();
+        config.upstream.url = "http://up:8080/fhir".into();
+        Pager::new(&config, HeaderMap::new()).unwrap()
+    }
+
+    #[test]
+    fn search_urls_carry_count_bounds_and_sort() {
+        let p = pager();
+        assert_eq!(
+            p.search_url(
+                "Observation?patient=a,b",
+                Some(("gt", "2024-01-01T00:00:00Z")),
+                "2025-01-01T00:00:00+01:00"
+            ),
+            "http://up:8080/fhir/Observation?patient=a,b&_count=1000&_lastUpdated=gt2024-01-01T00%3A00%3A00Z&_lastUpdated=le2025-01-01T00%3A00%3A00%2B01%3A00&_sort=_lastUpdated"
+        );
+        assert_eq!(
+            p.search_url("Patient", None, "2025-01-01T00:00:00Z"),
+            "http://up:8080/fhir/Patient?_count=1000&_lastUpdated=le2025-01-01T00%3A00%3A00Z&_sort=_lastUpdated"
+        );
+    }
+
+    #[test]
+    fn next_links_are_resolved_onto_the_upstream_origin() {
+        let p = pager();
+        let current = "http://up:8080/fhir/Patient?_count=10";
+        assert_eq!(
+            p.resolve_next(current, "?page=2").unwrap(),
+            "http://up:8080/fhir/Patient?page=2"
+        );
+        assert_eq!(
+            p.resolve_next(current, "/fhir/p/2").unwrap(),
+            "http://up:8080/fhir/p/2"
+        );
+        assert_eq!(
+            p.resolve_next(current, "http://internal-name:9999/fhir/p/3")
+                .unwrap(),
+            "http://up:8080/fhir/p/3"
+        );
+    }
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        let p = pager();
+        assert_eq!(p.backoff(0), Duration::from_millis(500));
+        assert_eq!(p.backoff(2), Duration::from_millis(2000));
+        assert_eq!(p.backoff(30), Duration::from_millis(30_000));
+    }
+}

@@ -1,0 +1,295 @@
+//! Planning: which resource types an export covers and the searches (units) that fetch them
+//! (SPEC A5.14, A5.16, A5.19; DESIGN "one search per patient makes Group export take hours").
+//!
+//! Types = `_type` (or every type, for the level) ∩ what the token's scopes can read ∩ what the
+//! upstream supports. At Patient and Group level the types are those of the R4 Patient compartment
+//! and the patients are batched into `param=a,b,c` searches, the batch bounded by a count and by the
+//! search URL's length. Each `_typeFilter` of a type is its own search (the filters are OR'ed; the
+//! finaliser removes resources that several searches returned).
+
+use super::compartment::{NOT_EXPORTABLE, compartment_param};
+use super::kickoff::{KickOff, KickOffError};
+use crate::fhir::resource_types::R4_RESOURCE_TYPES;
+use crate::job::Level;
+
+/// Why an export cannot be planned.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Invalid(#[from] KickOffError),
+    /// `_type` names a type the token's scopes do not cover.
+    #[error("the access token's scopes do not allow reading {0}")]
+    Forbidden(String),
+}
+
+/// What the planner needs to know besides the request.
+pub struct PlanInput<'a> {
+    pub level: &'a Level,
+    pub kickoff: &'a KickOff,
+    /// Whether the token may read a type.
+    pub can_read: &'a dyn Fn(&str) -> bool,
+    /// Types the upstream's CapabilityStatement lists (`None`: unknown, assume all).
+    pub upstream_types: Option<&'a [String]>,
+    /// Patient ids (Patient and Group level).
+    pub patients: &'a [String],
+    pub batch_size: usize,
+    /// Room for the patient list in a search URL, in bytes.
+    pub max_ids_bytes: usize,
+}
+
+/// The types and searches of an export, and what was ignored on the way.
+#[derive(Debug, Default, PartialEq)]
+pub struct Plan {
+    pub types: Vec<String>,
+    /// `(type, search)` with the search relative to the upstream base.
+    pub searches: Vec<(String, String)>,
+    pub warnings: Vec<String>,
+}
+
+pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
+    let k = input.kickoff;
+    let patient_level = *input.level != Level::System;
+    let supported = |t: &str| {
+        input
+            .upstream_types
+            .is_none_or(|types| types.iter().any(|u| u == t))
+    };
+    let mut out = Plan::default();
+
+    let types: Vec<String> = match &k.types {
+        Some(requested) => {
+            let mut types = Vec::new();
+            for t in requested {
+                let problem = if NOT_EXPORTABLE.contains(&t.as_str()) {
+                    Some(format!("{t} is not exported by this server"))
+                } else if patient_level && compartment_param(t).is_none() {
+                    Some(format!("{t} is not in the Patient compartment"))
+                } else if !supported(t) {
+                    Some(format!("the upstream server does not support {t}"))
+                } else {
+                    None
+                };
+                if let Some(reason) = problem {
+                    if k.lenient {
+                        out.warnings.push(format!("ignored _type {t}: {reason}"));
+                        continue;
+                    }
+                    return Err(KickOffError {
+                        param: "_type".into(),
+                        reason,
+                    }
+                    .into());
+                }
+                if !(input.can_read)(t) {
+                    return Err(PlanError::Forbidden(t.clone()));
+                }
+                types.push(t.clone());
+            }
+            types
+        }
+        None => R4_RESOURCE_TYPES
+            .iter()
+            .filter(|t| !NOT_EXPORTABLE.contains(t))
+            .filter(|t| !patient_level || compartment_param(t).is_some())
+            .filter(|t| supported(t) && (input.can_read)(t))
+            .map(|t| (*t).to_owned())
+            .collect(),
+    };
+
+    let batches = if patient_level {
+        batch_ids(input.patients, input.batch_size, input.max_ids_bytes)
+    } else {
+        Vec::new()
+    };
+    for t in &types {
+        let filters: Vec<&str> = k
+            .type_filters
+            .iter()
+            .filter(|(ft, _)| ft == t)
+            .map(|(_, q)| q.as_str())
+            .collect();
+        let filters = if filters.is_empty() {
+            vec![""]
+        } else {
+            filters
+        };
+        for filter in filters {
+            let and_filter = if filter.is_empty() {
+                String::new()
+            } else {
+                format!("&{filter}")
+            };
+            if patient_level {
+                let param = compartment_param(t).unwrap_or("patient");
+                for batch in &batches {
+                    out.searches
+                        .push((t.clone(), format!("{t}?{param}={batch}{and_filter}")));
+                }
+            } else if filter.is_empty() {
+                out.searches.push((t.clone(), t.clone()));
+            } else {
+                out.searches.push((t.clone(), format!("{t}?{filter}")));
+            }
+        }
+    }
+    out.types = types;
+    Ok(out)
+}
+
+/// Patient ids joined into comma lists of at most `size` ids and `max_bytes` bytes.
+pub fn batch_ids(ids: &[String], size: usize, max_bytes: usize) -> Vec<String> {
+    let mut batches = Vec::new();
+    let mut current = String::new();
+    let mut count = 0;
+    for id in ids {
+        if count > 0 && (count == size || current.len() + 1 + id.len() > max_bytes) {
+            batches.push(std::mem::take(&mut current));
+            count = 0;
+        }
+        if count > 0 {
+            current.push(',');
+        }
+        current.push_str(id);
+        count += 1;
+    }
+    if count > 0 {
+        batches.push(current);
+    }
+    batches
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn input<'a>(
+        level: &'a Level,
+        kickoff: &'a KickOff,
+        patients: &'a [String],
+        can_read: &'a dyn Fn(&str) -> bool,
+    ) -> PlanInput<'a> {
+        PlanInput {
+            level,
+            kickoff,
+            can_read,
+            upstream_types: None,
+            patients,
+            batch_size: 2,
+            max_ids_bytes: 1000,
+        }
+    }
+
+    fn ids(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("p{i}")).collect()
+    }
+
+    #[test]
+    fn group_level_batches_patients_per_type() {
+        let kickoff = KickOff {
+            types: Some(vec!["Patient".into(), "Observation".into()]),
+            ..KickOff::default()
+        };
+        let patients = ids(5);
+        let all = |_: &str| true;
+        let p = plan(&input(&Level::Group("g".into()), &kickoff, &patients, &all)).unwrap();
+        assert_eq!(p.searches.len(), 2 * 3, "types × ⌈5/2⌉");
+        assert_eq!(
+            p.searches[0],
+            ("Patient".into(), "Patient?_id=p0,p1".into())
+        );
+        assert_eq!(
+            p.searches[5],
+            ("Observation".into(), "Observation?patient=p4".into())
+        );
+    }
+
+    #[test]
+    fn types_are_limited_by_scopes_upstream_and_compartment() {
+        let kickoff = KickOff::default();
+        let only_obs = |t: &str| t == "Observation" || t == "Practitioner";
+        let upstream = vec![
+            "Observation".to_owned(),
+            "Practitioner".to_owned(),
+            "Patient".to_owned(),
+        ];
+        let patients = ids(1);
+        let mut i = input(&Level::Patient, &kickoff, &patients, &only_obs);
+        i.upstream_types = Some(&upstream);
+        assert_eq!(
+            plan(&i).unwrap().types,
+            ["Observation"],
+            "Practitioner is outside the compartment"
+        );
+        let mut i = input(&Level::System, &kickoff, &patients, &only_obs);
+        i.upstream_types = Some(&upstream);
+        assert_eq!(plan(&i).unwrap().types, ["Observation", "Practitioner"]);
+    }
+
+    #[test]
+    fn requested_types_outside_scope_are_forbidden_and_unsupported_ones_rejected() {
+        let none = |_: &str| false;
+        let kickoff = KickOff {
+            types: Some(vec!["Patient".into()]),
+            ..KickOff::default()
+        };
+        assert!(matches!(
+            plan(&input(&Level::System, &kickoff, &[], &none)),
+            Err(PlanError::Forbidden(_))
+        ));
+        let all = |_: &str| true;
+        let kickoff = KickOff {
+            types: Some(vec!["Practitioner".into()]),
+            ..KickOff::default()
+        };
+        assert!(matches!(
+            plan(&input(&Level::Patient, &kickoff, &[], &all)),
+            Err(PlanError::Invalid(_))
+        ));
+        let lenient = KickOff {
+            lenient: true,
+            ..kickoff
+        };
+        let p = plan(&input(&Level::Patient, &lenient, &[], &all)).unwrap();
+        assert!(p.types.is_empty() && p.warnings.len() == 1);
+    }
+
+    #[test]
+    fn each_type_filter_is_a_search() {
+        let kickoff = KickOff {
+            types: Some(vec!["Observation".into(), "Condition".into()]),
+            type_filters: vec![
+                ("Observation".into(), "code=1".into()),
+                ("Observation".into(), "category=lab".into()),
+            ],
+            ..KickOff::default()
+        };
+        let all = |_: &str| true;
+        let p = plan(&input(&Level::System, &kickoff, &[], &all)).unwrap();
+        assert_eq!(
+            p.searches,
+            [
+                ("Observation".to_owned(), "Observation?code=1".to_owned()),
+                (
+                    "Observation".to_owned(),
+                    "Observation?category=lab".to_owned()
+                ),
+                ("Condition".to_owned(), "Condition".to_owned()),
+            ]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn batches_keep_every_id_once_within_bounds(n in 0usize..300, size in 1usize..60, max in 20usize..400) {
+            let ids: Vec<String> = (0..n).map(|i| format!("id-{i}")).collect();
+            let batches = batch_ids(&ids, size, max);
+            let rejoined: Vec<String> = batches.iter().flat_map(|b| b.split(',').map(str::to_owned)).collect();
+            prop_assert_eq!(rejoined, ids);
+            for b in &batches {
+                prop_assert!(b.split(',').count() <= size);
+                prop_assert!(b.len() <= max || b.split(',').count() == 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,580 @@
+//! Export workers: claim units, page through the upstream with a checkpoint after each page, and
+//! finalise jobs. Also the sweeper that deletes expired jobs and their files.
+//!
+//! Exactness (DESIGN "Exact output"): a checkpoint (next link, committed file sizes, the last
+//! `meta.lastUpdated` and the ids written with it) is saved only after the page's lines are durable;
+//! a resumed unit truncates its files to the checkpoint and carries on from the saved `next` link.
+//! When that link has expired, the unit re-queries with `_lastUpdated=ge{last}` (the searches are
+//! sorted by `_lastUpdated`) and skips the ids it already wrote with that timestamp — or, when it
+//! could not track them, starts the unit again from scratch on empty files.
+
+use std::collections::HashSet;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use super::ndjson::{Line, issue_json, read_page};
+use super::pager::{FetchError, Pager};
+use super::writer::UnitWriter;
+use crate::config::ExportConfig;
+use crate::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, now_unix};
+use crate::storage::Storage;
+use crate::store::JobStore;
+
+/// Ids tracked at the last `meta.lastUpdated`; past this a unit restarts from scratch when its
+/// cursor expires (bounded checkpoints even when an upstream stamps everything alike).
+const MAX_TRACKED_IDS: usize = 5_000;
+/// Expired cursors tolerated per unit before it fails (an upstream that expires every cursor).
+const MAX_EXPIRIES: u32 = 20;
+/// Name of a job's error file.
+pub const ERROR_FILE: &str = "errors.ndjson";
+
+pub struct Exporter {
+    pub store: Arc<dyn JobStore>,
+    pub storage: Storage,
+    pub pager: Pager,
+    config: ExportConfig,
+    process_id: String,
+    wake: Notify,
+}
+
+impl Exporter {
+    pub fn new(
+        store: Arc<dyn JobStore>,
+        storage: Storage,
+        pager: Pager,
+        config: ExportConfig,
+    ) -> Self {
+        Self {
+            store,
+            storage,
+            pager,
+            config,
+            process_id: uuid::Uuid::new_v4().to_string(),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Wakes idle workers (a job was just created).
+    pub fn wake(&self) {
+        self.wake.notify_waiters();
+    }
+
+    /// Starts `export.workers` workers and the sweeper; they stop when `shutdown` is cancelled,
+    /// releasing the units they hold so another replica carries on at once.
+    pub fn spawn(
+        self: &Arc<Self>,
+        shutdown: CancellationToken,
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut handles: Vec<_> = (0..self.config.workers)
+            .map(|slot| {
+                let this = self.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { this.work(slot, shutdown).await })
+            })
+            .collect();
+        let this = self.clone();
+        handles.push(tokio::spawn(
+            async move { this.sweep_forever(shutdown).await },
+        ));
+        handles
+    }
+
+    async fn work(&self, slot: usize, shutdown: CancellationToken) {
+        let worker = format!("{}-{slot}", self.process_id);
+        while !shutdown.is_cancelled() {
+            let now = now_unix();
+            match self
+                .store
+                .claim_unit(&worker, now, now + self.config.lease_secs)
+                .await
+            {
+                Ok(Some(unit)) => {
+                    let span = tracing::info_span!("unit", job = %unit.job_id, unit = unit.index, r#type = %unit.resource_type);
+                    tracing::Instrument::instrument(self.run_unit(unit, &worker, &shutdown), span)
+                        .await;
+                }
+                Ok(None) => {
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot claim work; retrying");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_unit(&self, mut unit: Unit, worker: &str, shutdown: &CancellationToken) {
+        let job = match self.store.get_job(&unit.job_id).await {
+            Ok(Some(job)) if job.state == JobState::Running => job,
+            Ok(_) => return self.discard_unit_files(&unit).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the job; leaving the unit to its lease");
+                return;
+            }
+        };
+        let upper = upper_bound(&job);
+        let prefix = format!("{}.u{}", unit.resource_type, unit.index);
+        let mut writer = UnitWriter::new(
+            &self.storage,
+            &job.id,
+            prefix,
+            &unit.resource_type,
+            self.config.max_file_bytes,
+            self.config.max_file_resources,
+        );
+        let mut expiries = 0;
+        loop {
+            if shutdown.is_cancelled() {
+                let _ = self.store.release_unit(&unit, worker).await;
+                return;
+            }
+            let cp = &unit.checkpoint;
+            let (url, is_next) = match (&cp.next, cp.pages) {
+                (Some(next), _) => (next.clone(), true),
+                (None, 0) => {
+                    let lower = job.since.as_deref().map(|s| ("gt", s));
+                    (self.pager.search_url(&unit.search, lower, &upper), false)
+                }
+                (None, _) => break,
+            };
+            let body = match self.pager.fetch(&url, is_next).await {
+                Ok(body) => body,
+                Err(FetchError::Expired(status)) if expiries < MAX_EXPIRIES => {
+                    expiries += 1;
+                    tracing::info!(%status, "upstream cursor expired; resuming with a bounded query");
+                    self.requery(&mut unit, &job, &upper).await;
+                    continue;
+                }
+                Err(e) => {
+                    unit.state = UnitState::Failed;
+                    unit.error = Some(format!("search {} failed: {e}", unit.search));
+                    break;
+                }
+            };
+            let content = match read_page(&body, &unit.resource_type, &job.elements) {
+                Ok(content) => content,
+                Err(e) => {
+                    unit.state = UnitState::Failed;
+                    unit.error = Some(format!("search {} failed: {e}", unit.search));
+                    break;
+                }
+            };
+            let lines = skip_already_written(content.lines, &unit.checkpoint);
+            if let Err(e) = writer.write(&mut unit.checkpoint.files, &lines).await {
+                // A storage failure is not the unit's fault: leave it to another attempt.
+                tracing::error!(error = %e, "cannot write export files; releasing the unit");
+                let _ = self.store.release_unit(&unit, worker).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return;
+            }
+            let cp = &mut unit.checkpoint;
+            track_last_updated(cp, &lines);
+            cp.issues.extend(content.issues);
+            cp.next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
+            cp.pages += 1;
+            unit.lease_until = now_unix() + self.config.lease_secs;
+            match self.store.save_unit(&unit, worker).await {
+                Ok(true) => {}
+                Ok(false) => return self.lost(&unit).await,
+                Err(e) => {
+                    // Redis unreachable and the like: the lease will lapse and the unit resume
+                    // from its last saved checkpoint (this page is then written again).
+                    tracing::warn!(error = %e, "cannot save the checkpoint; stopping this unit");
+                    return;
+                }
+            }
+        }
+        if unit.state != UnitState::Failed {
+            unit.state = UnitState::Done;
+        }
+        match self.store.finish_unit(&unit, worker).await {
+            Ok(Some(0)) => self.finalize(&unit.job_id).await,
+            Ok(Some(_)) => {}
+            Ok(None) => self.lost(&unit).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot record the finished unit; it will be resumed")
+            }
+        }
+    }
+
+    /// The unit's next query after an expired cursor.
+    async fn requery(&self, unit: &mut Unit, job: &Job, upper: &str) {
+        let cp = &mut unit.checkpoint;
+        match cp.last_updated.clone() {
+            Some(last) => {
+                cp.next = Some(
+                    self.pager
+                        .search_url(&unit.search, Some(("ge", &last)), upper),
+                );
+            }
+            None => {
+                // Nothing identifies where the unit was: start again on empty files.
+                for file in &cp.files {
+                    let _ = self.storage.remove(&job.id, &file.name).await;
+                }
+                *cp = Checkpoint::default();
+            }
+        }
+    }
+
+    /// The lease was lost: another worker has the unit, or the job was deleted.
+    async fn lost(&self, unit: &Unit) {
+        match self.store.get_job(&unit.job_id).await {
+            Ok(None) => self.discard_unit_files(unit).await,
+            _ => tracing::info!("lease lost; another worker carries on"),
+        }
+    }
+
+    async fn discard_unit_files(&self, unit: &Unit) {
+        for file in &unit.checkpoint.files {
+            let _ = self.storage.remove(&unit.job_id, &file.name).await;
+        }
+        if self
+            .store
+            .get_job(&unit.job_id)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+        {
+            let _ = self.storage.delete_job(&unit.job_id).await;
+        }
+    }
+
+    /// Builds the manifest's files once every unit is finished.
+    pub async fn finalize(&self, job_id: &str) {
+        let (mut job, units) = match (
+            self.store.get_job(job_id).await,
+            self.store.units(job_id).await,
+        ) {
+            (Ok(Some(job)), Ok(units)) => (job, units),
+            (Ok(None), _) => return,
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::error!(job = job_id, error = %e, "cannot finalise the job now");
+                return;
+            }
+        };
+        match self.assemble(&job, &units).await {
+            Ok((output, errors)) => {
+                let failed: Vec<&Unit> = units
+                    .iter()
+                    .filter(|u| u.state == UnitState::Failed)
+                    .collect();
+                if output.is_empty() && !units.is_empty() && failed.len() == units.len() {
+                    job.state = JobState::Failed;
+                    job.error = failed[0].error.clone();
+                } else {
+                    job.state = JobState::Completed;
+                }
+                job.output = output;
+                job.error_files = errors;
+            }
+            Err(e) => {
+                job.state = JobState::Failed;
+                job.error = Some(format!("cannot assemble the export files: {e}"));
+            }
+        }
+        let now = now_unix();
+        job.completed_at = Some(now);
+        job.expires_at = Some(now + self.config.job_ttl_secs);
+        job.units_done = units.len() as u32;
+        job.resources_written = job.output.iter().map(|f| f.count).sum();
+        match self.store.put_job(&job).await {
+            Ok(true) => {
+                tracing::info!(job = job_id, state = ?job.state, resources = job.resources_written, "export finished")
+            }
+            Ok(false) => {
+                let _ = self.storage.delete_job(job_id).await;
+            }
+            Err(e) => tracing::error!(job = job_id, error = %e, "cannot record the finished job"),
+        }
+    }
+
+    /// Output files per type (deduplicated where several searches fed one type) and the error file.
+    async fn assemble(
+        &self,
+        job: &Job,
+        units: &[Unit],
+    ) -> Result<(Vec<OutputFile>, Vec<OutputFile>), crate::storage::StorageError> {
+        let mut output = Vec::new();
+        for t in &job.types {
+            let of_type: Vec<&Unit> = units.iter().filter(|u| &u.resource_type == t).collect();
+            let files: Vec<OutputFile> = of_type
+                .iter()
+                .flat_map(|u| u.checkpoint.files.iter().filter(|f| f.count > 0).cloned())
+                .collect();
+            if of_type.len() <= 1 {
+                output.extend(files);
+            } else {
+                output.extend(self.merge_unique(job, t, &files).await?);
+            }
+        }
+        let mut issues: Vec<String> = job.warnings.iter().map(|w| warning_json(w)).collect();
+        for unit in units {
+            issues.extend(unit.checkpoint.issues.iter().cloned());
+            if let Some(error) = &unit.error {
+                issues.push(issue_json(error));
+            }
+        }
+        let mut errors = Vec::new();
+        if !issues.is_empty() {
+            let lines: Vec<Line> = issues
+                .into_iter()
+                .map(|i| Line {
+                    id: None,
+                    last_updated: None,
+                    bytes: format!("{i}\n").into_bytes(),
+                })
+                .collect();
+            let mut writer = UnitWriter::new(
+                &self.storage,
+                &job.id,
+                "errors".into(),
+                "OperationOutcome",
+                u64::MAX,
+                u64::MAX,
+            );
+            let _ = self.storage.remove(&job.id, "errors.0.ndjson").await;
+            writer.write(&mut errors, &lines).await?;
+        }
+        Ok((output, errors))
+    }
+
+    /// Rewrites a type's part files into `{type}.{n}.ndjson` with each resource id once.
+    async fn merge_unique(
+        &self,
+        job: &Job,
+        resource_type: &str,
+        parts: &[OutputFile],
+    ) -> Result<Vec<OutputFile>, crate::storage::StorageError> {
+        let mut seen: HashSet<u128> = HashSet::new();
+        let hasher = IdHasher::new();
+        let mut merged = Vec::new();
+        let mut writer = UnitWriter::new(
+            &self.storage,
+            &job.id,
+            resource_type.to_owned(),
+            resource_type,
+            self.config.max_file_bytes,
+            self.config.max_file_resources,
+        );
+        for part in parts {
+            let path = self.storage.path(&job.id, &part.name)?;
+            let file = tokio::fs::File::open(&path).await.map_err(|source| {
+                crate::storage::StorageError::Io {
+                    path: path.display().to_string(),
+                    source,
+                }
+            })?;
+            let mut reader = BufReader::new(file).lines();
+            let mut batch = Vec::new();
+            while let Ok(Some(line)) = reader.next_line().await {
+                let id = serde_json::from_str::<IdOnly>(&line)
+                    .ok()
+                    .and_then(|r| r.id)
+                    .unwrap_or_default();
+                if id.is_empty() || seen.insert(hasher.hash(&id)) {
+                    batch.push(Line {
+                        id: None,
+                        last_updated: None,
+                        bytes: format!("{line}\n").into_bytes(),
+                    });
+                }
+                if batch.len() >= 1000 {
+                    writer.write(&mut merged, &batch).await?;
+                    batch.clear();
+                }
+            }
+            writer.write(&mut merged, &batch).await?;
+            self.storage.remove(&job.id, &part.name).await?;
+        }
+        Ok(merged)
+    }
+
+    async fn sweep_forever(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                () = shutdown.cancelled() => return,
+            }
+            self.sweep().await;
+        }
+    }
+
+    /// Deletes jobs (and files) past their expiry.
+    pub async fn sweep(&self) {
+        let Ok(ids) = self.store.job_ids().await else {
+            return;
+        };
+        let now = now_unix();
+        for id in ids {
+            if let Ok(Some(job)) = self.store.get_job(&id).await {
+                if job.expires_at.is_some_and(|at| at <= now) {
+                    tracing::info!(job = %id, "export expired; deleting it and its files");
+                    let _ = self.store.delete_job(&id).await;
+                    let _ = self.storage.delete_job(&id).await;
+                }
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct IdOnly {
+    id: Option<String>,
+}
+
+/// 128-bit id hashes (two keyed SipHashes): collisions are negligible at any export size, and
+/// the set costs 16 bytes per resource rather than the id's length.
+struct IdHasher(
+    std::collections::hash_map::RandomState,
+    std::collections::hash_map::RandomState,
+);
+
+impl IdHasher {
+    fn new() -> Self {
+        Self(Default::default(), Default::default())
+    }
+
+    fn hash(&self, id: &str) -> u128 {
+        let one = |state: &std::collections::hash_map::RandomState| state.hash_one(id);
+        (u128::from(one(&self.0)) << 64) | u128::from(one(&self.1))
+    }
+}
+
+/// The searches' upper `_lastUpdated` bound: `transactionTime`, or `_until` when earlier.
+fn upper_bound(job: &Job) -> String {
+    match &job.until {
+        Some(until) if instant(until) < instant(&job.transaction_time) => until.clone(),
+        _ => job.transaction_time.clone(),
+    }
+}
+
+fn instant(text: &str) -> Option<OffsetDateTime> {
+    OffsetDateTime::parse(text, &Rfc3339).ok()
+}
+
+/// Drops lines a resumed unit already wrote (same `lastUpdated` as the checkpoint, known id).
+fn skip_already_written(lines: Vec<Line>, cp: &Checkpoint) -> Vec<Line> {
+    let Some(last) = &cp.last_updated else {
+        return lines;
+    };
+    lines
+        .into_iter()
+        .filter(|line| {
+            !(line.last_updated.as_ref() == Some(last)
+                && line
+                    .id
+                    .as_ref()
+                    .is_some_and(|id| cp.ids_at_last_updated.contains(id)))
+        })
+        .collect()
+}
+
+/// Moves the checkpoint's `lastUpdated` mark past the lines just written.
+fn track_last_updated(cp: &mut Checkpoint, lines: &[Line]) {
+    for line in lines {
+        let (Some(updated), Some(id)) = (&line.last_updated, &line.id) else {
+            continue;
+        };
+        match cp
+            .last_updated
+            .as_ref()
+            .map(|last| (instant(updated), instant(last)))
+        {
+            None if cp.pages > 0 || !cp.ids_at_last_updated.is_empty() => {}
+            Some((Some(new), Some(old))) if new < old => {}
+            Some((Some(new), Some(old))) if new == old => {
+                if cp.ids_at_last_updated.len() >= MAX_TRACKED_IDS {
+                    // Untrackable: fall back to a restart from scratch on expiry.
+                    cp.last_updated = None;
+                    cp.ids_at_last_updated = vec![String::new()];
+                } else {
+                    cp.ids_at_last_updated.push(id.clone());
+                }
+            }
+            _ => {
+                cp.last_updated = Some(updated.clone());
+                cp.ids_at_last_updated = vec![id.clone()];
+            }
+        }
+    }
+}
+
+fn warning_json(diagnostics: &str) -> String {
+    serde_json::json!({
+        "resourceType": "OperationOutcome",
+        "issue": [{ "severity": "warning", "code": "informational", "diagnostics": diagnostics }]
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(id: &str, updated: &str) -> Line {
+        Line {
+            id: Some(id.into()),
+            last_updated: Some(updated.into()),
+            bytes: vec![],
+        }
+    }
+
+    #[test]
+    fn the_last_updated_mark_tracks_ids_at_the_greatest_instant() {
+        let mut cp = Checkpoint::default();
+        track_last_updated(
+            &mut cp,
+            &[
+                line("a", "2024-01-01T00:00:00Z"),
+                line("b", "2024-01-02T00:00:00Z"),
+                line("c", "2024-01-02T00:00:00Z"),
+            ],
+        );
+        assert_eq!(cp.last_updated.as_deref(), Some("2024-01-02T00:00:00Z"));
+        assert_eq!(cp.ids_at_last_updated, ["b", "c"]);
+        let kept = skip_already_written(
+            vec![
+                line("b", "2024-01-02T00:00:00Z"),
+                line("d", "2024-01-02T00:00:00Z"),
+                line("e", "2024-01-03T00:00:00Z"),
+            ],
+            &cp,
+        );
+        let ids: Vec<_> = kept.iter().map(|l| l.id.clone().unwrap()).collect();
+        assert_eq!(ids, ["d", "e"]);
+    }
+
+    #[test]
+    fn a_resource_without_last_updated_after_tracking_started_stops_nothing() {
+        let mut cp = Checkpoint::default();
+        track_last_updated(&mut cp, &[line("a", "2024-01-01T00:00:00Z")]);
+        let mut no_meta = line("z", "");
+        no_meta.last_updated = None;
+        track_last_updated(&mut cp, &[no_meta]);
+        assert_eq!(cp.ids_at_last_updated, ["a"]);
+    }
+
+    #[test]
+    fn id_hashes_differ() {
+        let h = IdHasher::new();
+        assert_ne!(h.hash("a"), h.hash("b"));
+        assert_eq!(h.hash("a"), h.hash("a"));
+    }
+}

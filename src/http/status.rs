@@ -1,0 +1,172 @@
+//! Status and cancel: `GET|DELETE {base}/$export-status/{id}` (SPEC A6, A7, A8).
+//!
+//! A job belongs to the client that started it; any other client gets 404, as for a job that does
+//! not exist. The first poll is always 202 (BDT); polling faster than half the `Retry-After` told
+//! answers 429. A completed job answers its manifest (`application/json`, `Expires`).
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::auth::Grant;
+use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
+use crate::job::{Job, JobState, OutputFile, UnitState};
+
+/// How long the "first poll" marker is kept (longer than any job lives).
+const FIRST_POLL_MARK_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// The job, if it exists and belongs to the token's client.
+pub async fn owned_job(app: &AppState, grant: &Grant, id: &str) -> Result<Job, ApiError> {
+    let not_found = || ApiError::NotFound(format!("no export job {id}"));
+    if id.len() > 64 {
+        return Err(not_found());
+    }
+    match app.store.get_job(id).await? {
+        Some(job) if job.client_id == grant.client_id => Ok(job),
+        _ => Err(not_found()),
+    }
+}
+
+pub async fn get(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let grant = app.auth.authorize(&headers)?;
+    let job = owned_job(&app, &grant, &id).await?;
+    if let Some(t) = job.types.iter().find(|t| !grant.scopes.can_read(t)) {
+        return Err(ApiError::Forbidden(format!(
+            "the access token's scopes no longer cover {t}"
+        )));
+    }
+    let retry_after = app.config.export.poll_retry_after_secs;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    if !app
+        .store
+        .record_poll(&job.id, now_ms, retry_after * 1000 / 2)
+        .await?
+    {
+        return Err(ApiError::TooManyRequests {
+            retry_after,
+            message: format!("polling too fast: wait {retry_after} s between status requests"),
+        });
+    }
+    let first_poll = app
+        .store
+        .record_poll(&format!("{}:first", job.id), now_ms, FIRST_POLL_MARK_MS)
+        .await?;
+
+    match job.state {
+        JobState::Running => in_progress(&app, &job, retry_after).await,
+        _ if first_poll => in_progress(&app, &job, 1).await,
+        JobState::Completed => Ok(manifest_response(&app, &headers, &job)),
+        JobState::Failed => Err(ApiError::Internal(format!(
+            "export {} failed: {}",
+            job.id,
+            job.error.as_deref().unwrap_or("unknown error")
+        ))),
+    }
+}
+
+async fn in_progress(app: &AppState, job: &Job, retry_after: u64) -> Result<Response, ApiError> {
+    let units = app.store.units(&job.id).await?;
+    let done = units
+        .iter()
+        .filter(|u| matches!(u.state, UnitState::Done | UnitState::Failed))
+        .count();
+    let resources: u64 = units
+        .iter()
+        .flat_map(|u| u.checkpoint.files.iter())
+        .map(|f| f.count)
+        .sum();
+    let progress = format!(
+        "{done} of {} searches done, {resources} resources",
+        units.len()
+    );
+    let mut response = StatusCode::ACCEPTED.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    if let Ok(value) = HeaderValue::from_str(&progress) {
+        headers.insert("x-progress", value);
+    }
+    Ok(response)
+}
+
+fn manifest_response(app: &AppState, headers: &HeaderMap, job: &Job) -> Response {
+    let base = app.public_base(headers);
+    let item = |f: &OutputFile| -> Value {
+        json!({
+            "type": f.resource_type,
+            "url": format!("{base}/$export-file/{}/{}", job.id, f.name),
+            "count": f.count,
+        })
+    };
+    let manifest = json!({
+        "transactionTime": job.transaction_time,
+        "request": job.request,
+        "requiresAccessToken": true,
+        "output": job.output.iter().map(item).collect::<Vec<_>>(),
+        "deleted": [],
+        "error": job.error_files.iter().map(item).collect::<Vec<_>>(),
+    });
+    let mut response = (StatusCode::OK, manifest.to_string()).into_response();
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if let Some(expires) = job.expires_at.and_then(http_date) {
+        if let Ok(value) = HeaderValue::from_str(&expires) {
+            h.insert(header::EXPIRES, value);
+        }
+    }
+    response
+}
+
+/// An HTTP-date (RFC 9110 §5.6.7) for Unix seconds.
+pub fn http_date(unix: u64) -> Option<String> {
+    let at = time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).ok()?).ok()?;
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    at.format(&format).ok()
+}
+
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let grant = app.auth.authorize(&headers)?;
+    let job = owned_job(&app, &grant, &id).await?;
+    // The job record goes first: workers notice at their next checkpoint and stop.
+    app.store.delete_job(&job.id).await?;
+    app.storage.delete_job(&job.id).await?;
+    tracing::info!(job = %job.id, "export deleted");
+    let outcome = OperationOutcome {
+        severity: IssueSeverity::Information,
+        code: "informational",
+        diagnostics: format!("export {} deleted", job.id),
+    };
+    let mut response = (StatusCode::ACCEPTED, outcome.to_json().to_string()).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
+    Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn http_dates_are_imf_fixdate() {
+        assert_eq!(
+            super::http_date(784_111_777).unwrap(),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
+    }
+}

@@ -1,0 +1,491 @@
+//! A small in-memory FHIR R4 server: the upstream of the one-command demo, of the export tests and
+//! of the benchmarks. It is not a product feature and does not pretend to be a complete FHIR
+//! server; it implements exactly the search behaviour an export needs, the way real servers do:
+//!
+//! - `GET {base}/metadata`: a CapabilityStatement listing the types it holds;
+//! - `GET {base}/{Type}/{id}`: read;
+//! - `GET {base}/{Type}?...`: searchset pages with `next` links (`_count`, stateless `_offset`
+//!   cursors); `_id`; the patient parameters `patient`, `subject`, `member`, `actor` (a resource
+//!   matches when it references one of the patients anywhere); `_lastUpdated` with `gt|ge|lt|le|eq`
+//!   (repeatable, AND); `_sort=_lastUpdated`; `_elements` is accepted and ignored (servers may);
+//!   any other parameter matches a top-level string field or a `coding.code` inside that field.
+//!
+//! Fault injection for tests: [`Faults`] makes chosen requests fail (500 or 429 with
+//! `Retry-After`), expires `next` links (410), or adds latency. Every search is counted.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+
+/// One stored resource.
+struct Stored {
+    id: String,
+    /// `meta.lastUpdated`, parsed: the search order and the `_lastUpdated` comparisons use it.
+    at: time::OffsetDateTime,
+    /// Ids of every Patient the resource references.
+    patients: Vec<String>,
+    json: Value,
+}
+
+/// Failures to inject, each counted down atomically.
+#[derive(Default)]
+pub struct Faults {
+    /// The next N searches of any type answer 500.
+    pub fail_searches: AtomicU64,
+    /// The next N searches answer 429 with `Retry-After: 1`.
+    pub throttle_searches: AtomicU64,
+    /// The next N requests on `next` links answer 410 Gone (an expired cursor).
+    pub expire_next_links: AtomicU64,
+    /// Searches of this type always answer 500 (a permanent failure).
+    pub broken_type: std::sync::Mutex<Option<String>>,
+    /// Added to every search, milliseconds.
+    pub latency_ms: AtomicU64,
+}
+
+/// Counters readable by tests and benchmarks.
+#[derive(Default)]
+pub struct Counters {
+    /// Searches (first pages) received.
+    pub searches: AtomicU64,
+    /// Pages served (first and following).
+    pub pages: AtomicU64,
+}
+
+struct Inner {
+    base: String,
+    types: HashMap<String, Vec<Stored>>,
+    faults: Arc<Faults>,
+    counters: Arc<Counters>,
+}
+
+/// An in-memory FHIR server under construction.
+pub struct MemoryFhir {
+    base: String,
+    types: HashMap<String, Vec<Stored>>,
+    clock: u64,
+}
+
+/// A running [`MemoryFhir`].
+pub struct RunningFhir {
+    pub addr: std::net::SocketAddr,
+    base: String,
+    pub faults: Arc<Faults>,
+    pub counters: Arc<Counters>,
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryFhir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MemoryFhir {
+    pub fn new() -> Self {
+        Self {
+            base: "/fhir".into(),
+            types: HashMap::new(),
+            clock: 0,
+        }
+    }
+
+    /// The FHIR base path (default `/fhir`; `""` for the root).
+    pub fn base(mut self, base: &str) -> Self {
+        self.base = base.trim_end_matches('/').into();
+        self
+    }
+
+    /// Loads every `*.ndjson` file of a directory (bulk-export layout: one type per file).
+    pub fn load_dir(mut self, dir: &Path) -> std::io::Result<Self> {
+        let mut paths: Vec<_> = std::fs::read_dir(dir)?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "ndjson"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let text = std::fs::read_to_string(&path)?;
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                let value: Value = serde_json::from_str(line).map_err(|e| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: {e}", path.display()),
+                    )
+                })?;
+                self.insert(value);
+            }
+        }
+        Ok(self)
+    }
+
+    /// Adds a resource; `meta.lastUpdated` is kept when present, otherwise stamped (one
+    /// millisecond apart, in insertion order, as a server loading them would).
+    pub fn insert(&mut self, mut value: Value) {
+        let Some(resource_type) = value["resourceType"].as_str().map(str::to_owned) else {
+            return;
+        };
+        let Some(id) = value["id"].as_str().map(str::to_owned) else {
+            return;
+        };
+        let last_updated = match value["meta"]["lastUpdated"].as_str() {
+            Some(stamp) => stamp.to_owned(),
+            None => {
+                self.clock += 1;
+                let stamp = stamp(self.clock);
+                if !value["meta"].is_object() {
+                    value["meta"] = json!({});
+                }
+                value["meta"]["lastUpdated"] = json!(stamp);
+                stamp
+            }
+        };
+        let mut patients = Vec::new();
+        collect_patient_refs(&value, &mut patients);
+        if resource_type == "Patient" {
+            patients.push(id.clone());
+        }
+        patients.sort();
+        patients.dedup();
+        let at = time::OffsetDateTime::parse(
+            &last_updated,
+            &time::format_description::well_known::Rfc3339,
+        )
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+        self.types.entry(resource_type).or_default().push(Stored {
+            id,
+            at,
+            patients,
+            json: value,
+        });
+    }
+
+    /// Synthetic data: `patients` patients with `per_patient` Observations each (for benchmarks).
+    pub fn synthetic(mut self, patients: usize, per_patient: usize) -> Self {
+        for p in 0..patients {
+            let pid = format!("pat-{p}");
+            self.insert(json!({"resourceType": "Patient", "id": pid, "gender": if p % 2 == 0 { "female" } else { "male" }, "birthDate": "1970-01-01"}));
+            for o in 0..per_patient {
+                self.insert(json!({
+                    "resourceType": "Observation", "id": format!("obs-{p}-{o}"), "status": "final",
+                    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4", "display": "Heart rate"}]},
+                    "subject": {"reference": format!("Patient/{pid}")},
+                    "effectiveDateTime": "2020-01-01T00:00:00Z",
+                    "valueQuantity": {"value": 60 + (o % 40), "unit": "/min", "system": "http://unitsofmeasure.org", "code": "/min"}
+                }));
+            }
+        }
+        self
+    }
+
+    /// How many resources of a type it holds.
+    pub fn count(&self, resource_type: &str) -> usize {
+        self.types.get(resource_type).map_or(0, Vec::len)
+    }
+
+    /// Serves on `listener` in a background task.
+    pub fn serve(self, listener: tokio::net::TcpListener) -> std::io::Result<RunningFhir> {
+        let addr = listener.local_addr()?;
+        let mut types = self.types;
+        for resources in types.values_mut() {
+            resources.sort_by(|a, b| (a.at, &a.id).cmp(&(b.at, &b.id)));
+        }
+        let inner = Arc::new(Inner {
+            base: self.base.clone(),
+            types,
+            faults: Arc::new(Faults::default()),
+            counters: Arc::new(Counters::default()),
+        });
+        let app = Router::new().fallback(handle).with_state(inner.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Ok(RunningFhir {
+            addr,
+            base: self.base,
+            faults: inner.faults.clone(),
+            counters: inner.counters.clone(),
+            inner,
+        })
+    }
+
+    /// Serves on a new `127.0.0.1` port.
+    pub async fn start(self) -> std::io::Result<RunningFhir> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        self.serve(listener)
+    }
+}
+
+impl RunningFhir {
+    /// The FHIR base URL.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.addr, self.base)
+    }
+
+    /// Ids of every resource of a type.
+    pub fn ids(&self, resource_type: &str) -> Vec<String> {
+        self.inner
+            .types
+            .get(resource_type)
+            .map_or_else(Vec::new, |r| r.iter().map(|s| s.id.clone()).collect())
+    }
+
+    /// Ids of the resources of a type that reference one of `patients` (the compartment).
+    pub fn ids_for_patients(&self, resource_type: &str, patients: &[String]) -> Vec<String> {
+        self.inner
+            .types
+            .get(resource_type)
+            .map_or_else(Vec::new, |r| {
+                r.iter()
+                    .filter(|s| s.patients.iter().any(|p| patients.contains(p)))
+                    .map(|s| s.id.clone())
+                    .collect()
+            })
+    }
+
+    /// Every type it holds.
+    pub fn types(&self) -> Vec<String> {
+        let mut types: Vec<String> = self.inner.types.keys().cloned().collect();
+        types.sort();
+        types
+    }
+}
+
+fn stamp(ms: u64) -> String {
+    let base = time::macros::datetime!(2024-01-01 00:00:00 UTC);
+    let at = base + Duration::from_millis(ms);
+    at.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn collect_patient_refs(value: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            for (key, child) in map {
+                if key == "reference" {
+                    if let Some(id) = child
+                        .as_str()
+                        .and_then(|r| r.rsplit_once("Patient/"))
+                        .map(|(_, id)| id)
+                    {
+                        out.push(id.to_owned());
+                    }
+                } else {
+                    collect_patient_refs(child, out);
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|i| collect_patient_refs(i, out)),
+        _ => {}
+    }
+}
+
+fn take(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+fn outcome(status: StatusCode, text: &str) -> Response {
+    let body = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]});
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
+    let path = request.uri().path().to_owned();
+    let query = request.uri().query().unwrap_or("").to_owned();
+    let Some(rest) = path.strip_prefix(&inner.base) else {
+        return outcome(StatusCode::NOT_FOUND, "outside the FHIR base");
+    };
+    let segments: Vec<&str> = rest
+        .trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .collect();
+    match segments.as_slice() {
+        ["metadata"] => capability(&inner),
+        [resource_type, id] => {
+            let found = inner
+                .types
+                .get(*resource_type)
+                .and_then(|r| r.iter().find(|s| s.id == *id));
+            match found {
+                Some(stored) => (
+                    [(header::CONTENT_TYPE, "application/fhir+json")],
+                    stored.json.to_string(),
+                )
+                    .into_response(),
+                None => outcome(
+                    StatusCode::NOT_FOUND,
+                    &format!("{resource_type}/{id} not found"),
+                ),
+            }
+        }
+        [resource_type] => search(&inner, resource_type, &query).await,
+        _ => outcome(StatusCode::NOT_FOUND, "unsupported interaction"),
+    }
+}
+
+fn capability(inner: &Inner) -> Response {
+    let mut types: Vec<&String> = inner.types.keys().collect();
+    types.sort();
+    let resources: Vec<Value> = types
+        .iter()
+        .map(|t| json!({"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}]}))
+        .collect();
+    let body = json!({
+        "resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
+        "fhirVersion": "4.0.1", "format": ["json"],
+        "rest": [{"mode": "server", "resource": resources}]
+    });
+    (
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
+    let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let offset: usize = params
+        .iter()
+        .find(|(k, _)| k == "_offset")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let faults = &inner.faults;
+    let latency = faults.latency_ms.load(Ordering::Relaxed);
+    if latency > 0 {
+        tokio::time::sleep(Duration::from_millis(latency)).await;
+    }
+    if offset > 0 && take(&faults.expire_next_links) {
+        return outcome(StatusCode::GONE, "the paging cursor has expired");
+    }
+    if faults
+        .broken_type
+        .lock()
+        .map(|b| b.as_deref() == Some(resource_type))
+        .unwrap_or(false)
+    {
+        return outcome(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &format!("{resource_type} searches are broken"),
+        );
+    }
+    if take(&faults.fail_searches) {
+        return outcome(StatusCode::INTERNAL_SERVER_ERROR, "transient failure");
+    }
+    if take(&faults.throttle_searches) {
+        let mut response = outcome(StatusCode::TOO_MANY_REQUESTS, "slow down");
+        response.headers_mut().insert(header::RETRY_AFTER, 1.into());
+        return response;
+    }
+    if offset == 0 {
+        inner.counters.searches.fetch_add(1, Ordering::Relaxed);
+    }
+    inner.counters.pages.fetch_add(1, Ordering::Relaxed);
+
+    let count: usize = params
+        .iter()
+        .find(|(k, _)| k == "_count")
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(50)
+        .clamp(1, 5000);
+    let empty = Vec::new();
+    let all = inner.types.get(resource_type).unwrap_or(&empty);
+    let mut matches: Vec<&Stored> = Vec::new();
+    for stored in all {
+        match matches_all(stored, &params) {
+            Ok(true) => matches.push(stored),
+            Ok(false) => {}
+            Err(problem) => return outcome(StatusCode::BAD_REQUEST, &problem),
+        }
+    }
+    // Stored sorted by (lastUpdated, id) already: `_sort=_lastUpdated` and the default agree.
+    let page: Vec<Value> = matches
+        .iter()
+        .skip(offset)
+        .take(count)
+        .map(|s| json!({"fullUrl": format!("{}/{}", resource_type, s.id), "resource": s.json, "search": {"mode": "match"}}))
+        .collect();
+    let mut links = vec![json!({"relation": "self", "url": format!("{resource_type}?{query}")})];
+    if offset + count < matches.len() {
+        let kept: String = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(params.iter().filter(|(k, _)| k != "_offset"))
+            .append_pair("_offset", &(offset + count).to_string())
+            .finish();
+        links.push(
+            json!({"relation": "next", "url": format!("{}/{resource_type}?{kept}", inner.base)}),
+        );
+    }
+    let body = json!({"resourceType": "Bundle", "type": "searchset", "total": matches.len(), "link": links, "entry": page});
+    (
+        [(header::CONTENT_TYPE, "application/fhir+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn matches_all(stored: &Stored, params: &[(String, String)]) -> Result<bool, String> {
+    for (key, value) in params {
+        let ok = match key.as_str() {
+            "_count" | "_offset" | "_sort" | "_elements" | "_format" | "_total" => true,
+            "_id" => value.split(',').any(|id| id == stored.id),
+            "patient" | "subject" | "member" | "actor" => value
+                .split(',')
+                .map(|p| p.rsplit_once("Patient/").map_or(p, |(_, id)| id))
+                .any(|p| stored.patients.iter().any(|sp| sp == p)),
+            "_lastUpdated" => {
+                let (prefix, instant) = value.split_at(value.len().min(2));
+                let (op, instant) = if prefix.chars().all(|c| c.is_ascii_alphabetic()) {
+                    (prefix, instant)
+                } else {
+                    ("eq", value.as_str())
+                };
+                let bound = time::OffsetDateTime::parse(
+                    instant,
+                    &time::format_description::well_known::Rfc3339,
+                )
+                .map_err(|_| format!("invalid _lastUpdated {value}"))?;
+                let at = stored.at;
+                match op {
+                    "gt" => at > bound,
+                    "ge" => at >= bound,
+                    "lt" => at < bound,
+                    "le" => at <= bound,
+                    "eq" => at == bound,
+                    other => return Err(format!("unsupported prefix {other}")),
+                }
+            }
+            name if name.starts_with('_') => return Err(format!("unsupported parameter {name}")),
+            name => field_matches(&stored.json[name], value),
+        };
+        if !ok {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+fn field_matches(field: &Value, wanted: &str) -> bool {
+    match field {
+        Value::String(s) => wanted.split(',').any(|w| w == s),
+        Value::Array(items) => items.iter().any(|i| field_matches(i, wanted)),
+        Value::Object(map) => {
+            map.get("code").is_some_and(|c| field_matches(c, wanted))
+                || map.get("coding").is_some_and(|c| field_matches(c, wanted))
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,981 @@
+//! Bulk export end to end over real sockets: a proxy with the embedded store in front of the
+//! in-memory FHIR server loaded with the 10-patient Synthea fixture (SPEC A5–A9).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fhir_bulk_proxy::config::Config;
+use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::smart::{ClientKey, SmartClient};
+use crate::support::{TestProxy, client, raw_get};
+
+pub const GROUP: &str = "synthea-10";
+
+pub fn fixture_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10")
+}
+
+/// The fixture upstream, a proxy in front of it, a registered client and its token.
+pub struct Setup {
+    pub fhir: RunningFhir,
+    pub proxy: TestProxy,
+    pub client: SmartClient,
+    pub token: String,
+}
+
+impl Setup {
+    pub async fn new(configure: impl FnOnce(&mut Config)) -> Self {
+        let fhir = MemoryFhir::new()
+            .load_dir(&fixture_dir())
+            .unwrap()
+            .start()
+            .await
+            .unwrap();
+        Self::with_upstream(fhir, configure).await
+    }
+
+    pub async fn with_upstream(fhir: RunningFhir, configure: impl FnOnce(&mut Config)) -> Self {
+        let mut config = TestProxy::config(&fhir.url());
+        config.export.page_size = 100;
+        config.export.poll_retry_after_secs = 1;
+        config.export.retry_base_ms = 10;
+        config.export.patient_batch_size = 4;
+        let client = SmartClient::register(&mut config);
+        configure(&mut config);
+        let proxy = TestProxy::start(config).await;
+        let token = client.token(&proxy).await;
+        Self {
+            fhir,
+            proxy,
+            client,
+            token,
+        }
+    }
+
+    /// GET kick-off with the headers the IG asks for.
+    pub async fn kick_off(&self, path_and_query: &str) -> reqwest::Response {
+        client()
+            .get(self.proxy.url(path_and_query))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Kicks off and returns the status URL, asserting 202.
+    pub async fn start(&self, path_and_query: &str) -> String {
+        let response = self.kick_off(path_and_query).await;
+        let status = response.status();
+        let location = response
+            .headers()
+            .get("content-location")
+            .map(|v| v.to_str().unwrap().to_owned());
+        assert_eq!(
+            status,
+            202,
+            "{path_and_query}: {}",
+            response.text().await.unwrap()
+        );
+        location.unwrap()
+    }
+
+    /// Polls (as told by Retry-After) until the manifest arrives.
+    pub async fn manifest(&self, status_url: &str) -> Value {
+        for _ in 0..300 {
+            let response = client()
+                .get(status_url)
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap();
+            match response.status() {
+                StatusCode::ACCEPTED => {
+                    let wait: u64 = response.headers()["retry-after"]
+                        .to_str()
+                        .unwrap()
+                        .parse()
+                        .unwrap();
+                    assert!(wait > 0);
+                    tokio::time::sleep(Duration::from_millis(wait * 1000)).await;
+                }
+                StatusCode::OK => {
+                    assert_eq!(response.headers()["content-type"], "application/json");
+                    assert!(response.headers().contains_key("expires"));
+                    return response.json().await.unwrap();
+                }
+                other => panic!("status {other}: {}", response.text().await.unwrap()),
+            }
+        }
+        panic!("the export did not finish");
+    }
+
+    /// Every resource of the manifest's output, by type.
+    pub async fn download(&self, manifest: &Value) -> BTreeMap<String, Vec<Value>> {
+        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+        for item in manifest["output"].as_array().unwrap() {
+            let url = item["url"].as_str().unwrap();
+            assert!(url.starts_with("http://"), "absolute url");
+            let response = client()
+                .get(url)
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/fhir+ndjson"
+            );
+            let text = response.text().await.unwrap();
+            let lines: Vec<Value> = text
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            assert_eq!(
+                lines.len() as u64,
+                item["count"].as_u64().unwrap(),
+                "count of {url}"
+            );
+            let t = item["type"].as_str().unwrap();
+            assert!(
+                lines.iter().all(|r| r["resourceType"] == t),
+                "one type per file"
+            );
+            out.entry(t.to_owned()).or_default().extend(lines);
+        }
+        out
+    }
+
+    pub async fn export(&self, path_and_query: &str) -> (Value, BTreeMap<String, Vec<Value>>) {
+        let status_url = self.start(path_and_query).await;
+        let manifest = self.manifest(&status_url).await;
+        let files = self.download(&manifest).await;
+        (manifest, files)
+    }
+
+    /// The error file's OperationOutcomes.
+    pub async fn errors(&self, manifest: &Value) -> Vec<Value> {
+        let mut out = Vec::new();
+        for item in manifest["error"].as_array().unwrap() {
+            assert_eq!(item["type"], "OperationOutcome");
+            let text = client()
+                .get(item["url"].as_str().unwrap())
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            out.extend(
+                text.lines()
+                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
+            );
+        }
+        out
+    }
+}
+
+/// Ids per type, asserting none appears twice.
+pub fn ids(files: &BTreeMap<String, Vec<Value>>) -> BTreeMap<String, BTreeSet<String>> {
+    files
+        .iter()
+        .map(|(t, resources)| {
+            let ids: BTreeSet<String> = resources
+                .iter()
+                .map(|r| r["id"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(ids.len(), resources.len(), "an id appears twice in {t}");
+            (t.clone(), ids)
+        })
+        .collect()
+}
+
+/// Asserts equal id sets per type, printing only what differs.
+pub fn assert_same(
+    got: &BTreeMap<String, BTreeSet<String>>,
+    want: &BTreeMap<String, BTreeSet<String>>,
+) {
+    let types = |m: &BTreeMap<String, BTreeSet<String>>| m.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(types(got), types(want), "exported types");
+    for (t, ids) in want {
+        let missing: Vec<_> = ids.difference(&got[t]).take(3).collect();
+        let extra: Vec<_> = got[t].difference(ids).take(3).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{t}: {} exported, {} expected; missing {missing:?}, extra {extra:?}",
+            got[t].len(),
+            ids.len()
+        );
+    }
+}
+
+fn expected(fhir: &RunningFhir, patients: Option<&[String]>) -> BTreeMap<String, BTreeSet<String>> {
+    fhir.types()
+        .into_iter()
+        .map(|t| {
+            let ids = match patients {
+                None => fhir.ids(&t),
+                Some(p) => fhir.ids_for_patients(&t, p),
+            };
+            (t, ids.into_iter().collect::<BTreeSet<_>>())
+        })
+        .filter(|(_, ids)| !ids.is_empty())
+        .collect()
+}
+
+fn group_members() -> Vec<String> {
+    let text = std::fs::read_to_string(fixture_dir().join("Group.ndjson")).unwrap();
+    let group: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    group["member"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            m["entity"]["reference"]
+                .as_str()
+                .unwrap()
+                .trim_start_matches("Patient/")
+                .to_owned()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn system_export_returns_every_resource_exactly_once() {
+    let s = Setup::new(|_| {}).await;
+    let (manifest, files) = s.export("/$export").await;
+    assert_same(&ids(&files), &expected(&s.fhir, None));
+    assert_eq!(manifest["request"], s.proxy.url("/$export").as_str());
+    assert_eq!(manifest["requiresAccessToken"], true);
+    assert!(manifest["transactionTime"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(manifest["error"], json!([]));
+}
+
+#[tokio::test]
+async fn patient_export_returns_the_patient_compartment_exactly() {
+    let s = Setup::new(|_| {}).await;
+    let (_, files) = s.export("/Patient/$export").await;
+    let patients = s.fhir.ids("Patient");
+    let mut want = expected(&s.fhir, Some(&patients));
+    // Outside the Patient compartment: never exported at Patient level.
+    want.remove("Organization");
+    want.remove("Practitioner");
+    assert_same(&ids(&files), &want);
+}
+
+#[tokio::test]
+async fn group_export_holds_exactly_the_groups_patients_with_batched_searches() {
+    let s = Setup::new(|_| {}).await;
+    let before = s.fhir.counters.searches.load(Ordering::SeqCst);
+    let (manifest, files) = s
+        .export(&format!(
+            "/Group/{GROUP}/$export?_type=Patient,Observation,Encounter,Condition"
+        ))
+        .await;
+    let members = group_members();
+    let got = ids(&files);
+    assert_eq!(
+        got["Patient"],
+        members.iter().cloned().collect::<BTreeSet<_>>()
+    );
+    for t in ["Observation", "Encounter", "Condition"] {
+        let want: BTreeSet<String> = s.fhir.ids_for_patients(t, &members).into_iter().collect();
+        assert!(
+            got[t] == want,
+            "{t}: {} exported, {} expected",
+            got[t].len(),
+            want.len()
+        );
+    }
+    // types × ⌈patients / batch⌉ first pages (+ the Group read and patient listing, which are reads).
+    let searches = s.fhir.counters.searches.load(Ordering::SeqCst) - before;
+    assert!(
+        searches <= 4 * members.len().div_ceil(4) as u64,
+        "{searches} searches"
+    );
+    assert!(
+        manifest["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|o| o["count"].as_u64().unwrap() > 0)
+    );
+}
+
+#[tokio::test]
+async fn post_kick_off_with_parameters_and_patient_filter() {
+    let s = Setup::new(|_| {}).await;
+    let members = group_members();
+    let body = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "_type", "valueString": "Patient,Condition"},
+        {"name": "patient", "valueReference": {"reference": format!("Patient/{}", members[0])}},
+    ]});
+    let response = client()
+        .post(s.proxy.url(&format!("/Group/{GROUP}/$export")))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .header("content-type", "application/json")
+        .bearer_auth(&s.token)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let manifest = s.manifest(&status_url).await;
+    let got = ids(&s.download(&manifest).await);
+    assert_eq!(got["Patient"], BTreeSet::from([members[0].clone()]));
+    let want: BTreeSet<String> = s
+        .fhir
+        .ids_for_patients("Condition", &members[..1])
+        .into_iter()
+        .collect();
+    assert_eq!(got.get("Condition").cloned().unwrap_or_default(), want);
+}
+
+#[tokio::test]
+async fn status_is_202_first_then_429_when_polled_too_fast() {
+    let s = Setup::new(|_| {}).await;
+    let status_url = s.start("/$export?_type=Patient").await;
+    let first = client()
+        .get(&status_url)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 202, "the first poll is always 202");
+    let progress = first.headers()["x-progress"].to_str().unwrap().to_owned();
+    assert!(progress.len() < 100, "{progress}");
+    let retry: u64 = first.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    let second = client()
+        .get(&status_url)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 429);
+    assert!(second.headers().contains_key("retry-after"));
+    let body: Value = second.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
+}
+
+#[tokio::test]
+async fn invalid_kick_offs_are_400_with_an_operation_outcome() {
+    let s = Setup::new(|_| {}).await;
+    let cases = [
+        ("/$export?_outputFormat=application/xml", "_outputFormat"),
+        ("/$export?_outputFormat=text/html", "_outputFormat"),
+        ("/$export?_type=MissingType", "_type"),
+        ("/$export?_since=0000-60-01T30:70:80%2B05:00", "_since"),
+        ("/$export?_since=2057-01-01T00:00:00Z", "_since"),
+        (
+            "/$export?_typeFilter=Observation%3F_include%3DObservation:subject",
+            "_typeFilter",
+        ),
+        ("/Patient/$export?_type=Practitioner", "_type"),
+        ("/Group/bad%20id/$export", "Group"),
+    ];
+    for (path, param) in cases {
+        let response = s.kick_off(path).await;
+        let status = response.status();
+        let content_type = response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(content_type, "application/fhir+json");
+        assert_eq!(body["resourceType"], "OperationOutcome");
+        assert!(
+            body["issue"][0]["diagnostics"]
+                .as_str()
+                .unwrap()
+                .contains(param),
+            "{path}: {body}"
+        );
+    }
+    let bearer = format!("Bearer {}", s.token);
+    let path = format!("{}/$export", s.proxy.config.base_path());
+    let no_accept = raw_get(
+        s.proxy.addr,
+        &path,
+        &[("Prefer", "respond-async"), ("Authorization", &bearer)],
+    )
+    .await;
+    assert_eq!(no_accept, 400, "Accept is required");
+    let no_prefer = raw_get(
+        s.proxy.addr,
+        &path,
+        &[
+            ("Accept", "application/fhir+json"),
+            ("Authorization", &bearer),
+        ],
+    )
+    .await;
+    assert_eq!(no_prefer, 400, "Prefer: respond-async is required");
+    let unknown_group = s.kick_off("/Group/nope/$export").await;
+    assert_eq!(unknown_group.status(), 404);
+    let system_patient = client()
+        .post(s.proxy.url("/$export"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .header("content-type", "application/fhir+json")
+        .bearer_auth(&s.token)
+        .body(json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/1"}}]}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(system_patient.status(), 400);
+    let garbage = client()
+        .post(s.proxy.url("/$export"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .header("content-type", "application/fhir+json")
+        .bearer_auth(&s.token)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbage.status(), 400);
+    let huge = client()
+        .post(s.proxy.url("/$export"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .header("content-type", "application/fhir+json")
+        .bearer_auth(&s.token)
+        .body(vec![b' '; 2 * 1024 * 1024])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(huge.status(), 413);
+}
+
+#[tokio::test]
+async fn lenient_handling_reports_ignored_parameters_in_the_error_file() {
+    let s = Setup::new(|_| {}).await;
+    let response =
+        client()
+            .get(s.proxy.url(
+                "/$export?_type=Patient&includeAssociatedData=LatestProvenanceResources&_bogus=1",
+            ))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async, handling=lenient")
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(response.status(), 202);
+    let status_url = response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    let manifest = s.manifest(&status_url).await;
+    let errors = s.errors(&manifest).await;
+    let text = serde_json::to_string(&errors).unwrap();
+    assert!(
+        text.contains("includeAssociatedData") && text.contains("_bogus"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn tokens_are_required_and_scopes_enforced() {
+    let s = Setup::new(|_| {}).await;
+    let no_token = client()
+        .get(s.proxy.url("/$export"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status(), 401);
+    assert!(
+        no_token.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+    let body: Value = no_token.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
+
+    let status_url = s.start("/$export?_type=Patient,Observation").await;
+    let manifest = s.manifest(&status_url).await;
+    let patient_file = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"] == "Patient")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        client().get(&patient_file).send().await.unwrap().status(),
+        401,
+        "file without a token"
+    );
+    assert_eq!(
+        client().get(&status_url).send().await.unwrap().status(),
+        401,
+        "status without a token"
+    );
+    let bad = client()
+        .get(&status_url)
+        .bearer_auth("invalidToken")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 401);
+}
+
+#[tokio::test]
+async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types() {
+    let observer_key = ClientKey::es384();
+    let key = observer_key.clone();
+    let s = Setup::new(move |c| {
+        SmartClient::register_with(
+            c,
+            "observer",
+            key,
+            &["system/Observation.read", "system/Patient.read"],
+        );
+    })
+    .await;
+    let observer = SmartClient {
+        id: "observer".into(),
+        key: observer_key,
+    };
+    let status_url = s.start("/$export?_type=Patient,Observation").await;
+    let manifest = s.manifest(&status_url).await;
+
+    let other = observer.token(&s.proxy).await;
+    let response = client()
+        .get(&status_url)
+        .bearer_auth(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        404,
+        "another client's job does not exist for it"
+    );
+    let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+    assert_eq!(
+        client()
+            .get(&file)
+            .bearer_auth(&other)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    // The owner with a token narrowed to Observation cannot download the Patient file.
+    let narrow = s
+        .client
+        .token_for(&s.proxy, "system/Observation.read")
+        .await;
+    let patient_file = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["type"] == "Patient")
+        .unwrap()["url"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let response = client()
+        .get(&patient_file)
+        .bearer_auth(&narrow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 403);
+    let response = client()
+        .get(s.proxy.url("/$export?_type=Patient"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(&narrow)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        403,
+        "kick-off for a type outside the scopes"
+    );
+}
+
+#[tokio::test]
+async fn downloads_support_gzip_and_range() {
+    let s = Setup::new(|_| {}).await;
+    let (manifest, files) = s.export("/$export?_type=Patient").await;
+    let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+    let plain = client()
+        .get(&url)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        plain.iter().filter(|b| **b == b'\n').count(),
+        files["Patient"].len()
+    );
+
+    let gz = client()
+        .get(&url)
+        .bearer_auth(&s.token)
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gz.headers()["content-encoding"], "gzip");
+    assert_eq!(gz.headers()["content-type"], "application/fhir+ndjson");
+    let compressed = gz.bytes().await.unwrap();
+    let mut decoded = Vec::new();
+    std::io::Read::read_to_end(
+        &mut flate2::read::GzDecoder::new(&compressed[..]),
+        &mut decoded,
+    )
+    .unwrap();
+    assert_eq!(decoded, plain);
+
+    let ranged = client()
+        .get(&url)
+        .bearer_auth(&s.token)
+        .header("range", "bytes=10-19")
+        .header("accept-encoding", "gzip")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ranged.status(), 206);
+    assert!(ranged.headers().get("content-encoding").is_none());
+    assert_eq!(ranged.bytes().await.unwrap(), plain[10..20]);
+}
+
+#[tokio::test]
+async fn delete_cancels_and_everything_is_404_afterwards() {
+    let s = Setup::new(|_| {}).await;
+    let (manifest, _) = s.export("/$export?_type=Patient").await;
+    let status_url = manifest["output"][0]["url"]
+        .as_str()
+        .unwrap()
+        .rsplit_once("/$export-file/")
+        .unwrap()
+        .0
+        .to_owned();
+    let job_id = manifest["output"][0]["url"]
+        .as_str()
+        .unwrap()
+        .split("/$export-file/")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
+    let status_url = format!("{status_url}/$export-status/{job_id}");
+    let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+
+    let deleted = client()
+        .delete(&status_url)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    for response in [
+        client()
+            .get(&status_url)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap(),
+        client()
+            .delete(&status_url)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap(),
+        client()
+            .get(&file)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(response.status(), 404);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome");
+    }
+    let files_dir = s.proxy.config.storage.path.join(&job_id);
+    assert!(!files_dir.exists(), "files deleted");
+}
+
+#[tokio::test]
+async fn cancelling_a_running_export_stops_its_searches() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    fhir.faults.latency_ms.store(200, Ordering::SeqCst);
+    let s = Setup::with_upstream(fhir, |c| c.export.page_size = 20).await;
+    let status_url = s.start("/$export?_type=Observation").await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let deleted = client()
+        .delete(&status_url)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let pages = s.fhir.counters.pages.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        s.fhir.counters.pages.load(Ordering::SeqCst) <= pages + 1,
+        "paging stopped"
+    );
+    let job_id = status_url.rsplit('/').next().unwrap();
+    assert!(
+        !s.proxy.config.storage.path.join(job_id).exists(),
+        "files deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_page_that_fails_then_succeeds_is_retried() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    fhir.faults.fail_searches.store(3, Ordering::SeqCst);
+    fhir.faults.throttle_searches.store(1, Ordering::SeqCst);
+    let s = Setup::with_upstream(fhir, |_| {}).await;
+    let (manifest, files) = s.export("/$export?_type=Patient,Observation").await;
+    let got = ids(&files);
+    assert_eq!(got["Observation"].len(), s.fhir.ids("Observation").len());
+    assert_eq!(got["Patient"].len(), 10);
+    assert_eq!(manifest["error"], json!([]));
+}
+
+#[tokio::test]
+async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
+    let s = Setup::with_upstream(fhir, |c| c.export.retry_max_attempts = 2).await;
+    let (manifest, files) = s.export("/$export?_type=Patient,Observation").await;
+    assert_eq!(ids(&files)["Patient"].len(), 10);
+    assert!(!files.contains_key("Observation"));
+    let errors = s.errors(&manifest).await;
+    assert!(
+        serde_json::to_string(&errors)
+            .unwrap()
+            .contains("Observation"),
+        "{errors:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_job_where_nothing_worked_fails_with_an_operation_outcome() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
+    let s = Setup::with_upstream(fhir, |c| c.export.retry_max_attempts = 1).await;
+    let status_url = s.start("/$export?_type=Observation").await;
+    let mut last = StatusCode::ACCEPTED;
+    for _ in 0..30 {
+        let response = client()
+            .get(&status_url)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        last = response.status();
+        if last != StatusCode::ACCEPTED {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["resourceType"], "OperationOutcome");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+    }
+    assert!(last.is_server_error(), "{last}");
+}
+
+#[tokio::test]
+async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    fhir.faults.expire_next_links.store(4, Ordering::SeqCst);
+    let s = Setup::with_upstream(fhir, |c| c.export.page_size = 37).await;
+    let (_, files) = s.export("/$export?_type=Observation,Encounter").await;
+    let got = ids(&files);
+    for t in ["Observation", "Encounter"] {
+        let want = s.fhir.ids(t).into_iter().collect::<BTreeSet<_>>();
+        assert_same(
+            &BTreeMap::from([(t.to_owned(), got[t].clone())]),
+            &BTreeMap::from([(t.to_owned(), want)]),
+        );
+    }
+    assert_eq!(
+        s.fhir.faults.expire_next_links.load(Ordering::SeqCst),
+        0,
+        "the cursors did expire"
+    );
+}
+
+#[tokio::test]
+async fn type_filters_are_ored_and_since_bounds_the_export() {
+    let s = Setup::new(|_| {}).await;
+    let (_, files) = s
+        .export("/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory&_typeFilter=Observation%3Fcategory%3Dsurvey")
+        .await;
+    let observations = &files["Observation"];
+    assert_eq!(observations.len(), 614 + 89);
+    assert_eq!(ids(&files)["Observation"].len(), observations.len());
+
+    let (manifest, _) = s.export("/$export?_type=Patient").await;
+    let since = manifest["transactionTime"]
+        .as_str()
+        .unwrap()
+        .replace('+', "%2B");
+    let (manifest, files) = s
+        .export(&format!("/$export?_type=Patient&_since={since}"))
+        .await;
+    assert!(files.is_empty(), "nothing changed since the last export");
+    assert_eq!(manifest["output"], json!([]));
+}
+
+#[tokio::test]
+async fn elements_subset_resources_and_tag_them() {
+    let s = Setup::new(|_| {}).await;
+    let (_, files) = s
+        .export("/$export?_type=Patient&_elements=id,Patient.meta")
+        .await;
+    for patient in &files["Patient"] {
+        assert!(patient.get("name").is_none());
+        assert!(patient["id"].is_string());
+        let tags = patient["meta"]["tag"].as_array().unwrap();
+        assert!(tags.iter().any(|t| t["code"] == "SUBSETTED"));
+    }
+}
+
+#[tokio::test]
+async fn the_per_client_export_cap_answers_429() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    fhir.faults.latency_ms.store(300, Ordering::SeqCst);
+    let s = Setup::with_upstream(fhir, |c| c.export.max_active_jobs_per_client = 1).await;
+    let _running = s.start("/$export?_type=Observation").await;
+    let second = s.kick_off("/$export?_type=Patient").await;
+    assert_eq!(second.status(), 429);
+    assert!(
+        second.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            > 0
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    fhir.faults.latency_ms.store(100, Ordering::SeqCst);
+    let dir = tempfile::tempdir().unwrap();
+    let paths = |c: &mut Config| {
+        c.store.path = dir.path().join("jobs.redb");
+        c.storage.path = dir.path().join("files");
+        c.export.page_size = 50;
+    };
+    let first = Setup::with_upstream(fhir, paths).await;
+    let status_url = first.start("/$export?_type=Observation,Patient").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let Setup {
+        fhir,
+        proxy,
+        client: smart,
+        ..
+    } = first;
+    proxy.shutdown().await.unwrap();
+    fhir.faults.latency_ms.store(0, Ordering::SeqCst);
+
+    // Same store and files, new process (new port: the status URL's port changes with it).
+    let mut config = TestProxy::config(&fhir.url());
+    paths(&mut config);
+    config.export.poll_retry_after_secs = 1;
+    SmartClient::register_with(
+        &mut config,
+        &smart.id,
+        smart.key.clone(),
+        &["system/*.read"],
+    );
+    let proxy = TestProxy::start(config).await;
+    let token = smart.token(&proxy).await;
+    let s = Setup {
+        fhir,
+        proxy,
+        client: smart,
+        token,
+    };
+    let job = status_url.rsplit('/').next().unwrap();
+    let manifest = s
+        .manifest(&s.proxy.url(&format!("/$export-status/{job}")))
+        .await;
+    let got = ids(&s.download(&manifest).await);
+    assert!(
+        got["Observation"]
+            == s.fhir
+                .ids("Observation")
+                .into_iter()
+                .collect::<BTreeSet<_>>()
+    );
+    assert_eq!(got["Patient"].len(), 10);
+}
