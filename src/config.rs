@@ -192,6 +192,8 @@ pub struct ExportConfig {
     pub poll_retry_after_secs: u64,
     /// Seconds a worker's claim on a unit lasts without a heartbeat. Default 30.
     pub lease_secs: u64,
+    /// Seconds between sweeps that delete expired jobs and their files. Default 60.
+    pub sweep_interval_secs: u64,
 }
 
 impl Default for ExportConfig {
@@ -214,6 +216,7 @@ impl Default for ExportConfig {
             max_active_jobs_per_client: 2,
             poll_retry_after_secs: 2,
             lease_secs: 30,
+            sweep_interval_secs: 60,
         }
     }
 }
@@ -395,6 +398,7 @@ impl Config {
             ),
             ("export.poll_retry_after_secs", e.poll_retry_after_secs),
             ("export.lease_secs", e.lease_secs),
+            ("export.sweep_interval_secs", e.sweep_interval_secs),
         ];
         for (key, value) in positive {
             if value == 0 {

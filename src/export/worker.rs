@@ -409,7 +409,7 @@ impl Exporter {
     async fn sweep_forever(&self, shutdown: CancellationToken) {
         loop {
             tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(30)) => {}
+                () = tokio::time::sleep(Duration::from_secs(self.config.sweep_interval_secs)) => {}
                 () = shutdown.cancelled() => return,
             }
             self.sweep().await;

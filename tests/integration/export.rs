@@ -5,11 +5,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fhir_bulk_proxy::config::Config;
+use fhir_bulk_proxy::config::{Config, StoreBackend};
 use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::support::redis::RedisServer;
 use crate::support::smart::{ClientKey, SmartClient};
 use crate::support::{TestProxy, client, raw_get};
 
@@ -19,27 +20,65 @@ pub fn fixture_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10")
 }
 
+/// Which job store a scenario runs on.
+#[derive(Clone, Copy, Debug)]
+pub enum Store {
+    Embedded,
+    Redis,
+}
+
+/// Runs a scenario once per store: `both!(name, scenario)` makes `name::embedded` and
+/// `name::redis`, so every export behaviour is checked through both `JobStore`s.
+macro_rules! both {
+    ($name:ident, $scenario:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn embedded() {
+                super::$scenario(super::Store::Embedded).await;
+            }
+            #[tokio::test]
+            async fn redis() {
+                super::$scenario(super::Store::Redis).await;
+            }
+        }
+    };
+}
+
 /// The fixture upstream, a proxy in front of it, a registered client and its token.
 pub struct Setup {
     pub fhir: RunningFhir,
     pub proxy: TestProxy,
     pub client: SmartClient,
     pub token: String,
+    /// The Redis server of a Redis-backed setup (stopped when dropped).
+    pub _redis: Option<RedisServer>,
 }
 
 impl Setup {
-    pub async fn new(configure: impl FnOnce(&mut Config)) -> Self {
+    pub async fn new(store: Store, configure: impl FnOnce(&mut Config)) -> Self {
         let fhir = MemoryFhir::new()
             .load_dir(&fixture_dir())
             .unwrap()
             .start()
             .await
             .unwrap();
-        Self::with_upstream(fhir, configure).await
+        Self::with_upstream(store, fhir, configure).await
     }
 
-    pub async fn with_upstream(fhir: RunningFhir, configure: impl FnOnce(&mut Config)) -> Self {
+    pub async fn with_upstream(
+        store: Store,
+        fhir: RunningFhir,
+        configure: impl FnOnce(&mut Config),
+    ) -> Self {
+        let redis = match store {
+            Store::Embedded => None,
+            Store::Redis => Some(RedisServer::start()),
+        };
         let mut config = TestProxy::config(&fhir.url());
+        if let Some(redis) = &redis {
+            config.store.backend = StoreBackend::Redis;
+            config.store.redis_url = Some(redis.url());
+        }
         config.export.page_size = 100;
         config.export.poll_retry_after_secs = 1;
         config.export.retry_base_ms = 10;
@@ -53,6 +92,7 @@ impl Setup {
             proxy,
             client,
             token,
+            _redis: redis,
         }
     }
 
@@ -247,9 +287,12 @@ fn group_members() -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn system_export_returns_every_resource_exactly_once() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    system_export_returns_every_resource_exactly_once,
+    system_export_returns_every_resource_exactly_once_on
+);
+async fn system_export_returns_every_resource_exactly_once_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export").await;
     assert_same(&ids(&files), &expected(&s.fhir, None));
     assert_eq!(manifest["request"], s.proxy.url("/$export").as_str());
@@ -258,9 +301,12 @@ async fn system_export_returns_every_resource_exactly_once() {
     assert_eq!(manifest["error"], json!([]));
 }
 
-#[tokio::test]
-async fn patient_export_returns_the_patient_compartment_exactly() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    patient_export_returns_the_patient_compartment_exactly,
+    patient_export_returns_the_patient_compartment_exactly_on
+);
+async fn patient_export_returns_the_patient_compartment_exactly_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let (_, files) = s.export("/Patient/$export").await;
     let patients = s.fhir.ids("Patient");
     let mut want = expected(&s.fhir, Some(&patients));
@@ -270,9 +316,12 @@ async fn patient_export_returns_the_patient_compartment_exactly() {
     assert_same(&ids(&files), &want);
 }
 
-#[tokio::test]
-async fn group_export_holds_exactly_the_groups_patients_with_batched_searches() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    group_export_holds_exactly_the_groups_patients_with_batched_searches,
+    group_export_holds_exactly_the_groups_patients_with_batched_searches_on
+);
+async fn group_export_holds_exactly_the_groups_patients_with_batched_searches_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let before = s.fhir.counters.searches.load(Ordering::SeqCst);
     let (manifest, files) = s
         .export(&format!(
@@ -309,9 +358,12 @@ async fn group_export_holds_exactly_the_groups_patients_with_batched_searches() 
     );
 }
 
-#[tokio::test]
-async fn post_kick_off_with_parameters_and_patient_filter() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    post_kick_off_with_parameters_and_patient_filter,
+    post_kick_off_with_parameters_and_patient_filter_on
+);
+async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let members = group_members();
     let body = json!({"resourceType": "Parameters", "parameter": [
         {"name": "_type", "valueString": "Patient,Condition"},
@@ -343,9 +395,12 @@ async fn post_kick_off_with_parameters_and_patient_filter() {
     assert_eq!(got.get("Condition").cloned().unwrap_or_default(), want);
 }
 
-#[tokio::test]
-async fn status_is_202_first_then_429_when_polled_too_fast() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    status_is_202_first_then_429_when_polled_too_fast,
+    status_is_202_first_then_429_when_polled_too_fast_on
+);
+async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let status_url = s.start("/$export?_type=Patient").await;
     let first = client()
         .get(&status_url)
@@ -374,9 +429,12 @@ async fn status_is_202_first_then_429_when_polled_too_fast() {
     assert_eq!(body["resourceType"], "OperationOutcome");
 }
 
-#[tokio::test]
-async fn invalid_kick_offs_are_400_with_an_operation_outcome() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    invalid_kick_offs_are_400_with_an_operation_outcome,
+    invalid_kick_offs_are_400_with_an_operation_outcome_on
+);
+async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let cases = [
         ("/$export?_outputFormat=application/xml", "_outputFormat"),
         ("/$export?_outputFormat=text/html", "_outputFormat"),
@@ -465,9 +523,12 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome() {
     assert_eq!(huge.status(), 413);
 }
 
-#[tokio::test]
-async fn lenient_handling_reports_ignored_parameters_in_the_error_file() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    lenient_handling_reports_ignored_parameters_in_the_error_file,
+    lenient_handling_reports_ignored_parameters_in_the_error_file_on
+);
+async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let response =
         client()
             .get(s.proxy.url(
@@ -493,9 +554,12 @@ async fn lenient_handling_reports_ignored_parameters_in_the_error_file() {
     );
 }
 
-#[tokio::test]
-async fn tokens_are_required_and_scopes_enforced() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    tokens_are_required_and_scopes_enforced,
+    tokens_are_required_and_scopes_enforced_on
+);
+async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let no_token = client()
         .get(s.proxy.url("/$export"))
         .header("accept", "application/fhir+json")
@@ -543,11 +607,16 @@ async fn tokens_are_required_and_scopes_enforced() {
     assert_eq!(bad.status(), 401);
 }
 
-#[tokio::test]
-async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types() {
+both!(
+    other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types,
+    other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types_on
+);
+async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types_on(
+    store: Store,
+) {
     let observer_key = ClientKey::es384();
     let key = observer_key.clone();
-    let s = Setup::new(move |c| {
+    let s = Setup::new(store, move |c| {
         SmartClient::register_with(
             c,
             "observer",
@@ -623,9 +692,12 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     );
 }
 
-#[tokio::test]
-async fn downloads_support_gzip_and_range() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    downloads_support_gzip_and_range,
+    downloads_support_gzip_and_range_on
+);
+async fn downloads_support_gzip_and_range_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export?_type=Patient").await;
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     let plain = client()
@@ -673,9 +745,12 @@ async fn downloads_support_gzip_and_range() {
     assert_eq!(ranged.bytes().await.unwrap(), plain[10..20]);
 }
 
-#[tokio::test]
-async fn delete_cancels_and_everything_is_404_afterwards() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    delete_cancels_and_everything_is_404_afterwards,
+    delete_cancels_and_everything_is_404_afterwards_on
+);
+async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let (manifest, _) = s.export("/$export?_type=Patient").await;
     let status_url = manifest["output"][0]["url"]
         .as_str()
@@ -732,8 +807,11 @@ async fn delete_cancels_and_everything_is_404_afterwards() {
     assert!(!files_dir.exists(), "files deleted");
 }
 
-#[tokio::test]
-async fn cancelling_a_running_export_stops_its_searches() {
+both!(
+    cancelling_a_running_export_stops_its_searches,
+    cancelling_a_running_export_stops_its_searches_on
+);
+async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -741,7 +819,7 @@ async fn cancelling_a_running_export_stops_its_searches() {
         .await
         .unwrap();
     fhir.faults.latency_ms.store(200, Ordering::SeqCst);
-    let s = Setup::with_upstream(fhir, |c| c.export.page_size = 20).await;
+    let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 20).await;
     let status_url = s.start("/$export?_type=Observation").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
     let deleted = client()
@@ -765,8 +843,11 @@ async fn cancelling_a_running_export_stops_its_searches() {
     );
 }
 
-#[tokio::test]
-async fn a_page_that_fails_then_succeeds_is_retried() {
+both!(
+    a_page_that_fails_then_succeeds_is_retried,
+    a_page_that_fails_then_succeeds_is_retried_on
+);
+async fn a_page_that_fails_then_succeeds_is_retried_on(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -775,7 +856,7 @@ async fn a_page_that_fails_then_succeeds_is_retried() {
         .unwrap();
     fhir.faults.fail_searches.store(3, Ordering::SeqCst);
     fhir.faults.throttle_searches.store(1, Ordering::SeqCst);
-    let s = Setup::with_upstream(fhir, |_| {}).await;
+    let s = Setup::with_upstream(store, fhir, |_| {}).await;
     let (manifest, files) = s.export("/$export?_type=Patient,Observation").await;
     let got = ids(&files);
     assert_eq!(got["Observation"].len(), s.fhir.ids("Observation").len());
@@ -783,8 +864,11 @@ async fn a_page_that_fails_then_succeeds_is_retried() {
     assert_eq!(manifest["error"], json!([]));
 }
 
-#[tokio::test]
-async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes() {
+both!(
+    a_permanent_failure_goes_to_the_error_file_and_the_job_completes,
+    a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on
+);
+async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -792,7 +876,7 @@ async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes() {
         .await
         .unwrap();
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
-    let s = Setup::with_upstream(fhir, |c| c.export.retry_max_attempts = 2).await;
+    let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 2).await;
     let (manifest, files) = s.export("/$export?_type=Patient,Observation").await;
     assert_eq!(ids(&files)["Patient"].len(), 10);
     assert!(!files.contains_key("Observation"));
@@ -805,8 +889,11 @@ async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes() {
     );
 }
 
-#[tokio::test]
-async fn a_job_where_nothing_worked_fails_with_an_operation_outcome() {
+both!(
+    a_job_where_nothing_worked_fails_with_an_operation_outcome,
+    a_job_where_nothing_worked_fails_with_an_operation_outcome_on
+);
+async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -814,7 +901,7 @@ async fn a_job_where_nothing_worked_fails_with_an_operation_outcome() {
         .await
         .unwrap();
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
-    let s = Setup::with_upstream(fhir, |c| c.export.retry_max_attempts = 1).await;
+    let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 1).await;
     let status_url = s.start("/$export?_type=Observation").await;
     let mut last = StatusCode::ACCEPTED;
     for _ in 0..30 {
@@ -835,8 +922,11 @@ async fn a_job_where_nothing_worked_fails_with_an_operation_outcome() {
     assert!(last.is_server_error(), "{last}");
 }
 
-#[tokio::test]
-async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates() {
+both!(
+    an_expired_paging_cursor_resumes_without_loss_or_duplicates,
+    an_expired_paging_cursor_resumes_without_loss_or_duplicates_on
+);
+async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates_on(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -844,7 +934,7 @@ async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates() {
         .await
         .unwrap();
     fhir.faults.expire_next_links.store(4, Ordering::SeqCst);
-    let s = Setup::with_upstream(fhir, |c| c.export.page_size = 37).await;
+    let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 37).await;
     let (_, files) = s.export("/$export?_type=Observation,Encounter").await;
     let got = ids(&files);
     for t in ["Observation", "Encounter"] {
@@ -861,9 +951,12 @@ async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates() {
     );
 }
 
-#[tokio::test]
-async fn type_filters_are_ored_and_since_bounds_the_export() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    type_filters_are_ored_and_since_bounds_the_export,
+    type_filters_are_ored_and_since_bounds_the_export_on
+);
+async fn type_filters_are_ored_and_since_bounds_the_export_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let (_, files) = s
         .export("/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory&_typeFilter=Observation%3Fcategory%3Dsurvey")
         .await;
@@ -883,9 +976,12 @@ async fn type_filters_are_ored_and_since_bounds_the_export() {
     assert_eq!(manifest["output"], json!([]));
 }
 
-#[tokio::test]
-async fn elements_subset_resources_and_tag_them() {
-    let s = Setup::new(|_| {}).await;
+both!(
+    elements_subset_resources_and_tag_them,
+    elements_subset_resources_and_tag_them_on
+);
+async fn elements_subset_resources_and_tag_them_on(store: Store) {
+    let s = Setup::new(store, |_| {}).await;
     let (_, files) = s
         .export("/$export?_type=Patient&_elements=id,Patient.meta")
         .await;
@@ -897,8 +993,11 @@ async fn elements_subset_resources_and_tag_them() {
     }
 }
 
-#[tokio::test]
-async fn the_per_client_export_cap_answers_429() {
+both!(
+    the_per_client_export_cap_answers_429,
+    the_per_client_export_cap_answers_429_on
+);
+async fn the_per_client_export_cap_answers_429_on(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -906,7 +1005,7 @@ async fn the_per_client_export_cap_answers_429() {
         .await
         .unwrap();
     fhir.faults.latency_ms.store(300, Ordering::SeqCst);
-    let s = Setup::with_upstream(fhir, |c| c.export.max_active_jobs_per_client = 1).await;
+    let s = Setup::with_upstream(store, fhir, |c| c.export.max_active_jobs_per_client = 1).await;
     let _running = s.start("/$export?_type=Observation").await;
     let second = s.kick_off("/$export?_type=Patient").await;
     assert_eq!(second.status(), 429);
@@ -935,7 +1034,7 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
         c.storage.path = dir.path().join("files");
         c.export.page_size = 50;
     };
-    let first = Setup::with_upstream(fhir, paths).await;
+    let first = Setup::with_upstream(Store::Embedded, fhir, paths).await;
     let status_url = first.start("/$export?_type=Observation,Patient").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let Setup {
@@ -964,6 +1063,7 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
         proxy,
         client: smart,
         token,
+        _redis: None,
     };
     let job = status_url.rsplit('/').next().unwrap();
     let manifest = s
@@ -978,4 +1078,40 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
                 .collect::<BTreeSet<_>>()
     );
     assert_eq!(got["Patient"].len(), 10);
+}
+
+both!(
+    expired_jobs_and_their_files_are_swept,
+    expired_jobs_and_their_files_are_swept_on
+);
+async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
+    let s = Setup::new(store, |c| {
+        c.export.job_ttl_secs = 1;
+        c.export.sweep_interval_secs = 1;
+    })
+    .await;
+    let status_url = s.start("/$export?_type=Patient").await;
+    let manifest = s.manifest(&status_url).await;
+    let job_id = status_url.rsplit('/').next().unwrap().to_owned();
+    assert!(s.proxy.config.storage.path.join(&job_id).exists());
+    let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let response = client()
+        .get(&status_url)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404, "the job expired");
+    let response = client()
+        .get(&file)
+        .bearer_auth(&s.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    assert!(
+        !s.proxy.config.storage.path.join(&job_id).exists(),
+        "files swept"
+    );
 }

@@ -9,4 +9,5 @@ mod export;
 mod operations;
 mod passthrough;
 mod reference_config;
+mod replicas;
 mod store_contract;

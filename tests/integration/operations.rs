@@ -161,7 +161,10 @@ async fn shutdown_lets_a_slow_request_finish_then_stops_accepting() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(!fake.received().is_empty(), "the slow request reached the upstream");
+    assert!(
+        !fake.received().is_empty(),
+        "the slow request reached the upstream"
+    );
     let stopped = tokio::spawn(proxy.shutdown());
     let response = slow
         .await

@@ -10,7 +10,7 @@ pub struct TestProxy {
     pub addr: SocketAddr,
     pub config: Config,
     /// Job store and files of this proxy, unless the test chose its own paths.
-    _dir: Option<tempfile::TempDir>,
+    _dir: tempfile::TempDir,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -27,12 +27,13 @@ impl TestProxy {
 
     pub async fn start(mut config: Config) -> Self {
         let defaults = Config::default();
-        let dir = (config.store.path == defaults.store.path).then(|| {
-            let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        if config.store.path == defaults.store.path {
             config.store.path = dir.path().join("jobs.redb");
+        }
+        if config.storage.path == defaults.storage.path {
             config.storage.path = dir.path().join("files");
-            dir
-        });
+        }
         config.validate().expect("valid test configuration");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

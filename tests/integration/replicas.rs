@@ -1,0 +1,181 @@
+//! Several proxies sharing one Redis (and one file directory): any replica serves any request,
+//! and a client assertion is single-use across all of them.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+
+use fhir_bulk_proxy::config::{Config, StoreBackend};
+use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use serde_json::Value;
+
+use crate::export::fixture_dir;
+use crate::support::redis::RedisServer;
+use crate::support::smart::{SmartClient, post_token, token_form};
+use crate::support::{TestProxy, client};
+
+/// The public URL every replica shares (behind one load balancer): assertions name its token URL.
+const PUBLIC: &str = "http://fhir.example.test/fhir";
+
+struct Fleet {
+    fhir: RunningFhir,
+    proxies: Vec<TestProxy>,
+    client: SmartClient,
+    _redis: RedisServer,
+    _files: tempfile::TempDir,
+}
+
+async fn fleet(replicas: usize, configure: impl Fn(&mut Config)) -> Fleet {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let redis = RedisServer::start();
+    let files = tempfile::tempdir().unwrap();
+    let mut client = None;
+    let mut proxies = Vec::new();
+    for _ in 0..replicas {
+        let mut config = TestProxy::config(&fhir.url());
+        config.server.public_url = Some(PUBLIC.into());
+        config.store.backend = StoreBackend::Redis;
+        config.store.redis_url = Some(redis.url());
+        config.storage.path = files.path().to_path_buf();
+        config.export.poll_retry_after_secs = 1;
+        config.export.page_size = 50;
+        let registered = match &client {
+            None => SmartClient::register(&mut config),
+            Some(c) => {
+                let c: &SmartClient = c;
+                SmartClient::register_with(&mut config, &c.id, c.key.clone(), &["system/*.read"])
+            }
+        };
+        client.get_or_insert(registered);
+        configure(&mut config);
+        proxies.push(TestProxy::start(config).await);
+    }
+    Fleet {
+        fhir,
+        proxies,
+        client: client.unwrap(),
+        _redis: redis,
+        _files: files,
+    }
+}
+
+/// `url` (built on the shared public base) sent to one replica's socket.
+fn on(proxy: &TestProxy, url: &str) -> String {
+    url.replace(PUBLIC, &proxy.url(""))
+}
+
+async fn token(fleet: &Fleet, replica: usize) -> String {
+    let assertion = fleet
+        .client
+        .key
+        .assertion(&fleet.client.id, &format!("{PUBLIC}/token"));
+    let response = post_token(
+        &fleet.proxies[replica],
+        &token_form(&assertion, "system/*.read"),
+    )
+    .await;
+    let body: Value = response.json().await.unwrap();
+    body["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_owned()
+}
+
+#[tokio::test]
+async fn an_assertion_used_on_one_replica_is_refused_on_another() {
+    let fleet = fleet(2, |_| {}).await;
+    let assertion = fleet
+        .client
+        .key
+        .assertion(&fleet.client.id, &format!("{PUBLIC}/token"));
+    let form = token_form(&assertion, "system/*.read");
+    let first = post_token(&fleet.proxies[0], &form).await;
+    assert_eq!(first.status(), 200);
+    let replay = post_token(&fleet.proxies[1], &form).await;
+    assert_eq!(replay.status(), 400);
+    let body: Value = replay.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_client");
+}
+
+#[tokio::test]
+async fn any_replica_serves_kick_off_status_download_and_delete() {
+    let fleet = fleet(3, |_| {}).await;
+    let token = token(&fleet, 0).await;
+    // A token issued by one replica works on every other (shared signing secret).
+    let kick_off = client()
+        .get(fleet.proxies[1].url("/Group/synthea-10/$export?_type=Patient,Observation"))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(kick_off.status(), 202);
+    let status_url = kick_off.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(status_url.starts_with(PUBLIC), "{status_url}");
+
+    // Poll round-robin across the replicas.
+    let mut manifest = None;
+    for round in 0..120 {
+        let proxy = &fleet.proxies[round % 3];
+        let response = client()
+            .get(on(proxy, &status_url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        match response.status().as_u16() {
+            202 | 429 => tokio::time::sleep(std::time::Duration::from_millis(400)).await,
+            200 => {
+                manifest = Some(response.json::<Value>().await.unwrap());
+                break;
+            }
+            other => panic!("status {other}"),
+        }
+    }
+    let manifest = manifest.expect("the export finished");
+    let mut patients = BTreeSet::new();
+    let mut observations = 0;
+    for (i, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
+        let url = on(&fleet.proxies[i % 3], item["url"].as_str().unwrap());
+        let response = client().get(&url).bearer_auth(&token).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{url}");
+        let text = response.text().await.unwrap();
+        for line in text.lines() {
+            let resource: Value = serde_json::from_str(line).unwrap();
+            match resource["resourceType"].as_str().unwrap() {
+                "Patient" => {
+                    patients.insert(resource["id"].as_str().unwrap().to_owned());
+                }
+                _ => observations += 1,
+            }
+        }
+    }
+    assert_eq!(patients.len(), 10);
+    assert_eq!(observations, fleet.fhir.ids("Observation").len());
+
+    let deleted = client()
+        .delete(on(&fleet.proxies[2], &status_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(deleted.status(), 202);
+    for proxy in &fleet.proxies {
+        let gone = client()
+            .get(on(proxy, &status_url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(gone.status(), 404);
+    }
+    assert!(fleet.fhir.counters.searches.load(Ordering::SeqCst) > 0);
+}
