@@ -8,6 +8,8 @@ use josekit::jwk::Jwk;
 use josekit::jwk::alg::ec::EcCurve;
 use serde_json::{Value, json};
 
+use crate::config::ClientConfig;
+
 /// The signing algorithm of a generated key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyAlgorithm {
@@ -88,10 +90,26 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<GeneratedKey, KeygenError> {
     })
 }
 
+/// The client registration of `client_id` with this key's public JWK Set inline: what
+/// [`config_snippet`] prints, for programs that build their [`Config`](crate::config::Config) in
+/// code (the demo, tests).
+pub fn client_config(client_id: &str, scopes: &[String], key: &GeneratedKey) -> ClientConfig {
+    ClientConfig {
+        client_id: client_id.to_owned(),
+        jwks: Some(key.public_jwks.clone()),
+        jwks_url: None,
+        scopes: scopes.to_vec(),
+        enabled: true,
+    }
+}
+
 /// The `[[auth.clients]]` entry registering `client_id` with this key inline.
 pub fn config_snippet(client_id: &str, scopes: &[String], key: &GeneratedKey) -> String {
+    let client = client_config(client_id, scopes, key);
     let quote = |s: &str| toml::Value::String(s.to_owned()).to_string();
-    let scopes = scopes
+    let jwks = client.jwks.unwrap_or_default().to_string();
+    let scopes = client
+        .scopes
         .iter()
         .map(|s| quote(s))
         .collect::<Vec<_>>()
@@ -103,8 +121,8 @@ pub fn config_snippet(client_id: &str, scopes: &[String], key: &GeneratedKey) ->
          # The public JWK Set, inline (JSON). Or publish it and register its URL instead:\n\
          # jwks_url = \"https://client.example.org/.well-known/jwks.json\"\n\
          jwks = {jwks}\n",
-        id = quote(client_id),
-        jwks = quote(&key.public_jwks.to_string()),
+        id = quote(&client.client_id),
+        jwks = quote(&jwks),
     )
 }
 
@@ -143,7 +161,6 @@ impl fmt::Display for Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::ClientConfig;
 
     #[test]
     fn a_generated_key_has_a_private_half_and_a_public_set() {
@@ -176,6 +193,11 @@ mod tests {
         assert_eq!(client.client_id, "my \"client\"");
         assert_eq!(client.inline_keys().unwrap()[0]["kid"], key.kid.as_str());
         assert!(client.allowed_scopes().unwrap().can_read_all());
+        // The registration built in code is the one the snippet prints.
+        let built = client_config("my \"client\"", &["system/*.read".into()], &key);
+        assert_eq!(built.client_id, client.client_id);
+        assert_eq!(built.inline_keys().unwrap(), client.inline_keys().unwrap());
+        assert_eq!(built.scopes, client.scopes);
     }
 
     #[test]

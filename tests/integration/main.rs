@@ -5,6 +5,7 @@
 mod support;
 
 mod auth;
+mod demo;
 mod export;
 mod operations;
 mod passthrough;

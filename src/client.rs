@@ -1,0 +1,393 @@
+//! A small Bulk Data client, the other side of the proxy: SMART Backend Services authentication
+//! (SMART App Launch 2.2 "Backend Services": discovery, a signed client assertion, the
+//! `client_credentials` token request) and the Bulk Data IG "Export" flow (kick-off, polling that
+//! honours `Retry-After`, downloads). The `backend_client` and `demo` examples, their test and the
+//! end-to-end check against a real FHIR server use it; the proxy itself does not.
+//!
+//! It lives in the library rather than beside the examples so that the examples and the
+//! integration tests share one implementation, and so that it is held to the library's lints.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use josekit::jwk::Jwk;
+use josekit::jws::JwsSigner;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+/// `client_assertion_type` of a signed-JWT assertion (RFC 7523).
+pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+
+/// Polls of one export before giving up (with the proxy's usual `Retry-After` of a second or two,
+/// well over an hour).
+const MAX_POLLS: u32 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    /// The server answered, but not with what the step needs.
+    #[error("{step} refused ({status}): {body}")]
+    Refused {
+        step: &'static str,
+        status: StatusCode,
+        body: String,
+    },
+    #[error("{0}")]
+    Protocol(String),
+    #[error("client key: {0}")]
+    Key(String),
+}
+
+/// A client's private key (EC P-384 or RSA), as `keygen` prints it.
+#[derive(Debug, Clone)]
+pub struct ClientKey {
+    jwk: Jwk,
+    alg: &'static str,
+    kid: String,
+}
+
+impl ClientKey {
+    /// A private JWK (JSON object with `kid`).
+    pub fn from_json(value: &Value) -> Result<Self, ClientError> {
+        let map = value
+            .as_object()
+            .ok_or_else(|| ClientError::Key("a JWK is a JSON object".into()))?;
+        let jwk = Jwk::from_map(map.clone()).map_err(|e| ClientError::Key(e.to_string()))?;
+        let alg = match jwk.key_type() {
+            "EC" => "ES384",
+            "RSA" => "RS384",
+            other => {
+                return Err(ClientError::Key(format!(
+                    "unsupported key type {other}: use an EC P-384 or RSA key"
+                )));
+            }
+        };
+        let kid = jwk
+            .key_id()
+            .ok_or_else(|| ClientError::Key("the JWK has no kid".into()))?
+            .to_owned();
+        Ok(Self { jwk, alg, kid })
+    }
+
+    /// A file holding a private JWK.
+    pub fn from_file(path: &Path) -> Result<Self, ClientError> {
+        let bytes = std::fs::read(path)
+            .map_err(|e| ClientError::Key(format!("{}: {e}", path.display())))?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| ClientError::Key(format!("{}: not a JWK: {e}", path.display())))?;
+        Self::from_json(&value)
+    }
+
+    /// `ES384` or `RS384`.
+    pub fn alg(&self) -> &'static str {
+        self.alg
+    }
+
+    pub fn kid(&self) -> &str {
+        &self.kid
+    }
+
+    /// The client assertion (SMART Backend Services "Authenticating to the token endpoint"):
+    /// header `alg`/`typ`/`kid`; claims `iss` = `sub` = client id, `aud` = token URL, `exp` four
+    /// minutes ahead (at most five are allowed), a unique `jti`.
+    pub fn assertion(&self, client_id: &str, token_url: &str) -> Result<String, ClientError> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_err(|e| ClientError::Key(format!("clock: {e}")))?
+            .as_secs();
+        let header = json!({ "alg": self.alg, "typ": "JWT", "kid": self.kid });
+        let claims = json!({
+            "iss": client_id, "sub": client_id, "aud": token_url,
+            "exp": now + 240, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let crypto = |e: josekit::JoseError| ClientError::Key(e.to_string());
+        let signature = if self.alg == "ES384" {
+            josekit::jws::ES384
+                .signer_from_jwk(&self.jwk)
+                .map_err(crypto)?
+                .sign(input.as_bytes())
+                .map_err(crypto)?
+        } else {
+            josekit::jws::RS384
+                .signer_from_jwk(&self.jwk)
+                .map_err(crypto)?
+                .sign(input.as_bytes())
+                .map_err(crypto)?
+        };
+        Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
+    }
+}
+
+/// The token endpoint's answer.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub access_token: String,
+    /// The scopes granted (may be fewer than asked).
+    pub scope: String,
+    pub expires_in: u64,
+    /// Where the token came from (discovered in `.well-known/smart-configuration`).
+    pub token_url: String,
+}
+
+/// One answer to a status poll that is not the manifest yet.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// 202 (in progress) or 429 (polled too fast).
+    pub status: StatusCode,
+    /// `X-Progress`, when the server sent one.
+    pub progress: Option<String>,
+    /// How long the client waits before the next poll.
+    pub wait: Duration,
+}
+
+/// An authenticated client of one FHIR base.
+#[derive(Debug, Clone)]
+pub struct BulkClient {
+    http: reqwest::Client,
+    base: String,
+    token: Token,
+}
+
+impl BulkClient {
+    /// Discovers the token endpoint of `base` and gets an access token for `scope`.
+    pub async fn connect(
+        base: &str,
+        client_id: &str,
+        key: &ClientKey,
+        scope: &str,
+    ) -> Result<Self, ClientError> {
+        let base = base.trim_end_matches('/').to_owned();
+        let http = reqwest::Client::new();
+        let response = http
+            .get(format!("{base}/.well-known/smart-configuration"))
+            .header("accept", "application/json")
+            .send()
+            .await?;
+        let discovery: Value = ok_json(response, "discovery").await?;
+        let token_url = discovery["token_endpoint"]
+            .as_str()
+            .ok_or_else(|| {
+                ClientError::Protocol("no token_endpoint in .well-known/smart-configuration".into())
+            })?
+            .to_owned();
+        let assertion = key.assertion(client_id, &token_url)?;
+        let response = http
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", scope),
+                ("client_assertion_type", JWT_BEARER),
+                ("client_assertion", assertion.as_str()),
+            ])
+            .send()
+            .await?;
+        let body: Value = ok_json(response, "token request").await?;
+        let access_token = body["access_token"]
+            .as_str()
+            .ok_or_else(|| ClientError::Protocol(format!("no access_token in {body}")))?
+            .to_owned();
+        let token = Token {
+            access_token,
+            scope: body["scope"].as_str().unwrap_or_default().to_owned(),
+            expires_in: body["expires_in"].as_u64().unwrap_or_default(),
+            token_url,
+        };
+        Ok(Self { http, base, token })
+    }
+
+    pub fn token(&self) -> &Token {
+        &self.token
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    /// Starts an export: `path_and_query` under the base, e.g. `/$export?_type=Patient`,
+    /// `/Patient/$export` or `/Group/g1/$export`. Returns the status URL (`Content-Location` of
+    /// the 202).
+    pub async fn kick_off(&self, path_and_query: &str) -> Result<String, ClientError> {
+        let path = path_and_query.trim_start_matches('/');
+        let response = self
+            .http
+            .get(format!("{}/{path}", self.base))
+            .bearer_auth(&self.token.access_token)
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .send()
+            .await?;
+        if response.status() != StatusCode::ACCEPTED {
+            return Err(refused(response, "kick-off").await);
+        }
+        let location = response
+            .headers()
+            .get("content-location")
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| {
+                ClientError::Protocol("no Content-Location on the kick-off response".into())
+            })?;
+        Ok(location.to_owned())
+    }
+
+    /// Polls `status_url` until the manifest is ready, waiting as `Retry-After` says (1–60 s;
+    /// 2 s when it is missing), and tells `on_progress` about every poll that is not done yet.
+    pub async fn wait(
+        &self,
+        status_url: &str,
+        mut on_progress: impl FnMut(&Progress),
+    ) -> Result<Value, ClientError> {
+        for _ in 0..MAX_POLLS {
+            let response = self
+                .http
+                .get(status_url)
+                .bearer_auth(&self.token.access_token)
+                .header("accept", "application/json")
+                .send()
+                .await?;
+            let status = response.status();
+            match status {
+                StatusCode::OK => return Ok(response.json().await?),
+                StatusCode::ACCEPTED | StatusCode::TOO_MANY_REQUESTS => {
+                    let header = |name: &str| {
+                        response
+                            .headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_owned)
+                    };
+                    let seconds = header("retry-after")
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .unwrap_or(2);
+                    let progress = Progress {
+                        status,
+                        progress: header("x-progress"),
+                        wait: Duration::from_secs(seconds.clamp(1, 60)),
+                    };
+                    on_progress(&progress);
+                    tokio::time::sleep(progress.wait).await;
+                }
+                _ => return Err(refused(response, "status").await),
+            }
+        }
+        Err(ClientError::Protocol(format!(
+            "the export at {status_url} did not finish after {MAX_POLLS} polls"
+        )))
+    }
+
+    /// Downloads one file of a manifest (with the token: the proxy's manifests say
+    /// `requiresAccessToken`), streaming: `each_line` sees every non-empty NDJSON line.
+    /// Returns how many lines there were.
+    pub async fn download(
+        &self,
+        url: &str,
+        mut each_line: impl FnMut(&str) -> Result<(), ClientError>,
+    ) -> Result<u64, ClientError> {
+        use futures_util::StreamExt as _;
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.token.access_token)
+            .header("accept", "application/fhir+ndjson")
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Err(refused(response, "download").await);
+        }
+        let mut lines = 0;
+        let mut pending: Vec<u8> = Vec::new();
+        let mut emit = |line: &[u8]| -> Result<(), ClientError> {
+            let line = std::str::from_utf8(line)
+                .map_err(|e| ClientError::Protocol(format!("{url}: not UTF-8: {e}")))?
+                .trim();
+            if !line.is_empty() {
+                lines += 1;
+                each_line(line)?;
+            }
+            Ok(())
+        };
+        let mut stream = response.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            pending.extend_from_slice(&chunk?);
+            let mut start = 0;
+            while let Some(end) = pending[start..].iter().position(|b| *b == b'\n') {
+                emit(&pending[start..start + end])?;
+                start += end + 1;
+            }
+            pending.drain(..start);
+        }
+        emit(&pending)?;
+        Ok(lines)
+    }
+
+    /// Deletes a job (the client is done with it, or cancels it).
+    pub async fn delete(&self, status_url: &str) -> Result<(), ClientError> {
+        let response = self
+            .http
+            .delete(status_url)
+            .bearer_auth(&self.token.access_token)
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Err(refused(response, "delete").await);
+        }
+        Ok(())
+    }
+}
+
+/// The JSON body of a 2xx answer, or [`ClientError::Refused`].
+async fn ok_json(response: reqwest::Response, step: &'static str) -> Result<Value, ClientError> {
+    if !response.status().is_success() {
+        return Err(refused(response, step).await);
+    }
+    Ok(response.json().await?)
+}
+
+async fn refused(response: reqwest::Response, step: &'static str) -> ClientError {
+    let status = response.status();
+    let body = response.text().await.unwrap_or_default();
+    ClientError::Refused { step, status, body }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::keygen::{self, KeyAlgorithm};
+
+    #[test]
+    fn a_keygen_key_signs_assertions_with_its_algorithm_and_kid() {
+        for algorithm in [KeyAlgorithm::Es384, KeyAlgorithm::Rs384] {
+            let generated = keygen::generate(algorithm).unwrap();
+            let key = ClientKey::from_json(&generated.private_jwk).unwrap();
+            assert_eq!(key.alg(), algorithm.name());
+            let jwt = key.assertion("c1", "http://proxy/token").unwrap();
+            let parts: Vec<&str> = jwt.split('.').collect();
+            assert_eq!(parts.len(), 3);
+            let header: Value =
+                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[0]).unwrap()).unwrap();
+            let claims: Value =
+                serde_json::from_slice(&URL_SAFE_NO_PAD.decode(parts[1]).unwrap()).unwrap();
+            assert_eq!(header["kid"], generated.kid.as_str());
+            assert_eq!(header["alg"], algorithm.name());
+            assert_eq!(claims["iss"], "c1");
+            assert_eq!(claims["sub"], "c1");
+            assert_eq!(claims["aud"], "http://proxy/token");
+        }
+    }
+
+    #[test]
+    fn a_key_without_kid_or_of_another_type_is_refused() {
+        let mut generated = keygen::generate(KeyAlgorithm::Es384).unwrap().private_jwk;
+        generated.as_object_mut().unwrap().remove("kid");
+        assert!(ClientKey::from_json(&generated).is_err());
+        assert!(ClientKey::from_json(&json!({"kty": "oct", "k": "AAAA", "kid": "x"})).is_err());
+        assert!(ClientKey::from_json(&json!("not a key")).is_err());
+    }
+}
