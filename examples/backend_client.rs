@@ -13,8 +13,8 @@
 //! Environment: `BULK_BASE` (the proxy's FHIR base URL), `BULK_CLIENT_ID`, `BULK_CLIENT_KEY` (a file
 //! with the private JWK); optional: `BULK_SCOPE` (default `system/*.read`), `BULK_EXPORT` (the
 //! kick-off path under the base: `$export` (default), `Patient/$export`, `Group/ID/$export`),
-//! `BULK_TYPES` (a `_type` list), `BULK_OUT` (a directory to save the files in, as
-//! `TYPE.N.ndjson` and `error.N.ndjson`), `BULK_TOKEN_ONLY=1` (stop after printing the token).
+//! `BULK_TYPES` (a `_type` list), `BULK_OUT` (a directory to save the manifest and the files in,
+//! as `manifest.json`, `TYPE.N.ndjson` and `error.N.ndjson`), `BULK_TOKEN_ONLY=1` (stop after printing the token).
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -75,6 +75,9 @@ async fn main() -> anyhow::Result<()> {
     // 5. Download every file with the same token (the manifest says requiresAccessToken).
     if let Some(dir) = &out {
         std::fs::create_dir_all(dir).with_context(|| dir.display().to_string())?;
+        let path = dir.join("manifest.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&manifest)?)
+            .with_context(|| path.display().to_string())?;
     }
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     let mut numbers: BTreeMap<String, u32> = BTreeMap::new();
