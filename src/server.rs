@@ -30,7 +30,11 @@ pub async fn run(
     let grace = config.shutdown_grace();
     let app = Arc::new(App::new(config).await?);
     let workers_stop = tokio_util::sync::CancellationToken::new();
-    let workers = app.exporter.spawn(workers_stop.clone());
+    let mut workers = app.exporter.spawn(workers_stop.clone());
+    workers.push(crate::telemetry::metrics::spawn_upkeep(
+        app.metrics.clone(),
+        workers_stop.clone(),
+    ));
     tracing::info!(
         listen = %listener.local_addr()?,
         tls = tls.is_some(),

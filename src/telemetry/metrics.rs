@@ -70,3 +70,20 @@ impl Drop for InFlight {
         metrics::gauge!(IN_FLIGHT).decrement(1.0);
     }
 }
+
+/// Drains histogram samples into their buckets every few seconds. Without it the recorder keeps
+/// every sample until `/metrics` is scraped: memory grows with traffic on an unscraped proxy.
+pub fn spawn_upkeep(
+    handle: PrometheusHandle,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = every.tick() => handle.run_upkeep(),
+                () = shutdown.cancelled() => return,
+            }
+        }
+    })
+}

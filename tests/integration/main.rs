@@ -12,3 +12,4 @@ mod passthrough;
 mod reference_config;
 mod replicas;
 mod store_contract;
+mod tls;

@@ -58,9 +58,18 @@ impl TestProxy {
 
     /// Start-up (store, keys, clients) happens inside `server::run`: wait until it answers.
     async fn wait_until_serving(&self) {
-        let client = reqwest::Client::new();
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(true)
+            .build()
+            .unwrap();
+        let scheme = if self.config.server.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let health = format!("{scheme}://{}/healthz", self.addr);
         for _ in 0..200 {
-            if let Ok(response) = client.get(self.root("/healthz")).send().await {
+            if let Ok(response) = client.get(&health).send().await {
                 if response.status().is_success() {
                     return;
                 }
