@@ -64,7 +64,10 @@ impl App {
         if let Some(value) = config.upstream.auth.authorization() {
             upstream_headers.insert(header::AUTHORIZATION, value.parse()?);
         }
-        let pager = Pager::new(&config, upstream_headers)?;
+        let mut pager = Pager::new(&config, upstream_headers)?;
+        if config.store.backend == StoreBackend::Redis {
+            pager = pager.with_fleet_cap(store.clone());
+        }
         let exporter = Arc::new(Exporter::new(
             store.clone(),
             storage.clone(),

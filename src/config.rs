@@ -160,7 +160,8 @@ pub struct ExportConfig {
     pub page_size: u32,
     /// Units (searches) one replica works on at once. Default 4.
     pub workers: usize,
-    /// Cap on concurrent upstream search requests from one replica. Default 8.
+    /// Cap on concurrent upstream search requests: from all replicas together with the Redis
+    /// store, from this replica with the embedded one. Default 8.
     pub max_upstream_concurrency: usize,
     /// Patients per search at Patient and Group level (`patient=a,b,c`). Default 100.
     pub patient_batch_size: usize,

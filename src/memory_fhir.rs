@@ -57,6 +57,26 @@ pub struct Counters {
     pub searches: AtomicU64,
     /// Pages served (first and following).
     pub pages: AtomicU64,
+    /// Searches being answered now, and the most at once so far.
+    pub in_flight: AtomicU64,
+    pub max_in_flight: AtomicU64,
+}
+
+/// Counts a search in `in_flight` until dropped.
+struct InFlight<'a>(&'a Counters);
+
+impl<'a> InFlight<'a> {
+    fn start(counters: &'a Counters) -> Self {
+        let now = counters.in_flight.fetch_add(1, Ordering::SeqCst) + 1;
+        counters.max_in_flight.fetch_max(now, Ordering::SeqCst);
+        Self(counters)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 struct Inner {
@@ -364,6 +384,7 @@ async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
         .find(|(k, _)| k == "_offset")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
+    let _in_flight = InFlight::start(&inner.counters);
     let faults = &inner.faults;
     let latency = faults.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {

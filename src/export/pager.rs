@@ -14,6 +14,13 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::config::Config;
+use crate::store::JobStore;
+
+fn now_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -40,6 +47,10 @@ pub struct Pager {
     retry_max: Duration,
     max_page_bytes: usize,
     permits: Arc<Semaphore>,
+    max_concurrency: usize,
+    /// The fleet-wide cap (Redis): `None` when this replica is the whole fleet.
+    fleet: Option<Arc<dyn JobStore>>,
+    page_timeout: Duration,
 }
 
 impl Pager {
@@ -47,6 +58,10 @@ impl Pager {
         let e = &config.export;
         let mut headers = headers;
         headers.insert(ACCEPT, HeaderValue::from_static("application/fhir+json"));
+        // An upstream that ignores a search parameter it does not know (hfs, HAPI's default)
+        // would silently widen a `_typeFilter` to the whole type; strict handling makes it a
+        // 400, which lands in the error file instead.
+        headers.insert("prefer", HeaderValue::from_static("handling=strict"));
         let client = reqwest::Client::builder()
             .default_headers(headers)
             .connect_timeout(config.connect_timeout())
@@ -64,7 +79,16 @@ impl Pager {
             retry_max: Duration::from_millis(e.retry_max_ms),
             max_page_bytes: e.max_page_bytes,
             permits: Arc::new(Semaphore::new(e.max_upstream_concurrency)),
+            max_concurrency: e.max_upstream_concurrency,
+            fleet: None,
+            page_timeout: Duration::from_millis(e.page_timeout_ms),
         })
+    }
+
+    /// Makes `export.max_upstream_concurrency` hold for every replica sharing `store` together.
+    pub fn with_fleet_cap(mut self, store: Arc<dyn JobStore>) -> Self {
+        self.fleet = Some(store);
+        self
     }
 
     /// The first URL of a search (`Type?query` relative to the upstream base), bounded by
@@ -159,6 +183,37 @@ impl Pager {
             reason: "shutting down".into(),
             retry_after: None,
         })?;
+        let Some(fleet) = &self.fleet else {
+            return self.request(url).await;
+        };
+        let holder = uuid::Uuid::new_v4().to_string();
+        loop {
+            let now = now_millis();
+            // A crashed holder's slot frees itself once its request could no longer be running.
+            let expires = now + self.page_timeout.as_millis() as u64 + 5_000;
+            match fleet
+                .acquire_slot(&holder, now, expires, self.max_concurrency)
+                .await
+            {
+                Ok(true) => break,
+                Ok(false) => tokio::time::sleep(Duration::from_millis(20)).await,
+                Err(e) => {
+                    return Err(Attempt::Retry {
+                        reason: e.to_string(),
+                        retry_after: None,
+                    });
+                }
+            }
+        }
+        let result = self.request(url).await;
+        if let Err(e) = fleet.release_slot(&holder).await {
+            tracing::debug!(error = %e, "cannot release an upstream slot; it expires by itself");
+        }
+        result
+    }
+
+    /// One upstream GET, its body read up to the page limit.
+    async fn request(&self, url: &str) -> Result<Bytes, Attempt> {
         let response = self
             .client
             .get(url)

@@ -152,7 +152,34 @@ impl Exporter {
                 }
                 (None, _) => break,
             };
-            let body = match self.pager.fetch(&url, is_next).await {
+            let fetched = {
+                let fetch = self.pager.fetch(&url, is_next);
+                tokio::pin!(fetch);
+                // Heartbeat: a page that takes longer than the lease (a slow upstream, retries)
+                // must not let another replica take the unit over.
+                let mut beat =
+                    tokio::time::interval(Duration::from_secs((self.config.lease_secs / 3).max(1)));
+                beat.tick().await;
+                loop {
+                    tokio::select! {
+                        result = &mut fetch => break Some(result),
+                        () = shutdown.cancelled() => break None,
+                        _ = beat.tick() => {
+                            unit.lease_until = now_unix() + self.config.lease_secs;
+                            if let Ok(false) = self.store.save_unit(&unit, worker).await {
+                                return self.lost(&unit).await;
+                            }
+                        }
+                    }
+                }
+            };
+            let Some(fetched) = fetched else {
+                // SIGTERM: give the unit back at once; another replica resumes from the last
+                // checkpoint (the page in flight is fetched again there).
+                let _ = self.store.release_unit(&unit, worker).await;
+                return;
+            };
+            let body = match fetched {
                 Ok(body) => body,
                 Err(FetchError::Expired(status)) if expiries < MAX_EXPIRIES => {
                     expiries += 1;
@@ -175,7 +202,9 @@ impl Exporter {
                 }
             };
             let lines = skip_already_written(content.lines, &unit.checkpoint);
+            let committed = unit.checkpoint.clone();
             if let Err(e) = writer.write(&mut unit.checkpoint.files, &lines).await {
+                unit.checkpoint = committed;
                 // A storage failure is not the unit's fault: leave it to another attempt.
                 tracing::error!(error = %e, "cannot write export files; releasing the unit");
                 let _ = self.store.release_unit(&unit, worker).await;

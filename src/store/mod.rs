@@ -109,4 +109,22 @@ pub trait JobStore: Send + Sync + 'static {
         now: UnixSecs,
         expires_at: UnixSecs,
     ) -> Result<bool, StoreError>;
+
+    /// Takes one of `max` fleet-wide upstream request slots for `holder` until `expires_ms`
+    /// (a crashed holder's slot frees itself then). Returns false when all are taken. The default
+    /// — one node — always grants: the replica's own semaphore is then the whole cap.
+    async fn acquire_slot(
+        &self,
+        _holder: &str,
+        _now_ms: u64,
+        _expires_ms: u64,
+        _max: usize,
+    ) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Gives a slot back.
+    async fn release_slot(&self, _holder: &str) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

@@ -30,6 +30,7 @@
 //! | `claimable`               | zset   | `{id}:{i}` scored by lease_until (0 = Pending) for the unfinished units of Running jobs |
 //! | `poll:{id}`               | string | last accepted poll (Unix ms), expires after the interval |
 //! | `jti:{len(iss)}:{iss}:{jti}` | string | expires_at, expires with it                        |
+//! | `upstream-slots`          | zset   | holder → expiry (Unix ms): the fleet-wide upstream request cap |
 //!
 //! `claimable` holds only units of Running jobs ([`JobStore::put_job`] removes a job's members when
 //! it leaves Running), so claiming is one `ZRANGEBYSCORE … LIMIT 0 1` below `now`: expired leases
@@ -208,6 +209,17 @@ end
 return 1
 ";
 
+/// `KEYS[1]` the slots sorted set (holder → expiry ms); `ARGV`: holder, now_ms, expires_ms, max.
+/// Returns 1 when the holder has a slot, 0 when all `max` are taken by live holders.
+const ACQUIRE_SLOT: &str = r"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) or redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[4]) then
+  redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+  return 1
+end
+return 0
+";
+
 struct Scripts {
     create_job: Script,
     put_job: Script,
@@ -217,6 +229,7 @@ struct Scripts {
     release_unit: Script,
     record_poll: Script,
     first_use: Script,
+    acquire_slot: Script,
 }
 
 /// The Redis job store. Cheap to clone; clones share the connection.
@@ -302,6 +315,7 @@ impl RedisStore {
                 release_unit: Script::new(RELEASE_UNIT),
                 record_poll: Script::new(RECORD_POLL),
                 first_use: Script::new(FIRST_USE),
+                acquire_slot: Script::new(ACQUIRE_SLOT),
             }),
         })
     }
@@ -526,5 +540,34 @@ impl JobStore for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(first == 1)
+    }
+
+    async fn acquire_slot(
+        &self,
+        holder: &str,
+        now_ms: u64,
+        expires_ms: u64,
+        max: usize,
+    ) -> Result<bool, StoreError> {
+        let granted: i64 = self
+            .scripts
+            .acquire_slot
+            .key(self.key(&["upstream-slots"]))
+            .arg(holder)
+            .arg(now_ms)
+            .arg(expires_ms)
+            .arg(max)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(granted == 1)
+    }
+
+    async fn release_slot(&self, holder: &str) -> Result<(), StoreError> {
+        let _: i64 = ::redis::cmd("ZREM")
+            .arg(self.key(&["upstream-slots"]))
+            .arg(holder)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
     }
 }

@@ -179,3 +179,54 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     }
     assert!(fleet.fhir.counters.searches.load(Ordering::SeqCst) > 0);
 }
+
+#[tokio::test]
+async fn the_upstream_concurrency_cap_holds_for_the_whole_fleet() {
+    let fleet = fleet(2, |c| {
+        c.export.workers = 4;
+        c.export.max_upstream_concurrency = 3;
+        c.export.page_size = 20;
+    })
+    .await;
+    fleet.fhir.faults.latency_ms.store(30, Ordering::SeqCst);
+    let token = token(&fleet, 0).await;
+    let mut status_urls = Vec::new();
+    // Two exports, one through each replica, so both replicas' workers page at once.
+    for proxy in &fleet.proxies {
+        let response = client()
+            .get(proxy.url("/$export?_type=Observation,Encounter,Claim,ExplanationOfBenefit"))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        status_urls.push(
+            response.headers()["content-location"]
+                .to_str()
+                .unwrap()
+                .to_owned(),
+        );
+    }
+    for status_url in &status_urls {
+        for _ in 0..300 {
+            let response = client()
+                .get(on(&fleet.proxies[0], status_url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            if response.status() == 200 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        }
+    }
+    let max = fleet.fhir.counters.max_in_flight.load(Ordering::SeqCst);
+    assert!(
+        max <= 3,
+        "{max} searches at once against a fleet-wide cap of 3"
+    );
+    assert!(max >= 2, "the fleet did work in parallel ({max})");
+}
