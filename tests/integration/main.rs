@@ -7,6 +7,7 @@ mod support;
 mod auth;
 mod demo;
 mod export;
+mod fleet;
 mod operations;
 mod passthrough;
 mod reference_config;

@@ -39,6 +39,27 @@ impl RedisServer {
         }
     }
 
+    /// Freezes the server (SIGSTOP): connections hang, as when Redis is unreachable; its data is
+    /// kept for [`RedisServer::resume`].
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Thaws a paused server (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = &self.child {
+            let status = Command::new("kill")
+                .args([signal, &child.id().to_string()])
+                .status()
+                .expect("kill");
+            assert!(status.success(), "kill {signal}");
+        }
+    }
+
     /// Stops the server if it runs, and starts an empty one on the same port.
     pub fn restart(&mut self) {
         self.stop();

@@ -1,0 +1,386 @@
+//! Real proxy processes (the binary) sharing one Redis and one file directory: replicas killed
+//! with SIGKILL mid-export, stopped with SIGTERM, and Redis frozen for 10 s. The export must still
+//! complete with every upstream resource exactly once.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use fhir_bulk_proxy::config::{Config, StoreBackend};
+use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use serde_json::Value;
+
+use crate::support::client;
+use crate::support::redis::RedisServer;
+use crate::support::smart::{SmartClient, token_form};
+
+const PUBLIC: &str = "http://fhir.example.test/fhir";
+
+/// One proxy process.
+struct Replica {
+    port: u16,
+    child: Option<Child>,
+    config_path: std::path::PathBuf,
+}
+
+impl Replica {
+    fn spawn(config_path: &std::path::Path, port: u16) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
+            .args(["--config", &config_path.display().to_string()])
+            .env("BULK_PROXY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("BULK_PROXY_LOG__LEVEL", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the proxy binary");
+        let replica = Self {
+            port,
+            child: Some(child),
+            config_path: config_path.to_owned(),
+        };
+        replica.wait_ready();
+        replica
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("replica on {} did not start", self.port);
+    }
+
+    fn base(&self) -> String {
+        format!("http://127.0.0.1:{}/fhir", self.port)
+    }
+
+    fn is_up(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// SIGKILL: no checkpoint, no release; its leases must lapse.
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the replica did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn restart(&mut self) {
+        self.kill9();
+        let fresh = Self::spawn(&self.config_path, self.port);
+        *self = fresh;
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Fleet {
+    fhir: RunningFhir,
+    redis: RedisServer,
+    replicas: Vec<Replica>,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+/// `replicas` proxy processes over one Redis, in front of `patients` × (1 + `per_patient`)
+/// synthetic resources.
+async fn fleet(replicas: usize, patients: usize, per_patient: usize) -> Fleet {
+    let fhir = MemoryFhir::new()
+        .synthetic(patients, per_patient)
+        .start()
+        .await
+        .unwrap();
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.upstream.url = fhir.url();
+    config.server.public_url = Some(PUBLIC.into());
+    config.server.shutdown_grace_secs = 10;
+    config.store.backend = StoreBackend::Redis;
+    config.store.redis_url = Some(redis.url());
+    config.storage.path = dir.path().join("files");
+    config.export.page_size = 100;
+    config.export.patient_batch_size = 25;
+    config.export.lease_secs = 3;
+    config.export.poll_retry_after_secs = 1;
+    config.export.retry_base_ms = 200;
+    config.export.retry_max_attempts = 20;
+    config.export.max_active_jobs_per_client = 5;
+    let client = SmartClient::register(&mut config);
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let replicas: Vec<Replica> = (0..replicas)
+        .map(|_| Replica::spawn(&config_path, free_port()))
+        .collect();
+
+    let assertion = client.key.assertion(&client.id, &format!("{PUBLIC}/token"));
+    let response = client_post_token(&replicas[0], &assertion).await;
+    let body: Value = response.json().await.unwrap();
+    let token = body["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_owned();
+    Fleet {
+        fhir,
+        redis,
+        replicas,
+        token,
+        _dir: dir,
+    }
+}
+
+async fn client_post_token(replica: &Replica, assertion: &str) -> reqwest::Response {
+    client()
+        .post(format!("{}/token", replica.base()))
+        .form(&token_form(assertion, "system/*.read"))
+        .send()
+        .await
+        .unwrap()
+}
+
+impl Fleet {
+    async fn kick_off(&self, path: &str) -> String {
+        let response = client()
+            .get(format!("{}{path}", self.replicas[0].base()))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202);
+        response.headers()["content-location"]
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// The URL on a live replica, chosen round-robin.
+    fn on(&self, url: &str, turn: usize) -> String {
+        let live: Vec<&Replica> = self.replicas.iter().filter(|r| r.is_up()).collect();
+        url.replace(PUBLIC, &live[turn % live.len()].base())
+    }
+
+    /// Polls round-robin across the live replicas until the manifest arrives.
+    async fn manifest(&self, status_url: &str) -> Value {
+        for turn in 0..400 {
+            let response = client()
+                .get(self.on(status_url, turn))
+                .bearer_auth(&self.token)
+                .send()
+                .await;
+            match response.map(|r| (r.status().as_u16(), r)) {
+                Ok((200, response)) => return response.json().await.unwrap(),
+                Ok((202 | 429 | 503, _)) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await
+                }
+                Ok((status, response)) => {
+                    panic!("status {status}: {}", response.text().await.unwrap())
+                }
+            }
+        }
+        panic!("the export did not finish");
+    }
+
+    /// Ids per type from the manifest's files, asserting none twice.
+    async fn ids(&self, manifest: &Value) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (turn, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
+            let text = client()
+                .get(self.on(item["url"].as_str().unwrap(), turn))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for line in text.lines() {
+                let resource: Value = serde_json::from_str(line).unwrap();
+                let t = resource["resourceType"].as_str().unwrap().to_owned();
+                let id = resource["id"].as_str().unwrap().to_owned();
+                assert!(
+                    out.entry(t.clone()).or_default().insert(id.clone()),
+                    "{t}/{id} twice"
+                );
+            }
+        }
+        out
+    }
+
+    fn assert_exact(&self, got: &BTreeMap<String, BTreeSet<String>>) {
+        for t in ["Patient", "Observation"] {
+            let want: BTreeSet<String> = self.fhir.ids(t).into_iter().collect();
+            let missing = want.difference(&got[t]).count();
+            let extra = got[t].difference(&want).count();
+            assert!(
+                missing == 0 && extra == 0,
+                "{t}: {} exported, {} upstream, {missing} missing, {extra} extra",
+                got[t].len(),
+                want.len()
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_killed_mid_export_lose_and_duplicate_nothing() {
+    let mut fleet = fleet(3, 200, 100).await;
+    fleet.fhir.faults.latency_ms.store(15, Ordering::SeqCst);
+    let status_url = fleet
+        .kick_off("/Patient/$export?_type=Patient,Observation")
+        .await;
+    // Kill a replica mid-export, several times over, bringing each back.
+    let mut pages_at_last_kill = 0;
+    for round in 0..3 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let victim = round % fleet.replicas.len();
+        pages_at_last_kill = fleet.fhir.counters.pages.load(Ordering::SeqCst);
+        fleet.replicas[victim].kill9();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fleet.replicas[victim].restart();
+    }
+    let manifest = fleet.manifest(&status_url).await;
+    let pages = fleet.fhir.counters.pages.load(Ordering::SeqCst);
+    assert!(
+        pages > pages_at_last_kill,
+        "the kills happened mid-export ({pages_at_last_kill} of {pages} pages)"
+    );
+    let got = fleet.ids(&manifest).await;
+    assert_eq!(got["Observation"].len(), 20_000);
+    fleet.assert_exact(&got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_stopped_with_sigterm_hands_its_work_over_and_exits_zero() {
+    let mut fleet = fleet(2, 100, 100).await;
+    fleet.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
+    let status_url = fleet.kick_off("/$export?_type=Patient,Observation").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let started = Instant::now();
+    let status = fleet.replicas[0].terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "stopped within the grace period"
+    );
+    let manifest = fleet.manifest(&status_url).await;
+    let got = fleet.ids(&manifest).await;
+    fleet.assert_exact(&got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
+    let fleet = fleet(2, 100, 50).await;
+    fleet.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
+    let status_url = fleet.kick_off("/$export?_type=Patient,Observation").await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    fleet.redis.pause();
+    let started = Instant::now();
+    let response = client()
+        .get(fleet.on(&status_url, 0))
+        .bearer_auth(&fleet.token)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503, "status while Redis is unreachable");
+    assert!(response.headers().contains_key("retry-after"));
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
+    let kick_off = client()
+        .get(format!(
+            "{}/$export?_type=Patient",
+            fleet.replicas[1].base()
+        ))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(&fleet.token)
+        .timeout(Duration::from_secs(15))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        kick_off.status(),
+        503,
+        "kick-off while Redis is unreachable"
+    );
+    let elapsed = started.elapsed();
+    if elapsed < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_secs(10) - elapsed).await;
+    }
+    fleet.redis.resume();
+    let manifest = fleet.manifest(&status_url).await;
+    let got = fleet.ids(&manifest).await;
+    fleet.assert_exact(&got);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_lost_with_an_emptied_redis_answer_404() {
+    let mut fleet = fleet(1, 20, 5).await;
+    let status_url = fleet.kick_off("/$export?_type=Patient").await;
+    let _ = fleet.manifest(&status_url).await;
+    fleet.redis.restart();
+    // The replica reconnects; the job is gone, and says so.
+    let mut last = 0;
+    for _ in 0..40 {
+        let response = client()
+            .get(fleet.on(&status_url, 0))
+            .bearer_auth(&fleet.token)
+            .send()
+            .await
+            .unwrap();
+        last = response.status().as_u16();
+        if last == 404 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["resourceType"], "OperationOutcome");
+            assert!(
+                body["issue"][0]["diagnostics"]
+                    .as_str()
+                    .unwrap()
+                    .contains("no export job")
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(last, 404);
+}
