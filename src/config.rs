@@ -54,6 +54,9 @@ pub struct ServerConfig {
     /// Largest request body the proxy reads itself (kick-off, token), in bytes. Passthrough bodies are
     /// streamed and not limited. Default 1 MiB.
     pub max_body_bytes: usize,
+    /// Runtime worker threads; 0 = one per CPU. A sidecar with a CPU limit of 1 does best with 1.
+    /// Default 0.
+    pub worker_threads: usize,
 }
 
 /// Certificate and key for the listener.
@@ -120,6 +123,7 @@ impl Default for ServerConfig {
             tls: None,
             shutdown_grace_secs: 30,
             max_body_bytes: 1024 * 1024,
+            worker_threads: 0,
         }
     }
 }

@@ -77,7 +77,11 @@ fn main() -> anyhow::Result<()> {
 
 fn run(config: Config) -> anyhow::Result<()> {
     telemetry::init(&config.log)?;
-    let runtime = tokio::runtime::Runtime::new()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    let runtime = runtime.enable_all().build()?;
     runtime.block_on(async {
         let listen = config.listen_addr()?;
         let listener = tokio::net::TcpListener::bind(listen)

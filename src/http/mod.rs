@@ -23,7 +23,9 @@ use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{
+    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
+};
 use tracing::Instrument;
 
 use crate::app::AppState;
@@ -69,7 +71,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(protected_passthrough)
         .layer(middleware::from_fn_with_state(state.clone(), observe))
         .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(SetRequestIdLayer::x_request_id(NextRequestId::default()))
         .with_state(state)
 }
 
@@ -156,15 +158,14 @@ async fn observe(State(app): State<AppState>, request: Request, next: Next) -> R
             .map(MatchedPath::as_str),
         app.auth.token_path(),
     );
-    let request_id = request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    // The span's fields are only formatted when info logging is on.
     let span = tracing::info_span!(
         "request",
-        id = %request_id,
+        id = request
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or(""),
         method = %request.method(),
         path = %request.uri().path(),
         route,
@@ -183,4 +184,33 @@ async fn observe(State(app): State<AppState>, request: Request, next: Next) -> R
         );
     });
     response
+}
+
+/// Request ids for requests that come without one: a random per-process prefix and a counter,
+/// unique across replicas without a random-number system call per request (as a UUID v4 costs).
+#[derive(Clone)]
+struct NextRequestId {
+    prefix: std::sync::Arc<str>,
+    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Default for NextRequestId {
+    fn default() -> Self {
+        let random = uuid::Uuid::new_v4().simple().to_string();
+        Self {
+            prefix: random[..16].into(),
+            counter: Default::default(),
+        }
+    }
+}
+
+impl MakeRequestId for NextRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        let n = self
+            .counter
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        axum::http::HeaderValue::from_str(&format!("{}-{n:08x}", self.prefix))
+            .ok()
+            .map(RequestId::new)
+    }
 }

@@ -50,7 +50,7 @@ pub fn upstream(route: &'static str, outcome: &'static str, elapsed: Duration) {
 
 /// Records one answered request.
 pub fn request(route: &'static str, status: u16, elapsed: Duration) {
-    metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status.to_string())
+    metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status_label(status))
         .increment(1);
     metrics::histogram!(REQUEST_DURATION, "route" => route).record(elapsed.as_secs_f64());
 }
@@ -86,4 +86,27 @@ pub fn spawn_upkeep(
             }
         }
     })
+}
+
+/// The status as a label, without allocating for the common codes.
+fn status_label(status: u16) -> metrics::SharedString {
+    let common = match status {
+        200 => "200",
+        201 => "201",
+        202 => "202",
+        204 => "204",
+        206 => "206",
+        304 => "304",
+        400 => "400",
+        401 => "401",
+        403 => "403",
+        404 => "404",
+        429 => "429",
+        500 => "500",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => return status.to_string().into(),
+    };
+    common.into()
 }
