@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fhir_bulk_proxy::auth::keygen;
 use fhir_bulk_proxy::{config::Config, server, telemetry};
@@ -53,58 +52,21 @@ fn main() -> anyhow::Result<()> {
         scopes,
     } = &command
     {
+        // Needs no configuration: it runs before the proxy is set up.
         let key = keygen::generate(*alg)?;
-        print!(
-            "{}",
-            keygen::Report {
-                client_id,
-                scopes,
-                key: &key
-            }
-        );
+        let report = keygen::Report {
+            client_id,
+            scopes,
+            key: &key,
+        };
+        print!("{report}");
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
-    match command {
-        Command::Keygen { .. } => Ok(()),
-        Command::CheckConfig => {
-            println!("configuration is valid (upstream {})", config.upstream.url);
-            Ok(())
-        }
-        Command::Run => run(config),
+    if let Command::CheckConfig = command {
+        println!("configuration is valid (upstream {})", config.upstream.url);
+        return Ok(());
     }
-}
-
-fn run(config: Config) -> anyhow::Result<()> {
     telemetry::init(&config.log)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.server.worker_threads > 0 {
-        runtime.worker_threads(config.server.worker_threads);
-    }
-    let runtime = runtime.enable_all().build()?;
-    runtime.block_on(async {
-        let listen = config.listen_addr()?;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("server.listen: cannot bind {listen}"))?;
-        server::run(config, listener, shutdown_signal()).await
-    })
-}
-
-/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler");
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
-    tracing::info!("shutdown signal received");
+    server::run_until_signal(config)
 }

@@ -20,6 +20,45 @@ use crate::app::App;
 use crate::config::{Config, TlsConfig};
 use crate::http;
 
+/// The binary's entry point: builds the runtime (`server.worker_threads`), binds `server.listen`
+/// and serves until SIGTERM or SIGINT.
+pub fn run_until_signal(config: Config) -> anyhow::Result<()> {
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.worker_threads > 0 {
+        runtime.worker_threads(config.server.worker_threads);
+    }
+    runtime.enable_all().build()?.block_on(async {
+        let listen = config.listen_addr()?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("server.listen: cannot bind {listen}"))?;
+        run(config, listener, shutdown_signal()).await
+    })
+}
+
+/// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the proxy");
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+    tracing::info!("shutdown signal received");
+}
+
 /// Serves `config` on `listener` until `shutdown` resolves, then drains within the grace period.
 pub async fn run(
     config: Config,
