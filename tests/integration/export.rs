@@ -1086,7 +1086,8 @@ both!(
 );
 async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     let s = Setup::new(store, |c| {
-        c.export.job_ttl_secs = 1;
+        // Long enough to fetch the manifest on a loaded machine, short enough to wait for.
+        c.export.job_ttl_secs = 4;
         c.export.sweep_interval_secs = 1;
     })
     .await;
@@ -1095,7 +1096,7 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     assert!(s.proxy.config.storage.path.join(&job_id).exists());
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(3500)).await;
+    tokio::time::sleep(Duration::from_millis(6500)).await;
     let response = client()
         .get(&status_url)
         .bearer_auth(&s.token)
