@@ -116,6 +116,14 @@ async fn fetch(app: &App, client_headers: Option<&HeaderMap>) -> Result<Fetched,
             headers.insert(name, value.clone());
         }
     }
+    // The proxy's own credentials when the client sent none (planning an export needs it).
+    if !headers.contains_key(header::AUTHORIZATION) {
+        if let Some(value) = app.config.upstream.auth.authorization() {
+            if let Ok(value) = value.parse() {
+                headers.insert(header::AUTHORIZATION, value);
+            }
+        }
+    }
     let (parts, body) = app
         .upstream
         .get_small("metadata", "/metadata", headers, MAX_CAPABILITY_BYTES)

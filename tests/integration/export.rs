@@ -256,7 +256,10 @@ pub fn assert_same(
     }
 }
 
-fn expected(fhir: &RunningFhir, patients: Option<&[String]>) -> BTreeMap<String, BTreeSet<String>> {
+pub fn expected(
+    fhir: &RunningFhir,
+    patients: Option<&[String]>,
+) -> BTreeMap<String, BTreeSet<String>> {
     fhir.types()
         .into_iter()
         .map(|t| {
@@ -270,7 +273,7 @@ fn expected(fhir: &RunningFhir, patients: Option<&[String]>) -> BTreeMap<String,
         .collect()
 }
 
-fn group_members() -> Vec<String> {
+pub fn group_members() -> Vec<String> {
     let text = std::fs::read_to_string(fixture_dir().join("Group.ndjson")).unwrap();
     let group: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     group["member"]
@@ -1115,4 +1118,47 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
         !s.proxy.config.storage.path.join(&job_id).exists(),
         "files swept"
     );
+}
+
+both!(
+    the_proxy_authenticates_to_an_upstream_that_requires_it,
+    the_proxy_authenticates_to_an_upstream_that_requires_it_on
+);
+async fn the_proxy_authenticates_to_an_upstream_that_requires_it_on(store: Store) {
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .require_bearer("upstream-secret")
+        .start()
+        .await
+        .unwrap();
+    let s = Setup::with_upstream(store, fhir, |c| {
+        c.upstream.auth.scheme = fhir_bulk_proxy::config::UpstreamAuthScheme::Bearer;
+        c.upstream.auth.token = Some("upstream-secret".into());
+    })
+    .await;
+    let (_, files) = s
+        .export(&format!("/Group/{GROUP}/$export?_type=Patient,Condition"))
+        .await;
+    let got = ids(&files);
+    assert_eq!(got["Patient"].len(), 10);
+    assert_eq!(got["Condition"].len(), s.fhir.ids("Condition").len());
+}
+
+both!(
+    files_are_split_at_the_configured_size,
+    files_are_split_at_the_configured_size_on
+);
+async fn files_are_split_at_the_configured_size_on(store: Store) {
+    let s = Setup::new(store, |c| c.export.max_file_resources = 300).await;
+    let (manifest, files) = s.export("/$export?_type=Observation").await;
+    let counts: Vec<u64> = manifest["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts.len(), 5, "{counts:?}");
+    assert!(counts.iter().all(|c| *c <= 300), "{counts:?}");
+    assert_eq!(ids(&files)["Observation"].len(), 1369);
 }
