@@ -59,7 +59,7 @@ impl App {
                 RedisStore::connect(config.store.redis_url.as_deref().unwrap_or_default()).await?,
             ),
         };
-        let storage = Storage::local(&config.storage.path)?;
+        let storage = Storage::from_config(&config.storage)?;
         let mut upstream_headers = axum::http::HeaderMap::new();
         if let Some(value) = config.upstream.auth.authorization() {
             upstream_headers.insert(header::AUTHORIZATION, value.parse()?);

@@ -49,6 +49,24 @@ pub struct OutputFile {
     /// Number of lines (resources).
     pub count: u64,
     pub bytes: u64,
+    /// Object storage only: the file's multipart upload while it is not complete (absent for local
+    /// files and for complete objects, so manifests never carry it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<Upload>,
+}
+
+/// A multipart upload in progress, as committed in a checkpoint: a resumed writer continues it
+/// with part number `parts.len()` instead of starting the file again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Upload {
+    /// The upload id the object store gave.
+    pub id: String,
+    /// Every uploaded part's id (ETag), in order.
+    pub parts: Vec<String>,
+    /// All the file's bytes are uploaded; only the completion is left (done after the checkpoint
+    /// that records this is saved, and again, idempotently, by whoever resumes).
+    #[serde(default)]
+    pub sealed: bool,
 }
 
 /// An export job.

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +24,7 @@ use super::pager::{FetchError, Pager};
 use super::writer::UnitWriter;
 use crate::config::ExportConfig;
 use crate::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, now_unix};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 use crate::store::JobStore;
 
 /// Ids tracked at the last `meta.lastUpdated`; past this a unit restarts from scratch when its
@@ -128,23 +128,29 @@ impl Exporter {
             }
         };
         let upper = upper_bound(&job);
-        let prefix = format!("{}.u{}", unit.resource_type, unit.index);
-        let mut writer = UnitWriter::new(
+        let writer = UnitWriter::resume(
             &self.storage,
             &job.id,
-            prefix,
+            format!("{}.u{}", unit.resource_type, unit.index),
             &unit.resource_type,
-            self.config.max_file_bytes,
-            self.config.max_file_resources,
-        );
+            (self.config.max_file_bytes, self.config.max_file_resources),
+            unit.checkpoint.files.clone(),
+        )
+        .await;
+        let mut writer = match writer {
+            Ok(writer) => writer,
+            Err(e) => return self.storage_failed(&unit, worker, &e).await,
+        };
+        // `unit.checkpoint` is what is committed (durable and saved); `progress` runs ahead of it
+        // while written pages are not durable yet (object storage buffers up to a part).
+        let mut progress = unit.checkpoint.clone();
         let mut expiries = 0;
         loop {
             if shutdown.is_cancelled() {
                 let _ = self.store.release_unit(&unit, worker).await;
                 return;
             }
-            let cp = &unit.checkpoint;
-            let (url, is_next) = match (&cp.next, cp.pages) {
+            let (url, is_next) = match (&progress.next, progress.pages) {
                 (Some(next), _) => (next.clone(), true),
                 (None, 0) => {
                     let lower = job.since.as_deref().map(|s| ("gt", s));
@@ -175,7 +181,7 @@ impl Exporter {
             };
             let Some(fetched) = fetched else {
                 // SIGTERM: give the unit back at once; another replica resumes from the last
-                // checkpoint (the page in flight is fetched again there).
+                // checkpoint (pages not durable yet are fetched again there).
                 let _ = self.store.release_unit(&unit, worker).await;
                 return;
             };
@@ -184,7 +190,12 @@ impl Exporter {
                 Err(FetchError::Expired(status)) if expiries < MAX_EXPIRIES => {
                     expiries += 1;
                     tracing::info!(%status, "upstream cursor expired; resuming with a bounded query");
-                    self.requery(&mut unit, &job, &upper).await;
+                    if !self
+                        .requery(&mut unit, &mut progress, &mut writer, &upper, worker)
+                        .await
+                    {
+                        return;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -201,32 +212,59 @@ impl Exporter {
                     break;
                 }
             };
-            let lines = skip_already_written(content.lines, &unit.checkpoint);
-            let committed = unit.checkpoint.clone();
-            if let Err(e) = writer.write(&mut unit.checkpoint.files, &lines).await {
-                unit.checkpoint = committed;
-                // A storage failure is not the unit's fault: leave it to another attempt.
-                tracing::error!(error = %e, "cannot write export files; releasing the unit");
-                let _ = self.store.release_unit(&unit, worker).await;
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                return;
+            let lines = skip_already_written(content.lines, &progress);
+            let durable = match writer.write(&lines).await {
+                Ok(durable) => durable,
+                Err(e) => return self.storage_failed(&unit, worker, &e).await,
+            };
+            track_last_updated(&mut progress, &lines);
+            progress.issues.extend(content.issues);
+            progress.next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
+            progress.pages += 1;
+            if durable {
+                progress.files = writer.files().to_vec();
+                unit.checkpoint = progress.clone();
             }
-            let cp = &mut unit.checkpoint;
-            track_last_updated(cp, &lines);
-            cp.issues.extend(content.issues);
-            cp.next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
-            cp.pages += 1;
+            // Saved after every page, durable or not, to keep the lease.
             unit.lease_until = now_unix() + self.config.lease_secs;
             match self.store.save_unit(&unit, worker).await {
                 Ok(true) => {}
                 Ok(false) => return self.lost(&unit).await,
                 Err(e) => {
                     // Redis unreachable and the like: the lease will lapse and the unit resume
-                    // from its last saved checkpoint (this page is then written again).
+                    // from its last saved checkpoint (pages after it are written again).
                     tracing::warn!(error = %e, "cannot save the checkpoint; stopping this unit");
                     return;
                 }
             }
+            if durable {
+                if let Err(e) = writer.settle().await {
+                    return self.storage_failed(&unit, worker, &e).await;
+                }
+                progress.files = writer.files().to_vec();
+                unit.checkpoint.files = progress.files.clone();
+            }
+        }
+        // What was fetched is kept, also when the unit failed: seal the files, commit that, and
+        // only then complete the uploads.
+        if let Err(e) = writer.finish().await {
+            return self.storage_failed(&unit, worker, &e).await;
+        }
+        progress.files = writer.files().to_vec();
+        unit.checkpoint = progress;
+        if self.storage.part_size().is_some() {
+            match self.store.save_unit(&unit, worker).await {
+                Ok(true) => {}
+                Ok(false) => return self.lost(&unit).await,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot save the checkpoint; stopping this unit");
+                    return;
+                }
+            }
+            if let Err(e) = writer.settle().await {
+                return self.storage_failed(&unit, worker, &e).await;
+            }
+            unit.checkpoint.files = writer.files().to_vec();
         }
         if unit.state != UnitState::Failed {
             unit.state = UnitState::Done;
@@ -241,22 +279,50 @@ impl Exporter {
         }
     }
 
-    /// The unit's next query after an expired cursor.
-    async fn requery(&self, unit: &mut Unit, job: &Job, upper: &str) {
-        let cp = &mut unit.checkpoint;
-        match cp.last_updated.clone() {
+    /// A storage failure is not the unit's fault: give the unit back (with its committed
+    /// checkpoint) for another attempt.
+    async fn storage_failed(&self, unit: &Unit, worker: &str, error: &StorageError) {
+        tracing::error!(error = %error, "cannot write export files; releasing the unit");
+        let _ = self.store.release_unit(unit, worker).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
+    /// The unit's next query after an expired cursor; false when the unit must stop.
+    async fn requery(
+        &self,
+        unit: &mut Unit,
+        progress: &mut Checkpoint,
+        writer: &mut UnitWriter<'_>,
+        upper: &str,
+        worker: &str,
+    ) -> bool {
+        match progress.last_updated.clone() {
             Some(last) => {
-                cp.next = Some(
-                    self.pager
-                        .search_url(&unit.search, Some(("ge", &last)), upper),
-                );
+                progress.next = Some(self.pager.search_url(
+                    &unit.search,
+                    Some(("ge", &last)),
+                    upper,
+                ));
+                true
             }
             None => {
-                // Nothing identifies where the unit was: start again on empty files.
-                for file in &cp.files {
-                    let _ = self.storage.remove(&job.id, &file.name).await;
+                // Nothing identifies where the unit was: start again on empty files. The reset
+                // is committed before the files go, so no checkpoint points at deleted files.
+                unit.checkpoint = Checkpoint::default();
+                *progress = Checkpoint::default();
+                match self.store.save_unit(unit, worker).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.lost(unit).await;
+                        return false;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot save the checkpoint; stopping this unit");
+                        return false;
+                    }
                 }
-                *cp = Checkpoint::default();
+                writer.discard_all().await;
+                true
             }
         }
     }
@@ -271,7 +337,7 @@ impl Exporter {
 
     async fn discard_unit_files(&self, unit: &Unit) {
         for file in &unit.checkpoint.files {
-            let _ = self.storage.remove(&unit.job_id, &file.name).await;
+            let _ = self.storage.discard(&unit.job_id, file).await;
         }
         if self
             .store
@@ -281,7 +347,10 @@ impl Exporter {
             .flatten()
             .is_none()
         {
-            let _ = self.storage.delete_job(&unit.job_id).await;
+            let _ = self
+                .storage
+                .delete_job(&unit.job_id, &unit.checkpoint.files)
+                .await;
         }
     }
 
@@ -328,7 +397,8 @@ impl Exporter {
                 tracing::info!(job = job_id, state = ?job.state, resources = job.resources_written, "export finished")
             }
             Ok(false) => {
-                let _ = self.storage.delete_job(job_id).await;
+                let files = job_files(&job, Some(units));
+                let _ = self.storage.delete_job(job_id, &files).await;
             }
             Err(e) => tracing::error!(job = job_id, error = %e, "cannot record the finished job"),
         }
@@ -339,7 +409,7 @@ impl Exporter {
         &self,
         job: &Job,
         units: &[Unit],
-    ) -> Result<(Vec<OutputFile>, Vec<OutputFile>), crate::storage::StorageError> {
+    ) -> Result<(Vec<OutputFile>, Vec<OutputFile>), StorageError> {
         let mut output = Vec::new();
         for t in &job.types {
             let of_type: Vec<&Unit> = units.iter().filter(|u| &u.resource_type == t).collect();
@@ -370,16 +440,20 @@ impl Exporter {
                     bytes: format!("{i}\n").into_bytes(),
                 })
                 .collect();
-            let mut writer = UnitWriter::new(
+            let _ = self.storage.discard(&job.id, &error_file_stub()).await;
+            let mut writer = UnitWriter::resume(
                 &self.storage,
                 &job.id,
                 "errors".into(),
                 "OperationOutcome",
-                u64::MAX,
-                u64::MAX,
-            );
-            let _ = self.storage.remove(&job.id, "errors.0.ndjson").await;
-            writer.write(&mut errors, &lines).await?;
+                (u64::MAX, u64::MAX),
+                Vec::new(),
+            )
+            .await?;
+            writer.write(&lines).await?;
+            writer.finish().await?;
+            writer.settle().await?;
+            errors = writer.files().to_vec();
         }
         Ok((output, errors))
     }
@@ -390,29 +464,30 @@ impl Exporter {
         job: &Job,
         resource_type: &str,
         parts: &[OutputFile],
-    ) -> Result<Vec<OutputFile>, crate::storage::StorageError> {
+    ) -> Result<Vec<OutputFile>, StorageError> {
         let mut seen: HashSet<u128> = HashSet::new();
         let hasher = IdHasher::new();
-        let mut merged = Vec::new();
-        let mut writer = UnitWriter::new(
+        let mut writer = UnitWriter::resume(
             &self.storage,
             &job.id,
             resource_type.to_owned(),
             resource_type,
-            self.config.max_file_bytes,
-            self.config.max_file_resources,
-        );
+            (self.config.max_file_bytes, self.config.max_file_resources),
+            Vec::new(),
+        )
+        .await?;
         for part in parts {
-            let path = self.storage.path(&job.id, &part.name)?;
-            let file = tokio::fs::File::open(&path).await.map_err(|source| {
-                crate::storage::StorageError::Io {
-                    path: path.display().to_string(),
-                    source,
-                }
-            })?;
-            let mut reader = BufReader::new(file).lines();
+            let mut reader = self.storage.reader(&job.id, &part.name).await?.lines();
             let mut batch = Vec::new();
-            while let Ok(Some(line)) = reader.next_line().await {
+            loop {
+                let line = reader
+                    .next_line()
+                    .await
+                    .map_err(|source| StorageError::Io {
+                        path: part.name.clone(),
+                        source,
+                    })?;
+                let Some(line) = line else { break };
                 let id = serde_json::from_str::<IdOnly>(&line)
                     .ok()
                     .and_then(|r| r.id)
@@ -425,14 +500,19 @@ impl Exporter {
                     });
                 }
                 if batch.len() >= 1000 {
-                    writer.write(&mut merged, &batch).await?;
+                    writer.write(&batch).await?;
                     batch.clear();
                 }
             }
-            writer.write(&mut merged, &batch).await?;
-            self.storage.remove(&job.id, &part.name).await?;
+            writer.write(&batch).await?;
         }
-        Ok(merged)
+        // Not checkpointed: the merged files are complete before any part file goes.
+        writer.finish().await?;
+        writer.settle().await?;
+        for part in parts {
+            self.storage.discard(&job.id, part).await?;
+        }
+        Ok(writer.files().to_vec())
     }
 
     async fn sweep_forever(&self, shutdown: CancellationToken) {
@@ -455,11 +535,34 @@ impl Exporter {
             if let Ok(Some(job)) = self.store.get_job(&id).await {
                 if job.expires_at.is_some_and(|at| at <= now) {
                     tracing::info!(job = %id, "export expired; deleting it and its files");
+                    let files = job_files(&job, self.store.units(&id).await.ok());
                     let _ = self.store.delete_job(&id).await;
-                    let _ = self.storage.delete_job(&id).await;
+                    let _ = self.storage.delete_job(&id, &files).await;
                 }
             }
         }
+    }
+}
+
+/// Every file a job's records know of (manifest files and units' part files), so that deleting
+/// the job aborts unfinished uploads too.
+pub fn job_files(job: &Job, units: Option<Vec<Unit>>) -> Vec<OutputFile> {
+    let mut files: Vec<OutputFile> = job.output.iter().chain(&job.error_files).cloned().collect();
+    for unit in units.into_iter().flatten() {
+        files.extend(unit.checkpoint.files);
+    }
+    files
+}
+
+/// The error file as [`Exporter::assemble`] names it (a leftover of an interrupted finalisation
+/// is removed first).
+fn error_file_stub() -> OutputFile {
+    OutputFile {
+        resource_type: "OperationOutcome".into(),
+        name: "errors.0.ndjson".into(),
+        count: 0,
+        bytes: 0,
+        upload: None,
     }
 }
 

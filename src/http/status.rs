@@ -7,13 +7,13 @@
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::error::ApiError;
 use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
-use crate::job::{Job, JobState, OutputFile, UnitState};
+use crate::job::{Job, JobState, UnitState};
 
 /// How long the "first poll" marker is kept (longer than any job lives).
 const FIRST_POLL_MARK_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -64,7 +64,7 @@ pub async fn get(
     match job.state {
         JobState::Running => in_progress(&app, &job, retry_after).await,
         _ if first_poll => in_progress(&app, &job, 1).await,
-        JobState::Completed => Ok(manifest_response(&app, &headers, &job)),
+        JobState::Completed => manifest_response(&app, &headers, &job).await,
         JobState::Failed => Err(ApiError::Internal(format!(
             "export {} failed: {}",
             job.id,
@@ -97,22 +97,47 @@ async fn in_progress(app: &AppState, job: &Job, retry_after: u64) -> Result<Resp
     Ok(response)
 }
 
-fn manifest_response(app: &AppState, headers: &HeaderMap, job: &Job) -> Response {
+/// The manifest. Files are downloaded through the proxy with a bearer token, or, with
+/// `storage.presigned_urls`, straight from object storage through presigned URLs that expire no
+/// later than an access token would (SPEC A9.2); each request for the manifest signs them anew
+/// (A9.8).
+async fn manifest_response(
+    app: &AppState,
+    headers: &HeaderMap,
+    job: &Job,
+) -> Result<Response, ApiError> {
     let base = app.public_base(headers);
-    let item = |f: &OutputFile| -> Value {
-        json!({
-            "type": f.resource_type,
-            "url": format!("{base}/$export-file/{}/{}", job.id, f.name),
-            "count": f.count,
-        })
+    let presigned = app.storage.presigned_urls();
+    let lifetime = app.config.auth.token_lifetime_secs;
+    let expires_in = match job.expires_at {
+        Some(at) => lifetime.min(at.saturating_sub(crate::job::now_unix())),
+        None => lifetime,
     };
+    let mut items = Vec::new();
+    for f in job.output.iter().chain(&job.error_files) {
+        let url = match presigned {
+            true => app
+                .storage
+                .signed_url(&job.id, &f.name, std::time::Duration::from_secs(expires_in))
+                .await?
+                .map(String::from),
+            false => None,
+        };
+        let url = url.unwrap_or_else(|| format!("{base}/$export-file/{}/{}", job.id, f.name));
+        items.push(json!({
+            "type": f.resource_type,
+            "url": url,
+            "count": f.count,
+        }));
+    }
+    let errors = items.split_off(job.output.len());
     let manifest = json!({
         "transactionTime": job.transaction_time,
         "request": job.request,
-        "requiresAccessToken": true,
-        "output": job.output.iter().map(item).collect::<Vec<_>>(),
+        "requiresAccessToken": !presigned,
+        "output": items,
         "deleted": [],
-        "error": job.error_files.iter().map(item).collect::<Vec<_>>(),
+        "error": errors,
     });
     let mut response = (StatusCode::OK, manifest.to_string()).into_response();
     let h = response.headers_mut();
@@ -120,12 +145,17 @@ fn manifest_response(app: &AppState, headers: &HeaderMap, job: &Job) -> Response
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    if let Some(expires) = job.expires_at.and_then(http_date) {
+    // Presigned URLs expire first: the manifest is stale then, and a new request re-signs.
+    let expires_at = match presigned {
+        true => Some(crate::job::now_unix() + expires_in),
+        false => job.expires_at,
+    };
+    if let Some(expires) = expires_at.and_then(http_date) {
         if let Ok(value) = HeaderValue::from_str(&expires) {
             h.insert(header::EXPIRES, value);
         }
     }
-    response
+    Ok(response)
 }
 
 /// An HTTP-date (RFC 9110 §5.6.7) for Unix seconds.
@@ -144,9 +174,11 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let grant = app.auth.authorize(&headers)?;
     let job = owned_job(&app, &grant, &id).await?;
+    // The files the records know of (unfinished uploads among them are aborted).
+    let files = crate::export::worker::job_files(&job, app.store.units(&job.id).await.ok());
     // The job record goes first: workers notice at their next checkpoint and stop.
     app.store.delete_job(&job.id).await?;
-    app.storage.delete_job(&job.id).await?;
+    app.storage.delete_job(&job.id, &files).await?;
     tracing::info!(job = %job.id, "export deleted");
     let outcome = OperationOutcome {
         severity: IssueSeverity::Information,

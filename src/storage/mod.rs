@@ -1,13 +1,29 @@
-//! Where export files live: a local directory (one sub-directory per job). Several replicas
-//! serving downloads need it on a shared volume; object storage is a later addition.
+//! Where export files live: a local directory (the default) or an S3-compatible bucket
+//! (`storage.backend`). The worker and the writer see one API, [`Storage`] and its [`Sink`]s; they
+//! differ in one thing the writer must respect: a local append is durable at once, while an
+//! object's bytes are durable only once uploaded as a part (see [`Sink::durable_now`]).
 //!
 //! Names are chosen by the proxy (never by clients): a job id is a UUID and a file name is built
-//! from a resource type and numbers, and both are checked again here so no path can escape the root.
+//! from a resource type and numbers, and both are checked again here so no path or key can escape
+//! the root or prefix.
 
-use std::path::{Path, PathBuf};
+mod local;
+mod s3;
 
-use tokio::fs::{File, OpenOptions};
-use tokio::io::AsyncWriteExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncBufRead;
+
+pub use local::{LocalDir, LocalSink};
+pub use s3::{MIN_PART_BYTES, S3Bucket, S3Sink};
+
+use crate::config::{StorageBackend, StorageConfig};
+use crate::job::{OutputFile, Upload};
+
+/// Media type of NDJSON export files (SPEC A9.4), also stored on objects.
+pub const NDJSON: &str = "application/fhir+ndjson";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -19,18 +35,15 @@ pub enum StorageError {
     },
     #[error("invalid storage name {0:?}")]
     InvalidName(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct Storage {
-    root: PathBuf,
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    #[error("object storage: {op} failed for {key}: {source}")]
+    ObjectStore {
+        op: &'static str,
+        key: String,
+        #[source]
+        source: Box<object_store::Error>,
+    },
+    #[error("object storage configuration: {0}")]
+    Config(String),
 }
 
 /// A job id or file name is `[A-Za-z0-9._-]`, not starting with a dot.
@@ -48,71 +61,204 @@ fn check_name(name: &str) -> Result<(), StorageError> {
     }
 }
 
+#[derive(Debug, Clone)]
+pub struct Storage {
+    backend: Backend,
+    presigned_urls: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Local(LocalDir),
+    S3(Arc<S3Bucket>),
+}
+
+/// A file open for appending.
+#[derive(Debug)]
+pub enum Sink {
+    Local(LocalSink),
+    S3(S3Sink),
+}
+
+impl Sink {
+    /// Appends bytes: durable on return for a local file, buffered for an object.
+    pub async fn append(&mut self, bytes: &[u8]) -> Result<(), StorageError> {
+        match self {
+            Self::Local(file) => file.append(bytes).await,
+            Self::S3(object) => {
+                object.append(bytes);
+                Ok(())
+            }
+        }
+    }
+
+    /// Bytes appended but not yet durable.
+    pub fn buffered(&self) -> usize {
+        match self {
+            Self::Local(_) => 0,
+            Self::S3(object) => object.buffered(),
+        }
+    }
+
+    /// Whether every append is durable when it returns (so any page may be checkpointed).
+    pub fn durable_now(&self) -> bool {
+        matches!(self, Self::Local(_))
+    }
+
+    /// Makes the buffer durable as a part of an upload that goes on.
+    pub async fn upload_part(&mut self) -> Result<Option<Upload>, StorageError> {
+        match self {
+            Self::Local(_) => Ok(None),
+            Self::S3(object) => {
+                object.upload_part().await?;
+                Ok(object.state(false))
+            }
+        }
+    }
+
+    /// Makes everything durable; no more bytes will come. An object is then ready to complete.
+    pub async fn seal(self) -> Result<Option<Upload>, StorageError> {
+        match self {
+            Self::Local(_) => Ok(None),
+            Self::S3(object) => object.seal().await,
+        }
+    }
+}
+
 impl Storage {
     pub fn local(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
-        let root = root.into();
-        std::fs::create_dir_all(&root).map_err(io(&root))?;
-        Ok(Self { root })
+        Ok(Self {
+            backend: Backend::Local(LocalDir::new(root)?),
+            presigned_urls: false,
+        })
     }
 
-    /// The path of a job's file.
-    pub fn path(&self, job_id: &str, name: &str) -> Result<PathBuf, StorageError> {
-        check_name(job_id)?;
-        check_name(name)?;
-        Ok(self.root.join(job_id).join(name))
+    pub fn from_config(config: &StorageConfig) -> Result<Self, StorageError> {
+        match config.backend {
+            StorageBackend::Local => Self::local(&config.path),
+            StorageBackend::S3 => Ok(Self {
+                backend: Backend::S3(Arc::new(S3Bucket::new(&config.s3)?)),
+                presigned_urls: config.presigned_urls,
+            }),
+        }
     }
 
-    /// Opens a file for appending after its first `committed` bytes; anything past them (written
-    /// after the last checkpoint by a worker that died) is discarded.
-    pub async fn open_at(
+    /// Whether manifests carry presigned object URLs (`requiresAccessToken: false`).
+    pub fn presigned_urls(&self) -> bool {
+        self.presigned_urls && matches!(self.backend, Backend::S3(_))
+    }
+
+    /// Buffered bytes worth a part upload, for storage whose appends are not durable at once.
+    pub fn part_size(&self) -> Option<usize> {
+        match &self.backend {
+            Backend::Local(_) => None,
+            Backend::S3(bucket) => Some(bucket.part_size()),
+        }
+    }
+
+    /// The local path of a job's file (`None` for object storage).
+    pub fn local_path(&self, job_id: &str, name: &str) -> Result<Option<PathBuf>, StorageError> {
+        match &self.backend {
+            Backend::Local(dir) => dir.path(job_id, name).map(Some),
+            Backend::S3(_) => Ok(None),
+        }
+    }
+
+    /// Opens `file` for appending after its committed state: a local file is cut back to its
+    /// committed size (bytes a dead worker wrote after its last checkpoint go), an object's
+    /// upload goes on after its committed parts (parts uploaded later are overwritten).
+    pub async fn sink(&self, job_id: &str, file: &OutputFile) -> Result<Sink, StorageError> {
+        match &self.backend {
+            Backend::Local(dir) => Ok(Sink::Local(
+                dir.open_at(job_id, &file.name, file.bytes).await?,
+            )),
+            Backend::S3(bucket) => Ok(Sink::S3(bucket.sink(job_id, file)?)),
+        }
+    }
+
+    /// Completes `file` if it is a sealed upload (idempotent); a no-op otherwise.
+    pub async fn complete(&self, job_id: &str, file: &OutputFile) -> Result<(), StorageError> {
+        match (&self.backend, &file.upload) {
+            (Backend::S3(bucket), Some(upload)) if upload.sealed => {
+                bucket.complete(job_id, file).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Removes a file, aborting its upload if it has one.
+    pub async fn discard(&self, job_id: &str, file: &OutputFile) -> Result<(), StorageError> {
+        match &self.backend {
+            Backend::Local(dir) => dir.remove(job_id, &file.name).await,
+            Backend::S3(bucket) => bucket.discard(job_id, file).await,
+        }
+    }
+
+    /// Deletes every file of a job. `files` are the job's files as its units' checkpoints know
+    /// them: unfinished uploads among them are aborted (object storage cannot list them by
+    /// prefix through `object_store`; a bucket lifecycle rule catches any left by a crash).
+    pub async fn delete_job(&self, job_id: &str, files: &[OutputFile]) -> Result<(), StorageError> {
+        match &self.backend {
+            Backend::Local(dir) => dir.delete_job(job_id).await,
+            Backend::S3(bucket) => {
+                for file in files.iter().filter(|f| f.upload.is_some()) {
+                    bucket.discard(job_id, file).await?;
+                }
+                bucket.delete_job(job_id).await
+            }
+        }
+    }
+
+    /// Reads a file from its start.
+    pub async fn reader(
         &self,
         job_id: &str,
         name: &str,
-        committed: u64,
-    ) -> Result<File, StorageError> {
-        let path = self.path(job_id, name)?;
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(io(dir))?;
+    ) -> Result<Box<dyn AsyncBufRead + Send + Unpin>, StorageError> {
+        match &self.backend {
+            Backend::Local(dir) => Ok(Box::new(tokio::io::BufReader::new(
+                dir.open(job_id, name).await?,
+            ))),
+            Backend::S3(bucket) => Ok(Box::new(tokio_util::io::StreamReader::new(
+                bucket.get(job_id, name, None).await?,
+            ))),
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .await
-            .map_err(io(&path))?;
-        file.set_len(committed).await.map_err(io(&path))?;
-        Ok(file)
     }
 
-    /// Appends `bytes` and makes them durable before returning.
-    pub async fn append(
+    /// An object's size (`None` when it does not exist); object storage only.
+    pub async fn object_size(&self, job_id: &str, name: &str) -> Result<Option<u64>, StorageError> {
+        match &self.backend {
+            Backend::Local(_) => Ok(None),
+            Backend::S3(bucket) => bucket.size(job_id, name).await,
+        }
+    }
+
+    /// Streams an object or a range of it (end exclusive); object storage only.
+    pub async fn object_stream(
         &self,
-        file: &mut File,
-        bytes: &[u8],
-        path_hint: &str,
-    ) -> Result<(), StorageError> {
-        let hint = Path::new(path_hint);
-        file.write_all(bytes).await.map_err(io(hint))?;
-        file.flush().await.map_err(io(hint))?;
-        file.sync_data().await.map_err(io(hint))?;
-        Ok(())
-    }
-
-    pub async fn remove(&self, job_id: &str, name: &str) -> Result<(), StorageError> {
-        let path = self.path(job_id, name)?;
-        match tokio::fs::remove_file(&path).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&path)(e)),
-            _ => Ok(()),
+        job_id: &str,
+        name: &str,
+        range: Option<std::ops::Range<u64>>,
+    ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>, StorageError>
+    {
+        match &self.backend {
+            Backend::Local(_) => Err(StorageError::Config(
+                "object streams need object storage".into(),
+            )),
+            Backend::S3(bucket) => bucket.get(job_id, name, range).await,
         }
     }
 
-    /// Deletes every file of a job.
-    pub async fn delete_job(&self, job_id: &str) -> Result<(), StorageError> {
-        check_name(job_id)?;
-        let dir = self.root.join(job_id);
-        match tokio::fs::remove_dir_all(&dir).await {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io(&dir)(e)),
-            _ => Ok(()),
+    /// A presigned GET URL for a job's file, valid for `expires_in`; `None` for local storage.
+    pub async fn signed_url(
+        &self,
+        job_id: &str,
+        name: &str,
+        expires_in: Duration,
+    ) -> Result<Option<url::Url>, StorageError> {
+        match &self.backend {
+            Backend::Local(_) => Ok(None),
+            Backend::S3(bucket) => bucket.signed_url(job_id, name, expires_in).await.map(Some),
         }
     }
 }
@@ -125,27 +271,13 @@ mod tests {
     fn names_cannot_escape_the_root() {
         let storage = Storage::local(std::env::temp_dir().join("fbp-storage-test")).unwrap();
         for bad in ["..", "../x", "a/b", ".hidden", "", "a\\b", "x%2f"] {
-            assert!(storage.path("job", bad).is_err(), "{bad}");
-            assert!(storage.path(bad, "f.ndjson").is_err(), "{bad}");
+            assert!(storage.local_path("job", bad).is_err(), "{bad}");
+            assert!(storage.local_path(bad, "f.ndjson").is_err(), "{bad}");
         }
-        assert!(storage.path("0b7f-11", "Observation.u3.0.ndjson").is_ok());
-    }
-
-    #[tokio::test]
-    async fn reopening_discards_uncommitted_bytes() {
-        let dir = tempfile::tempdir().unwrap();
-        let storage = Storage::local(dir.path()).unwrap();
-        let mut file = storage.open_at("j", "f.ndjson", 0).await.unwrap();
-        storage
-            .append(&mut file, b"line1\nline2\n", "f")
-            .await
-            .unwrap();
-        drop(file);
-        let mut file = storage.open_at("j", "f.ndjson", 6).await.unwrap();
-        storage.append(&mut file, b"line3\n", "f").await.unwrap();
-        let text = tokio::fs::read_to_string(storage.path("j", "f.ndjson").unwrap())
-            .await
-            .unwrap();
-        assert_eq!(text, "line1\nline3\n");
+        assert!(
+            storage
+                .local_path("0b7f-11", "Observation.u3.0.ndjson")
+                .is_ok()
+        );
     }
 }

@@ -8,6 +8,7 @@ mod auth;
 mod demo;
 mod export;
 mod fleet;
+mod object_storage;
 mod operations;
 mod passthrough;
 mod reference_config;

@@ -250,6 +250,7 @@ async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
             name: "Observation.0.ndjson".to_owned(),
             count: 100,
             bytes: 12_345,
+            upload: None,
         }],
         last_updated: Some("2024-01-01T00:00:00Z".to_owned()),
         ids_at_last_updated: vec!["o1".to_owned()],

@@ -4,6 +4,7 @@
 pub mod fake_fhir;
 pub mod proxy;
 pub mod redis;
+pub mod s3;
 pub mod smart;
 
 pub use fake_fhir::FakeFhir;
