@@ -384,7 +384,10 @@ impl Config {
         };
         Figment::from(Serialized::defaults(Config::default()))
             .merge(toml)
-            .merge(Env::prefixed(ENV_PREFIX).split("__"))
+            .merge(
+                // BULK_PROXY_CONFIG names the file (the CLI's --config), it is not a key.
+                Env::prefixed(ENV_PREFIX).split("__").ignore(&["CONFIG"]),
+            )
     }
 
     /// Loads and validates.
@@ -859,6 +862,16 @@ mod tests {
             &[("BULK_PROXY_STORAGE__S3__PREFIX", "a/../b")],
             "storage.s3.prefix",
         );
+    }
+
+    #[test]
+    fn the_config_file_variable_is_not_a_key() {
+        Jail::expect_with(|jail| {
+            with_upstream(jail);
+            jail.set_env("BULK_PROXY_CONFIG", "/etc/fhir-bulk-proxy/proxy.toml");
+            Config::load(None).map_err(|e| e.to_string())?;
+            Ok(())
+        });
     }
 
     #[test]
