@@ -16,6 +16,16 @@ use crate::support::{TestProxy, client, raw_get};
 
 pub const GROUP: &str = "synthea-10";
 
+/// The in-memory FHIR server loaded with the 10-patient fixture, on a new port.
+pub async fn fixture_upstream() -> RunningFhir {
+    MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap()
+}
+
 pub fn fixture_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10")
 }
@@ -56,12 +66,7 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new(store: Store, configure: impl FnOnce(&mut Config)) -> Self {
-        let fhir = MemoryFhir::new()
-            .load_dir(&fixture_dir())
-            .unwrap()
-            .start()
-            .await
-            .unwrap();
+        let fhir = fixture_upstream().await;
         Self::with_upstream(store, fhir, configure).await
     }
 
@@ -815,12 +820,7 @@ both!(
     cancelling_a_running_export_stops_its_searches_on
 );
 async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(200, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 20).await;
     let status_url = s.start("/$export?_type=Observation").await;
@@ -851,12 +851,7 @@ both!(
     a_page_that_fails_then_succeeds_is_retried_on
 );
 async fn a_page_that_fails_then_succeeds_is_retried_on(store: Store) {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     fhir.faults.fail_searches.store(3, Ordering::SeqCst);
     fhir.faults.throttle_searches.store(1, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |_| {}).await;
@@ -872,12 +867,7 @@ both!(
     a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on
 );
 async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on(store: Store) {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 2).await;
     let (manifest, files) = s.export("/$export?_type=Patient,Observation").await;
@@ -897,12 +887,7 @@ both!(
     a_job_where_nothing_worked_fails_with_an_operation_outcome_on
 );
 async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: Store) {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 1).await;
     let status_url = s.start("/$export?_type=Observation").await;
@@ -930,12 +915,7 @@ both!(
     an_expired_paging_cursor_resumes_without_loss_or_duplicates_on
 );
 async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates_on(store: Store) {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     fhir.faults.expire_next_links.store(4, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 37).await;
     let (_, files) = s.export("/$export?_type=Observation,Encounter").await;
@@ -1001,12 +981,7 @@ both!(
     the_per_client_export_cap_answers_429_on
 );
 async fn the_per_client_export_cap_answers_429_on(store: Store) {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(300, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.max_active_jobs_per_client = 1).await;
     let _running = s.start("/$export?_type=Observation").await;
@@ -1024,12 +999,7 @@ async fn the_per_client_export_cap_answers_429_on(store: Store) {
 
 #[tokio::test]
 async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(100, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let paths = |c: &mut Config| {

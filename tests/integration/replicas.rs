@@ -5,10 +5,10 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use fhir_bulk_proxy::memory_fhir::RunningFhir;
 use serde_json::Value;
 
-use crate::export::fixture_dir;
+use crate::export::fixture_upstream;
 use crate::support::redis::RedisServer;
 use crate::support::smart::{SmartClient, post_token, token_form};
 use crate::support::{TestProxy, client};
@@ -25,12 +25,7 @@ struct Fleet {
 }
 
 async fn fleet(replicas: usize, configure: impl Fn(&mut Config)) -> Fleet {
-    let fhir = MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap();
+    let fhir = fixture_upstream().await;
     let redis = RedisServer::start();
     let files = tempfile::tempdir().unwrap();
     let mut client = None;
