@@ -101,6 +101,26 @@ impl Setup {
         }
     }
 
+    /// GET `url` with the client's token.
+    pub async fn get(&self, url: &str) -> reqwest::Response {
+        client()
+            .get(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// DELETE `url` with the client's token.
+    pub async fn delete(&self, url: &str) -> reqwest::Response {
+        client()
+            .delete(url)
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// GET kick-off with the headers the IG asks for.
     pub async fn kick_off(&self, path_and_query: &str) -> reqwest::Response {
         client()
@@ -410,12 +430,7 @@ both!(
 async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let status_url = s.start("/$export?_type=Patient").await;
-    let first = client()
-        .get(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let first = s.get(&status_url).await;
     assert_eq!(first.status(), 202, "the first poll is always 202");
     let progress = first.headers()["x-progress"].to_str().unwrap().to_owned();
     assert!(progress.len() < 100, "{progress}");
@@ -425,12 +440,7 @@ async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
         .parse()
         .unwrap();
     assert!(retry >= 1);
-    let second = client()
-        .get(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let second = s.get(&status_url).await;
     assert_eq!(second.status(), 429);
     assert!(second.headers().contains_key("retry-after"));
     let body: Value = second.json().await.unwrap();
@@ -708,15 +718,7 @@ async fn downloads_support_gzip_and_range_on(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export?_type=Patient").await;
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    let plain = client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let plain = s.get(&url).await.bytes().await.unwrap();
     assert_eq!(
         plain.iter().filter(|b| **b == b'\n').count(),
         files["Patient"].len()
@@ -780,32 +782,12 @@ async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
     let status_url = format!("{status_url}/$export-status/{job_id}");
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
 
-    let deleted = client()
-        .delete(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
     for response in [
-        client()
-            .get(&status_url)
-            .bearer_auth(&s.token)
-            .send()
-            .await
-            .unwrap(),
-        client()
-            .delete(&status_url)
-            .bearer_auth(&s.token)
-            .send()
-            .await
-            .unwrap(),
-        client()
-            .get(&file)
-            .bearer_auth(&s.token)
-            .send()
-            .await
-            .unwrap(),
+        s.get(&status_url).await,
+        s.delete(&status_url).await,
+        s.get(&file).await,
     ] {
         assert_eq!(response.status(), 404);
         let body: Value = response.json().await.unwrap();
@@ -825,12 +807,7 @@ async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 20).await;
     let status_url = s.start("/$export?_type=Observation").await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let deleted = client()
-        .delete(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
     tokio::time::sleep(Duration::from_millis(600)).await;
     let pages = s.fhir.counters.pages.load(Ordering::SeqCst);
@@ -893,12 +870,7 @@ async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: St
     let status_url = s.start("/$export?_type=Observation").await;
     let mut last = StatusCode::ACCEPTED;
     for _ in 0..30 {
-        let response = client()
-            .get(&status_url)
-            .bearer_auth(&s.token)
-            .send()
-            .await
-            .unwrap();
+        let response = s.get(&status_url).await;
         last = response.status();
         if last != StatusCode::ACCEPTED {
             let body: Value = response.json().await.unwrap();
@@ -1070,19 +1042,9 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     assert!(s.proxy.config.storage.path.join(&job_id).exists());
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     tokio::time::sleep(Duration::from_millis(6500)).await;
-    let response = client()
-        .get(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let response = s.get(&status_url).await;
     assert_eq!(response.status(), 404, "the job expired");
-    let response = client()
-        .get(&file)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let response = s.get(&file).await;
     assert_eq!(response.status(), 404);
     assert!(
         !s.proxy.config.storage.path.join(&job_id).exists(),

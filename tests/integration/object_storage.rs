@@ -94,12 +94,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
             .to_owned()
     };
     let url = url_of("Patient");
-    let plain = client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let plain = s.get(&url).await;
     assert_eq!(plain.status(), 200);
     assert_eq!(plain.headers()["content-type"], "application/fhir+ndjson");
     let plain = plain.bytes().await.unwrap();
@@ -188,20 +183,10 @@ async fn delete_removes_the_objects() {
     let prefix = format!("bulk/{}", job_id(&status_url));
     assert!(!s3.keys(&prefix).is_empty());
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    let deleted = client()
-        .delete(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
     assert_eq!(s3.keys(&prefix), Vec::<String>::new(), "objects deleted");
-    let response = client()
-        .get(&file)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let response = s.get(&file).await;
     assert_eq!(response.status(), 404);
 }
 
@@ -222,12 +207,7 @@ async fn cancelling_a_running_export_leaves_no_objects() {
     .await;
     let status_url = s.start("/$export?_type=Observation,Patient").await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let deleted = client()
-        .delete(&status_url)
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap();
+    let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
     // Workers notice at their next page and drop what they hold.
     tokio::time::sleep(Duration::from_millis(1500)).await;
