@@ -1,0 +1,1194 @@
+//! Export benchmark (issue 4): the proxy's `$export` against a plain parallel pager that fetches the
+//! same search pages from the same upstream and discards them (the limit: the upstream itself), at
+//! equal concurrency, interleaved in the same run.
+//!
+//! ```sh
+//! cargo bench --bench export                          # every case, 3 rounds, 10 ms upstream latency
+//! cargo bench --bench export -- --write-results       # ... and write the "Export" section of bench/RESULTS.md
+//! cargo bench --bench export -- --cases fixture,group --rounds 5 --latency-ms 20
+//! ```
+//!
+//! Options (or environment): `--fixture DIR` (`BENCH_FIXTURE`, default
+//! `../shared/fixtures/synthea/bds-r4-100` relative to the repository), `--rounds N`
+//! (`BENCH_ROUNDS`, 3), `--latency-ms N` (`BENCH_LATENCY_MS`, 10: added to every upstream search
+//! so the upstream, not the CPUs, is the limit), `--synthetic PxN` (`BENCH_SYNTHETIC`, `10000x99`:
+//! patients × Observations each, ≈ 1M resources), `--cases LIST` (`BENCH_CASES`, default
+//! `fixture,fixture0,group,1m`), `--write-results`.
+//!
+//! Three processes: the **upstream** (this binary, `upstream` mode: the in-memory FHIR server on a
+//! free port, steered over stdin), the **proxy** (the release binary `fhir-bulk-proxy`, built by
+//! Cargo for this bench, configured by a temp `proxy.toml` and environment variables, a fresh one
+//! per case so its peak RSS is that case's) and the **driver** (this process: the plain pager, the
+//! export client, the measurements).
+//!
+//! Timing: the baseline runs from its first request to its last page. The proxy runs from the
+//! kick-off request to its log line "export finished" (the manifest is ready then; the driver reads
+//! the proxy's stderr in a thread and stamps the line on arrival), so the status polling interval
+//! does not blur the result; the manifest is then fetched and its counts checked.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail, ensure};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fhir_bulk_proxy::config::Config;
+use fhir_bulk_proxy::export::kickoff::{self, RawKickOff};
+use fhir_bulk_proxy::export::pager::Pager;
+use fhir_bulk_proxy::export::plan::{self, PlanInput};
+use fhir_bulk_proxy::job::Level;
+use fhir_bulk_proxy::memory_fhir::MemoryFhir;
+use josekit::jwk::Jwk;
+use josekit::jws::JwsSigner;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+use serde_json::{Value, json};
+
+const CLIENT_ID: &str = "bench";
+const GROUP_ID: &str = "synthea-100";
+const SIGNING_SECRET: &str = "export-benchmark-signing-secret-0123456789";
+
+fn main() -> Result<()> {
+    // `cargo bench` passes `--bench`; it means nothing here.
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    if args.first().map(String::as_str) == Some("upstream") {
+        return upstream(&args[1..]);
+    }
+    let opts = Opts::parse(&args)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(drive(opts))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Options
+
+struct Opts {
+    fixture: PathBuf,
+    rounds: usize,
+    latency_ms: u64,
+    synthetic: (usize, usize),
+    cases: Vec<String>,
+    write_results: bool,
+}
+
+impl Opts {
+    fn parse(args: &[String]) -> Result<Self> {
+        let env = |name: &str| std::env::var(name).ok();
+        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut fixture = env("BENCH_FIXTURE").map_or_else(
+            || repo.join("../shared/fixtures/synthea/bds-r4-100"),
+            PathBuf::from,
+        );
+        let mut rounds = env("BENCH_ROUNDS").unwrap_or_else(|| "3".into());
+        let mut latency = env("BENCH_LATENCY_MS").unwrap_or_else(|| "10".into());
+        let mut synthetic = env("BENCH_SYNTHETIC").unwrap_or_else(|| "10000x99".into());
+        let mut cases = env("BENCH_CASES").unwrap_or_else(|| "fixture,fixture0,group,1m".into());
+        let mut write_results = false;
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            let mut value = || {
+                it.next()
+                    .cloned()
+                    .with_context(|| format!("{arg} needs a value"))
+            };
+            match arg.as_str() {
+                "--fixture" => fixture = PathBuf::from(value()?),
+                "--rounds" => rounds = value()?,
+                "--latency-ms" => latency = value()?,
+                "--synthetic" => synthetic = value()?,
+                "--cases" => cases = value()?,
+                "--write-results" => write_results = true,
+                other => {
+                    bail!("unknown argument {other:?} (see the doc comment of bench/export.rs)")
+                }
+            }
+        }
+        let (p, n) = synthetic
+            .split_once('x')
+            .context("--synthetic is PATIENTSxPER_PATIENT")?;
+        Ok(Self {
+            fixture,
+            rounds: rounds.parse().context("--rounds")?,
+            latency_ms: latency.parse().context("--latency-ms")?,
+            synthetic: (p.parse()?, n.parse()?),
+            cases: cases.split(',').map(|c| c.trim().to_owned()).collect(),
+            write_results,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream mode: the in-memory FHIR server in its own process.
+
+/// `upstream (--fixture DIR | --synthetic PxN)`: prints `READY <base url> <resources>`, then answers
+/// stdin commands `latency MS` (→ `ok`) and `counters` (→ `<searches> <pages>`); exits on EOF.
+fn upstream(args: &[String]) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let server = match args {
+        [flag, dir] if flag == "--fixture" => MemoryFhir::new().load_dir(Path::new(dir))?,
+        [flag, shape] if flag == "--synthetic" => {
+            let (p, n) = shape.split_once('x').context("PxN")?;
+            MemoryFhir::new().synthetic(p.parse()?, n.parse()?)
+        }
+        _ => bail!("upstream (--fixture DIR | --synthetic PxN)"),
+    };
+    let running = runtime.block_on(async { server.start().await })?;
+    let total: usize = {
+        let types = running.types();
+        types.iter().map(|t| running.ids(t).len()).sum()
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY {} {total}", running.url())?;
+    out.flush()?;
+    for line in std::io::stdin().lock().lines() {
+        let line = line?;
+        let reply = match line.split_whitespace().collect::<Vec<_>>().as_slice() {
+            ["latency", ms] => {
+                running
+                    .faults
+                    .latency_ms
+                    .store(ms.parse()?, Ordering::SeqCst);
+                "ok".to_owned()
+            }
+            ["counters"] => format!(
+                "{} {}",
+                running.counters.searches.load(Ordering::SeqCst),
+                running.counters.pages.load(Ordering::SeqCst)
+            ),
+            _ => format!("error: unknown command {line:?}"),
+        };
+        writeln!(out, "{reply}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// The upstream process, seen from the driver.
+struct Upstream {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    url: String,
+    resources: u64,
+}
+
+impl Upstream {
+    fn start(source: &[&str]) -> Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("upstream")
+            .args(source)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take().context("stdin")?;
+        let mut stdout = BufReader::new(child.stdout.take().context("stdout")?);
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let mut words = line.split_whitespace();
+        ensure!(
+            words.next() == Some("READY"),
+            "the upstream did not start: {line:?}"
+        );
+        let url = words.next().context("url")?.to_owned();
+        let resources = words.next().context("count")?.parse()?;
+        Ok(Self {
+            child,
+            stdin,
+            stdout,
+            url,
+            resources,
+        })
+    }
+
+    fn command(&mut self, command: &str) -> Result<String> {
+        writeln!(self.stdin, "{command}")?;
+        self.stdin.flush()?;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        Ok(line.trim().to_owned())
+    }
+
+    fn set_latency(&mut self, ms: u64) -> Result<()> {
+        let reply = self.command(&format!("latency {ms}"))?;
+        ensure!(reply == "ok", "upstream: {reply}");
+        Ok(())
+    }
+
+    /// (searches, pages) served so far.
+    fn counters(&mut self) -> Result<(u64, u64)> {
+        let reply = self.command("counters")?;
+        let (s, p) = reply.split_once(' ').context("counters")?;
+        Ok((s.parse()?, p.parse()?))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy process.
+
+struct Proxy {
+    child: Child,
+    base: String,
+    key: Jwk,
+    finished: mpsc::Receiver<Instant>,
+    _dir: tempfile::TempDir,
+    /// The settings both sides share.
+    config: Config,
+}
+
+impl Proxy {
+    fn start(upstream_url: &str) -> Result<Self> {
+        let bin = PathBuf::from(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        ensure!(bin.exists(), "no proxy binary at {}", bin.display());
+        let dir = tempfile::tempdir()?;
+        let key = fhir_bulk_proxy::auth::keygen::generate(
+            fhir_bulk_proxy::auth::keygen::KeyAlgorithm::Es384,
+        )?;
+        let Value::Object(private) = key.private_jwk.clone() else {
+            bail!("the private JWK is not an object");
+        };
+        let jwk = Jwk::from_map(private)?;
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(
+            &config_path,
+            format!(
+                "[auth]\nsigning_secret = \"{SIGNING_SECRET}\"\n\n[[auth.clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"system/*.read\"]\njwks = '''{}'''\n\n[export]\npoll_retry_after_secs = 1\n",
+                key.public_jwks
+            ),
+        )?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = Command::new(&bin)
+            .arg("--config")
+            .arg(&config_path)
+            .env("BULK_PROXY_UPSTREAM__URL", upstream_url)
+            .env("BULK_PROXY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("BULK_PROXY_STORE__PATH", dir.path().join("jobs.redb"))
+            .env("BULK_PROXY_STORAGE__PATH", dir.path().join("files"))
+            // Warnings, plus the worker's "export finished" line the driver times.
+            .env(
+                "BULK_PROXY_LOG__LEVEL",
+                "warn,fhir_bulk_proxy::export::worker=info",
+            )
+            .env("BULK_PROXY_LOG__FORMAT", "text")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stderr = child.stderr.take().context("stderr")?;
+        let (tx, finished) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("export finished") {
+                    let _ = tx.send(Instant::now());
+                } else if !line.contains(" INFO ") {
+                    eprintln!("[proxy] {line}");
+                }
+            }
+        });
+        // The settings the proxy resolves: defaults < the file < the environment, as the binary.
+        let config = Config::from_figment(Config::figment(Some(&config_path)).merge(
+            figment::providers::Serialized::default("upstream.url", upstream_url),
+        ))?;
+        let url = url::Url::parse(upstream_url)?;
+        let proxy = Self {
+            child,
+            base: format!(
+                "http://127.0.0.1:{port}{}",
+                url.path().trim_end_matches('/')
+            ),
+            key: jwk,
+            finished,
+            _dir: dir,
+            config,
+        };
+        proxy.wait_until_serving(port)?;
+        Ok(proxy)
+    }
+
+    fn wait_until_serving(&self, port: u16) -> Result<()> {
+        for _ in 0..400 {
+            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = stream
+                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                let mut answer = String::new();
+                let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
+                if answer.starts_with("HTTP/1.1 200") {
+                    return Ok(());
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("the proxy did not start within 10 s")
+    }
+
+    async fn token(&self, http: &reqwest::Client) -> Result<String> {
+        let token_url = format!("{}/token", self.base);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs();
+        let header = json!({"alg": "ES384", "typ": "JWT", "kid": self.key.key_id()});
+        let claims = json!({
+            "iss": CLIENT_ID, "sub": CLIENT_ID, "aud": token_url,
+            "exp": now + 240, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        let input = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let signature = josekit::jws::ES384
+            .signer_from_jwk(&self.key)?
+            .sign(input.as_bytes())?;
+        let assertion = format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature));
+        let response = http
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", "system/*.read"),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", &assertion),
+            ])
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        ensure!(status == 200, "token refused: {body}");
+        body["access_token"]
+            .as_str()
+            .map(str::to_owned)
+            .context("no access_token")
+    }
+
+    fn status_field(&self, field: &str) -> Result<u64> {
+        proc_status(self.child.id(), field)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `kB` field of `/proc/PID/status` (VmHWM, VmRSS), in bytes.
+fn proc_status(pid: u32, field: &str) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{field}:")))
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
+    let kb: u64 = line.split_whitespace().nth(1).context("value")?.parse()?;
+    Ok(kb * 1024)
+}
+
+/// User + system CPU time of a process, seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the `(comm)`: state is field 3; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// CPU seconds used by every process on the machine (from `/proc/stat`), to report contention.
+fn machine_busy_secs() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
+        return 0.0;
+    };
+    let Some(cpu) = stat.lines().next() else {
+        return 0.0;
+    };
+    let v: Vec<f64> = cpu
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy: f64 = v
+        .iter()
+        .take(8)
+        .enumerate()
+        .filter(|(i, _)| *i != 3 && *i != 4)
+        .map(|(_, x)| x)
+        .sum();
+    busy / 100.0
+}
+
+// ---------------------------------------------------------------------------------------------
+// The plain pager: the same searches, following `next` links, bodies discarded.
+
+#[derive(Deserialize)]
+struct PageLinks {
+    #[serde(default)]
+    link: Vec<Link>,
+    #[serde(default)]
+    entry: Vec<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct Link {
+    relation: String,
+    url: String,
+}
+
+#[derive(Default)]
+struct Tally {
+    resources: AtomicU64,
+    pages: AtomicU64,
+    bytes: AtomicU64,
+}
+
+async fn plain_pager(urls: &[String], concurrency: usize) -> Result<(Duration, Tally)> {
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency.max(4))
+        .build()?;
+    let queue = Arc::new(Mutex::new(urls.iter().cloned().collect::<VecDeque<_>>()));
+    let tally = Arc::new(Tally::default());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (http, queue, tally) = (http.clone(), queue.clone(), tally.clone());
+            tokio::spawn(async move {
+                loop {
+                    let next = queue.lock().map_err(|_| anyhow!("poisoned"))?.pop_front();
+                    let Some(mut url) = next else { return Ok(()) };
+                    loop {
+                        let response = http
+                            .get(&url)
+                            .header("accept", "application/fhir+json")
+                            .send()
+                            .await?;
+                        ensure!(
+                            response.status().is_success(),
+                            "{url}: {}",
+                            response.status()
+                        );
+                        let body = response.bytes().await?;
+                        let page: PageLinks = serde_json::from_slice(&body)?;
+                        tally.pages.fetch_add(1, Ordering::Relaxed);
+                        tally.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
+                        tally
+                            .resources
+                            .fetch_add(page.entry.len() as u64, Ordering::Relaxed);
+                        match page.link.into_iter().find(|l| l.relation == "next") {
+                            Some(next) => url = url::Url::parse(&url)?.join(&next.url)?.into(),
+                            None => break,
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await??;
+    }
+    let elapsed = started.elapsed();
+    let tally = Arc::try_unwrap(tally).map_err(|_| anyhow!("tally still shared"))?;
+    Ok((elapsed, tally))
+}
+
+/// The searches the proxy plans for `level`, as first-page URLs (same `_count`, `_lastUpdated`
+/// bound and sort), computed with the proxy's own planner and pager.
+async fn planned_urls(
+    http: &reqwest::Client,
+    config: &Config,
+    upstream_url: &str,
+    level: &Level,
+) -> Result<(Vec<String>, usize, usize)> {
+    let metadata: Value = http
+        .get(format!("{upstream_url}/metadata"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let upstream_types: Vec<String> = metadata["rest"][0]["resource"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| r["type"].as_str().map(str::to_owned))
+        .collect();
+    let patients: Vec<String> = match level {
+        Level::Group(id) => {
+            let group: Value = http
+                .get(format!("{upstream_url}/Group/{id}"))
+                .send()
+                .await?
+                .json()
+                .await?;
+            group["member"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|m| m["entity"]["reference"].as_str())
+                .filter_map(|r| r.rsplit_once("Patient/").map(|(_, id)| id.to_owned()))
+                .collect()
+        }
+        _ => Vec::new(),
+    };
+    let now = time::OffsetDateTime::now_utc();
+    let k = kickoff::parse(&RawKickOff {
+        level,
+        is_post: false,
+        query: "",
+        accept: Some("application/fhir+json"),
+        prefer: Some("respond-async"),
+        body: None,
+        now,
+    })
+    .map_err(|e| anyhow!("{e:?}"))?;
+    let e = &config.export;
+    let planned = plan::plan(&PlanInput {
+        level,
+        kickoff: &k,
+        can_read: &|_| true,
+        upstream_types: Some(&upstream_types),
+        patients: &patients,
+        batch_size: e.patient_batch_size,
+        max_ids_bytes: e
+            .max_search_url_bytes
+            .saturating_sub(upstream_url.len() + 400)
+            .max(64),
+    })
+    .map_err(|e| anyhow!("{e}"))?;
+    let mut config = config.clone();
+    config.upstream.url = upstream_url.to_owned();
+    let pager = Pager::new(&config, reqwest::header::HeaderMap::new())?;
+    let upper = kickoff::format_instant(now);
+    let urls = planned
+        .searches
+        .iter()
+        .map(|(_, search)| pager.search_url(search, None, &upper))
+        .collect();
+    Ok((urls, planned.types.len(), patients.len()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// One export through the proxy.
+
+struct ProxyRun {
+    wall: Duration,
+    resources: u64,
+}
+
+async fn proxy_export(
+    proxy: &Proxy,
+    http: &reqwest::Client,
+    path: &str,
+    expected: Option<u64>,
+) -> Result<ProxyRun> {
+    let token = proxy.token(http).await?;
+    while proxy.finished.try_recv().is_ok() {}
+    let started = Instant::now();
+    let response = http
+        .get(format!("{}{path}", proxy.base))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    ensure!(
+        response.status() == 202,
+        "kick-off {path}: {} {}",
+        response.status(),
+        response.text().await?
+    );
+    let status_url = response
+        .headers()
+        .get("content-location")
+        .and_then(|v| v.to_str().ok())
+        .context("no Content-Location")?
+        .to_owned();
+    // Wait for the "export finished" line (the first poll is always 202 anyway).
+    let finished = loop {
+        match proxy.finished.try_recv() {
+            Ok(at) => break at,
+            Err(mpsc::TryRecvError::Empty) => {
+                ensure!(
+                    started.elapsed() < Duration::from_secs(1800),
+                    "the export did not finish in 30 minutes"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err(mpsc::TryRecvError::Disconnected) => bail!("the proxy exited"),
+        }
+    };
+    let wall = finished.saturating_duration_since(started);
+    let manifest = loop {
+        let response = http.get(&status_url).bearer_auth(&token).send().await?;
+        match response.status().as_u16() {
+            200 => break response.json::<Value>().await?,
+            202 | 429 => tokio::time::sleep(Duration::from_millis(600)).await,
+            other => bail!("status {other}: {}", response.text().await?),
+        }
+    };
+    let output = manifest["output"].as_array().context("no output")?;
+    let resources: u64 = output.iter().filter_map(|o| o["count"].as_u64()).sum();
+    let errors = manifest["error"].as_array().map_or(0, Vec::len);
+    ensure!(errors == 0, "the export reported errors: {manifest}");
+    if let Some(expected) = expected {
+        ensure!(
+            resources == expected,
+            "the export has {resources} resources, expected {expected}"
+        );
+    }
+    let run = ProxyRun { wall, resources };
+    // Delete the job and its files (disk, and the per-client cap on active jobs).
+    let _ = http.delete(&status_url).bearer_auth(&token).send().await?;
+    Ok(run)
+}
+
+/// Downloads every file of a fresh export and counts its lines (a correctness check, untimed
+/// against the baseline).
+async fn download_check(
+    proxy: &Proxy,
+    http: &reqwest::Client,
+    path: &str,
+) -> Result<(u64, u64, Duration)> {
+    let token = proxy.token(http).await?;
+    while proxy.finished.try_recv().is_ok() {}
+    let response = http
+        .get(format!("{}{path}", proxy.base))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(&token)
+        .send()
+        .await?;
+    let status_url = response
+        .headers()
+        .get("content-location")
+        .and_then(|v| v.to_str().ok())
+        .context("no Content-Location")?
+        .to_owned();
+    let manifest = loop {
+        let response = http.get(&status_url).bearer_auth(&token).send().await?;
+        match response.status().as_u16() {
+            200 => break response.json::<Value>().await?,
+            202 | 429 => tokio::time::sleep(Duration::from_millis(600)).await,
+            other => bail!("status {other}: {}", response.text().await?),
+        }
+    };
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    let started = Instant::now();
+    for item in manifest["output"].as_array().into_iter().flatten() {
+        let url = item["url"].as_str().context("url")?;
+        let mut response = http.get(url).bearer_auth(&token).send().await?;
+        ensure!(response.status() == 200, "{url}: {}", response.status());
+        let mut file_lines = 0u64;
+        while let Some(chunk) = response.chunk().await? {
+            bytes += chunk.len() as u64;
+            file_lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        }
+        ensure!(
+            Some(file_lines) == item["count"].as_u64(),
+            "{url}: {file_lines} lines, manifest says {}",
+            item["count"]
+        );
+        lines += file_lines;
+    }
+    let elapsed = started.elapsed();
+    let _ = http.delete(&status_url).bearer_auth(&token).send().await?;
+    Ok((lines, bytes, elapsed))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases and rounds.
+
+struct CaseResult {
+    name: String,
+    latency_ms: u64,
+    resources: u64,
+    baseline_entries: u64,
+    searches_planned: usize,
+    baseline: Vec<f64>,
+    proxy: Vec<f64>,
+    /// Per round, proxy / baseline.
+    ratios: Vec<f64>,
+    proxy_searches: Vec<u64>,
+    proxy_pages: Vec<u64>,
+    baseline_pages: Vec<u64>,
+    proxy_cpu: Vec<f64>,
+    upstream_cpu_proxy: Vec<f64>,
+    upstream_cpu_baseline: Vec<f64>,
+    other_cpu: Vec<f64>,
+    notes: Vec<String>,
+}
+
+struct Case<'a> {
+    name: &'a str,
+    path: &'a str,
+    level: Level,
+    latency_ms: u64,
+}
+
+#[allow(clippy::too_many_lines)]
+async fn run_case(
+    case: &Case<'_>,
+    rounds: usize,
+    upstream: &mut Upstream,
+    proxy: &Proxy,
+    http: &reqwest::Client,
+) -> Result<CaseResult> {
+    upstream.set_latency(case.latency_ms)?;
+    let concurrency = proxy
+        .config
+        .export
+        .workers
+        .min(proxy.config.export.max_upstream_concurrency);
+    let (urls, types, patients) =
+        planned_urls(http, &proxy.config, &upstream.url, &case.level).await?;
+    let mut r = CaseResult {
+        name: case.name.to_owned(),
+        latency_ms: case.latency_ms,
+        resources: 0,
+        baseline_entries: 0,
+        searches_planned: urls.len(),
+        baseline: vec![],
+        proxy: vec![],
+        ratios: vec![],
+        proxy_searches: vec![],
+        proxy_pages: vec![],
+        baseline_pages: vec![],
+        proxy_cpu: vec![],
+        upstream_cpu_proxy: vec![],
+        upstream_cpu_baseline: vec![],
+        other_cpu: vec![],
+        notes: vec![],
+    };
+    if let Level::Group(_) = case.level {
+        let batch = proxy.config.export.patient_batch_size;
+        // Patients in the largest search: the batch after the URL-length cut.
+        let effective = urls
+            .iter()
+            .filter_map(|u| {
+                u.split(['?', '&']).find_map(|p| {
+                    p.split_once('=')
+                        .filter(|(k, _)| ["patient", "subject", "_id"].contains(k))
+                        .map(|(_, v)| v.split("%2C").count().max(v.split(',').count()))
+                })
+            })
+            .max()
+            .unwrap_or(batch);
+        r.notes.push(format!(
+            "bound with the configured batch: {types} types × ⌈{patients} patients / {batch}⌉ = {}; \
+             the URL cap (export.max_search_url_bytes = {}) cuts batches to ≤ {effective} ids: \
+             {types} × ⌈{patients} / {effective}⌉ = {}",
+            types * patients.div_ceil(batch),
+            proxy.config.export.max_search_url_bytes,
+            types * patients.div_ceil(effective.max(1))
+        ));
+    } else {
+        r.notes.push(format!("{types} types: one search each"));
+    }
+    eprintln!(
+        "== {} (latency {} ms, {} searches, concurrency {concurrency})",
+        case.name,
+        case.latency_ms,
+        urls.len()
+    );
+    for round in 0..rounds {
+        let mut baseline_s = 0.0;
+        let mut proxy_s = 0.0;
+        // Alternate which side goes first.
+        let order: [bool; 2] = if round % 2 == 0 {
+            [false, true]
+        } else {
+            [true, false]
+        };
+        for is_proxy in order {
+            let (s0, p0) = upstream.counters()?;
+            let up0 = cpu_secs(upstream.pid());
+            let machine0 = machine_busy_secs();
+            let self0 = cpu_secs(std::process::id());
+            let proxy0 = cpu_secs(proxy.child.id());
+            let (seconds, resources) = if is_proxy {
+                let run = proxy_export(proxy, http, case.path, None).await?;
+                (run.wall.as_secs_f64(), run.resources)
+            } else {
+                let (elapsed, tally) = plain_pager(&urls, concurrency).await?;
+                (
+                    elapsed.as_secs_f64(),
+                    tally.resources.load(Ordering::Relaxed),
+                )
+            };
+            let (s1, p1) = upstream.counters()?;
+            let up = cpu_secs(upstream.pid()) - up0;
+            let proxy_cpu = cpu_secs(proxy.child.id()) - proxy0;
+            let own = cpu_secs(std::process::id()) - self0;
+            let other = (machine_busy_secs() - machine0 - up - proxy_cpu - own).max(0.0);
+            // The baseline counts entries: a resource that two patient batches both return counts
+            // twice there, once in the proxy's (deduplicated) export.
+            let seen = if is_proxy {
+                &mut r.resources
+            } else {
+                &mut r.baseline_entries
+            };
+            if *seen == 0 {
+                *seen = resources;
+            }
+            ensure!(
+                resources == *seen,
+                "{}: {} resources this time, {} before",
+                case.name,
+                resources,
+                *seen
+            );
+            if is_proxy {
+                proxy_s = seconds;
+                r.proxy.push(seconds);
+                r.proxy_searches.push(s1 - s0);
+                r.proxy_pages.push(p1 - p0);
+                r.proxy_cpu.push(proxy_cpu);
+                r.upstream_cpu_proxy.push(up);
+            } else {
+                baseline_s = seconds;
+                r.baseline.push(seconds);
+                r.baseline_pages.push(p1 - p0);
+                r.upstream_cpu_baseline.push(up);
+            }
+            r.other_cpu.push(other / seconds.max(1e-3));
+            eprintln!(
+                "   round {} {:8} {:8.3} s  {} resources  {} searches {} pages  cpu: upstream {:.2} s, proxy {:.2} s, others {:.2} cores",
+                round + 1,
+                if is_proxy { "proxy" } else { "baseline" },
+                seconds,
+                resources,
+                s1 - s0,
+                p1 - p0,
+                up,
+                proxy_cpu,
+                other / seconds.max(1e-3)
+            );
+        }
+        r.ratios.push(proxy_s / baseline_s);
+    }
+    Ok(r)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+fn list(values: &[f64], digits: usize) -> String {
+    values
+        .iter()
+        .map(|v| format!("{v:.digits$}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[allow(clippy::too_many_lines)]
+async fn drive(opts: Opts) -> Result<()> {
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()?;
+    let started = Instant::now();
+    let date = time::OffsetDateTime::now_utc();
+    let mut results: Vec<CaseResult> = Vec::new();
+    let mut rss_lines: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
+    let wants = |c: &str| opts.cases.iter().any(|x| x == c);
+
+    if wants("fixture") || wants("fixture0") || wants("group") {
+        if !opts.fixture.join("Patient.ndjson").exists() {
+            bail!(
+                "the 100-patient fixture is missing: no Patient.ndjson in {} (pass --fixture DIR or \
+                 BENCH_FIXTURE, or run only --cases 1m)",
+                opts.fixture.display()
+            );
+        }
+        let fixture = opts.fixture.canonicalize()?;
+        let loading = Instant::now();
+        let mut upstream = Upstream::start(&["--fixture", &fixture.to_string_lossy()])?;
+        eprintln!(
+            "upstream: fixture {} ({} resources) at {} in {:.1} s",
+            fixture.display(),
+            upstream.resources,
+            upstream.url,
+            loading.elapsed().as_secs_f64()
+        );
+        let proxy = Proxy::start(&upstream.url)?;
+        // A first, untimed export: warms the proxy's caches (metadata) and checks the files.
+        upstream.set_latency(0)?;
+        let (lines, bytes, took) = download_check(&proxy, &http, "/$export").await?;
+        notes.push(format!(
+            "Fixture check: a system export downloaded {lines} lines ({:.1} MB) in {:.2} s, \
+             every file's line count equal to its manifest count.",
+            bytes as f64 / 1e6,
+            took.as_secs_f64()
+        ));
+        let mut cases = Vec::new();
+        if wants("fixture") {
+            cases.push(Case {
+                name: "fixture-100 system",
+                path: "/$export",
+                level: Level::System,
+                latency_ms: opts.latency_ms,
+            });
+        }
+        if wants("fixture0") {
+            cases.push(Case {
+                name: "fixture-100 system",
+                path: "/$export",
+                level: Level::System,
+                latency_ms: 0,
+            });
+        }
+        if wants("group") {
+            cases.push(Case {
+                name: "fixture-100 Group/synthea-100",
+                path: "/Group/synthea-100/$export",
+                level: Level::Group(GROUP_ID.into()),
+                latency_ms: opts.latency_ms,
+            });
+        }
+        for case in &cases {
+            results.push(run_case(case, opts.rounds, &mut upstream, &proxy, &http).await?);
+        }
+        rss_lines.push(format!(
+            "fixture proxy (all fixture cases, one process): VmHWM {:.1} MB, VmRSS at end {:.1} MB",
+            proxy.status_field("VmHWM")? as f64 / 1e6,
+            proxy.status_field("VmRSS")? as f64 / 1e6
+        ));
+    }
+
+    if wants("1m") {
+        let (p, n) = opts.synthetic;
+        let loading = Instant::now();
+        let mut upstream = Upstream::start(&["--synthetic", &format!("{p}x{n}")])?;
+        eprintln!(
+            "upstream: synthetic {p}x{n} ({} resources) at {} in {:.1} s",
+            upstream.resources,
+            upstream.url,
+            loading.elapsed().as_secs_f64()
+        );
+        let proxy = Proxy::start(&upstream.url)?;
+        let rss_start = proxy.status_field("VmHWM")?;
+        let case = Case {
+            name: "synthetic-1M system",
+            path: "/$export",
+            level: Level::System,
+            latency_ms: opts.latency_ms,
+        };
+        let mut result = run_case(&case, opts.rounds, &mut upstream, &proxy, &http).await?;
+        result.notes.push(format!(
+            "synthetic upstream: {p} patients × {n} Observations ({} resources)",
+            upstream.resources
+        ));
+        let hwm = proxy.status_field("VmHWM")?;
+        rss_lines.push(format!(
+            "1M proxy: VmHWM {:.1} MB after {} exports of {} resources (at start {:.1} MB, VmRSS at end {:.1} MB) — target < 100 MB: {}",
+            hwm as f64 / 1e6,
+            opts.rounds,
+            result.resources,
+            rss_start as f64 / 1e6,
+            proxy.status_field("VmRSS")? as f64 / 1e6,
+            if hwm < 100_000_000 { "met" } else { "NOT met" }
+        ));
+        results.push(result);
+    }
+
+    let total = started.elapsed();
+    let report = report(&opts, &results, &rss_lines, &notes, date, total)?;
+    println!("{report}");
+    if opts.write_results {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
+        write_section(&path, &report)?;
+        eprintln!("wrote the Export section of {}", path.display());
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report.
+
+fn report(
+    opts: &Opts,
+    results: &[CaseResult],
+    rss_lines: &[String],
+    notes: &[String],
+    date: time::OffsetDateTime,
+    total: Duration,
+) -> Result<String> {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':').map(|(_, m)| m.trim().to_owned()))
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem_gb = proc_meminfo_gb();
+    writeln!(s, "## Export\n")?;
+    writeln!(
+        s,
+        "Date: {}. Machine: {cores} × {cpu}, {mem_gb:.0} GB RAM, shared with other work (see \"others\" CPU).",
+        date.format(&time::format_description::well_known::Rfc3339)?
+    )?;
+    writeln!(
+        s,
+        "Command: `cargo bench --bench export -- --rounds {} --latency-ms {} --synthetic {}x{} --cases {}{}` ({:.1} min in all).\n",
+        opts.rounds,
+        opts.latency_ms,
+        opts.synthetic.0,
+        opts.synthetic.1,
+        opts.cases.join(","),
+        if opts.write_results {
+            " --write-results"
+        } else {
+            ""
+        },
+        total.as_secs_f64() / 60.0
+    )?;
+    writeln!(
+        s,
+        "Baseline: a plain parallel pager in the driver process: the proxy's own planned searches \
+         (same types, `_count`, `_lastUpdated` bound and `_sort`), {} at a time (= `export.workers`, \
+         ≤ `max_upstream_concurrency`), following `next` links, bodies parsed only for `link` and \
+         discarded. Proxy: the release binary, default `[export]` settings, embedded store, wall time \
+         from the kick-off request to its \"export finished\" log line (manifest ready). Upstream: \
+         `MemoryFhir` in its own process with `latency` ms added per search page. Baseline and proxy \
+         alternate within each round; times are medians.\n",
+        Config::default()
+            .export
+            .workers
+            .min(Config::default().export.max_upstream_concurrency)
+    )?;
+    writeln!(
+        s,
+        "| case | latency | resources | searches | baseline s (median) | proxy s (median) | proxy / baseline (median of rounds) | proxy resources/s | target ≤ 1.2× |"
+    )?;
+    writeln!(s, "|---|---|---|---|---|---|---|---|---|")?;
+    for r in results {
+        let (b, p, ratio) = (median(&r.baseline), median(&r.proxy), median(&r.ratios));
+        writeln!(
+            s,
+            "| {} | {} ms | {} | {} | {b:.3} | {p:.3} | {ratio:.2} | {:.0} | {} |",
+            r.name,
+            r.latency_ms,
+            r.resources,
+            r.searches_planned,
+            r.resources as f64 / p,
+            if ratio <= 1.2 { "met" } else { "NOT met" }
+        )?;
+    }
+    writeln!(
+        s,
+        "\nSearch counts (upstream counters, per proxy export):\n"
+    )?;
+    for r in results {
+        let searches = r.proxy_searches.iter().max().copied().unwrap_or(0);
+        writeln!(
+            s,
+            "- {} ({} ms): {} searches, {} pages (proxy, {} resources); {} pages (baseline, {} entries); planned {} searches. {}",
+            r.name,
+            r.latency_ms,
+            searches,
+            r.proxy_pages.iter().max().copied().unwrap_or(0),
+            r.resources,
+            r.baseline_pages.iter().max().copied().unwrap_or(0),
+            r.baseline_entries,
+            r.searches_planned,
+            r.notes.join("; ")
+        )?;
+    }
+    writeln!(s, "\nMemory (proxy process):\n")?;
+    for line in rss_lines {
+        writeln!(s, "- {line}")?;
+    }
+    writeln!(s, "\nRaw per-round numbers:\n")?;
+    for r in results {
+        writeln!(
+            s,
+            "- {} ({} ms): baseline [{}] s; proxy [{}] s; ratios [{}]; CPU s per export: proxy [{}], upstream under proxy [{}], upstream under baseline [{}]; other processes' load [{}] cores",
+            r.name,
+            r.latency_ms,
+            list(&r.baseline, 3),
+            list(&r.proxy, 3),
+            list(&r.ratios, 2),
+            list(&r.proxy_cpu, 2),
+            list(&r.upstream_cpu_proxy, 2),
+            list(&r.upstream_cpu_baseline, 2),
+            list(&r.other_cpu, 2)
+        )?;
+    }
+    for note in notes {
+        writeln!(s, "\n{note}")?;
+    }
+    Ok(s)
+}
+
+fn proc_meminfo_gb() -> f64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1e6)
+}
+
+/// Replaces the `## Export` section of RESULTS.md (up to the next `## ` heading), keeping the
+/// rest of the file (e.g. the "Passthrough" section); appends it when absent.
+fn write_section(path: &Path, section: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let section = section.trim_end();
+    let new = match old.find("## Export") {
+        Some(start) => {
+            let rest = &old[start + 2..];
+            let end = rest.find("\n## ").map_or(old.len(), |i| start + 2 + i + 1);
+            format!("{}{section}\n\n{}", &old[..start], &old[end..])
+        }
+        None if old.trim().is_empty() => format!("# Benchmark results\n\n{section}\n"),
+        None => format!("{}\n\n{section}\n", old.trim_end()),
+    };
+    std::fs::write(path, new.trim_end().to_owned() + "\n")?;
+    Ok(())
+}
