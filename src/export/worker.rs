@@ -38,7 +38,7 @@ pub const ERROR_FILE: &str = "errors.ndjson";
 pub struct Exporter {
     pub store: Arc<dyn JobStore>,
     pub storage: Storage,
-    pub pager: Pager,
+    pub pager: Arc<Pager>,
     config: ExportConfig,
     process_id: String,
     wake: Notify,
@@ -54,7 +54,7 @@ impl Exporter {
         Self {
             store,
             storage,
-            pager,
+            pager: Arc::new(pager),
             config,
             process_id: uuid::Uuid::new_v4().to_string(),
             wake: Notify::new(),
@@ -145,6 +145,7 @@ impl Exporter {
         // while written pages are not durable yet (object storage buffers up to a part).
         let mut progress = unit.checkpoint.clone();
         let mut expiries = 0;
+        let mut prefetch: Option<Prefetch> = None;
         loop {
             if shutdown.is_cancelled() {
                 let _ = self.store.release_unit(&unit, worker).await;
@@ -159,7 +160,19 @@ impl Exporter {
                 (None, _) => break,
             };
             let fetched = {
-                let fetch = self.pager.fetch(&url, is_next);
+                // The page fetched ahead while the last one was written, if it is this one.
+                let ahead = prefetch.take().filter(|p| p.url == url);
+                let fetch = async {
+                    match ahead {
+                        Some(mut ahead) => (&mut ahead.handle).await.unwrap_or_else(|e| {
+                            Err(FetchError::Exhausted {
+                                attempts: 0,
+                                last: e.to_string(),
+                            })
+                        }),
+                        None => self.pager.fetch(&url, is_next).await,
+                    }
+                };
                 tokio::pin!(fetch);
                 // Heartbeat: a page that takes longer than the lease (a slow upstream, retries)
                 // must not let another replica take the unit over.
@@ -212,6 +225,10 @@ impl Exporter {
                     break;
                 }
             };
+            let next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
+            // Ask for the next page now, so the upstream works while this one is written and
+            // checkpointed (DESIGN "Performance notes"); a crash only wastes that request.
+            prefetch = next.clone().map(|url| Prefetch::start(&self.pager, url));
             let lines = skip_already_written(content.lines, &progress);
             let durable = match writer.write(&lines).await {
                 Ok(durable) => durable,
@@ -219,7 +236,7 @@ impl Exporter {
             };
             track_last_updated(&mut progress, &lines);
             progress.issues.extend(content.issues);
-            progress.next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
+            progress.next = next;
             progress.pages += 1;
             if durable {
                 progress.files = writer.files().to_vec();
@@ -563,6 +580,29 @@ fn error_file_stub() -> OutputFile {
         count: 0,
         bytes: 0,
         upload: None,
+    }
+}
+
+/// A page requested ahead of time; aborted if dropped unused (cancel, shutdown, lost lease).
+struct Prefetch {
+    url: String,
+    handle: tokio::task::JoinHandle<Result<bytes::Bytes, FetchError>>,
+}
+
+impl Prefetch {
+    fn start(pager: &Arc<Pager>, url: String) -> Self {
+        let pager = pager.clone();
+        let target = url.clone();
+        Self {
+            url,
+            handle: tokio::spawn(async move { pager.fetch(&target, true).await }),
+        }
+    }
+}
+
+impl Drop for Prefetch {
+    fn drop(&mut self) {
+        self.handle.abort();
     }
 }
 

@@ -59,6 +59,9 @@ const JTI_EXPIRY: TableDefinition<(u64, &str, &str), ()> = TableDefinition::new(
 /// fewer than this many assertions expire between two token requests.
 const JTI_PURGE_BATCH: usize = 64;
 
+/// Page cache of the embedded database.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 /// The embedded job store. Cheap to clone; clones share the database.
 #[derive(Clone)]
 pub struct EmbeddedStore {
@@ -103,7 +106,11 @@ impl EmbeddedStore {
     /// Opens the database at `path`, creating it (and its tables) if needed. Fails if another
     /// process holds it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+        // redb's page cache defaults to 1 GiB; job records are small and each checkpoint a short
+        // write, so a bounded cache keeps a long export's memory flat (bench: 98 MB RSS at 1M).
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)?;
         // Create every table up front so that read-only operations never meet a missing table.
         let txn = db.begin_write()?;
         txn.open_table(JOBS)?;
