@@ -35,19 +35,16 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fhir_bulk_proxy::client::ClientKey;
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::kickoff::{self, RawKickOff};
 use fhir_bulk_proxy::export::pager::Pager;
 use fhir_bulk_proxy::export::plan::{self, PlanInput};
 use fhir_bulk_proxy::job::Level;
 use fhir_bulk_proxy::memory_fhir::MemoryFhir;
-use josekit::jwk::Jwk;
-use josekit::jws::JwsSigner;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const CLIENT_ID: &str = "bench";
 const GROUP_ID: &str = "synthea-100";
@@ -251,7 +248,7 @@ impl Drop for Upstream {
 struct Proxy {
     child: Child,
     base: String,
-    key: Jwk,
+    key: ClientKey,
     finished: mpsc::Receiver<Instant>,
     _dir: tempfile::TempDir,
     /// The settings both sides share.
@@ -260,16 +257,18 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream_url: &str) -> Result<Self> {
+        Self::start_with(upstream_url, &[])
+    }
+
+    /// Like [`Proxy::start`], with more `BULK_PROXY_*` settings (a shared store and storage).
+    fn start_with(upstream_url: &str, extra_env: &[(&str, String)]) -> Result<Self> {
         let bin = PathBuf::from(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
         ensure!(bin.exists(), "no proxy binary at {}", bin.display());
         let dir = tempfile::tempdir()?;
         let key = fhir_bulk_proxy::auth::keygen::generate(
             fhir_bulk_proxy::auth::keygen::KeyAlgorithm::Es384,
         )?;
-        let Value::Object(private) = key.private_jwk.clone() else {
-            bail!("the private JWK is not an object");
-        };
-        let jwk = Jwk::from_map(private)?;
+        let client_key = ClientKey::from_json(&key.private_jwk)?;
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(
             &config_path,
@@ -295,6 +294,7 @@ impl Proxy {
             )
             .env("BULK_PROXY_LOG__FORMAT", "text")
             .env("NO_COLOR", "1")
+            .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -321,7 +321,7 @@ impl Proxy {
                 "http://127.0.0.1:{port}{}",
                 url.path().trim_end_matches('/')
             ),
-            key: jwk,
+            key: client_key,
             finished,
             _dir: dir,
             config,
@@ -348,23 +348,7 @@ impl Proxy {
 
     async fn token(&self, http: &reqwest::Client) -> Result<String> {
         let token_url = format!("{}/token", self.base);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs();
-        let header = json!({"alg": "ES384", "typ": "JWT", "kid": self.key.key_id()});
-        let claims = json!({
-            "iss": CLIENT_ID, "sub": CLIENT_ID, "aud": token_url,
-            "exp": now + 240, "iat": now, "jti": uuid::Uuid::new_v4().to_string(),
-        });
-        let input = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let signature = josekit::jws::ES384
-            .signer_from_jwk(&self.key)?
-            .sign(input.as_bytes())?;
-        let assertion = format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature));
+        let assertion = self.key.assertion(CLIENT_ID, &token_url)?;
         let response = http
             .post(&token_url)
             .form(&[
@@ -581,10 +565,7 @@ async fn planned_urls(
         upstream_types: Some(&upstream_types),
         patients: &patients,
         batch_size: e.patient_batch_size,
-        max_ids_bytes: e
-            .max_search_url_bytes
-            .saturating_sub(upstream_url.len() + 400)
-            .max(64),
+        max_ids_bytes: plan::ids_room(e.max_search_url_bytes, upstream_url.len(), &k.type_filters),
     })
     .map_err(|e| anyhow!("{e}"))?;
     let mut config = config.clone();
@@ -607,14 +588,19 @@ struct ProxyRun {
     resources: u64,
 }
 
+/// One export kicked off on the first of `proxies` (replicas of one fleet, or just one proxy),
+/// timed until any of them logs "export finished".
 async fn proxy_export(
-    proxy: &Proxy,
+    proxies: &[Proxy],
     http: &reqwest::Client,
     path: &str,
     expected: Option<u64>,
 ) -> Result<ProxyRun> {
+    let proxy = &proxies[0];
     let token = proxy.token(http).await?;
-    while proxy.finished.try_recv().is_ok() {}
+    for p in proxies {
+        while p.finished.try_recv().is_ok() {}
+    }
     let started = Instant::now();
     let response = http
         .get(format!("{}{path}", proxy.base))
@@ -636,18 +622,19 @@ async fn proxy_export(
         .context("no Content-Location")?
         .to_owned();
     // Wait for the "export finished" line (the first poll is always 202 anyway).
-    let finished = loop {
-        match proxy.finished.try_recv() {
-            Ok(at) => break at,
-            Err(mpsc::TryRecvError::Empty) => {
-                ensure!(
-                    started.elapsed() < Duration::from_secs(1800),
-                    "the export did not finish in 30 minutes"
-                );
-                tokio::time::sleep(Duration::from_millis(2)).await;
+    let finished = 'wait: loop {
+        for p in proxies {
+            match p.finished.try_recv() {
+                Ok(at) => break 'wait at,
+                Err(mpsc::TryRecvError::Empty) => {}
+                Err(mpsc::TryRecvError::Disconnected) => bail!("a proxy exited"),
             }
-            Err(mpsc::TryRecvError::Disconnected) => bail!("the proxy exited"),
         }
+        ensure!(
+            started.elapsed() < Duration::from_secs(1800),
+            "the export did not finish in 30 minutes"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let wall = finished.saturating_duration_since(started);
     let manifest = loop {
@@ -838,7 +825,7 @@ async fn run_case(
             let self0 = cpu_secs(std::process::id());
             let proxy0 = cpu_secs(proxy.child.id());
             let (seconds, resources) = if is_proxy {
-                let run = proxy_export(proxy, http, case.path, None).await?;
+                let run = proxy_export(std::slice::from_ref(proxy), http, case.path, None).await?;
                 (run.wall.as_secs_f64(), run.resources)
             } else {
                 let (elapsed, tally) = plain_pager(&urls, concurrency).await?;
@@ -1031,12 +1018,23 @@ async fn drive(opts: Opts) -> Result<()> {
     }
 
     let total = started.elapsed();
-    let report = report(&opts, &results, &rss_lines, &notes, date, total)?;
-    println!("{report}");
-    if opts.write_results {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
-        write_section(&path, &report)?;
-        eprintln!("wrote the Export section of {}", path.display());
+    if !results.is_empty() {
+        let report = report(&opts, &results, &rss_lines, &notes, date, total)?;
+        println!("{report}");
+        if opts.write_results {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
+            write_section(&path, "## Export", &report)?;
+            eprintln!("wrote the Export section of {}", path.display());
+        }
+    }
+    if wants("fleet") {
+        let section = fleet_scaling(&opts, &http).await?;
+        println!("{section}");
+        if opts.write_results {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/RESULTS.md");
+            write_section(&path, "## Fleet scaling", &section)?;
+            eprintln!("wrote the Fleet scaling section of {}", path.display());
+        }
     }
     Ok(())
 }
@@ -1177,10 +1175,11 @@ fn proc_meminfo_gb() -> f64 {
 
 /// Replaces the `## Export` section of RESULTS.md (up to the next `## ` heading), keeping the
 /// rest of the file (e.g. the "Passthrough" section); appends it when absent.
-fn write_section(path: &Path, section: &str) -> Result<()> {
+/// Replaces the section that starts with `heading` (up to the next `## `), or appends it.
+fn write_section(path: &Path, heading: &str, section: &str) -> Result<()> {
     let old = std::fs::read_to_string(path).unwrap_or_default();
     let section = section.trim_end();
-    let new = match old.find("## Export") {
+    let new = match old.find(heading) {
         Some(start) => {
             let rest = &old[start + 2..];
             let end = rest.find("\n## ").map_or(old.len(), |i| start + 2 + i + 1);
@@ -1191,4 +1190,112 @@ fn write_section(path: &Path, section: &str) -> Result<()> {
     };
     std::fs::write(path, new.trim_end().to_owned() + "\n")?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fleet scaling: 1, 2 and 3 replicas on one Redis.
+
+/// Upstream latency per search page for the fleet case: large, so the upstream's concurrency,
+/// not the two CPUs, limits an export (the case measures how replicas add workers).
+const FLEET_LATENCY_MS: u64 = 60;
+
+/// The Group export of the fixture through 1, 2 and 3 replicas sharing one Redis and one file
+/// directory, each replica with 2 workers; the fleet-wide upstream cap is set high so that
+/// workers, not the cap, bound the parallelism. Returns the `## Fleet scaling` section.
+async fn fleet_scaling(opts: &Opts, http: &reqwest::Client) -> Result<String> {
+    let fixture = opts.fixture.display().to_string();
+    let mut upstream = Upstream::start(&["--fixture", &fixture])?;
+    upstream.set_latency(FLEET_LATENCY_MS)?;
+    let redis = RedisProcess::start()?;
+    let files = tempfile::tempdir()?;
+    let env = [
+        ("BULK_PROXY_STORE__BACKEND", "redis".to_owned()),
+        ("BULK_PROXY_STORE__REDIS_URL", redis.url()),
+        (
+            "BULK_PROXY_STORAGE__PATH",
+            files.path().display().to_string(),
+        ),
+        ("BULK_PROXY_EXPORT__WORKERS", "2".to_owned()),
+        (
+            "BULK_PROXY_EXPORT__MAX_UPSTREAM_CONCURRENCY",
+            "64".to_owned(),
+        ),
+        ("BULK_PROXY_EXPORT__PATIENT_BATCH_SIZE", "10".to_owned()),
+    ];
+    let path = format!("/Group/{GROUP_ID}/$export");
+    let mut rows: Vec<(usize, Vec<f64>, u64)> = Vec::new();
+    for replicas in 1..=3 {
+        let proxies = (0..replicas)
+            .map(|_| Proxy::start_with(&upstream.url, &env))
+            .collect::<Result<Vec<_>>>()?;
+        let mut times = Vec::new();
+        let mut resources = 0;
+        for _ in 0..opts.rounds {
+            let run = proxy_export(&proxies, http, &path, None).await?;
+            times.push(run.wall.as_secs_f64());
+            resources = run.resources;
+        }
+        eprintln!("fleet: {replicas} replica(s): {}", list(&times, 2));
+        rows.push((replicas, times, resources));
+    }
+    let one = median(&rows[0].1);
+    let mut out = format!(
+        "## Fleet scaling\n\nCommand: `cargo bench --bench export -- --cases fleet --rounds {} --write-results`.\n\n\
+         `Group/{GROUP_ID}/$export` of the 100-patient fixture ({} resources, 16 types × 10 patient \
+         batches = 160 searches) through 1, 2 and 3 release proxies sharing one Redis and one file \
+         directory, 2 workers each, kicked off on the first replica and timed until one of them logs \
+         \"export finished\". The upstream adds {FLEET_LATENCY_MS} ms to every search page, so the \
+         number of searches in flight, not the 2 CPUs, bounds the export.\n\n\
+         | replicas | workers in the fleet | wall s (median) | runs | speed-up vs 1 | per-replica efficiency |\n|---|---|---|---|---|---|\n",
+        opts.rounds, rows[0].2
+    );
+    for (replicas, times, _) in &rows {
+        let m = median(times);
+        out.push_str(&format!(
+            "| {replicas} | {} | {m:.2} | {} | {:.2}× | {:.0}% |\n",
+            replicas * 2,
+            list(times, 2),
+            one / m,
+            100.0 * one / m / *replicas as f64
+        ));
+    }
+    Ok(out)
+}
+
+/// A private `redis-server` on a free port, killed when dropped.
+struct RedisProcess {
+    child: Child,
+    port: u16,
+}
+
+impl RedisProcess {
+    fn start() -> Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .context("redis-server (see .ci/setup)")?;
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(Self { child, port });
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        bail!("redis-server did not start")
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+impl Drop for RedisProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -441,6 +441,14 @@ dirty="$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/n
 
 cat "$R"
 if [ "$WRITE_RESULTS" = 1 ]; then
-  cp "$R" "$BENCH_DIR/RESULTS.md"
-  log "wrote $BENCH_DIR/RESULTS.md"
+  # The passthrough part is everything before the first section another benchmark owns
+  # (bench/export.rs writes "## Export" and "## Fleet scaling"): replace it, keep theirs.
+  OUT="$BENCH_DIR/RESULTS.md"
+  if [ -f "$OUT" ] && grep -q '^## \(Export\|Fleet scaling\)' "$OUT"; then
+    { cat "$R"; echo; sed -n '/^## \(Export\|Fleet scaling\)/,$p' "$OUT"; } > "$T/merged.md"
+    cp "$T/merged.md" "$OUT"
+  else
+    cp "$R" "$OUT"
+  fi
+  log "wrote $OUT"
 fi

@@ -6,11 +6,6 @@ use clap::{Parser, Subcommand};
 use fhir_bulk_proxy::auth::keygen;
 use fhir_bulk_proxy::{config::Config, server, telemetry};
 
-/// mimalloc instead of glibc malloc: the per-request allocations of the proxy path cost about a
-/// fifth less CPU (bench/RESULTS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     version,

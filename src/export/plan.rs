@@ -136,6 +136,15 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     Ok(out)
 }
 
+/// Room for the patient ids in a search URL: what is left after the base URL, the longest
+/// `/{Type}?{param}=` (45 bytes covers every compartment entry), the longest `_typeFilter` query,
+/// and the paging parameters the pager adds (`_count`, two `_lastUpdated` bounds, `_sort`: at most
+/// 140 bytes encoded: 13 + 2 × 50 + 19).
+pub fn ids_room(max_url: usize, base: usize, filters: &[(String, String)]) -> usize {
+    let filter = filters.iter().map(|(_, q)| q.len() + 1).max().unwrap_or(0);
+    max_url.saturating_sub(base + 45 + filter + 140).max(64)
+}
+
 /// Patient ids joined into comma lists of at most `size` ids and `max_bytes` bytes.
 pub fn batch_ids(ids: &[String], size: usize, max_bytes: usize) -> Vec<String> {
     let mut batches = Vec::new();
@@ -277,6 +286,23 @@ mod tests {
                 ("Condition".to_owned(), "Condition".to_owned()),
             ]
         );
+    }
+
+    #[test]
+    fn a_batch_of_100_uuids_fits_a_4096_byte_search_url() {
+        let base = "http://fhir.internal:8080/fhir";
+        let ids: Vec<String> = (0..100u64)
+            .map(|i| format!("{i:08x}-0000-4000-8000-{i:012x}"))
+            .collect();
+        let batches = batch_ids(&ids, 100, ids_room(4096, base.len(), &[]));
+        assert_eq!(batches.len(), 1, "one search for 100 patients");
+        let mut config = crate::config::Config::default();
+        config.upstream.url = base.into();
+        let pager = crate::export::pager::Pager::new(&config, Default::default()).unwrap();
+        let instant = "2026-11-30T09:41:11.123456789Z";
+        let search = format!("CoverageEligibilityResponse?patient={}", batches[0]);
+        let url = pager.search_url(&search, Some(("gt", instant)), instant);
+        assert!(url.len() <= 4096, "{} bytes", url.len());
     }
 
     proptest! {

@@ -110,7 +110,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         upstream_types: upstream_types.as_deref(),
         patients: &patients,
         batch_size: e.patient_batch_size,
-        max_ids_bytes: ids_room(
+        max_ids_bytes: plan::ids_room(
             e.max_search_url_bytes,
             app.upstream.base_url().len(),
             &kickoff.type_filters,
@@ -193,15 +193,6 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         HeaderValue::from_str(&status_url).map_err(|e| ApiError::Internal(e.to_string()))?,
     );
     Ok(response)
-}
-
-/// Room for the patient ids in a search URL: what is left after the base URL, the longest
-/// `/{Type}?{param}=` (45 bytes covers every compartment entry), the longest `_typeFilter` query,
-/// and the paging parameters the pager adds (`_count`, two `_lastUpdated` bounds, `_sort`: at most
-/// 140 bytes encoded: 13 + 2 × 50 + 19).
-fn ids_room(max_url: usize, base: usize, filters: &[(String, String)]) -> usize {
-    let filter = filters.iter().map(|(_, q)| q.len() + 1).max().unwrap_or(0);
-    max_url.saturating_sub(base + 45 + filter + 140).max(64)
 }
 
 /// Reads a POST kick-off body: JSON (`application/fhir+json` or `application/json`), bounded.
