@@ -13,9 +13,14 @@ pub type UnixSecs = u64;
 
 /// Current time in Unix seconds.
 pub fn now_unix() -> UnixSecs {
+    now_millis() / 1000
+}
+
+/// Current time in Unix milliseconds (rate limits, fleet slots).
+pub fn now_millis() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Export level (Bulk Data IG: system, Patient, Group).

@@ -57,11 +57,7 @@ impl Default for MemoryJtiStore {
     }
 }
 
-fn now_unix() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
+use crate::job::now_unix;
 
 #[async_trait::async_trait]
 impl JtiStore for MemoryJtiStore {

@@ -14,13 +14,8 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::config::Config;
+use crate::job::now_millis;
 use crate::store::JobStore;
-
-fn now_millis() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {

@@ -13,7 +13,7 @@ use super::error::ApiError;
 use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
-use crate::job::{Job, JobState, UnitState};
+use crate::job::{Job, JobState, UnitState, now_millis};
 
 /// How long the "first poll" marker is kept (longer than any job lives).
 const FIRST_POLL_MARK_MS: u64 = 7 * 24 * 3600 * 1000;
@@ -43,9 +43,7 @@ pub async fn get(
         )));
     }
     let retry_after = app.config.export.poll_retry_after_secs;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let now_ms = now_millis();
     if !app
         .store
         .record_poll(&job.id, now_ms, retry_after * 1000 / 2)
