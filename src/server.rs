@@ -7,14 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::extract::ConnectInfo;
-use axum::extract::Request;
+use axum::http::Request;
+use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 use crate::app::App;
 use crate::config::{Config, TlsConfig};
@@ -81,7 +80,7 @@ pub async fn run(
         base_path = %app.base_path,
         "fhir-bulk-proxy listening"
     );
-    let router = http::router(app.clone());
+    let entry = http::Entry::new(app.clone());
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -100,14 +99,11 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let service =
-            router
-                .clone()
-                .map_request(move |mut request: Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo(peer));
-                    request.map(axum::body::Body::new)
-                });
-        let service = hyper_util::service::TowerToHyperService::new(service);
+        let entry = entry.clone();
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let entry = entry.clone();
+            async move { Ok::<_, std::convert::Infallible>(entry.serve(request, peer).await) }
+        });
         match &tls {
             None => {
                 let connection = builder.serve_connection(TokioIo::new(stream), service);

@@ -14,26 +14,83 @@ mod smart;
 mod status;
 mod token;
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use tower_http::request_id::{
-    MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
-};
+use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::app::AppState;
 use crate::telemetry::metrics;
 use error::ApiError;
 
-/// Builds the router for one proxy instance.
-pub fn router(state: AppState) -> Router {
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What every connection serves: passthrough requests go straight to the upstream; the proxy's
+/// own endpoints go through the router. Both are observed the same way ([`observe`]).
+#[derive(Clone)]
+pub struct Entry {
+    app: AppState,
+    router: Router,
+}
+
+impl Entry {
+    pub fn new(app: AppState) -> Self {
+        Self {
+            router: router(app.clone()),
+            app,
+        }
+    }
+
+    /// Answers one request from `peer`.
+    pub async fn serve<B>(&self, request: axum::http::Request<B>, peer: SocketAddr) -> Response
+    where
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<axum::BoxError>,
+    {
+        let mut request = request.map(Body::new);
+        if is_passthrough(&self.app, request.uri().path()) {
+            let app = &self.app;
+            return observe("passthrough", request, |request| async move {
+                protected_passthrough(app, request, Some(peer))
+                    .await
+                    .into_response()
+            })
+            .await;
+        }
+        request.extensions_mut().insert(ConnectInfo(peer));
+        match self.router.clone().oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        }
+    }
+}
+
+/// Whether the router would send `path` to its passthrough fallback: no route of the proxy's own
+/// can match it. Errs towards the router (which passes through what it does not answer).
+fn is_passthrough(app: &crate::app::App, path: &str) -> bool {
+    let own = matches!(path, "/healthz" | "/readyz" | "/metrics")
+        || path.contains("$export")
+        || path.ends_with("/metadata")
+        || (app.auth.enabled()
+            && (path.ends_with(app.auth.token_path())
+                || path.contains("/.well-known/")
+                || path.ends_with(smart::AUTHORIZE_PATH)));
+    !own
+}
+
+/// Builds the router for the proxy's own endpoints (anything else it passes through).
+fn router(state: AppState) -> Router {
     let base = state.base_path.clone();
     Router::new()
         .route("/healthz", get(ops::healthz))
@@ -68,10 +125,8 @@ pub fn router(state: AppState) -> Router {
             get(files::get),
         )
         .merge(auth_routes(&state))
-        .fallback(protected_passthrough)
-        .layer(middleware::from_fn_with_state(state.clone(), observe))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(NextRequestId::default()))
+        .fallback(fallback_passthrough)
+        .layer(middleware::from_fn_with_state(state.clone(), observe_route))
         .with_state(state)
 }
 
@@ -96,12 +151,21 @@ fn auth_routes(state: &AppState) -> Router<AppState> {
         )
 }
 
+/// The router's fallback: what [`Entry::serve`] did not already recognise as passthrough.
+async fn fallback_passthrough(State(app): State<AppState>, request: Request<Body>) -> Response {
+    let peer = peer_of(&request);
+    protected_passthrough(&app, request, peer)
+        .await
+        .into_response()
+}
+
 /// Passthrough behind the proxy's own tokens when `auth.passthrough` is on (reads only, scoped by
 /// the resource type in the path; the client's `Authorization` is replaced by `upstream.auth`),
 /// plain passthrough otherwise.
 async fn protected_passthrough(
-    State(app): State<AppState>,
+    app: &crate::app::App,
     mut request: Request<Body>,
+    peer: Option<SocketAddr>,
 ) -> Result<Response, ApiError> {
     if app.auth.protects_passthrough() {
         let grant = app.auth.authorize(request.headers())?;
@@ -116,20 +180,33 @@ async fn protected_passthrough(
             headers.insert(axum::http::header::AUTHORIZATION, value);
         }
     }
-    passthrough(State(app), request).await
+    forward(app, request, peer).await
 }
 
-/// Forwards the request to the upstream and streams the answer back.
+/// Forwards the request to the upstream and streams the answer back (the handler of methods the
+/// proxy's own routes do not answer, e.g. `PUT {base}/metadata`).
 pub async fn passthrough(
     State(app): State<AppState>,
     request: Request<Body>,
 ) -> Result<Response, ApiError> {
-    let peer = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0);
+    let peer = peer_of(&request);
+    forward(&app, request, peer).await
+}
+
+async fn forward(
+    app: &crate::app::App,
+    request: Request<Body>,
+    peer: Option<SocketAddr>,
+) -> Result<Response, ApiError> {
     let context = app.client_context(request.headers(), peer);
     Ok(app.upstream.forward(request, &context).await?)
+}
+
+fn peer_of(request: &Request<Body>) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0)
 }
 
 /// The route class of a matched route, for metrics and logs.
@@ -148,9 +225,8 @@ fn route_class(matched: Option<&str>, token_path: &str) -> &'static str {
     }
 }
 
-/// Request span, access log line and request metrics.
-async fn observe(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    let started = Instant::now();
+/// The router's middleware: [`observe`] with the route class of the matched route.
+async fn observe_route(State(app): State<AppState>, request: Request, next: Next) -> Response {
     let route = route_class(
         request
             .extensions()
@@ -158,21 +234,37 @@ async fn observe(State(app): State<AppState>, request: Request, next: Next) -> R
             .map(MatchedPath::as_str),
         app.auth.token_path(),
     );
+    observe(route, request, |request| next.run(request)).await
+}
+
+/// Request id, span, access log line and request metrics around `handler`. The request keeps the
+/// client's `X-Request-Id` or gets a new one (forwarded upstream); the response echoes it.
+async fn observe<F, Fut>(route: &'static str, mut request: Request, handler: F) -> Response
+where
+    F: FnOnce(Request) -> Fut,
+    Fut: Future<Output = Response>,
+{
+    let started = Instant::now();
+    let id = match request.headers().get(&X_REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => {
+            let id = next_request_id();
+            request.headers_mut().insert(X_REQUEST_ID, id.clone());
+            id
+        }
+    };
     // The span's fields are only formatted when info logging is on.
     let span = tracing::info_span!(
         "request",
-        id = request
-            .headers()
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or(""),
+        id = id.to_str().unwrap_or(""),
         method = %request.method(),
         path = %request.uri().path(),
         route,
     );
     let in_flight = metrics::InFlight::start();
-    let response = next.run(request).instrument(span.clone()).await;
+    let mut response = handler(request).instrument(span.clone()).await;
     drop(in_flight);
+    response.headers_mut().insert(X_REQUEST_ID, id);
     let status = response.status();
     let elapsed = started.elapsed();
     metrics::request(route, status.as_u16(), elapsed);
@@ -186,31 +278,13 @@ async fn observe(State(app): State<AppState>, request: Request, next: Next) -> R
     response
 }
 
-/// Request ids for requests that come without one: a random per-process prefix and a counter,
+/// A request id for a request that came without one: a random per-process prefix and a counter,
 /// unique across replicas without a random-number system call per request (as a UUID v4 costs).
-#[derive(Clone)]
-struct NextRequestId {
-    prefix: std::sync::Arc<str>,
-    counter: std::sync::Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl Default for NextRequestId {
-    fn default() -> Self {
-        let random = uuid::Uuid::new_v4().simple().to_string();
-        Self {
-            prefix: random[..16].into(),
-            counter: Default::default(),
-        }
-    }
-}
-
-impl MakeRequestId for NextRequestId {
-    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
-        let n = self
-            .counter
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        axum::http::HeaderValue::from_str(&format!("{}-{n:08x}", self.prefix))
-            .ok()
-            .map(RequestId::new)
-    }
+fn next_request_id() -> HeaderValue {
+    static PREFIX: LazyLock<String> =
+        LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string()[..16].to_owned());
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    HeaderValue::try_from(format!("{}-{n:08x}", *PREFIX))
+        .unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }

@@ -1,5 +1,5 @@
-//! The upstream client: one pooled hyper client (HTTP/1.1, plain or rustls) shared by passthrough
-//! and by the proxy's own upstream calls (metadata, readiness).
+//! The upstream client: one connection pool (HTTP/1.1, plain or rustls; [`super::pool`]) shared by
+//! passthrough and by the proxy's own upstream calls (metadata, readiness).
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -12,16 +12,13 @@ use axum::http::{HeaderMap, Method, Request, Response, Uri, Version, header};
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use url::Url;
 
 use super::ProxyError;
 use super::headers::{add_forwarded, rewrite_locations, strip_hop_by_hop};
+use super::pool::{Pool, SendError};
 use crate::config::Config;
 use crate::telemetry::metrics;
 
@@ -37,11 +34,9 @@ pub struct ClientContext {
 
 /// The upstream FHIR server.
 pub struct Upstream {
-    client: Client<HttpsConnector<HttpConnector>, Body>,
+    pool: Pool,
     /// The configured base URL without a trailing slash, e.g. `http://fhir:8080/fhir`.
     base: String,
-    /// `scheme://authority` of the upstream.
-    origin: String,
     /// Path of the upstream base (`""` for the root).
     upstream_path: String,
     /// Path under which the proxy serves FHIR (`""` for the root).
@@ -61,16 +56,17 @@ impl Upstream {
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(config.upstream.pool_idle_timeout_secs))
-            .pool_max_idle_per_host(config.upstream.pool_max_idle_per_host)
-            .build(https);
         let upstream_path = base.path().trim_end_matches('/').to_owned();
         let origin = base.origin().ascii_serialization();
+        let pool = Pool::new(
+            https,
+            origin.parse()?,
+            config.upstream.pool_max_idle_per_host,
+            Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+        )?;
         Ok(Self {
-            client,
+            pool,
             base: format!("{origin}{upstream_path}"),
-            origin,
             upstream_path,
             proxy_path: config.base_path(),
             timeout: config.request_timeout(),
@@ -82,9 +78,9 @@ impl Upstream {
         &self.base
     }
 
-    /// Maps a path-and-query received by the proxy onto the upstream: the proxy's base path is
-    /// replaced by the upstream's; anything outside it goes to the same path on the upstream origin.
-    /// The rest of the path and the query are kept byte for byte.
+    /// Maps a path-and-query received by the proxy onto the upstream's (origin form, as sent on the
+    /// request line): the proxy's base path is replaced by the upstream's; anything outside it goes
+    /// to the same path on the upstream. The rest of the path and the query are kept byte for byte.
     pub fn map_path_and_query(&self, path_and_query: &str) -> String {
         let (path, query) = match path_and_query.find('?') {
             Some(i) => path_and_query.split_at(i),
@@ -93,12 +89,11 @@ impl Upstream {
         let rest = path
             .strip_prefix(&self.proxy_path)
             .filter(|rest| rest.is_empty() || rest.starts_with('/'));
-        let path = match rest {
-            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => "/".to_owned(),
-            Some(rest) => format!("{}{rest}", self.upstream_path),
-            None => path.to_owned(),
-        };
-        format!("{}{path}{query}", self.origin)
+        match rest {
+            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => format!("/{query}"),
+            Some(rest) => format!("{}{rest}{query}", self.upstream_path),
+            None => path_and_query.to_owned(),
+        }
     }
 
     /// Forwards a client's request and streams the response back.
@@ -128,7 +123,7 @@ impl Upstream {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         rewrite_locations(&mut parts.headers, &self.base, &context.public_base);
-        Ok(Response::from_parts(parts, Body::new(body)))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// GETs `path_and_query` (relative to the upstream base, e.g. `/metadata`) and reads the whole
@@ -140,7 +135,7 @@ impl Upstream {
         headers: HeaderMap,
         limit: usize,
     ) -> Result<(axum::http::response::Parts, Bytes), ProxyError> {
-        let uri = self.uri_of(&format!("{}{path}", self.base))?;
+        let uri = self.uri_of(&format!("{}{path}", self.upstream_path))?;
         let mut request = Request::builder()
             .method(Method::GET)
             .uri(uri)
@@ -169,30 +164,35 @@ impl Upstream {
         &self,
         route: &'static str,
         request: Request<Body>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<Body>, ProxyError> {
         let started = Instant::now();
-        let (parts, body) = request.into_parts();
-        let sent = Arc::new(Notify::new());
-        let body = Body::new(SignalEnd {
-            inner: body,
-            signal: EndSignal(sent.clone()),
-        });
-        let request = Request::from_parts(parts, body);
         let timeout = self.timeout;
-        let deadline = async {
-            sent.notified().await;
-            tokio::time::sleep(timeout).await;
-        };
-        let outcome = tokio::select! {
-            result = self.client.request(request) => result.map_err(|e| {
-                if e.is_connect() {
-                    ProxyError::Unreachable(error_chain(&e))
-                } else {
-                    ProxyError::Protocol(error_chain(&e))
-                }
-            }),
-            () = deadline => Err(ProxyError::Timeout(timeout.as_millis() as u64)),
-        };
+        let outcome = if request.body().is_end_stream() {
+            // Nothing to upload (GET, HEAD, DELETE): the wait for the answer starts now.
+            tokio::time::timeout(timeout, self.pool.send(request))
+                .await
+                .unwrap_or_else(|_| Err(SendError::Timeout))
+        } else {
+            let (parts, body) = request.into_parts();
+            let sent = Arc::new(Notify::new());
+            let body = Body::new(SignalEnd {
+                inner: body,
+                signal: EndSignal(sent.clone()),
+            });
+            let deadline = async {
+                sent.notified().await;
+                tokio::time::sleep(timeout).await;
+            };
+            tokio::select! {
+                result = self.pool.send(Request::from_parts(parts, body)) => result,
+                () = deadline => Err(SendError::Timeout),
+            }
+        }
+        .map_err(|e| match e {
+            SendError::Connect(reason) => ProxyError::Unreachable(reason),
+            SendError::Request(e) => ProxyError::Protocol(error_chain(&e)),
+            SendError::Timeout => ProxyError::Timeout(timeout.as_millis() as u64),
+        });
         let label = match &outcome {
             Ok(_) => "ok",
             Err(ProxyError::Timeout(_)) => "timeout",
@@ -215,7 +215,7 @@ impl Upstream {
 }
 
 /// The error and its causes on one line (hyper's top-level messages alone say little).
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut message = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {
@@ -299,13 +299,10 @@ mod tests {
         let up = upstream("http://fhir:8080/fhir", None);
         assert_eq!(
             up.map_path_and_query("/fhir/Patient/1/_history?_count=2&_count=3"),
-            "http://fhir:8080/fhir/Patient/1/_history?_count=2&_count=3"
+            "/fhir/Patient/1/_history?_count=2&_count=3"
         );
-        assert_eq!(up.map_path_and_query("/fhir"), "http://fhir:8080/fhir");
-        assert_eq!(
-            up.map_path_and_query("/fhirx/a"),
-            "http://fhir:8080/fhirx/a"
-        );
+        assert_eq!(up.map_path_and_query("/fhir"), "/fhir");
+        assert_eq!(up.map_path_and_query("/fhirx/a?b"), "/fhirx/a?b");
     }
 
     #[test]
@@ -313,13 +310,14 @@ mod tests {
         let up = upstream("http://fhir:8080/api/r4/", Some("/"));
         assert_eq!(
             up.map_path_and_query("/Patient?name=a%20b"),
-            "http://fhir:8080/api/r4/Patient?name=a%20b"
+            "/api/r4/Patient?name=a%20b"
         );
         let up = upstream("http://fhir:8080", Some("/fhir"));
+        assert_eq!(up.map_path_and_query("/fhir/Patient"), "/Patient");
+        assert_eq!(up.map_path_and_query("/fhir"), "/");
         assert_eq!(
-            up.map_path_and_query("/fhir/Patient"),
-            "http://fhir:8080/Patient"
+            up.map_path_and_query("/fhir?_format=json"),
+            "/?_format=json"
         );
-        assert_eq!(up.map_path_and_query("/fhir"), "http://fhir:8080/");
     }
 }

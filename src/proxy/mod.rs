@@ -5,6 +5,7 @@
 
 mod forward;
 pub mod headers;
+mod pool;
 
 pub use forward::{ClientContext, Upstream};
 

@@ -9,9 +9,10 @@
 //! The recorder is process-global (the `metrics` facade); it is installed once even when a test
 //! process starts several proxies.
 
-use std::sync::OnceLock;
+use std::sync::{LazyLock, OnceLock};
 use std::time::Duration;
 
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 pub const REQUESTS_TOTAL: &str = "bulk_proxy_requests_total";
@@ -44,15 +45,43 @@ pub fn handle() -> PrometheusHandle {
 
 /// Records one upstream exchange.
 pub fn upstream(route: &'static str, outcome: &'static str, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    match (
+        HOT.route(route),
+        OUTCOMES.iter().position(|o| *o == outcome),
+    ) {
+        (Some(hot), Some(i)) => hot.upstream[i]
+            .get_or_init(|| upstream_histogram(route, outcome))
+            .record(seconds),
+        _ => upstream_histogram(route, outcome).record(seconds),
+    }
+}
+
+fn upstream_histogram(route: &'static str, outcome: &'static str) -> Histogram {
     metrics::histogram!(UPSTREAM_DURATION, "route" => route, "outcome" => outcome)
-        .record(elapsed.as_secs_f64());
 }
 
 /// Records one answered request.
 pub fn request(route: &'static str, status: u16, elapsed: Duration) {
+    let seconds = elapsed.as_secs_f64();
+    let Some(hot) = HOT.route(route) else {
+        requests_counter(route, status).increment(1);
+        metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds);
+        return;
+    };
+    match COMMON_STATUSES.iter().position(|s| *s == status) {
+        Some(i) => hot.requests[i]
+            .get_or_init(|| requests_counter(route, status))
+            .increment(1),
+        None => requests_counter(route, status).increment(1),
+    }
+    hot.duration
+        .get_or_init(|| metrics::histogram!(REQUEST_DURATION, "route" => route))
+        .record(seconds);
+}
+
+fn requests_counter(route: &'static str, status: u16) -> Counter {
     metrics::counter!(REQUESTS_TOTAL, "route" => route, "status" => status_label(status))
-        .increment(1);
-    metrics::histogram!(REQUEST_DURATION, "route" => route).record(elapsed.as_secs_f64());
 }
 
 /// Counts a request in `bulk_proxy_requests_in_flight` until dropped.
@@ -60,14 +89,60 @@ pub struct InFlight(());
 
 impl InFlight {
     pub fn start() -> Self {
-        metrics::gauge!(IN_FLIGHT).increment(1.0);
+        HOT.in_flight.increment(1.0);
         Self(())
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        metrics::gauge!(IN_FLIGHT).decrement(1.0);
+        HOT.in_flight.decrement(1.0);
+    }
+}
+
+/// Route classes recorded through kept handles (the `route` label of both families).
+const HOT_ROUTES: [&str; 10] = [
+    "passthrough",
+    "metadata",
+    "export",
+    "status",
+    "file",
+    "token",
+    "smart",
+    "ops",
+    "other",
+    "ready",
+];
+const OUTCOMES: [&str; 4] = ["ok", "timeout", "connect_error", "protocol_error"];
+
+/// Metric handles kept after their first use. Looking a handle up through the `metrics` macros
+/// builds a key, hashes it and takes a lock on every call, which cost more than the update itself
+/// on the passthrough path; a series still appears only once it has been recorded.
+struct Hot {
+    in_flight: Gauge,
+    routes: [RouteHandles; HOT_ROUTES.len()],
+}
+
+#[derive(Default)]
+struct RouteHandles {
+    duration: OnceLock<Histogram>,
+    requests: [OnceLock<Counter>; COMMON_STATUSES.len()],
+    upstream: [OnceLock<Histogram>; OUTCOMES.len()],
+}
+
+static HOT: LazyLock<Hot> = LazyLock::new(|| {
+    // Handles taken before the recorder is installed would record nowhere.
+    let _ = handle();
+    Hot {
+        in_flight: metrics::gauge!(IN_FLIGHT),
+        routes: Default::default(),
+    }
+});
+
+impl Hot {
+    fn route(&self, route: &str) -> Option<&RouteHandles> {
+        let i = HOT_ROUTES.iter().position(|r| *r == route)?;
+        Some(&self.routes[i])
     }
 }
 
@@ -88,25 +163,19 @@ pub fn spawn_upkeep(
     })
 }
 
+/// Status codes with a kept counter and a label that needs no allocation.
+const COMMON_STATUSES: [u16; 16] = [
+    200, 201, 202, 204, 206, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504, 412,
+];
+const COMMON_LABELS: [&str; 16] = [
+    "200", "201", "202", "204", "206", "304", "400", "401", "403", "404", "429", "500", "502",
+    "503", "504", "412",
+];
+
 /// The status as a label, without allocating for the common codes.
 fn status_label(status: u16) -> metrics::SharedString {
-    let common = match status {
-        200 => "200",
-        201 => "201",
-        202 => "202",
-        204 => "204",
-        206 => "206",
-        304 => "304",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => return status.to_string().into(),
-    };
-    common.into()
+    match COMMON_STATUSES.iter().position(|s| *s == status) {
+        Some(i) => COMMON_LABELS[i].into(),
+        None => status.to_string().into(),
+    }
 }

@@ -1,0 +1,214 @@
+//! The upstream connection pool: HTTP/1.1 connections (plain or rustls) made with hyper's
+//! connection API and kept in a LIFO stack of idle senders.
+//!
+//! A connection goes back to the stack when its response body has been read to the end (so the
+//! next request on it never waits behind a body still streaming), and is dropped when the body is
+//! abandoned, when the upstream closes it, or when it sat idle past `upstream.pool_idle_timeout_secs`.
+//! Compared with hyper-util's general-purpose client this does no per-request pool-key hashing and
+//! spawns no task per request to watch for the connection becoming idle: on the passthrough
+//! benchmark that was a third of the proxy's own CPU time per small request.
+
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::{Request, Response, Uri, header};
+use bytes::Bytes;
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use tower::Service;
+
+/// Why a request could not be sent.
+#[derive(Debug)]
+pub enum SendError {
+    /// No connection could be made (refused, DNS, TLS handshake, connect timeout).
+    Connect(String),
+    /// The connection failed while the request was sent or the response head read.
+    Request(hyper::Error),
+    /// No response head within the request timeout (set by the caller).
+    Timeout,
+}
+
+/// A pool of HTTP/1.1 connections to one upstream origin.
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    connector: HttpsConnector<HttpConnector>,
+    /// `scheme://authority` of the upstream, what every connection is made to.
+    origin: Uri,
+    /// The `Host` header sent upstream.
+    host: axum::http::HeaderValue,
+    idle: Mutex<Vec<Idle>>,
+    max_idle: usize,
+    idle_timeout: Duration,
+}
+
+struct Idle {
+    sender: SendRequest<Body>,
+    since: Instant,
+}
+
+impl Pool {
+    pub fn new(
+        connector: HttpsConnector<HttpConnector>,
+        origin: Uri,
+        max_idle: usize,
+        idle_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let authority = origin
+            .authority()
+            .ok_or_else(|| anyhow::anyhow!("the upstream URL {origin} has no host"))?;
+        let host = authority.as_str().parse()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                connector,
+                origin,
+                host,
+                idle: Mutex::new(Vec::new()),
+                max_idle,
+                idle_timeout,
+            }),
+        })
+    }
+
+    /// Sends `request` (its URI in origin form: path and query) on a pooled or new connection.
+    /// The response body hands the connection back to the pool when it has been read to the end.
+    pub async fn send(&self, mut request: Request<Body>) -> Result<Response<Body>, SendError> {
+        request
+            .headers_mut()
+            .insert(header::HOST, self.inner.host.clone());
+        let mut sender = match self.checkout().await {
+            Some(sender) => sender,
+            None => self.connect().await?,
+        };
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(SendError::Request)?;
+        Ok(response.map(|body| Body::new(PooledBody::new(body, sender, self.inner.clone()))))
+    }
+
+    /// The most recently used idle connection that is still open and ready.
+    async fn checkout(&self) -> Option<SendRequest<Body>> {
+        loop {
+            let idle = self.inner.lock_idle().pop()?;
+            if idle.sender.is_closed() || idle.since.elapsed() > self.inner.idle_timeout {
+                continue;
+            }
+            let mut sender = idle.sender;
+            // A connection returned at the end of its body may not have been marked ready by its
+            // connection task yet: that takes a moment, or fails if the upstream closed it.
+            if sender.ready().await.is_ok() {
+                return Some(sender);
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<Body>, SendError> {
+        let mut connector = self.inner.connector.clone();
+        let io = connector
+            .call(self.inner.origin.clone())
+            .await
+            .map_err(|e| SendError::Connect(super::forward::error_chain(e.as_ref())))?;
+        let (sender, connection) = http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(|e| SendError::Connect(super::forward::error_chain(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection closed with an error");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+impl Inner {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        // The stack stays consistent even if a holder panicked: every operation is one push/pop.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn checkin(&self, sender: SendRequest<Body>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock_idle();
+        // Connections idle for too long sit at the bottom of the stack.
+        let now = Instant::now();
+        let expired = idle
+            .iter()
+            .take_while(|i| now.duration_since(i.since) > self.idle_timeout)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < self.max_idle {
+            idle.push(Idle { sender, since: now });
+        }
+    }
+}
+
+/// A response body that returns its connection to the pool once read to the end. Dropped before
+/// the end, it drops the connection instead (hyper then closes it).
+struct PooledBody {
+    inner: Incoming,
+    sender: Option<SendRequest<Body>>,
+    pool: Arc<Inner>,
+}
+
+impl PooledBody {
+    fn new(inner: Incoming, sender: SendRequest<Body>, pool: Arc<Inner>) -> Self {
+        let mut body = Self {
+            inner,
+            sender: Some(sender),
+            pool,
+        };
+        // HEAD, 204 and 304 answers have no body, and nobody may ever poll it.
+        if body.inner.is_end_stream() {
+            body.release();
+        }
+        body
+    }
+
+    fn release(&mut self) {
+        if let Some(sender) = self.sender.take() {
+            self.pool.checkin(sender);
+        }
+    }
+}
+
+impl HttpBody for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => self.release(),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(Some(Err(_))) => self.sender = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
