@@ -38,6 +38,8 @@ pub struct App {
     pub base_path: String,
     /// Whether the listener speaks TLS.
     pub tls: bool,
+    /// The public base URL `server.public_url` names, if set (see [`App::public_base`]).
+    configured_public_base: Option<String>,
 }
 
 impl App {
@@ -84,6 +86,15 @@ impl App {
             exporter,
             base_path: config.base_path(),
             tls: config.server.tls.is_some(),
+            configured_public_base: config.server.public_url.as_deref().map(|public| {
+                let origin = public.trim_end_matches('/');
+                match url::Url::parse(origin) {
+                    // A public URL with a path already names the base; a bare origin gets the
+                    // base path.
+                    Ok(url) if url.path() != "/" => origin.to_owned(),
+                    _ => format!("{origin}{}", config.base_path()),
+                }
+            }),
             config,
         })
     }
@@ -168,13 +179,8 @@ impl App {
     /// The proxy's public FHIR base URL (no trailing slash): `server.public_url` when set, otherwise
     /// derived from `X-Forwarded-Proto` / `X-Forwarded-Host` (an ingress in front) or `Host`.
     pub fn public_base(&self, headers: &HeaderMap) -> String {
-        if let Some(public) = &self.config.server.public_url {
-            let origin = public.trim_end_matches('/');
-            return match url::Url::parse(origin) {
-                // A public URL with a path already names the base; a bare origin gets the base path.
-                Ok(url) if url.path() != "/" => origin.to_owned(),
-                _ => format!("{origin}{}", self.base_path),
-            };
+        if let Some(configured) = &self.configured_public_base {
+            return configured.clone();
         }
         let scheme = first_forwarded(headers, &X_FORWARDED_PROTO)
             .filter(|p| matches!(*p, "http" | "https"))
@@ -183,7 +189,13 @@ impl App {
             .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
             .filter(|h| is_host(h))
             .unwrap_or("localhost");
-        format!("{scheme}://{host}{}", self.base_path)
+        // Every passthrough request needs this: pieces pushed, not formatted.
+        let mut base = String::with_capacity(scheme.len() + 3 + host.len() + self.base_path.len());
+        base.push_str(scheme);
+        base.push_str("://");
+        base.push_str(host);
+        base.push_str(&self.base_path);
+        base
     }
 
     pub fn client_context(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> ClientContext {

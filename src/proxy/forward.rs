@@ -102,8 +102,12 @@ impl Upstream {
         mut request: Request<Body>,
         context: &ClientContext,
     ) -> Result<Response<Body>, ProxyError> {
-        let path_and_query = request.uri().path_and_query().map_or("/", |pq| pq.as_str());
-        let uri = self.uri(path_and_query)?;
+        let uri = match request.uri().path_and_query() {
+            // The usual deployment serves the upstream's own base path: the request line is
+            // forwarded as it came, without building and re-parsing it.
+            Some(pq) if self.proxy_path == self.upstream_path => Uri::from(pq.clone()),
+            pq => self.uri(pq.map_or("/", |pq| pq.as_str()))?,
+        };
         let authority = request.uri().authority().cloned();
         *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
@@ -183,10 +187,14 @@ impl Upstream {
                 sent.notified().await;
                 tokio::time::sleep(timeout).await;
             };
-            tokio::select! {
-                result = self.pool.send(Request::from_parts(parts, body)) => result,
-                () = deadline => Err(SendError::Timeout),
-            }
+            // Boxed, as the rarer case: the future of the common one stays small.
+            Box::pin(async {
+                tokio::select! {
+                    result = self.pool.send(Request::from_parts(parts, body)) => result,
+                    () = deadline => Err(SendError::Timeout),
+                }
+            })
+            .await
         }
         .map_err(|e| match e {
             SendError::Connect(reason) => ProxyError::Unreachable(reason),

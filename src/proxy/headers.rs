@@ -10,17 +10,20 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 /// Hop-by-hop headers: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`,
 /// `Transfer-Encoding` and `Upgrade`; `Trailer` and the `Proxy-Auth*` pair are connection-scoped
 /// too (RFC 7230 §6.1, RFC 9110 §11.7).
-const HOP_BY_HOP: [HeaderName; 9] = [
-    header::CONNECTION,
-    HeaderName::from_static("proxy-connection"),
-    HeaderName::from_static("keep-alive"),
-    header::TE,
-    header::TRAILER,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "proxy-connection"
+            | "keep-alive"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+    )
+}
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -28,21 +31,24 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have none: one pass over the names instead of a lookup per hop-by-hop name.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // Most messages have none: one pass over the names, nothing removed.
+    if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    // Names listed in `Connection` (`keep-alive` and `close`, usually, which need no parsing).
+    let mut drop: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|name| {
+            !name.eq_ignore_ascii_case("close") && !name.eq_ignore_ascii_case("keep-alive")
+        })
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
+    drop.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
+    for name in drop {
         headers.remove(name);
     }
 }
@@ -52,10 +58,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 pub fn add_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, scheme: &str) {
     if let Some(ip) = client {
         let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.trim().is_empty() => format!("{existing}, {ip}"),
-            _ => ip.to_string(),
+            Some(existing) if !existing.trim().is_empty() => {
+                HeaderValue::from_str(&format!("{existing}, {ip}")).ok()
+            }
+            _ => Some(ip_value(ip)),
         };
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        if let Some(value) = value {
             headers.insert(X_FORWARDED_FOR, value);
         }
     }
@@ -70,6 +78,34 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, scheme: &s
             headers.insert(X_FORWARDED_HOST, host);
         }
     }
+}
+
+/// An IP address as a header value; IPv4 (the usual case) without the formatting machinery.
+fn ip_value(ip: IpAddr) -> HeaderValue {
+    let IpAddr::V4(v4) = ip else {
+        return HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header");
+    };
+    let mut text = [0u8; 15];
+    let mut len = 0;
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text[len] = b'.';
+            len += 1;
+        }
+        let digits = [octet / 100, octet / 10 % 10, octet % 10];
+        let skip = if octet >= 100 {
+            0
+        } else if octet >= 10 {
+            1
+        } else {
+            2
+        };
+        for digit in &digits[skip..] {
+            text[len] = b'0' + digit;
+            len += 1;
+        }
+    }
+    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header")
 }
 
 fn scheme_value(scheme: &str) -> &'static str {
@@ -155,6 +191,21 @@ mod tests {
         assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(map["x-forwarded-proto"], "https", "kept from the ingress");
         assert_eq!(map["x-forwarded-host"], "proxy:8080");
+    }
+
+    #[test]
+    fn ip_values_match_display() {
+        for ip in [
+            "0.0.0.0",
+            "10.0.0.1",
+            "127.0.0.1",
+            "192.168.100.255",
+            "9.99.100.1",
+            "::1",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(ip_value(ip), ip.to_string().as_str());
+        }
     }
 
     #[test]

@@ -85,14 +85,27 @@ impl Pool {
         request
             .headers_mut()
             .insert(header::HOST, self.inner.host.clone());
-        let mut sender = match self.checkout().await {
-            Some(sender) => sender,
-            None => self.connect().await?,
+        let (mut sender, pooled) = match self.checkout().await {
+            Some(sender) => (sender, true),
+            // Boxed: connecting (DNS, TCP, TLS) is a large future, rarely needed; inline, every
+            // request's future would carry (and move) its size.
+            None => (Box::pin(self.connect()).await?, false),
         };
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(SendError::Request)?;
+        let response = match sender.try_send_request(request).await {
+            Ok(response) => response,
+            Err(mut failed) => match failed.take_message() {
+                // The upstream closed an idle connection as it was taken (its keep-alive timeout):
+                // the request was not sent, so it goes once more, on a new connection.
+                Some(request) if pooled => {
+                    sender = Box::pin(self.connect()).await?;
+                    sender
+                        .send_request(request)
+                        .await
+                        .map_err(SendError::Request)?
+                }
+                _ => return Err(SendError::Request(failed.into_error())),
+            },
+        };
         Ok(response.map(|body| Body::new(PooledBody::new(body, sender, self.inner.clone()))))
     }
 

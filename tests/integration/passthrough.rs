@@ -390,3 +390,66 @@ async fn large_responses_arrive_complete() {
         .unwrap();
     assert_eq!(response.bytes().await.unwrap().len(), size);
 }
+
+#[tokio::test]
+async fn upstream_connections_are_reused_and_closed_ones_replaced() {
+    let (fake, proxy) = setup().await;
+    // One client request at a time: every one goes on the same pooled upstream connection.
+    for i in 0..20 {
+        let response = client()
+            .get(proxy.url(&format!("/Patient/{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        response.bytes().await.unwrap();
+    }
+    let peers: std::collections::HashSet<_> = fake.received().iter().map(|r| r.peer).collect();
+    assert_eq!(peers.len(), 1, "20 sequential requests used {peers:?}");
+
+    // An upstream that closes each connection after answering: no request fails on a dead one.
+    for i in 0..5 {
+        let response = client()
+            .get(proxy.url(&format!("/Patient/c{i}")))
+            .header("x-fake-response-header", "Connection: close")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "request {i} after a closed connection"
+        );
+        assert!(response.headers().get("connection").is_none());
+    }
+    let closing: Vec<_> = fake.received().iter().skip(20).map(|r| r.peer).collect();
+    let distinct: std::collections::HashSet<_> = closing.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        5,
+        "each closed connection was replaced: {closing:?}"
+    );
+
+    // A response abandoned half-way does not leave a broken connection in the pool.
+    let response = client()
+        .get(proxy.url("/Binary/big"))
+        .header("x-fake-body-bytes", (8 * 1024 * 1024).to_string())
+        .send()
+        .await
+        .unwrap();
+    let mut stream = response.bytes_stream();
+    futures_util::StreamExt::next(&mut stream)
+        .await
+        .unwrap()
+        .unwrap();
+    drop(stream);
+    for i in 0..3 {
+        let response = client()
+            .get(proxy.url(&format!("/Patient/after{i}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert!(!response.bytes().await.unwrap().is_empty());
+    }
+}

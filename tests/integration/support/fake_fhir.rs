@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures_util::StreamExt;
@@ -32,6 +32,8 @@ pub struct Received {
     pub uri: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// The connection it came on (the proxy's side of it).
+    pub peer: SocketAddr,
 }
 
 impl Received {
@@ -93,6 +95,7 @@ impl FakeFhir {
         let app = Router::new().fallback(handle).with_state(shared.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         tokio::spawn(async move { axum::serve(listener, app).await });
         RunningFake {
             addr,
@@ -124,7 +127,11 @@ impl RunningFake {
     }
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    request: Request,
+) -> Response {
     let (parts, body) = request.into_parts();
     let uri = parts
         .uri
@@ -191,6 +198,7 @@ async fn handle(State(shared): State<Arc<Shared>>, request: Request) -> Response
         uri: uri.clone(),
         headers: headers.clone(),
         body: body.clone(),
+        peer,
     });
 
     if let Some(ms) = get("x-fake-delay-ms").and_then(|v| v.parse().ok()) {
