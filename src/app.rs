@@ -182,38 +182,21 @@ impl App {
         if let Some(configured) = &self.configured_public_base {
             return configured.clone();
         }
-        let scheme = first_forwarded(headers, &X_FORWARDED_PROTO)
-            .filter(|p| matches!(*p, "http" | "https"))
-            .unwrap_or(self.scheme());
         let host = first_forwarded(headers, &X_FORWARDED_HOST)
-            .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
-            .filter(|h| is_host(h))
-            .unwrap_or("localhost");
-        // Every passthrough request needs this: pieces pushed, not formatted.
-        let mut base = String::with_capacity(scheme.len() + 3 + host.len() + self.base_path.len());
-        base.push_str(scheme);
-        base.push_str("://");
-        base.push_str(host);
-        base.push_str(&self.base_path);
-        base
+            .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
+        let proto = first_forwarded(headers, &X_FORWARDED_PROTO);
+        crate::proxy::headers::public_base(proto, host, self.scheme(), &self.base_path)
     }
 
-    pub fn client_context(&self, headers: &HeaderMap, peer: Option<SocketAddr>) -> ClientContext {
+    /// What passthrough needs to know of the client and of the proxy's public URL.
+    pub fn client_context(&self, peer: Option<SocketAddr>) -> ClientContext<'_> {
         ClientContext {
             addr: peer.map(|p| p.ip()),
             scheme: self.scheme(),
-            public_base: self.public_base(headers),
+            configured_public_base: self.configured_public_base.as_deref(),
+            base_path: &self.base_path,
         }
     }
-}
-
-/// A Host header value that is safe to put into URLs: host[:port], no path or user info.
-fn is_host(value: &str) -> bool {
-    !value.is_empty()
-        && value.len() <= 255
-        && value.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
-        })
 }
 
 /// The job store as the token endpoint's replay cache, so replicas share `jti`s.
@@ -231,19 +214,5 @@ impl JtiStore for StoreJti {
             .first_use(issuer, jti, now_unix(), expires_at_unix)
             .await
             .map_err(|e| JtiError::Unavailable(e.to_string()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::is_host;
-
-    #[test]
-    fn host_values_with_url_syntax_are_refused() {
-        assert!(is_host("proxy.example.org:8443"));
-        assert!(is_host("[::1]:8080"));
-        assert!(!is_host("evil.example/path"));
-        assert!(!is_host("user@host"));
-        assert!(!is_host(""));
     }
 }

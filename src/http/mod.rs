@@ -198,7 +198,7 @@ async fn forward(
     request: Request<Body>,
     peer: Option<SocketAddr>,
 ) -> Result<Response, ApiError> {
-    let context = app.client_context(request.headers(), peer);
+    let context = app.client_context(peer);
     Ok(app.upstream.forward(request, &context).await?)
 }
 

@@ -17,19 +17,21 @@ use tokio::sync::Notify;
 use url::Url;
 
 use super::ProxyError;
-use super::headers::{add_forwarded, rewrite_locations, strip_hop_by_hop};
+use super::headers::{add_forwarded, public_base, rewrite_locations, strip_hop_by_hop};
 use super::pool::{Pool, SendError};
 use crate::config::Config;
 use crate::telemetry::metrics;
 
 /// Who sent a request and how the proxy is seen from outside; needed to forward it.
 #[derive(Debug, Clone)]
-pub struct ClientContext {
+pub struct ClientContext<'a> {
     pub addr: Option<IpAddr>,
     /// `http` or `https`: the scheme of the connection to the proxy.
     pub scheme: &'static str,
-    /// The proxy's public FHIR base URL for this request (no trailing slash).
-    pub public_base: String,
+    /// The public base `server.public_url` names; without one it is derived from the request.
+    pub configured_public_base: Option<&'a str>,
+    /// Path under which the proxy serves FHIR (`""` for the root).
+    pub base_path: &'a str,
 }
 
 /// The upstream FHIR server.
@@ -100,7 +102,7 @@ impl Upstream {
     pub async fn forward(
         &self,
         mut request: Request<Body>,
-        context: &ClientContext,
+        context: &ClientContext<'_>,
     ) -> Result<Response<Body>, ProxyError> {
         let uri = match request.uri().path_and_query() {
             // The usual deployment serves the upstream's own base path: the request line is
@@ -113,20 +115,26 @@ impl Upstream {
         *request.version_mut() = Version::HTTP_11;
         let headers = request.headers_mut();
         strip_hop_by_hop(headers);
-        if !headers.contains_key(header::HOST) {
-            // HTTP/2 clients send the authority in the URI instead of a Host header.
-            if let Some(value) = authority.and_then(|a| a.as_str().parse().ok()) {
-                headers.insert(header::HOST, value);
-            }
-        }
-        add_forwarded(headers, context.addr, context.scheme);
-        // The client library sets Host from the upstream URI, as a plain reverse proxy does.
-        headers.remove(header::HOST);
+        // The pool sets Host to the upstream's, as a plain reverse proxy does; the client's goes
+        // on as X-Forwarded-Host. HTTP/2 clients send the authority in the URI instead.
+        let host = headers
+            .remove(header::HOST)
+            .or_else(|| authority.and_then(|a| a.as_str().parse().ok()));
+        let (proto, host) = add_forwarded(headers, context.addr, context.scheme, host);
 
         let response = self.send("passthrough", request).await?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        rewrite_locations(&mut parts.headers, &self.base, &context.public_base);
+        rewrite_locations(&mut parts.headers, &self.base, || {
+            context.configured_public_base.map_or_else(
+                || {
+                    let proto = proto.to_str().ok();
+                    let host = host.as_ref().and_then(|h| h.to_str().ok());
+                    public_base(proto, host, context.scheme, context.base_path)
+                },
+                str::to_owned,
+            )
+        });
         Ok(Response::from_parts(parts, body))
     }
 

@@ -5,6 +5,7 @@
 
 use std::net::IpAddr;
 
+use axum::http::header::Entry;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// Hop-by-hop headers: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`,
@@ -31,12 +32,21 @@ pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-ho
 
 /// Removes hop-by-hop headers, including every header the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have none: one pass over the names, nothing removed.
-    if !headers.keys().any(is_hop_by_hop) {
+    // Most messages have none, or only `Connection: keep-alive`: found in one pass over the names,
+    // removed without allocating.
+    let mut present: [Option<HeaderName>; 9] = Default::default();
+    let mut count = 0;
+    for name in headers.keys().filter(|name| is_hop_by_hop(name)) {
+        if count < present.len() {
+            present[count] = Some(name.clone());
+            count += 1;
+        }
+    }
+    if count == 0 {
         return;
     }
-    // Names listed in `Connection` (`keep-alive` and `close`, usually, which need no parsing).
-    let mut drop: Vec<HeaderName> = headers
+    // Other names listed in `Connection` (not `keep-alive` or `close`, the usual values).
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
@@ -47,37 +57,88 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         })
         .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
-    drop.extend(headers.keys().filter(|name| is_hop_by_hop(name)).cloned());
-    for name in drop {
+    for name in named.into_iter().chain(present.into_iter().flatten()) {
         headers.remove(name);
     }
 }
 
 /// Adds the client to `X-Forwarded-For` (appending to a list an ingress already started) and sets
-/// `X-Forwarded-Proto` / `X-Forwarded-Host` unless an ingress in front already set them.
-pub fn add_forwarded(headers: &mut HeaderMap, client: Option<IpAddr>, scheme: &str) {
+/// `X-Forwarded-Proto` / `X-Forwarded-Host` (from `host`, the request's `Host`) unless an ingress
+/// in front already set them. Returns the values they have now, the proxy's public origin as the
+/// client sees it (see [`public_base`]).
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: Option<IpAddr>,
+    scheme: &str,
+    host: Option<HeaderValue>,
+) -> (HeaderValue, Option<HeaderValue>) {
     if let Some(ip) = client {
-        let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(existing) if !existing.trim().is_empty() => {
-                HeaderValue::from_str(&format!("{existing}, {ip}")).ok()
+        match headers.entry(X_FORWARDED_FOR) {
+            Entry::Occupied(mut chain) => {
+                let appended = match chain.get().to_str() {
+                    Ok(existing) if !existing.trim().is_empty() => {
+                        HeaderValue::from_str(&format!("{existing}, {ip}")).ok()
+                    }
+                    _ => Some(ip_value(ip)),
+                };
+                if let Some(value) = appended {
+                    chain.insert(value);
+                }
             }
-            _ => Some(ip_value(ip)),
-        };
-        if let Some(value) = value {
-            headers.insert(X_FORWARDED_FOR, value);
+            Entry::Vacant(slot) => {
+                slot.insert(ip_value(ip));
+            }
         }
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(
-            X_FORWARDED_PROTO,
-            HeaderValue::from_static(scheme_value(scheme)),
-        );
-    }
-    if !headers.contains_key(&X_FORWARDED_HOST) {
-        if let Some(host) = headers.get(header::HOST).cloned() {
-            headers.insert(X_FORWARDED_HOST, host);
-        }
-    }
+    let proto = headers
+        .entry(X_FORWARDED_PROTO)
+        .or_insert_with(|| HeaderValue::from_static(scheme_value(scheme)))
+        .clone();
+    let host = match headers.entry(X_FORWARDED_HOST) {
+        Entry::Occupied(set) => Some(set.get().clone()),
+        Entry::Vacant(slot) => host.map(|host| slot.insert(host).clone()),
+    };
+    (proto, host)
+}
+
+/// The proxy's public FHIR base URL (no trailing slash) derived from a request: the scheme from
+/// `X-Forwarded-Proto` (the first of a chain) or the connection's, the host from
+/// `X-Forwarded-Host` or `Host`, then the base path.
+pub fn public_base(
+    forwarded_proto: Option<&str>,
+    host: Option<&str>,
+    scheme: &'static str,
+    base_path: &str,
+) -> String {
+    let scheme = forwarded_proto
+        .map(first_of_chain)
+        .filter(|p| matches!(*p, "http" | "https"))
+        .unwrap_or(scheme);
+    let host = host
+        .map(first_of_chain)
+        .filter(|h| is_host(h))
+        .unwrap_or("localhost");
+    // Built for passthrough responses with a Location: pieces pushed, not formatted.
+    let mut base = String::with_capacity(scheme.len() + 3 + host.len() + base_path.len());
+    base.push_str(scheme);
+    base.push_str("://");
+    base.push_str(host);
+    base.push_str(base_path);
+    base
+}
+
+/// The first value of a comma-separated forwarding chain (the one the outermost proxy set).
+fn first_of_chain(value: &str) -> &str {
+    value.split(',').next().map(str::trim).unwrap_or_default()
+}
+
+/// A Host header value that is safe to put into URLs: host[:port], no path or user info.
+fn is_host(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 255
+        && value.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']' | b'_')
+        })
 }
 
 /// An IP address as a header value; IPv4 (the usual case) without the formatting machinery.
@@ -117,18 +178,27 @@ pub fn first_forwarded<'a>(headers: &'a HeaderMap, name: &HeaderName) -> Option<
     headers
         .get(name)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(',').next())
-        .map(str::trim)
+        .map(first_of_chain)
         .filter(|v| !v.is_empty())
 }
 
-/// Rewrites `Location` and `Content-Location` values that point into the upstream base.
-pub fn rewrite_locations(headers: &mut HeaderMap, upstream_base: &str, public_base: &str) {
+/// Rewrites `Location` and `Content-Location` values that point into the upstream base; the
+/// public base is only worked out when there is one.
+pub fn rewrite_locations(
+    headers: &mut HeaderMap,
+    upstream_base: &str,
+    public_base: impl FnOnce() -> String,
+) {
+    let mut public_base = Some(public_base);
+    let mut base = String::new();
     for name in [header::LOCATION, header::CONTENT_LOCATION] {
         let Some(value) = headers.get(&name).and_then(|v| v.to_str().ok()) else {
             continue;
         };
-        if let Some(rewritten) = rebase(value, upstream_base, public_base) {
+        if let Some(make) = public_base.take() {
+            base = make();
+        }
+        if let Some(rewritten) = rebase(value, upstream_base, &base) {
             if let Ok(value) = HeaderValue::from_str(&rewritten) {
                 headers.insert(name, value);
             }
@@ -187,10 +257,37 @@ mod tests {
             ("x-forwarded-for", "10.0.0.1"),
             ("x-forwarded-proto", "https"),
         ]);
-        add_forwarded(&mut map, Some("127.0.0.1".parse().unwrap()), "http");
+        let host = map.get("host").cloned();
+        let (proto, host) =
+            add_forwarded(&mut map, Some("127.0.0.1".parse().unwrap()), "http", host);
+        assert_eq!(proto, "https");
+        assert_eq!(host.unwrap(), "proxy:8080");
         assert_eq!(map["x-forwarded-for"], "10.0.0.1, 127.0.0.1");
         assert_eq!(map["x-forwarded-proto"], "https", "kept from the ingress");
         assert_eq!(map["x-forwarded-host"], "proxy:8080");
+    }
+
+    #[test]
+    fn host_values_with_url_syntax_are_refused() {
+        assert!(is_host("proxy.example.org:8443"));
+        assert!(is_host("[::1]:8080"));
+        assert!(!is_host("evil.example/path"));
+        assert!(!is_host("user@host"));
+        assert!(!is_host(""));
+    }
+
+    #[test]
+    fn public_base_takes_the_first_forwarded_values() {
+        let base = |proto, host| public_base(proto, host, "http", "/fhir");
+        assert_eq!(base(None, Some("p:8080")), "http://p:8080/fhir");
+        assert_eq!(
+            base(Some("https, http"), Some("a.org, b")),
+            "https://a.org/fhir"
+        );
+        assert_eq!(
+            base(Some("gopher"), Some("evil/x")),
+            "http://localhost/fhir"
+        );
     }
 
     #[test]

@@ -67,16 +67,27 @@ impl Pool {
             .authority()
             .ok_or_else(|| anyhow::anyhow!("the upstream URL {origin} has no host"))?;
         let host = authority.as_str().parse()?;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                connector,
-                origin,
-                host,
-                idle: Mutex::new(Vec::new()),
-                max_idle,
-                idle_timeout,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            connector,
+            origin,
+            host,
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        });
+        // Connections idle past the timeout are closed even when no request comes to notice.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let pool = Arc::downgrade(&inner);
+            let every = (idle_timeout / 2).max(Duration::from_secs(1));
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    pool.drop_expired(&mut pool.lock_idle());
+                }
+            });
+        }
+        Ok(Self { inner })
     }
 
     /// Sends `request` (its URI in origin form: path and query) on a pooled or new connection.
@@ -157,16 +168,22 @@ impl Inner {
             return;
         }
         let mut idle = self.lock_idle();
-        // Connections idle for too long sit at the bottom of the stack.
-        let now = Instant::now();
+        self.drop_expired(&mut idle);
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes the connections idle for longer than the timeout (at the bottom of the stack).
+    fn drop_expired(&self, idle: &mut Vec<Idle>) {
         let expired = idle
             .iter()
-            .take_while(|i| now.duration_since(i.since) > self.idle_timeout)
+            .take_while(|i| i.since.elapsed() > self.idle_timeout)
             .count();
         idle.drain(..expired);
-        if idle.len() < self.max_idle {
-            idle.push(Idle { sender, since: now });
-        }
     }
 }
 
