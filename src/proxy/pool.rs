@@ -23,6 +23,9 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use tower::Service;
 
+/// How long a pooled connection may take to become ready before another is used.
+const READY_WAIT: Duration = Duration::from_millis(50);
+
 /// Why a request could not be sent.
 #[derive(Debug)]
 pub enum SendError {
@@ -128,9 +131,14 @@ impl Pool {
                 continue;
             }
             let mut sender = idle.sender;
-            // A connection returned at the end of its body may not have been marked ready by its
-            // connection task yet: that takes a moment, or fails if the upstream closed it.
-            if sender.ready().await.is_ok() {
+            if sender.is_ready() {
+                return Some(sender);
+            }
+            // A connection returned at the end of its response body may not have been marked
+            // ready by its connection task yet: that takes a moment, or fails if the upstream
+            // closed it. One still sending a request body (the upstream answered before the upload
+            // ended) is left to finish on its own rather than waited for.
+            if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
                 return Some(sender);
             }
         }
