@@ -179,13 +179,16 @@ impl App {
     /// The proxy's public FHIR base URL (no trailing slash): `server.public_url` when set, otherwise
     /// derived from `X-Forwarded-Proto` / `X-Forwarded-Host` (an ingress in front) or `Host`.
     pub fn public_base(&self, headers: &HeaderMap) -> String {
-        if let Some(configured) = &self.configured_public_base {
-            return configured.clone();
-        }
         let host = first_forwarded(headers, &X_FORWARDED_HOST)
             .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()));
         let proto = first_forwarded(headers, &X_FORWARDED_PROTO);
-        crate::proxy::headers::public_base(proto, host, self.scheme(), &self.base_path)
+        crate::proxy::headers::public_base(
+            self.configured_public_base.as_deref(),
+            proto,
+            host,
+            self.scheme(),
+            &self.base_path,
+        )
     }
 
     /// What passthrough needs to know of the client and of the proxy's public URL.

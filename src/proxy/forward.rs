@@ -126,13 +126,12 @@ impl Upstream {
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         rewrite_locations(&mut parts.headers, &self.base, || {
-            context.configured_public_base.map_or_else(
-                || {
-                    let proto = proto.to_str().ok();
-                    let host = host.as_ref().and_then(|h| h.to_str().ok());
-                    public_base(proto, host, context.scheme, context.base_path)
-                },
-                str::to_owned,
+            public_base(
+                context.configured_public_base,
+                proto.to_str().ok(),
+                host.as_ref().and_then(|h| h.to_str().ok()),
+                context.scheme,
+                context.base_path,
             )
         });
         Ok(Response::from_parts(parts, body))
@@ -179,11 +178,13 @@ impl Upstream {
     ) -> Result<Response<Body>, ProxyError> {
         let started = Instant::now();
         let timeout = self.timeout;
+        let timed_out = || ProxyError::Timeout(timeout.as_millis() as u64);
         let outcome = if request.body().is_end_stream() {
             // Nothing to upload (GET, HEAD, DELETE): the wait for the answer starts now.
-            tokio::time::timeout(timeout, self.pool.send(request))
-                .await
-                .unwrap_or_else(|_| Err(SendError::Timeout))
+            match tokio::time::timeout(timeout, self.pool.send(request)).await {
+                Ok(result) => result.map_err(ProxyError::from),
+                Err(_) => Err(timed_out()),
+            }
         } else {
             let (parts, body) = request.into_parts();
             let sent = Arc::new(Notify::new());
@@ -198,17 +199,12 @@ impl Upstream {
             // Boxed, as the rarer case: the future of the common one stays small.
             Box::pin(async {
                 tokio::select! {
-                    result = self.pool.send(Request::from_parts(parts, body)) => result,
-                    () = deadline => Err(SendError::Timeout),
+                    result = self.pool.send(Request::from_parts(parts, body)) => result.map_err(ProxyError::from),
+                    () = deadline => Err(timed_out()),
                 }
             })
             .await
-        }
-        .map_err(|e| match e {
-            SendError::Connect(reason) => ProxyError::Unreachable(reason),
-            SendError::Request(e) => ProxyError::Protocol(error_chain(&e)),
-            SendError::Timeout => ProxyError::Timeout(timeout.as_millis() as u64),
-        });
+        };
         let label = match &outcome {
             Ok(_) => "ok",
             Err(ProxyError::Timeout(_)) => "timeout",
@@ -227,6 +223,15 @@ impl Upstream {
         url.parse().map_err(|e| {
             ProxyError::Protocol(format!("cannot build the upstream URL {url:?}: {e}"))
         })
+    }
+}
+
+impl From<SendError> for ProxyError {
+    fn from(error: SendError) -> Self {
+        match error {
+            SendError::Connect(reason) => ProxyError::Unreachable(reason),
+            SendError::Request(e) => ProxyError::Protocol(error_chain(&e)),
+        }
     }
 }
 

@@ -101,15 +101,19 @@ pub fn add_forwarded(
     (proto, host)
 }
 
-/// The proxy's public FHIR base URL (no trailing slash) derived from a request: the scheme from
-/// `X-Forwarded-Proto` (the first of a chain) or the connection's, the host from
-/// `X-Forwarded-Host` or `Host`, then the base path.
+/// The proxy's public FHIR base URL (no trailing slash): the configured one (`server.public_url`)
+/// when set, otherwise derived from a request: the scheme from `X-Forwarded-Proto` (the first of a
+/// chain) or the connection's, the host from `X-Forwarded-Host` or `Host`, then the base path.
 pub fn public_base(
+    configured: Option<&str>,
     forwarded_proto: Option<&str>,
     host: Option<&str>,
     scheme: &'static str,
     base_path: &str,
 ) -> String {
+    if let Some(configured) = configured {
+        return configured.to_owned();
+    }
     let scheme = forwarded_proto
         .map(first_of_chain)
         .filter(|p| matches!(*p, "http" | "https"))
@@ -278,7 +282,7 @@ mod tests {
 
     #[test]
     fn public_base_takes_the_first_forwarded_values() {
-        let base = |proto, host| public_base(proto, host, "http", "/fhir");
+        let base = |proto, host| public_base(None, proto, host, "http", "/fhir");
         assert_eq!(base(None, Some("p:8080")), "http://p:8080/fhir");
         assert_eq!(
             base(Some("https, http"), Some("a.org, b")),

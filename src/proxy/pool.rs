@@ -33,8 +33,6 @@ pub enum SendError {
     Connect(String),
     /// The connection failed while the request was sent or the response head read.
     Request(hyper::Error),
-    /// No response head within the request timeout (set by the caller).
-    Timeout,
 }
 
 /// A pool of HTTP/1.1 connections to one upstream origin.
@@ -57,6 +55,12 @@ struct Inner {
 struct Idle {
     sender: SendRequest<Body>,
     since: Instant,
+}
+
+impl Idle {
+    fn expired(&self, idle_timeout: Duration) -> bool {
+        self.since.elapsed() > idle_timeout
+    }
 }
 
 impl Pool {
@@ -127,7 +131,7 @@ impl Pool {
     async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
             let idle = self.inner.lock_idle().pop()?;
-            if idle.sender.is_closed() || idle.since.elapsed() > self.inner.idle_timeout {
+            if idle.sender.is_closed() || idle.expired(self.inner.idle_timeout) {
                 continue;
             }
             let mut sender = idle.sender;
@@ -189,7 +193,7 @@ impl Inner {
     fn drop_expired(&self, idle: &mut Vec<Idle>) {
         let expired = idle
             .iter()
-            .take_while(|i| i.since.elapsed() > self.idle_timeout)
+            .take_while(|i| i.expired(self.idle_timeout))
             .count();
         idle.drain(..expired);
     }

@@ -69,7 +69,7 @@ pub fn request(route: &'static str, status: u16, elapsed: Duration) {
         metrics::histogram!(REQUEST_DURATION, "route" => route).record(seconds);
         return;
     };
-    match COMMON_STATUSES.iter().position(|s| *s == status) {
+    match common_status(status) {
         Some(i) => hot.requests[i]
             .get_or_init(|| requests_counter(route, status))
             .increment(1),
@@ -163,19 +163,34 @@ pub fn spawn_upkeep(
     })
 }
 
-/// Status codes with a kept counter and a label that needs no allocation.
-const COMMON_STATUSES: [u16; 16] = [
-    200, 201, 202, 204, 206, 304, 400, 401, 403, 404, 429, 500, 502, 503, 504, 412,
+/// Status codes with a kept counter, and their labels (no allocation for these).
+const COMMON_STATUSES: [(u16, &str); 16] = [
+    (200, "200"),
+    (201, "201"),
+    (202, "202"),
+    (204, "204"),
+    (206, "206"),
+    (304, "304"),
+    (400, "400"),
+    (401, "401"),
+    (403, "403"),
+    (404, "404"),
+    (412, "412"),
+    (429, "429"),
+    (500, "500"),
+    (502, "502"),
+    (503, "503"),
+    (504, "504"),
 ];
-const COMMON_LABELS: [&str; 16] = [
-    "200", "201", "202", "204", "206", "304", "400", "401", "403", "404", "429", "500", "502",
-    "503", "504", "412",
-];
+
+fn common_status(status: u16) -> Option<usize> {
+    COMMON_STATUSES.iter().position(|(code, _)| *code == status)
+}
 
 /// The status as a label, without allocating for the common codes.
 fn status_label(status: u16) -> metrics::SharedString {
-    match COMMON_STATUSES.iter().position(|s| *s == status) {
-        Some(i) => COMMON_LABELS[i].into(),
+    match common_status(status) {
+        Some(i) => COMMON_STATUSES[i].1.into(),
         None => status.to_string().into(),
     }
 }
