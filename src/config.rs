@@ -57,6 +57,10 @@ pub struct ServerConfig {
     /// Runtime worker threads; 0 = one per CPU. A sidecar with a CPU limit of 1 does best with 1.
     /// Default 0.
     pub worker_threads: usize,
+    /// Serve bodiless HTTP/1.1 passthrough requests on plain-HTTP listeners and upstreams by
+    /// copying bytes between the two connections (`proxy::h1`) instead of through the general
+    /// HTTP stack. Default true.
+    pub http1_fast_path: bool,
 }
 
 /// Certificate and key for the listener.
@@ -124,6 +128,7 @@ impl Default for ServerConfig {
             shutdown_grace_secs: 30,
             max_body_bytes: 1024 * 1024,
             worker_threads: 0,
+            http1_fast_path: true,
         }
     }
 }

@@ -83,6 +83,9 @@ pub async fn run(
     let entry = http::Entry::new(app.clone());
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    // Connections served by the fast path (and the general path, after a hand-over).
+    let fast_connections = tokio_util::task::TaskTracker::new();
+    let fast = http::fast::applies(&app);
     tokio::pin!(shutdown);
 
     loop {
@@ -105,6 +108,16 @@ pub async fn run(
             async move { Ok::<_, std::convert::Infallible>(entry.serve(request, peer).await) }
         });
         match &tls {
+            None if fast => {
+                let (app, builder, stop) = (app.clone(), builder.clone(), workers_stop.clone());
+                let watcher = graceful.watcher();
+                fast_connections.spawn(async move {
+                    if let Some(rest) = http::fast::serve(&app, stream, peer, &stop).await {
+                        let connection = builder.serve_connection(TokioIo::new(rest), service);
+                        log_connection_end(watcher.watch(connection.into_owned()), peer).await;
+                    }
+                });
+            }
             None => {
                 let connection = builder.serve_connection(TokioIo::new(stream), service);
                 let connection = graceful.watch(connection.into_owned());
@@ -133,10 +146,13 @@ pub async fn run(
         grace_secs = grace.as_secs(),
         "shutting down: draining in-flight requests and export workers"
     );
-    // Workers release their units at once, so another replica carries on without waiting.
+    // Workers release their units at once, so another replica carries on without waiting; idle
+    // fast-path connections close.
     workers_stop.cancel();
+    fast_connections.close();
     let drained = async {
         graceful.shutdown().await;
+        fast_connections.wait().await;
         for worker in workers {
             let _ = worker.await;
         }

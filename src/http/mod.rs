@@ -7,6 +7,7 @@
 
 pub mod error;
 mod export;
+pub mod fast;
 mod files;
 pub mod metadata;
 mod ops;
@@ -78,7 +79,7 @@ impl Entry {
 
 /// Whether the router would send `path` to its passthrough fallback: no route of the proxy's own
 /// can match it. Errs towards the router (which passes through what it does not answer).
-fn is_passthrough(app: &crate::app::App, path: &str) -> bool {
+pub(crate) fn is_passthrough(app: &crate::app::App, path: &str) -> bool {
     let own = matches!(path, "/healthz" | "/readyz" | "/metrics")
         || path.ends_with("/metadata")
         || (path.contains('$') && path.contains("$export"))
@@ -244,64 +245,127 @@ where
     F: FnOnce(Request) -> Fut,
     Fut: Future<Output = Response>,
 {
-    let started = Instant::now();
     let id = match request.headers().get(&X_REQUEST_ID) {
         Some(id) => id.clone(),
         None => {
-            let id = next_request_id();
+            let id = RequestId::new().to_header();
             request.headers_mut().insert(X_REQUEST_ID, id.clone());
             id
         }
     };
-    // The span's fields are only formatted when info logging is on.
-    let span = tracing::info_span!(
-        "request",
-        id = id.to_str().unwrap_or(""),
-        method = %request.method(),
-        path = %request.uri().path(),
+    let observation = Observation::start(
         route,
+        id.to_str().unwrap_or(""),
+        request.method().as_str(),
+        request.uri().path(),
     );
-    let in_flight = metrics::InFlight::start();
-    let mut response = handler(request).instrument(span.clone()).await;
-    drop(in_flight);
+    let mut response = handler(request).instrument(observation.span()).await;
     response.headers_mut().insert(X_REQUEST_ID, id);
-    let status = response.status();
-    let elapsed = started.elapsed();
-    metrics::request(route, status.as_u16(), elapsed);
-    span.in_scope(|| {
-        tracing::info!(
-            status = status.as_u16(),
-            latency_ms = elapsed.as_secs_f64() * 1000.0,
-            "response"
-        );
-    });
+    observation.finish(response.status().as_u16());
     response
 }
 
-/// A request id for a request that came without one: a random per-process prefix and a counter,
-/// unique across replicas without a random-number system call per request (as a UUID v4 costs).
-fn next_request_id() -> HeaderValue {
-    static PREFIX: LazyLock<String> = LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    // `{prefix}-{n:08x}`, written by hand: this runs for most requests.
-    let mut id = [0u8; 33];
-    id[..16].copy_from_slice(&PREFIX.as_bytes()[..16]);
-    id[16] = b'-';
-    let digits = (16 - n.leading_zeros() as usize / 4).max(8);
-    for (i, slot) in id[17..17 + digits].iter_mut().enumerate() {
-        let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
-        *slot = b"0123456789abcdef"[nibble as usize];
+/// One request as logs and metrics see it, from its head to its response head: a span, the
+/// in-flight gauge, then the request metrics and the access log line.
+struct Observation {
+    route: &'static str,
+    started: Instant,
+    span: tracing::Span,
+    _in_flight: metrics::InFlight,
+}
+
+impl Observation {
+    fn start(route: &'static str, id: &str, method: &str, path: &str) -> Self {
+        // The span's fields are only formatted when info logging is on.
+        let span = tracing::info_span!("request", id, method, path, route);
+        Self {
+            route,
+            started: Instant::now(),
+            span,
+            _in_flight: metrics::InFlight::start(),
+        }
     }
-    HeaderValue::from_bytes(&id[..17 + digits]).expect("hex digits are a valid header")
+
+    fn span(&self) -> tracing::Span {
+        self.span.clone()
+    }
+
+    fn finish(self, status: u16) {
+        let elapsed = self.started.elapsed();
+        metrics::request(self.route, status, elapsed);
+        self.span.in_scope(|| {
+            tracing::info!(
+                status,
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                "response"
+            );
+        });
+    }
+}
+
+/// A request id: the client's `X-Request-Id`, or for a request that came without one a random
+/// per-process prefix and a counter, unique across replicas without a random-number system call
+/// per request (as a UUID v4 costs).
+enum RequestId<'a> {
+    Client(&'a [u8]),
+    Made { text: [u8; 33], len: usize },
+}
+
+impl<'a> From<&'a [u8]> for RequestId<'a> {
+    fn from(client: &'a [u8]) -> Self {
+        RequestId::Client(client)
+    }
+}
+
+impl RequestId<'static> {
+    fn new() -> Self {
+        static PREFIX: LazyLock<String> =
+            LazyLock::new(|| uuid::Uuid::new_v4().simple().to_string());
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        // `{prefix}-{n:08x}`, written by hand: this runs for most requests.
+        let mut text = [0u8; 33];
+        text[..16].copy_from_slice(&PREFIX.as_bytes()[..16]);
+        text[16] = b'-';
+        let digits = (16 - n.leading_zeros() as usize / 4).max(8);
+        for (i, slot) in text[17..17 + digits].iter_mut().enumerate() {
+            let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
+            *slot = b"0123456789abcdef"[nibble as usize];
+        }
+        RequestId::Made {
+            text,
+            len: 17 + digits,
+        }
+    }
+
+    fn to_header(&self) -> HeaderValue {
+        HeaderValue::from_bytes(self.as_bytes()).expect("hex digits are a valid header")
+    }
+}
+
+impl RequestId<'_> {
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Client(id) => id,
+            RequestId::Made { text, len } => &text[..*len],
+        }
+    }
+
+    /// As text for logs; empty when the client's is not visible ASCII.
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes())
+            .ok()
+            .filter(|s| s.bytes().all(|b| b == b'\t' || (32..127).contains(&b)))
+            .unwrap_or("")
+    }
 }
 
 #[cfg(test)]
 mod request_id_tests {
     #[test]
     fn request_ids_are_a_prefix_and_at_least_eight_hex_digits() {
-        let a = super::next_request_id();
-        let b = super::next_request_id();
+        let a = super::RequestId::new().to_header();
+        let b = super::RequestId::new().to_header();
         let (prefix, n) = a.to_str().unwrap().split_once('-').unwrap();
         assert_eq!(prefix.len(), 16);
         assert!(

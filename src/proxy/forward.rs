@@ -17,6 +17,7 @@ use tokio::sync::Notify;
 use url::Url;
 
 use super::ProxyError;
+use super::h1::H1Upstream;
 use super::headers::{add_forwarded, public_base, rewrite_locations, strip_hop_by_hop};
 use super::pool::{Pool, SendError};
 use crate::config::Config;
@@ -44,6 +45,8 @@ pub struct Upstream {
     /// Path under which the proxy serves FHIR (`""` for the root).
     proxy_path: String,
     timeout: Duration,
+    /// The HTTP/1.1 fast path's side of the upstream: plain-HTTP upstreams, when enabled.
+    h1: Option<H1Upstream>,
 }
 
 impl Upstream {
@@ -66,13 +69,33 @@ impl Upstream {
             config.upstream.pool_max_idle_per_host,
             Duration::from_secs(config.upstream.pool_idle_timeout_secs),
         )?;
+        let h1 = config
+            .server
+            .http1_fast_path
+            .then(|| {
+                H1Upstream::new(
+                    &base,
+                    config.base_path(),
+                    config.upstream.pool_max_idle_per_host,
+                    Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+                    config.connect_timeout(),
+                    config.request_timeout(),
+                )
+            })
+            .flatten();
         Ok(Self {
+            h1,
             pool,
             base: format!("{origin}{upstream_path}"),
             upstream_path,
             proxy_path: config.base_path(),
             timeout: config.request_timeout(),
         })
+    }
+
+    /// The fast path for bodiless HTTP/1.1 passthrough requests ([`super::h1`]), if it applies.
+    pub fn h1(&self) -> Option<&H1Upstream> {
+        self.h1.as_ref()
     }
 
     /// The upstream's FHIR base URL (no trailing slash).
@@ -84,18 +107,7 @@ impl Upstream {
     /// request line): the proxy's base path is replaced by the upstream's; anything outside it goes
     /// to the same path on the upstream. The rest of the path and the query are kept byte for byte.
     pub fn map_path_and_query(&self, path_and_query: &str) -> String {
-        let (path, query) = match path_and_query.find('?') {
-            Some(i) => path_and_query.split_at(i),
-            None => (path_and_query, ""),
-        };
-        let rest = path
-            .strip_prefix(&self.proxy_path)
-            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
-        match rest {
-            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => format!("/{query}"),
-            Some(rest) => format!("{}{rest}{query}", self.upstream_path),
-            None => path_and_query.to_owned(),
-        }
+        map_path_and_query(&self.proxy_path, &self.upstream_path, path_and_query)
     }
 
     /// Forwards a client's request and streams the response back.
@@ -223,6 +235,26 @@ impl Upstream {
         url.parse().map_err(|e| {
             ProxyError::Protocol(format!("cannot build the upstream URL {url:?}: {e}"))
         })
+    }
+}
+
+/// See [`Upstream::map_path_and_query`].
+pub(super) fn map_path_and_query(
+    proxy_path: &str,
+    upstream_path: &str,
+    path_and_query: &str,
+) -> String {
+    let (path, query) = match path_and_query.find('?') {
+        Some(i) => path_and_query.split_at(i),
+        None => (path_and_query, ""),
+    };
+    let rest = path
+        .strip_prefix(proxy_path)
+        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+    match rest {
+        Some(rest) if rest.is_empty() && upstream_path.is_empty() => format!("/{query}"),
+        Some(rest) => format!("{upstream_path}{rest}{query}"),
+        None => path_and_query.to_owned(),
     }
 }
 

@@ -10,20 +10,20 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 
 /// Hop-by-hop headers: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`,
 /// `Transfer-Encoding` and `Upgrade`; `Trailer` and the `Proxy-Auth*` pair are connection-scoped
-/// too (RFC 7230 §6.1, RFC 9110 §11.7).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "proxy-connection"
-            | "keep-alive"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-    )
+/// too (RFC 7230 §6.1, RFC 9110 §11.7). Names in any case.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
 }
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -36,7 +36,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // removed without allocating.
     let mut present: [Option<HeaderName>; 9] = Default::default();
     let mut count = 0;
-    for name in headers.keys().filter(|name| is_hop_by_hop(name)) {
+    for name in headers.keys().filter(|name| is_hop_by_hop(name.as_str())) {
         if count < present.len() {
             present[count] = Some(name.clone());
             count += 1;
@@ -147,30 +147,29 @@ fn is_host(value: &str) -> bool {
 
 /// An IP address as a header value; IPv4 (the usual case) without the formatting machinery.
 fn ip_value(ip: IpAddr) -> HeaderValue {
+    let mut text = Vec::with_capacity(15);
+    write_ip(&mut text, ip);
+    HeaderValue::from_bytes(&text).expect("an IP address is a valid header")
+}
+
+/// Appends an IP address as text.
+pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     let IpAddr::V4(v4) = ip else {
-        return HeaderValue::try_from(ip.to_string()).expect("an IP address is a valid header");
+        out.extend_from_slice(ip.to_string().as_bytes());
+        return;
     };
-    let mut text = [0u8; 15];
-    let mut len = 0;
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            text[len] = b'.';
-            len += 1;
+            out.push(b'.');
         }
-        let digits = [octet / 100, octet / 10 % 10, octet % 10];
-        let skip = if octet >= 100 {
-            0
-        } else if octet >= 10 {
-            1
-        } else {
-            2
-        };
-        for digit in &digits[skip..] {
-            text[len] = b'0' + digit;
-            len += 1;
+        if octet >= 100 {
+            out.push(b'0' + octet / 100);
         }
+        if octet >= 10 {
+            out.push(b'0' + octet / 10 % 10);
+        }
+        out.push(b'0' + octet % 10);
     }
-    HeaderValue::from_bytes(&text[..len]).expect("digits and dots are a valid header")
 }
 
 fn scheme_value(scheme: &str) -> &'static str {

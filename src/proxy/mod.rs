@@ -4,10 +4,12 @@
 //! dropped, `X-Forwarded-*` added, and `Location` headers rebased on the proxy's public URL.
 
 mod forward;
+mod h1;
 pub mod headers;
 mod pool;
 
 pub use forward::{ClientContext, Upstream};
+pub use h1::{Answered, ClientHead, H1Upstream, MAX_HEADERS};
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]

@@ -47,17 +47,85 @@ struct Inner {
     origin: Uri,
     /// The `Host` header sent upstream.
     host: axum::http::HeaderValue,
-    idle: Mutex<Vec<Idle>>,
+    idle: Arc<IdleStack<SendRequest<Body>>>,
+}
+
+/// Idle connections, most recently used on top: LIFO keeps the few busy connections warm and lets
+/// the rest age out. Shared by the hyper pool here and the fast path's raw connections.
+pub(super) struct IdleStack<T> {
+    idle: Mutex<Vec<Idle<T>>>,
     max_idle: usize,
     idle_timeout: Duration,
 }
 
-struct Idle {
-    sender: SendRequest<Body>,
+struct Idle<T> {
+    connection: T,
     since: Instant,
 }
 
-impl Idle {
+impl<T: Send + 'static> IdleStack<T> {
+    /// A stack of at most `max_idle` connections, each closed after `idle_timeout` unused; a task
+    /// closes expired ones even when no request comes to notice.
+    pub(super) fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
+        let stack = Arc::new(Self {
+            idle: Mutex::new(Vec::new()),
+            max_idle,
+            idle_timeout,
+        });
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = Arc::downgrade(&stack);
+            let every = (idle_timeout / 2).max(Duration::from_secs(1));
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(every).await;
+                    let Some(stack) = weak.upgrade() else { return };
+                    stack.drop_expired(&mut stack.lock());
+                }
+            });
+        }
+        stack
+    }
+
+    /// The most recently returned connection that has not expired.
+    pub(super) fn pop(&self) -> Option<T> {
+        let mut idle = self.lock();
+        while let Some(top) = idle.pop() {
+            if !top.expired(self.idle_timeout) {
+                return Some(top.connection);
+            }
+        }
+        None
+    }
+
+    pub(super) fn push(&self, connection: T) {
+        let mut idle = self.lock();
+        self.drop_expired(&mut idle);
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<T>>> {
+        // The stack stays consistent even if a holder panicked: every operation is one push/pop.
+        self.idle
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Closes the connections idle for longer than the timeout (at the bottom of the stack).
+    fn drop_expired(&self, idle: &mut Vec<Idle<T>>) {
+        let expired = idle
+            .iter()
+            .take_while(|i| i.expired(self.idle_timeout))
+            .count();
+        idle.drain(..expired);
+    }
+}
+
+impl<T> Idle<T> {
     fn expired(&self, idle_timeout: Duration) -> bool {
         self.since.elapsed() > idle_timeout
     }
@@ -78,22 +146,8 @@ impl Pool {
             connector,
             origin,
             host,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
-            idle_timeout,
+            idle: IdleStack::new(max_idle, idle_timeout),
         });
-        // Connections idle past the timeout are closed even when no request comes to notice.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let pool = Arc::downgrade(&inner);
-            let every = (idle_timeout / 2).max(Duration::from_secs(1));
-            runtime.spawn(async move {
-                loop {
-                    tokio::time::sleep(every).await;
-                    let Some(pool) = pool.upgrade() else { return };
-                    pool.drop_expired(&mut pool.lock_idle());
-                }
-            });
-        }
         Ok(Self { inner })
     }
 
@@ -130,11 +184,10 @@ impl Pool {
     /// The most recently used idle connection that is still open and ready.
     async fn checkout(&self) -> Option<SendRequest<Body>> {
         loop {
-            let idle = self.inner.lock_idle().pop()?;
-            if idle.sender.is_closed() || idle.expired(self.inner.idle_timeout) {
+            let mut sender = self.inner.idle.pop()?;
+            if sender.is_closed() {
                 continue;
             }
-            let mut sender = idle.sender;
             if sender.is_ready() {
                 return Some(sender);
             }
@@ -168,34 +221,10 @@ impl Pool {
 }
 
 impl Inner {
-    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        // The stack stays consistent even if a holder panicked: every operation is one push/pop.
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
     fn checkin(&self, sender: SendRequest<Body>) {
-        if sender.is_closed() {
-            return;
+        if !sender.is_closed() {
+            self.idle.push(sender);
         }
-        let mut idle = self.lock_idle();
-        self.drop_expired(&mut idle);
-        if idle.len() < self.max_idle {
-            idle.push(Idle {
-                sender,
-                since: Instant::now(),
-            });
-        }
-    }
-
-    /// Closes the connections idle for longer than the timeout (at the bottom of the stack).
-    fn drop_expired(&self, idle: &mut Vec<Idle>) {
-        let expired = idle
-            .iter()
-            .take_while(|i| i.expired(self.idle_timeout))
-            .count();
-        idle.drain(..expired);
     }
 }
 

@@ -7,6 +7,7 @@ mod support;
 mod auth;
 mod demo;
 mod export;
+mod fast_path;
 mod fleet;
 mod object_storage;
 mod operations;

@@ -1,0 +1,220 @@
+//! The passthrough fast path's connection loop, for plain-HTTP listeners in front of a plain-HTTP
+//! upstream: request heads are read and parsed here (httparse, as hyper does), and the ones
+//! [`ClientHead::parse`] accepts and [`super::is_passthrough`] sends upstream are forwarded by
+//! [`crate::proxy::H1Upstream::exchange`], byte for byte.
+//!
+//! The first request it does not take (a body, `Expect`, HTTP/1.0 or /2, one of the proxy's own
+//! endpoints, a malformed head) hands the connection, with every byte read and not yet answered,
+//! to the general path ([`Rewind`] replays them to hyper), which serves the rest of it. Both paths
+//! observe requests the same way ([`super::Observation`]).
+
+use std::net::SocketAddr;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+
+use axum::response::{IntoResponse, Response};
+use bytes::{Buf, Bytes, BytesMut};
+use http_body_util::BodyExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{Observation, RequestId, error::ApiError, is_passthrough};
+use crate::app::App;
+use crate::proxy::{ClientHead, MAX_HEADERS};
+
+/// Largest request head this path reads before leaving the request to hyper (which answers 431
+/// beyond its own limit).
+const MAX_REQUEST_HEAD: usize = 16 * 1024;
+/// Read buffer of a client connection.
+const CLIENT_BUFFER: usize = 4 * 1024;
+
+/// Whether connections to `app` start on the fast path.
+pub fn applies(app: &App) -> bool {
+    app.upstream.h1().is_some() && !app.auth.protects_passthrough()
+}
+
+/// Serves requests from `stream` until the client closes it, `stop` is cancelled between
+/// requests, or a request needs the general path: then the connection is returned with the bytes
+/// read from it and not yet answered.
+pub async fn serve(
+    app: &App,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    stop: &CancellationToken,
+) -> Option<Rewind> {
+    let upstream = app.upstream.h1()?;
+    let mut buffer = BytesMut::with_capacity(CLIENT_BUFFER);
+    let mut out = Vec::with_capacity(1024);
+    let mut stopped = pin!(stop.cancelled());
+    loop {
+        // A complete head in the buffer (pipelined requests may already be there).
+        let length = loop {
+            if !buffer.is_empty() {
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                match httparse::Request::new(&mut headers).parse(&buffer) {
+                    Ok(httparse::Status::Complete(length)) => break length,
+                    Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_HEAD => {}
+                    _ => return Some(Rewind::new(stream, buffer)),
+                }
+            }
+            if buffer.capacity() - buffer.len() < CLIENT_BUFFER / 4 {
+                buffer.reserve(CLIENT_BUFFER);
+            }
+            let read = if buffer.is_empty() {
+                tokio::select! {
+                    biased;
+                    () = &mut stopped => return None,
+                    read = stream.read_buf(&mut buffer) => read,
+                }
+            } else {
+                stream.read_buf(&mut buffer).await
+            };
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        };
+        let keep_alive = {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut request = httparse::Request::new(&mut headers);
+            let _ = request.parse(&buffer[..length]);
+            let Some(head) = ClientHead::parse(&request).filter(|head| {
+                let path = head.target.split('?').next().unwrap_or_default();
+                is_passthrough(app, path)
+            }) else {
+                return Some(Rewind::new(stream, buffer));
+            };
+            let id = match head.request_id {
+                Some(id) => RequestId::from(id),
+                None => RequestId::new(),
+            };
+            let observation = Observation::start(
+                "passthrough",
+                id.as_str(),
+                head.method,
+                head.target.split('?').next().unwrap_or_default(),
+            );
+            let context = app.client_context(Some(peer));
+            let exchange = upstream.exchange(&head, id.as_bytes(), &context, &mut stream, &mut out);
+            let (status, keep_alive) = match exchange.instrument(observation.span()).await {
+                Ok(answered) => (answered.status, answered.keep_alive),
+                Err(error) => {
+                    let response = ApiError::from(error).into_response();
+                    let status = response.status().as_u16();
+                    out.clear();
+                    write_response(response, id.as_bytes(), head.close, &mut out).await;
+                    let written = stream.write_all(&out).await.is_ok();
+                    (status, written && !head.close)
+                }
+            };
+            observation.finish(status);
+            keep_alive
+        };
+        if !keep_alive {
+            return None;
+        }
+        buffer.advance(length);
+    }
+}
+
+/// Serialises one of the proxy's own (small, complete) responses: a 502 or 504 here.
+async fn write_response(response: Response, request_id: &[u8], close: bool, out: &mut Vec<u8>) {
+    let (parts, body) = response.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|collected| collected.to_bytes())
+        .unwrap_or_default();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(parts.status.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in &parts.headers {
+        if !matches!(
+            name.as_str(),
+            "content-length" | "transfer-encoding" | "connection" | "x-request-id" | "date"
+        ) {
+            put(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    put(out, b"x-request-id", request_id);
+    put(out, b"content-length", body.len().to_string().as_bytes());
+    let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+    put(out, b"date", now.as_bytes());
+    if close {
+        put(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&body);
+}
+
+fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A client connection handed to the general path: the bytes already read from it come first.
+pub struct Rewind {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl Rewind {
+    fn new(stream: TcpStream, read: BytesMut) -> Self {
+        Self {
+            read: read.freeze(),
+            stream,
+        }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read[..n]);
+            self.read.advance(n);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}

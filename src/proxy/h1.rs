@@ -1,0 +1,811 @@
+//! The passthrough fast path's wire level: a bodiless HTTP/1.1 request, already parsed from the
+//! client's connection, is written to a plain-TCP upstream connection as bytes and the answer
+//! copied back as bytes, its framing (RFC 9112 §6) followed to know where it ends.
+//!
+//! The same header rules as [`super::forward`] apply (hop-by-hop removal, RFC 9110 §7.6.1;
+//! `X-Forwarded-*`; `Location` rebasing; the request id), on header slices instead of a
+//! `HeaderMap`: no per-request allocation beyond the response buffers, and no connection task on
+//! either side. Anything this path does not handle (request bodies, `Expect`, `Upgrade`, HTTP/1.0,
+//! unusual targets) is left to the general path, which the caller chooses before calling here
+//! ([`ClientHead::parse`] returns `None`).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use url::Url;
+
+use super::ProxyError;
+use super::forward::ClientContext;
+use super::headers::{is_hop_by_hop, public_base, rebase, write_ip};
+use super::pool::IdleStack;
+use crate::telemetry::metrics;
+
+/// Headers a request or response may have on this path.
+pub const MAX_HEADERS: usize = 100;
+/// Largest response head read from the upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer kept with each upstream connection; enough for a small response in one read.
+const UPSTREAM_BUFFER: usize = 8 * 1024;
+/// Buffer for copying larger bodies.
+const COPY_BUFFER: usize = 64 * 1024;
+
+/// A client's request head that the fast path can forward: HTTP/1.1, a method without a body, an
+/// origin-form target, no body framing, no `Expect` or `Upgrade`, a `Connection` header naming
+/// nothing but `close` / `keep-alive`, at most one `Host` and `X-Forwarded-For`.
+pub struct ClientHead<'a> {
+    pub method: &'a str,
+    /// Path and query, as received.
+    pub target: &'a str,
+    headers: &'a [httparse::Header<'a>],
+    host: Option<&'a [u8]>,
+    forwarded_for: Option<&'a [u8]>,
+    forwarded_proto: Option<&'a [u8]>,
+    forwarded_host: Option<&'a [u8]>,
+    /// The client's `X-Request-Id`, if it sent one.
+    pub request_id: Option<&'a [u8]>,
+    /// The client asked to close the connection after this response.
+    pub close: bool,
+}
+
+impl<'a> ClientHead<'a> {
+    /// The head, if this path can forward it; `None` leaves the request to the general path.
+    pub fn parse(request: &'a httparse::Request<'_, 'a>) -> Option<Self> {
+        if request.version != Some(1) {
+            return None;
+        }
+        let method = request.method?;
+        if !matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS") {
+            return None;
+        }
+        let target = request.path?;
+        if !target.starts_with('/') || !target.bytes().all(is_target_byte) {
+            return None;
+        }
+        let mut head = Self {
+            method,
+            target,
+            headers: request.headers,
+            host: None,
+            forwarded_for: None,
+            forwarded_proto: None,
+            forwarded_host: None,
+            request_id: None,
+            close: false,
+        };
+        for header in request.headers.iter() {
+            let name = header.name;
+            let value = header.value;
+            if name.eq_ignore_ascii_case("content-length") {
+                if value != b"0" {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("expect")
+                || name.eq_ignore_ascii_case("upgrade")
+            {
+                return None;
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in tokens(value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        head.close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        return None;
+                    }
+                }
+            } else if name.eq_ignore_ascii_case("host") {
+                if head.host.replace(value).is_some() {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case("x-forwarded-for") {
+                if head.forwarded_for.replace(value).is_some() {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
+                head.forwarded_proto.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case("x-forwarded-host") {
+                head.forwarded_host.get_or_insert(value);
+            } else if name.eq_ignore_ascii_case("x-request-id") {
+                head.request_id.get_or_insert(value);
+            }
+        }
+        Some(head)
+    }
+
+    fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}
+
+/// Bytes the fast path forwards in a request target: RFC 3986 unreserved, sub-delims, `:@/?%`.
+/// Anything else (including what hyper's URI parser would reject) goes the general way.
+fn is_target_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric()
+        || matches!(
+            b,
+            b'-' | b'.'
+                | b'_'
+                | b'~'
+                | b'!'
+                | b'$'
+                | b'&'
+                | b'\''
+                | b'('
+                | b')'
+                | b'*'
+                | b'+'
+                | b','
+                | b';'
+                | b'='
+                | b':'
+                | b'@'
+                | b'/'
+                | b'?'
+                | b'%'
+        )
+}
+
+/// The comma-separated tokens of a header value, trimmed, empty ones skipped.
+fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// How the client's request was answered.
+pub struct Answered {
+    pub status: u16,
+    /// The client's connection can carry another request.
+    pub keep_alive: bool,
+}
+
+/// A plain-TCP connection to the upstream and what was read from it but not yet used.
+struct Connection {
+    stream: TcpStream,
+    buffer: BytesMut,
+}
+
+/// The upstream as the fast path sees it: its address, and a pool of raw connections.
+pub struct H1Upstream {
+    /// `host:port` to connect to.
+    address: String,
+    /// The `Host` header sent upstream.
+    host: String,
+    /// The upstream base URL without a trailing slash, for `Location` rebasing.
+    base: String,
+    upstream_path: String,
+    proxy_path: String,
+    idle: Arc<IdleStack<Connection>>,
+    connect_timeout: Duration,
+    timeout: Duration,
+}
+
+impl H1Upstream {
+    /// The fast path to `base` (the upstream URL), or `None` when the upstream needs TLS.
+    pub fn new(
+        base: &Url,
+        proxy_path: String,
+        max_idle: usize,
+        idle_timeout: Duration,
+        connect_timeout: Duration,
+        timeout: Duration,
+    ) -> Option<Self> {
+        if base.scheme() != "http" {
+            return None;
+        }
+        let host = base.host_str()?;
+        let port = base.port_or_known_default()?;
+        let authority = match base.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        let upstream_path = base.path().trim_end_matches('/').to_owned();
+        Some(Self {
+            address: format!(
+                "{}:{port}",
+                host.trim_start_matches('[').trim_end_matches(']')
+            ),
+            base: format!("{}{upstream_path}", base.origin().ascii_serialization()),
+            host: authority,
+            upstream_path,
+            proxy_path,
+            idle: IdleStack::new(max_idle, idle_timeout),
+            connect_timeout,
+            timeout,
+        })
+    }
+
+    /// Forwards `head` and copies the answer to `client`. An error means nothing was written to
+    /// the client (it gets a 502 or 504 from the caller); once the answer has started, failures
+    /// end with the client's connection closed, as the general path does.
+    pub async fn exchange<W: AsyncWrite + Unpin>(
+        &self,
+        head: &ClientHead<'_>,
+        request_id: &[u8],
+        context: &ClientContext<'_>,
+        client: &mut W,
+        out: &mut Vec<u8>,
+    ) -> Result<Answered, ProxyError> {
+        out.clear();
+        self.write_request(head, request_id, context, out);
+        let started = Instant::now();
+        let sent = self.send(out, head.method).await;
+        let label = match &sent {
+            Ok(_) => "ok",
+            Err(ProxyError::Timeout(_)) => "timeout",
+            Err(ProxyError::Unreachable(_)) => "connect_error",
+            Err(_) => "protocol_error",
+        };
+        metrics::upstream("passthrough", label, started.elapsed());
+        let (mut connection, head_len) = sent?;
+        out.clear();
+        let answer = write_response_head(
+            &connection.buffer[..head_len],
+            head,
+            request_id,
+            context,
+            self,
+            out,
+        )?;
+        connection.buffer.advance(head_len);
+        let keep_alive = match copy_body(&mut connection, answer.framing, client, out).await {
+            Ok(()) => {
+                if answer.upstream_keep_alive && connection.buffer.is_empty() {
+                    self.idle.push(connection);
+                }
+                !answer.close_after
+            }
+            Err(error) => {
+                tracing::debug!(error = %error, "passthrough response cut short");
+                false
+            }
+        };
+        let status = answer.status;
+        Ok(Answered { status, keep_alive })
+    }
+
+    /// The upstream request: request line with the mapped target, the client's end-to-end
+    /// headers, the upstream's `Host`, `X-Forwarded-*` and the request id.
+    fn write_request(
+        &self,
+        head: &ClientHead<'_>,
+        request_id: &[u8],
+        context: &ClientContext<'_>,
+        out: &mut Vec<u8>,
+    ) {
+        out.extend_from_slice(head.method.as_bytes());
+        out.push(b' ');
+        if self.proxy_path == self.upstream_path {
+            out.extend_from_slice(head.target.as_bytes());
+        } else {
+            let mapped = super::forward::map_path_and_query(
+                &self.proxy_path,
+                &self.upstream_path,
+                head.target,
+            );
+            out.extend_from_slice(mapped.as_bytes());
+        }
+        out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+        out.extend_from_slice(self.host.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        // `Connection` names no other headers here ([`ClientHead::parse`]).
+        for header in head.headers {
+            let name = header.name;
+            if is_hop_by_hop(name)
+                || name.eq_ignore_ascii_case("host")
+                || name.eq_ignore_ascii_case("x-forwarded-for")
+            {
+                continue;
+            }
+            put_header(out, name.as_bytes(), header.value);
+        }
+        match (context.addr, head.forwarded_for) {
+            (Some(ip), chain) => {
+                out.extend_from_slice(b"x-forwarded-for: ");
+                // An ingress's chain is extended; one that is empty or not text is replaced.
+                if let Some(chain) = chain.filter(|c| is_text(c) && !c.trim_ascii().is_empty()) {
+                    out.extend_from_slice(chain);
+                    out.extend_from_slice(b", ");
+                }
+                write_ip(out, ip);
+                out.extend_from_slice(b"\r\n");
+            }
+            (None, Some(chain)) => put_header(out, b"x-forwarded-for", chain),
+            (None, None) => {}
+        }
+        if head.forwarded_proto.is_none() {
+            let scheme = if context.scheme == "https" {
+                "https"
+            } else {
+                "http"
+            };
+            put_header(out, b"x-forwarded-proto", scheme.as_bytes());
+        }
+        if let (None, Some(host)) = (head.forwarded_host, head.host) {
+            put_header(out, b"x-forwarded-host", host);
+        }
+        if head.request_id.is_none() {
+            put_header(out, b"x-request-id", request_id);
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Writes the request on a pooled connection (or a new one) and reads the response head. A
+    /// pooled connection that the upstream closed before answering is replaced once: the methods
+    /// on this path are idempotent (RFC 9110 §9.2.2), so sending again is allowed.
+    async fn send(&self, request: &[u8], method: &str) -> Result<(Connection, usize), ProxyError> {
+        debug_assert!(matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS"));
+        if let Some(mut connection) = self.checkout() {
+            match self.round_trip(&mut connection, request).await {
+                Ok(head_len) => return Ok((connection, head_len)),
+                Err(Failure::Closed) => {}
+                Err(Failure::Error(error)) => return Err(error),
+            }
+        }
+        let mut connection = self.connect().await?;
+        match self.round_trip(&mut connection, request).await {
+            Ok(head_len) => Ok((connection, head_len)),
+            Err(Failure::Closed) => Err(ProxyError::Protocol(
+                "the upstream closed the connection without answering".into(),
+            )),
+            Err(Failure::Error(error)) => Err(error),
+        }
+    }
+
+    /// An idle connection the upstream has not closed, as far as the socket can tell without a
+    /// system call (a close it has not yet reported is caught by [`Self::send`]'s retry).
+    fn checkout(&self) -> Option<Connection> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        while let Some(connection) = self.idle.pop() {
+            // Readable while idle means closed, or bytes nobody asked for: not reusable.
+            if connection.stream.poll_read_ready(&mut cx).is_pending() {
+                return Some(connection);
+            }
+        }
+        None
+    }
+
+    async fn connect(&self) -> Result<Connection, ProxyError> {
+        let connecting = TcpStream::connect(self.address.as_str());
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(ProxyError::Unreachable(format!("{}: {e}", self.address))),
+            Err(_) => {
+                return Err(ProxyError::Unreachable(format!(
+                    "{}: connect timed out after {} ms",
+                    self.address,
+                    self.connect_timeout.as_millis()
+                )));
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Connection {
+            stream,
+            buffer: BytesMut::with_capacity(UPSTREAM_BUFFER),
+        })
+    }
+
+    /// Sends the request and reads until a final (non-1xx) response head is buffered; returns
+    /// its length. 1xx heads are dropped, as hyper's client does.
+    async fn round_trip(
+        &self,
+        connection: &mut Connection,
+        request: &[u8],
+    ) -> Result<usize, Failure> {
+        if let Err(e) = connection.stream.write_all(request).await {
+            return Err(if is_reset(&e) {
+                Failure::Closed
+            } else {
+                Failure::Error(ProxyError::Protocol(e.to_string()))
+            });
+        }
+        let timeout = self.timeout;
+        match tokio::time::timeout(timeout, read_final_head(connection)).await {
+            Ok(result) => result,
+            Err(_) => Err(Failure::Error(ProxyError::Timeout(
+                timeout.as_millis() as u64
+            ))),
+        }
+    }
+}
+
+/// Why a round trip failed: the connection was closed before any answer (worth one retry on a
+/// new connection), or something else.
+enum Failure {
+    Closed,
+    Error(ProxyError),
+}
+
+fn is_reset(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::UnexpectedEof
+    )
+}
+
+async fn read_final_head(connection: &mut Connection) -> Result<usize, Failure> {
+    let mut answered = false;
+    loop {
+        if !connection.buffer.is_empty() {
+            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+            let mut response = httparse::Response::new(&mut headers);
+            match response.parse(&connection.buffer) {
+                Ok(httparse::Status::Complete(len)) => match response.code {
+                    Some(101) => {
+                        return Err(Failure::Error(ProxyError::Protocol(
+                            "the upstream switched protocols unasked".into(),
+                        )));
+                    }
+                    Some(100..=199) => {
+                        connection.buffer.advance(len);
+                        answered = true;
+                        continue;
+                    }
+                    _ => return Ok(len),
+                },
+                Ok(httparse::Status::Partial) if connection.buffer.len() < MAX_RESPONSE_HEAD => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(Failure::Error(ProxyError::Protocol(
+                        "the response head is too large".into(),
+                    )));
+                }
+                Err(e) => {
+                    return Err(Failure::Error(ProxyError::Protocol(format!(
+                        "invalid response head: {e}"
+                    ))));
+                }
+            }
+        }
+        connection.buffer.reserve(UPSTREAM_BUFFER / 2);
+        match connection.stream.read_buf(&mut connection.buffer).await {
+            Ok(0) if !answered && connection.buffer.is_empty() => return Err(Failure::Closed),
+            Ok(0) => {
+                return Err(Failure::Error(ProxyError::Protocol(
+                    "the upstream closed the connection in the response head".into(),
+                )));
+            }
+            Ok(_) => answered = true,
+            Err(e) if !answered && connection.buffer.is_empty() && is_reset(&e) => {
+                return Err(Failure::Closed);
+            }
+            Err(e) => return Err(Failure::Error(ProxyError::Protocol(e.to_string()))),
+        }
+    }
+}
+
+/// Where a response body ends (RFC 9112 §6.3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// HEAD, 204, 304: no body whatever the headers say.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes the connection.
+    Close,
+}
+
+struct ResponseHead {
+    status: u16,
+    framing: Framing,
+    upstream_keep_alive: bool,
+    /// The client's connection closes after this response.
+    close_after: bool,
+}
+
+/// Parses the upstream's response head and writes the client's: end-to-end headers kept,
+/// hop-by-hop ones dropped (and those the upstream's `Connection` names), `Location` and
+/// `Content-Location` rebased, the request id echoed, `Date` added if missing.
+fn write_response_head(
+    bytes: &[u8],
+    request: &ClientHead<'_>,
+    request_id: &[u8],
+    context: &ClientContext<'_>,
+    upstream: &H1Upstream,
+    out: &mut Vec<u8>,
+) -> Result<ResponseHead, ProxyError> {
+    let invalid = |why: &str| ProxyError::Protocol(format!("invalid response head: {why}"));
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    match response.parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(invalid("incomplete")),
+        Err(e) => return Err(invalid(&e.to_string())),
+    }
+    let status = response.code.unwrap_or(0);
+    let mut chunked = false;
+    let mut length: Option<u64> = None;
+    let mut upstream_close = response.version != Some(1);
+    let mut named: Vec<&[u8]> = Vec::new();
+    let mut has_date = false;
+    for header in response.headers.iter() {
+        let name = header.name;
+        if name.eq_ignore_ascii_case("transfer-encoding") {
+            if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                return Err(invalid("a transfer coding other than chunked"));
+            }
+            chunked = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            for value in header.value.split(|&b| b == b',') {
+                let n = parse_length(value.trim_ascii())
+                    .ok_or_else(|| invalid("a bad Content-Length"))?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(invalid("conflicting Content-Length values"));
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in tokens(header.value) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    upstream_close = true;
+                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                    named.push(token);
+                }
+            }
+        } else if name.eq_ignore_ascii_case("date") {
+            has_date = true;
+        }
+    }
+    let framing = if request.is_head() || status == 204 || status == 304 {
+        Framing::Empty
+    } else if chunked {
+        Framing::Chunked
+    } else if let Some(n) = length {
+        Framing::Length(n)
+    } else {
+        Framing::Close
+    };
+    let close_after = request.close || framing == Framing::Close;
+
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // httparse accepts three-digit codes only.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
+    out.push(b' ');
+    let reason = match response.reason {
+        Some(reason) if !reason.is_empty() => reason,
+        _ => axum::http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or(""),
+    };
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let mut public: Option<String> = None;
+    for header in response.headers.iter() {
+        let name = header.name;
+        if is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case("x-request-id")
+            || named
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+        {
+            continue;
+        }
+        if name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location") {
+            if let Some(rebased) = std::str::from_utf8(header.value)
+                .ok()
+                .filter(|v| is_text(v.as_bytes()))
+                .and_then(|value| {
+                    let public = public.get_or_insert_with(|| request.public_base(context));
+                    rebase(value, &upstream.base, public)
+                })
+                .filter(|v| is_text(v.as_bytes()))
+            {
+                put_header(out, name.as_bytes(), rebased.as_bytes());
+                continue;
+            }
+        }
+        put_header(out, name.as_bytes(), header.value);
+    }
+    put_header(out, b"x-request-id", request_id);
+    if !has_date {
+        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+        put_header(out, b"date", now.as_bytes());
+    }
+    if framing == Framing::Chunked {
+        put_header(out, b"transfer-encoding", b"chunked");
+    }
+    if close_after {
+        put_header(out, b"connection", b"close");
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(ResponseHead {
+        status,
+        framing,
+        upstream_keep_alive: !upstream_close && framing != Framing::Close,
+        close_after,
+    })
+}
+
+impl ClientHead<'_> {
+    /// The proxy's public base as this client sees it ([`public_base`]).
+    fn public_base(&self, context: &ClientContext<'_>) -> String {
+        fn text(value: &[u8]) -> Option<&str> {
+            std::str::from_utf8(value)
+                .ok()
+                .filter(|v| is_text(v.as_bytes()))
+        }
+        public_base(
+            context.configured_public_base,
+            self.forwarded_proto.and_then(text),
+            self.forwarded_host.or(self.host).and_then(text),
+            context.scheme,
+            context.base_path,
+        )
+    }
+}
+
+/// Copies the body that follows the response head (`out` holds the head) to the client. `Ok`
+/// means the whole body was copied; anything left in the connection's buffer is not part of it.
+async fn copy_body<W: AsyncWrite + Unpin>(
+    connection: &mut Connection,
+    framing: Framing,
+    client: &mut W,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    match framing {
+        Framing::Empty => client.write_all(out).await,
+        Framing::Length(length) => {
+            let buffered = (connection.buffer.len() as u64).min(length) as usize;
+            out.extend_from_slice(&connection.buffer[..buffered]);
+            connection.buffer.advance(buffered);
+            client.write_all(out).await?;
+            copy_raw(connection, Some(length - buffered as u64), client).await
+        }
+        Framing::Close => {
+            out.extend_from_slice(&connection.buffer);
+            connection.buffer.clear();
+            client.write_all(out).await?;
+            copy_raw(connection, None, client).await
+        }
+        Framing::Chunked => {
+            let mut chunks = Chunks::Size;
+            loop {
+                let (used, done) = chunks.scan(&connection.buffer, out)?;
+                connection.buffer.advance(used);
+                if !out.is_empty() {
+                    client.write_all(out).await?;
+                    out.clear();
+                }
+                if done {
+                    return Ok(());
+                }
+                connection.buffer.reserve(UPSTREAM_BUFFER);
+                if connection.stream.read_buf(&mut connection.buffer).await? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+            }
+        }
+    }
+}
+
+/// Copies `length` bytes (or everything until the upstream closes) straight from the upstream
+/// socket to the client.
+async fn copy_raw<W: AsyncWrite + Unpin>(
+    connection: &mut Connection,
+    length: Option<u64>,
+    client: &mut W,
+) -> std::io::Result<()> {
+    if length == Some(0) {
+        return Ok(());
+    }
+    let mut remaining = length.unwrap_or(u64::MAX);
+    let mut buffer = vec![0u8; COPY_BUFFER];
+    while remaining > 0 {
+        let want = remaining.min(COPY_BUFFER as u64) as usize;
+        let n = connection.stream.read(&mut buffer[..want]).await?;
+        if n == 0 {
+            return match length {
+                None => Ok(()),
+                Some(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            };
+        }
+        client.write_all(&buffer[..n]).await?;
+        remaining -= n as u64;
+    }
+    Ok(())
+}
+
+/// Where a chunked body stands (RFC 9112 §7.1). Chunks are forwarded as they came; the last
+/// chunk is forwarded without trailer fields.
+#[derive(Debug, Clone, Copy)]
+enum Chunks {
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+/// Longest chunk-size or trailer line accepted.
+const MAX_CHUNK_LINE: usize = 8 * 1024;
+
+impl Chunks {
+    /// Consumes what it can of `input`, appending what the client gets to `out`; returns the
+    /// bytes used and whether the body has ended.
+    fn scan(&mut self, input: &[u8], out: &mut Vec<u8>) -> std::io::Result<(usize, bool)> {
+        let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
+        let mut at = 0;
+        loop {
+            let rest = &input[at..];
+            match *self {
+                Chunks::Size => match httparse::parse_chunk_size(rest) {
+                    Ok(httparse::Status::Complete((used, 0))) => {
+                        out.extend_from_slice(b"0\r\n");
+                        at += used;
+                        *self = Chunks::Trailers;
+                    }
+                    Ok(httparse::Status::Complete((used, size))) => {
+                        out.extend_from_slice(&rest[..used]);
+                        at += used;
+                        *self = Chunks::Data(size);
+                    }
+                    Ok(httparse::Status::Partial) if rest.len() < MAX_CHUNK_LINE => {
+                        return Ok((at, false));
+                    }
+                    _ => return Err(bad("invalid chunk size line")),
+                },
+                Chunks::Data(left) => {
+                    let take = (rest.len() as u64).min(left) as usize;
+                    out.extend_from_slice(&rest[..take]);
+                    at += take;
+                    if take as u64 == left {
+                        *self = Chunks::DataEnd;
+                    } else {
+                        *self = Chunks::Data(left - take as u64);
+                        return Ok((at, false));
+                    }
+                }
+                Chunks::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok((at, false));
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(bad("chunk data not followed by CRLF"));
+                    }
+                    out.extend_from_slice(b"\r\n");
+                    at += 2;
+                    *self = Chunks::Size;
+                }
+                Chunks::Trailers => match rest.windows(2).position(|w| w == b"\r\n") {
+                    Some(0) => {
+                        out.extend_from_slice(b"\r\n");
+                        return Ok((at + 2, true));
+                    }
+                    // A trailer field: dropped, as the general path does.
+                    Some(end) => at += end + 2,
+                    None if rest.len() < MAX_CHUNK_LINE => return Ok((at, false)),
+                    None => return Err(bad("trailer line too long")),
+                },
+            }
+        }
+    }
+}
+
+fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What `HeaderValue::to_str` accepts: visible ASCII, space and tab.
+fn is_text(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (32..127).contains(&b))
+}
+
+/// A Content-Length value: 1 to 19 digits.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
+}

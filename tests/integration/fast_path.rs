@@ -1,0 +1,357 @@
+//! The passthrough fast path (`server.http1_fast_path`): response framings the hyper-based fake
+//! cannot produce (from a scripted raw upstream), pipelining, hand-over to the general path in the
+//! middle of a connection, and heads it must leave alone.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::{FakeFhir, TestProxy, client};
+
+/// An upstream that answers by path with fixed bytes; counts the connections made to it.
+struct ScriptedUpstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+impl ScriptedUpstream {
+    async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(Self::serve(stream));
+            }
+        });
+        Self { addr, connections }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/fhir", self.addr)
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    async fn serve(mut stream: TcpStream) {
+        let mut buffer = Vec::new();
+        loop {
+            let head_end = loop {
+                if let Some(i) = find(&buffer, b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
+            buffer.drain(..head_end);
+            let path = head.split(' ').nth(1).unwrap_or_default();
+            let (answer, close) = Self::answer(path);
+            if stream.write_all(answer.as_bytes()).await.is_err() || close {
+                return;
+            }
+        }
+    }
+
+    /// The raw answer for `path`, and whether the connection closes after it.
+    fn answer(path: &str) -> (&'static str, bool) {
+        match path {
+            "/fhir/chunked" => (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\
+                 Trailer: X-Checksum\r\n\r\n5;note=1\r\nhello\r\n6\r\n world\r\n0\r\n\
+                 X-Checksum: abc\r\n\r\n",
+                false,
+            ),
+            "/fhir/until-close" => (
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nread until the end",
+                true,
+            ),
+            "/fhir/early-hints" => (
+                "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+                 HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+                false,
+            ),
+            "/fhir/head" => ("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", false),
+            "/fhir/no-content" => ("HTTP/1.1 204 No Content\r\nETag: W/\"2\"\r\n\r\n", false),
+            "/fhir/reason" => (
+                "HTTP/1.1 299 Quite Unusual\r\nContent-Length: 2\r\n\r\nok",
+                false,
+            ),
+            "/fhir/gzip-coded" => (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                true,
+            ),
+            "/fhir/two-lengths" => (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+                true,
+            ),
+            "/fhir/garbage" => ("HTTTP/9 what\r\n\r\n", true),
+            "/fhir/short" => ("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut", true),
+            _ => ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Sends `request` as is on a new connection and reads until the proxy closes it.
+async fn exchange_raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut response = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        stream.read_to_end(&mut response),
+    )
+    .await
+    .expect("the proxy closes the connection")
+    .unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// Splits a stream of responses that all carry a Content-Length: (status, head, body) each.
+fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String, String)> {
+    let mut responses = Vec::new();
+    while !bytes.is_empty() {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut response = httparse::Response::new(&mut headers);
+        let httparse::Status::Complete(head_len) = response.parse(bytes).unwrap() else {
+            panic!(
+                "incomplete response head: {:?}",
+                String::from_utf8_lossy(bytes)
+            );
+        };
+        let length: usize = response
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
+            .expect("content-length");
+        let head = String::from_utf8_lossy(&bytes[..head_len]).into_owned();
+        let body = String::from_utf8_lossy(&bytes[head_len..head_len + length]).into_owned();
+        responses.push((response.code.unwrap(), head, body));
+        bytes = &bytes[head_len + length..];
+    }
+    responses
+}
+
+#[tokio::test]
+async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
+    let upstream = ScriptedUpstream::start().await;
+    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/chunked HTTP/1.1\r\nHost: p\r\n\r\nGET /fhir/chunked HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body = "5;note=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    assert_eq!(raw.matches(body).count(), 2, "{raw}");
+    assert_eq!(
+        raw.matches("transfer-encoding: chunked\r\n").count(),
+        2,
+        "{raw}"
+    );
+    assert!(
+        !raw.contains("X-Checksum"),
+        "trailer fields are dropped: {raw}"
+    );
+    assert!(!raw.contains("Trailer:"), "{raw}");
+    // reqwest decodes the same answer; the upstream connection went back to the pool each time.
+    for _ in 0..3 {
+        let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+        assert_eq!(response.text().await.unwrap(), "hello world");
+    }
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn answers_delimited_by_close_end_the_client_connection_too() {
+    let upstream = ScriptedUpstream::start().await;
+    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/until-close HTTP/1.1\r\nHost: p\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
+    assert!(raw.contains("connection: close\r\n"), "{raw}");
+    assert!(raw.ends_with("\r\n\r\nread until the end"), "{raw}");
+    for _ in 0..2 {
+        let response = client()
+            .get(proxy.url("/until-close"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.text().await.unwrap(), "read until the end");
+    }
+    assert_eq!(
+        upstream.connections(),
+        3,
+        "such a connection is never reused"
+    );
+}
+
+#[tokio::test]
+async fn informational_head_and_no_content_answers_are_framed_right() {
+    let upstream = ScriptedUpstream::start().await;
+    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/early-hints HTTP/1.1\r\nHost: p\r\n\r\n\
+          HEAD /fhir/head HTTP/1.1\r\nHost: p\r\n\r\n\
+          DELETE /fhir/no-content HTTP/1.1\r\nHost: p\r\n\r\n\
+          GET /fhir/reason HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let statuses: Vec<_> = raw
+        .match_indices("HTTP/1.1 ")
+        .map(|(i, _)| &raw[i + 9..i + 12])
+        .collect();
+    assert_eq!(statuses, ["200", "200", "204", "299"], "{raw}");
+    assert!(!raw.contains("103"), "1xx answers are not forwarded: {raw}");
+    assert!(
+        raw.contains("Content-Length: 1234\r\n"),
+        "HEAD keeps its length: {raw}"
+    );
+    assert!(raw.contains("HTTP/1.1 299 Quite Unusual\r\n"), "{raw}");
+    assert!(raw.ends_with("\r\n\r\nok"), "{raw}");
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn broken_upstream_answers_are_502_or_a_closed_connection() {
+    let upstream = ScriptedUpstream::start().await;
+    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
+        let response = client().get(proxy.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 502, "{path}");
+        let outcome: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(outcome["resourceType"], "OperationOutcome", "{path}");
+    }
+    // Cut short after the head was sent: the client sees its connection end early.
+    let raw = exchange_raw(proxy.addr, b"GET /fhir/short HTTP/1.1\r\nHost: p\r\n\r\n").await;
+    assert!(
+        raw.starts_with("HTTP/1.1 200 OK\r\n") && raw.ends_with("\r\n\r\ncut"),
+        "{raw}"
+    );
+    // And the proxy carries on.
+    let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "hello world");
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_across_a_hand_over() {
+    let fake = FakeFhir::new().start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    // Two fast-path GETs, a POST with a body (the general path takes the connection over from
+    // there), a GET, and the proxy's own metadata endpoint; all written at once.
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/Patient/1 HTTP/1.1\r\nHost: p\r\n\r\n\
+          GET /fhir/Patient/2?x=1 HTTP/1.1\r\nHost: p\r\n\r\n\
+          POST /fhir/Patient HTTP/1.1\r\nHost: p\r\nContent-Type: application/fhir+json\r\nContent-Length: 2\r\n\r\n{}\
+          GET /fhir/Patient/3 HTTP/1.1\r\nHost: p\r\n\r\n\
+          GET /fhir/metadata HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let responses = split_responses(raw.as_bytes());
+    let statuses: Vec<_> = responses.iter().map(|r| r.0).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200], "{raw}");
+    assert!(responses[4].2.contains("CapabilityStatement"), "{raw}");
+    let seen: Vec<_> = fake
+        .received()
+        .into_iter()
+        .filter(|r| !r.uri.ends_with("/metadata"))
+        .map(|r| {
+            format!(
+                "{} {} {}",
+                r.method,
+                r.uri,
+                String::from_utf8_lossy(&r.body)
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            "GET /fhir/Patient/1 ",
+            "GET /fhir/Patient/2?x=1 ",
+            "POST /fhir/Patient {}",
+            "GET /fhir/Patient/3 "
+        ]
+    );
+    for (_, head, _) in &responses {
+        assert!(
+            head.to_ascii_lowercase().contains("x-request-id: "),
+            "{head}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn heads_the_fast_path_does_not_take_are_answered_by_the_general_path() {
+    let fake = FakeFhir::new().start().await;
+    let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
+    // Malformed: hyper's 400, not a 5xx and not a hang.
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/Patient HTTP/1.1\r\nNo colon here\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 400"), "{raw}");
+    // HTTP/1.0, and a head of 40 KiB (over the fast path's 16 KiB): passed through all the same.
+    let raw = exchange_raw(proxy.addr, b"GET /fhir/Patient/10 HTTP/1.0\r\n\r\n").await;
+    assert!(
+        raw.starts_with("HTTP/1.0 200") || raw.starts_with("HTTP/1.1 200"),
+        "{raw}"
+    );
+    let big = format!(
+        "GET /fhir/Patient/big HTTP/1.1\r\nHost: p\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(40 * 1024)
+    );
+    let raw = exchange_raw(proxy.addr, big.as_bytes()).await;
+    assert!(
+        raw.starts_with("HTTP/1.1 200"),
+        "{}",
+        &raw[..raw.len().min(200)]
+    );
+    // Targets with bytes outside the usual set, and absolute-form targets.
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/Patient?name=%22a%22&x={y} HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(!raw.starts_with("HTTP/1.1 5"), "{raw}");
+    let seen: Vec<_> = fake.received().into_iter().map(|r| r.uri).collect();
+    assert!(seen.contains(&"/fhir/Patient/10".to_owned()), "{seen:?}");
+    assert!(seen.contains(&"/fhir/Patient/big".to_owned()), "{seen:?}");
+}
+
+#[tokio::test]
+async fn the_fast_path_can_be_turned_off() {
+    let upstream = ScriptedUpstream::start().await;
+    let mut config = TestProxy::config(&upstream.url());
+    config.server.http1_fast_path = false;
+    let proxy = TestProxy::start(config).await;
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/chunked HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    // hyper decodes and re-encodes: the chunk extension does not survive, the body does.
+    assert!(!raw.contains("note=1"), "{raw}");
+    let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "hello world");
+}
