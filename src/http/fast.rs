@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::{Observation, RequestId, error::ApiError, is_passthrough};
 use crate::app::App;
-use crate::proxy::{ClientHead, MAX_HEADERS};
+use crate::proxy::{Asked, ClientContext, ClientHead, H1Upstream, Scratch, header_slots};
 
 /// Largest request head this path reads before leaving the request to hyper (which answers 431
 /// beyond its own limit).
@@ -45,78 +45,103 @@ pub async fn serve(
     stop: &CancellationToken,
 ) -> Option<Rewind> {
     let upstream = app.upstream.h1()?;
+    let context = app.client_context(Some(peer));
     let mut buffer = BytesMut::with_capacity(CLIENT_BUFFER);
-    let mut out = Vec::with_capacity(1024);
+    let mut scratch = Scratch::default();
     let mut stopped = pin!(stop.cancelled());
     loop {
-        // A complete head in the buffer (pipelined requests may already be there).
-        let length = loop {
-            if !buffer.is_empty() {
-                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                match httparse::Request::new(&mut headers).parse(&buffer) {
-                    Ok(httparse::Status::Complete(length)) => break length,
-                    Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_HEAD => {}
-                    _ => return Some(Rewind::new(stream, buffer)),
+        // The next request's head, parsed once it has all arrived (pipelined requests may already
+        // be in the buffer).
+        let served = if buffer.is_empty() {
+            None
+        } else {
+            let mut slots = header_slots();
+            let mut request = httparse::Request::new(&mut []);
+            match request.parse_with_uninit_headers(&buffer, &mut slots) {
+                Ok(httparse::Status::Complete(length)) => {
+                    let head = ClientHead::parse(&request).filter(|head| {
+                        is_passthrough(app, head.target.split('?').next().unwrap_or_default())
+                    });
+                    match head {
+                        Some(head) => {
+                            let keep_alive =
+                                serve_one(upstream, &head, &context, &mut stream, &mut scratch)
+                                    .await;
+                            Some((length, keep_alive))
+                        }
+                        None => return Some(Rewind::new(stream, buffer)),
+                    }
                 }
-            }
-            if buffer.capacity() - buffer.len() < CLIENT_BUFFER / 4 {
-                buffer.reserve(CLIENT_BUFFER);
-            }
-            let read = if buffer.is_empty() {
-                tokio::select! {
-                    biased;
-                    () = &mut stopped => return None,
-                    read = stream.read_buf(&mut buffer) => read,
-                }
-            } else {
-                stream.read_buf(&mut buffer).await
-            };
-            match read {
-                Ok(0) | Err(_) => return None,
-                Ok(_) => {}
+                Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_HEAD => None,
+                // Too large for this path, or malformed: hyper answers what it makes of it
+                // (a 431 or 400, or it serves it).
+                _ => return Some(Rewind::new(stream, buffer)),
             }
         };
-        let keep_alive = {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut request = httparse::Request::new(&mut headers);
-            let _ = request.parse(&buffer[..length]);
-            let Some(head) = ClientHead::parse(&request).filter(|head| {
-                let path = head.target.split('?').next().unwrap_or_default();
-                is_passthrough(app, path)
-            }) else {
-                return Some(Rewind::new(stream, buffer));
-            };
-            let id = match head.request_id {
-                Some(id) => RequestId::from(id),
-                None => RequestId::new(),
-            };
-            let observation = Observation::start(
-                "passthrough",
-                id.as_str(),
-                head.method,
-                head.target.split('?').next().unwrap_or_default(),
-            );
-            let context = app.client_context(Some(peer));
-            let exchange = upstream.exchange(&head, id.as_bytes(), &context, &mut stream, &mut out);
-            let (status, keep_alive) = match exchange.instrument(observation.span()).await {
-                Ok(answered) => (answered.status, answered.keep_alive),
-                Err(error) => {
-                    let response = ApiError::from(error).into_response();
-                    let status = response.status().as_u16();
-                    out.clear();
-                    write_response(response, id.as_bytes(), head.close, &mut out).await;
-                    let written = stream.write_all(&out).await.is_ok();
-                    (status, written && !head.close)
-                }
-            };
-            observation.finish(status);
-            keep_alive
-        };
-        if !keep_alive {
-            return None;
+        if let Some((length, keep_alive)) = served {
+            if !keep_alive {
+                return None;
+            }
+            buffer.advance(length);
+            continue;
         }
-        buffer.advance(length);
+        if buffer.capacity() - buffer.len() < CLIENT_BUFFER / 4 {
+            buffer.reserve(CLIENT_BUFFER);
+        }
+        let read = if buffer.is_empty() {
+            tokio::select! {
+                biased;
+                () = &mut stopped => return None,
+                read = stream.read_buf(&mut buffer) => read,
+            }
+        } else {
+            stream.read_buf(&mut buffer).await
+        };
+        match read {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
     }
+}
+
+/// Forwards one request and answers the client, observed like any other; returns whether the
+/// connection can carry another request.
+async fn serve_one(
+    upstream: &H1Upstream,
+    head: &ClientHead<'_>,
+    context: &ClientContext<'_>,
+    stream: &mut TcpStream,
+    scratch: &mut Scratch,
+) -> bool {
+    let id = match head.request_id {
+        Some(id) => RequestId::from(id),
+        None => RequestId::new(),
+    };
+    let observation = Observation::start(
+        "passthrough",
+        id.as_str(),
+        head.method,
+        head.target.split('?').next().unwrap_or_default(),
+    );
+    let asked = Asked {
+        head,
+        request_id: id.as_bytes(),
+        context,
+    };
+    let exchange = upstream.exchange(&asked, stream, scratch, observation.started());
+    let (status, keep_alive) = match exchange.instrument(observation.span()).await {
+        Ok(answered) => (answered.status, answered.keep_alive),
+        Err(error) => {
+            let response = ApiError::from(error).into_response();
+            let status = response.status().as_u16();
+            let mut out = Vec::new();
+            write_response(response, id.as_bytes(), head.close, &mut out).await;
+            let written = stream.write_all(&out).await.is_ok();
+            (status, written && !head.close)
+        }
+    };
+    observation.finish(status);
+    keep_alive
 }
 
 /// Serialises one of the proxy's own (small, complete) responses: a 502 or 504 here.

@@ -286,6 +286,10 @@ impl Observation {
         }
     }
 
+    fn started(&self) -> Instant {
+        self.started
+    }
+
     fn span(&self) -> tracing::Span {
         self.span.clone()
     }

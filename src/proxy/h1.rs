@@ -19,7 +19,7 @@ use url::Url;
 
 use super::ProxyError;
 use super::forward::ClientContext;
-use super::headers::{is_hop_by_hop, public_base, rebase, write_ip};
+use super::headers::{public_base, rebase, write_ip};
 use super::pool::IdleStack;
 use crate::telemetry::metrics;
 
@@ -76,39 +76,31 @@ impl<'a> ClientHead<'a> {
             close: false,
         };
         for header in request.headers.iter() {
-            let name = header.name;
             let value = header.value;
-            if name.eq_ignore_ascii_case("content-length") {
-                if value != b"0" {
-                    return None;
-                }
-            } else if name.eq_ignore_ascii_case("transfer-encoding")
-                || name.eq_ignore_ascii_case("expect")
-                || name.eq_ignore_ascii_case("upgrade")
-            {
-                return None;
-            } else if name.eq_ignore_ascii_case("connection") {
-                for token in tokens(value) {
-                    if token.eq_ignore_ascii_case(b"close") {
-                        head.close = true;
-                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                        return None;
+            match Name::of(header.name) {
+                Name::ContentLength if value != b"0" => return None,
+                Name::TransferEncoding | Name::Expect | Name::Upgrade => return None,
+                Name::Connection => {
+                    for token in tokens(value) {
+                        if token.eq_ignore_ascii_case(b"close") {
+                            head.close = true;
+                        } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                            return None;
+                        }
                     }
                 }
-            } else if name.eq_ignore_ascii_case("host") {
-                if head.host.replace(value).is_some() {
-                    return None;
+                Name::Host if head.host.replace(value).is_some() => return None,
+                Name::ForwardedFor if head.forwarded_for.replace(value).is_some() => return None,
+                Name::ForwardedProto => {
+                    head.forwarded_proto.get_or_insert(value);
                 }
-            } else if name.eq_ignore_ascii_case("x-forwarded-for") {
-                if head.forwarded_for.replace(value).is_some() {
-                    return None;
+                Name::ForwardedHost => {
+                    head.forwarded_host.get_or_insert(value);
                 }
-            } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
-                head.forwarded_proto.get_or_insert(value);
-            } else if name.eq_ignore_ascii_case("x-forwarded-host") {
-                head.forwarded_host.get_or_insert(value);
-            } else if name.eq_ignore_ascii_case("x-request-id") {
-                head.request_id.get_or_insert(value);
+                Name::RequestId => {
+                    head.request_id.get_or_insert(value);
+                }
+                _ => {}
             }
         }
         Some(head)
@@ -117,6 +109,71 @@ impl<'a> ClientHead<'a> {
     fn is_head(&self) -> bool {
         self.method == "HEAD"
     }
+}
+
+/// The header names this path treats specially, told apart by length first: every header of
+/// every request and response goes through this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Name {
+    /// Hop-by-hop ([`super::headers::is_hop_by_hop`]) other than the three below.
+    Hop,
+    Connection,
+    TransferEncoding,
+    Upgrade,
+    ContentLength,
+    Expect,
+    Host,
+    Date,
+    ForwardedFor,
+    ForwardedProto,
+    ForwardedHost,
+    RequestId,
+    /// `Location` or `Content-Location`.
+    Location,
+    Other,
+}
+
+impl Name {
+    fn of(name: &str) -> Self {
+        let is = |candidate: &str| name.eq_ignore_ascii_case(candidate);
+        match name.len() {
+            2 if is("te") => Name::Hop,
+            4 if is("host") => Name::Host,
+            4 if is("date") => Name::Date,
+            6 if is("expect") => Name::Expect,
+            7 if is("upgrade") => Name::Upgrade,
+            7 if is("trailer") => Name::Hop,
+            8 if is("location") => Name::Location,
+            10 if is("connection") => Name::Connection,
+            10 if is("keep-alive") => Name::Hop,
+            12 if is("x-request-id") => Name::RequestId,
+            14 if is("content-length") => Name::ContentLength,
+            15 if is("x-forwarded-for") => Name::ForwardedFor,
+            16 if is("x-forwarded-host") => Name::ForwardedHost,
+            16 if is("content-location") => Name::Location,
+            16 if is("proxy-connection") => Name::Hop,
+            17 if is("x-forwarded-proto") => Name::ForwardedProto,
+            17 if is("transfer-encoding") => Name::TransferEncoding,
+            18 if is("proxy-authenticate") => Name::Hop,
+            19 if is("proxy-authorization") => Name::Hop,
+            _ => Name::Other,
+        }
+    }
+
+    fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Hop | Name::Connection | Name::TransferEncoding | Name::Upgrade
+        )
+    }
+}
+
+/// Room for the headers of one head, left uninitialised until httparse fills it.
+pub type HeaderSlots<'b> = [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS];
+
+/// An empty [`HeaderSlots`].
+pub fn header_slots<'b>() -> HeaderSlots<'b> {
+    [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
 }
 
 /// Bytes the fast path forwards in a request target: RFC 3986 unreserved, sub-delims, `:@/?%`.
@@ -153,6 +210,22 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
         .split(|&b| b == b',')
         .map(<[u8]>::trim_ascii)
         .filter(|t| !t.is_empty())
+}
+
+/// A request as the fast path forwards it.
+pub struct Asked<'a> {
+    pub head: &'a ClientHead<'a>,
+    /// The client's `X-Request-Id` or the one made for it.
+    pub request_id: &'a [u8],
+    pub context: &'a ClientContext<'a>,
+}
+
+/// Buffers one client connection reuses for every request: the upstream request, the client's
+/// response head (and the start of its body).
+#[derive(Default)]
+pub struct Scratch {
+    request: Vec<u8>,
+    response: Vec<u8>,
 }
 
 /// How the client's request was answered.
@@ -223,16 +296,16 @@ impl H1Upstream {
     /// end with the client's connection closed, as the general path does.
     pub async fn exchange<W: AsyncWrite + Unpin>(
         &self,
-        head: &ClientHead<'_>,
-        request_id: &[u8],
-        context: &ClientContext<'_>,
+        asked: &Asked<'_>,
         client: &mut W,
-        out: &mut Vec<u8>,
+        scratch: &mut Scratch,
+        started: Instant,
     ) -> Result<Answered, ProxyError> {
-        out.clear();
-        self.write_request(head, request_id, context, out);
-        let started = Instant::now();
-        let sent = self.send(out, head.method).await;
+        scratch.request.clear();
+        self.write_request(asked, &mut scratch.request);
+        let sent = self
+            .send(&scratch.request, asked, &mut scratch.response)
+            .await;
         let label = match &sent {
             Ok(_) => "ok",
             Err(ProxyError::Timeout(_)) => "timeout",
@@ -240,17 +313,8 @@ impl H1Upstream {
             Err(_) => "protocol_error",
         };
         metrics::upstream("passthrough", label, started.elapsed());
-        let (mut connection, head_len) = sent?;
-        out.clear();
-        let answer = write_response_head(
-            &connection.buffer[..head_len],
-            head,
-            request_id,
-            context,
-            self,
-            out,
-        )?;
-        connection.buffer.advance(head_len);
+        let (mut connection, answer) = sent?;
+        let out = &mut scratch.response;
         let keep_alive = match copy_body(&mut connection, answer.framing, client, out).await {
             Ok(()) => {
                 if answer.upstream_keep_alive && connection.buffer.is_empty() {
@@ -263,19 +327,20 @@ impl H1Upstream {
                 false
             }
         };
-        let status = answer.status;
-        Ok(Answered { status, keep_alive })
+        Ok(Answered {
+            status: answer.status,
+            keep_alive,
+        })
     }
 
     /// The upstream request: request line with the mapped target, the client's end-to-end
     /// headers, the upstream's `Host`, `X-Forwarded-*` and the request id.
-    fn write_request(
-        &self,
-        head: &ClientHead<'_>,
-        request_id: &[u8],
-        context: &ClientContext<'_>,
-        out: &mut Vec<u8>,
-    ) {
+    fn write_request(&self, asked: &Asked<'_>, out: &mut Vec<u8>) {
+        let Asked {
+            head,
+            request_id,
+            context,
+        } = asked;
         out.extend_from_slice(head.method.as_bytes());
         out.push(b' ');
         if self.proxy_path == self.upstream_path {
@@ -293,14 +358,10 @@ impl H1Upstream {
         out.extend_from_slice(b"\r\n");
         // `Connection` names no other headers here ([`ClientHead::parse`]).
         for header in head.headers {
-            let name = header.name;
-            if is_hop_by_hop(name)
-                || name.eq_ignore_ascii_case("host")
-                || name.eq_ignore_ascii_case("x-forwarded-for")
-            {
-                continue;
+            let name = Name::of(header.name);
+            if !(name.is_hop_by_hop() || name == Name::Host || name == Name::ForwardedFor) {
+                put_header(out, header.name.as_bytes(), header.value);
             }
-            put_header(out, name.as_bytes(), header.value);
         }
         match (context.addr, head.forwarded_for) {
             (Some(ip), chain) => {
@@ -336,18 +397,26 @@ impl H1Upstream {
     /// Writes the request on a pooled connection (or a new one) and reads the response head. A
     /// pooled connection that the upstream closed before answering is replaced once: the methods
     /// on this path are idempotent (RFC 9110 §9.2.2), so sending again is allowed.
-    async fn send(&self, request: &[u8], method: &str) -> Result<(Connection, usize), ProxyError> {
-        debug_assert!(matches!(method, "GET" | "HEAD" | "DELETE" | "OPTIONS"));
+    async fn send(
+        &self,
+        request: &[u8],
+        asked: &Asked<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<(Connection, ResponseHead), ProxyError> {
+        debug_assert!(matches!(
+            asked.head.method,
+            "GET" | "HEAD" | "DELETE" | "OPTIONS"
+        ));
         if let Some(mut connection) = self.checkout() {
-            match self.round_trip(&mut connection, request).await {
-                Ok(head_len) => return Ok((connection, head_len)),
+            match self.round_trip(&mut connection, request, asked, out).await {
+                Ok(answer) => return Ok((connection, answer)),
                 Err(Failure::Closed) => {}
                 Err(Failure::Error(error)) => return Err(error),
             }
         }
         let mut connection = self.connect().await?;
-        match self.round_trip(&mut connection, request).await {
-            Ok(head_len) => Ok((connection, head_len)),
+        match self.round_trip(&mut connection, request, asked, out).await {
+            Ok(answer) => Ok((connection, answer)),
             Err(Failure::Closed) => Err(ProxyError::Protocol(
                 "the upstream closed the connection without answering".into(),
             )),
@@ -355,14 +424,19 @@ impl H1Upstream {
         }
     }
 
-    /// An idle connection the upstream has not closed, as far as the socket can tell without a
-    /// system call (a close it has not yet reported is caught by [`Self::send`]'s retry).
+    /// An idle connection the upstream has not closed, as far as the socket can tell (a close it
+    /// has not reported yet is caught by [`Self::send`]'s retry). Readable while idle means closed,
+    /// or bytes nobody asked for, unless the readiness is stale: one non-blocking read tells.
     fn checkout(&self) -> Option<Connection> {
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
         while let Some(connection) = self.idle.pop() {
-            // Readable while idle means closed, or bytes nobody asked for: not reusable.
             if connection.stream.poll_read_ready(&mut cx).is_pending() {
                 return Some(connection);
+            }
+            if let Err(e) = connection.stream.try_read(&mut [0u8; 1]) {
+                if e.kind() == std::io::ErrorKind::WouldBlock {
+                    return Some(connection);
+                }
             }
         }
         None
@@ -388,13 +462,15 @@ impl H1Upstream {
         })
     }
 
-    /// Sends the request and reads until a final (non-1xx) response head is buffered; returns
-    /// its length. 1xx heads are dropped, as hyper's client does.
+    /// Sends the request and reads the answer's head; the client's head is then in `out` and the
+    /// connection's buffer holds what followed it.
     async fn round_trip(
         &self,
         connection: &mut Connection,
         request: &[u8],
-    ) -> Result<usize, Failure> {
+        asked: &Asked<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<ResponseHead, Failure> {
         if let Err(e) = connection.stream.write_all(request).await {
             return Err(if is_reset(&e) {
                 Failure::Closed
@@ -402,12 +478,91 @@ impl H1Upstream {
                 Failure::Error(ProxyError::Protocol(e.to_string()))
             });
         }
+        out.clear();
         let timeout = self.timeout;
-        match tokio::time::timeout(timeout, read_final_head(connection)).await {
+        match tokio::time::timeout(timeout, self.read_head(connection, asked, out)).await {
             Ok(result) => result,
             Err(_) => Err(Failure::Error(ProxyError::Timeout(
                 timeout.as_millis() as u64
             ))),
+        }
+    }
+
+    /// Reads until a final (non-1xx) response head has arrived, parses it once and writes the
+    /// client's ([`write_response_head`]); 1xx heads are dropped, as hyper's client does.
+    async fn read_head(
+        &self,
+        connection: &mut Connection,
+        asked: &Asked<'_>,
+        out: &mut Vec<u8>,
+    ) -> Result<ResponseHead, Failure> {
+        enum Parsed {
+            Partial,
+            Interim(usize),
+            Final(usize, ResponseHead),
+        }
+        let mut answered = false;
+        loop {
+            let parsed = if connection.buffer.is_empty() {
+                Parsed::Partial
+            } else {
+                let mut slots = header_slots();
+                let mut response = httparse::Response::new(&mut []);
+                let invalid = |why: String| {
+                    Failure::Error(ProxyError::Protocol(format!(
+                        "invalid response head: {why}"
+                    )))
+                };
+                match httparse::ParserConfig::default().parse_response_with_uninit_headers(
+                    &mut response,
+                    &connection.buffer,
+                    &mut slots,
+                ) {
+                    Ok(httparse::Status::Complete(length)) => match response.code {
+                        // Not asked for: no request on this path carries `Upgrade`.
+                        Some(101) => return Err(invalid("an unasked protocol switch".into())),
+                        Some(100..=199) => Parsed::Interim(length),
+                        _ => Parsed::Final(
+                            length,
+                            write_response_head(&response, asked, self, out)
+                                .map_err(Failure::Error)?,
+                        ),
+                    },
+                    Ok(httparse::Status::Partial)
+                        if connection.buffer.len() < MAX_RESPONSE_HEAD =>
+                    {
+                        Parsed::Partial
+                    }
+                    Ok(httparse::Status::Partial) => return Err(invalid("too large".into())),
+                    Err(e) => return Err(invalid(e.to_string())),
+                }
+            };
+            match parsed {
+                Parsed::Final(length, head) => {
+                    connection.buffer.advance(length);
+                    return Ok(head);
+                }
+                Parsed::Interim(length) => {
+                    connection.buffer.advance(length);
+                    answered = true;
+                    continue;
+                }
+                Parsed::Partial => {}
+            }
+            connection.buffer.reserve(UPSTREAM_BUFFER / 2);
+            match connection.stream.read_buf(&mut connection.buffer).await {
+                Ok(0) if !answered && connection.buffer.is_empty() => return Err(Failure::Closed),
+                Ok(0) => {
+                    return Err(Failure::Error(ProxyError::Protocol(
+                        "the upstream closed the connection in the response head".into(),
+                    )));
+                }
+                Ok(_) => answered = true,
+                Err(e) if !answered && connection.buffer.is_empty() && is_reset(&e) => {
+                    return Err(Failure::Closed);
+                }
+                Err(e) => return Err(Failure::Error(ProxyError::Protocol(e.to_string()))),
+            }
         }
     }
 }
@@ -427,56 +582,6 @@ fn is_reset(error: &std::io::Error) -> bool {
             | std::io::ErrorKind::ConnectionAborted
             | std::io::ErrorKind::UnexpectedEof
     )
-}
-
-async fn read_final_head(connection: &mut Connection) -> Result<usize, Failure> {
-    let mut answered = false;
-    loop {
-        if !connection.buffer.is_empty() {
-            let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-            let mut response = httparse::Response::new(&mut headers);
-            match response.parse(&connection.buffer) {
-                Ok(httparse::Status::Complete(len)) => match response.code {
-                    Some(101) => {
-                        return Err(Failure::Error(ProxyError::Protocol(
-                            "the upstream switched protocols unasked".into(),
-                        )));
-                    }
-                    Some(100..=199) => {
-                        connection.buffer.advance(len);
-                        answered = true;
-                        continue;
-                    }
-                    _ => return Ok(len),
-                },
-                Ok(httparse::Status::Partial) if connection.buffer.len() < MAX_RESPONSE_HEAD => {}
-                Ok(httparse::Status::Partial) => {
-                    return Err(Failure::Error(ProxyError::Protocol(
-                        "the response head is too large".into(),
-                    )));
-                }
-                Err(e) => {
-                    return Err(Failure::Error(ProxyError::Protocol(format!(
-                        "invalid response head: {e}"
-                    ))));
-                }
-            }
-        }
-        connection.buffer.reserve(UPSTREAM_BUFFER / 2);
-        match connection.stream.read_buf(&mut connection.buffer).await {
-            Ok(0) if !answered && connection.buffer.is_empty() => return Err(Failure::Closed),
-            Ok(0) => {
-                return Err(Failure::Error(ProxyError::Protocol(
-                    "the upstream closed the connection in the response head".into(),
-                )));
-            }
-            Ok(_) => answered = true,
-            Err(e) if !answered && connection.buffer.is_empty() && is_reset(&e) => {
-                return Err(Failure::Closed);
-            }
-            Err(e) => return Err(Failure::Error(ProxyError::Protocol(e.to_string()))),
-        }
-    }
 }
 
 /// Where a response body ends (RFC 9112 §6.3).
@@ -502,21 +607,17 @@ struct ResponseHead {
 /// hop-by-hop ones dropped (and those the upstream's `Connection` names), `Location` and
 /// `Content-Location` rebased, the request id echoed, `Date` added if missing.
 fn write_response_head(
-    bytes: &[u8],
-    request: &ClientHead<'_>,
-    request_id: &[u8],
-    context: &ClientContext<'_>,
+    response: &httparse::Response<'_, '_>,
+    asked: &Asked<'_>,
     upstream: &H1Upstream,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, ProxyError> {
     let invalid = |why: &str| ProxyError::Protocol(format!("invalid response head: {why}"));
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut headers);
-    match response.parse(bytes) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(invalid("incomplete")),
-        Err(e) => return Err(invalid(&e.to_string())),
-    }
+    let Asked {
+        head: request,
+        request_id,
+        context,
+    } = asked;
     let status = response.code.unwrap_or(0);
     let mut chunked = false;
     let mut length: Option<u64> = None;
@@ -524,31 +625,34 @@ fn write_response_head(
     let mut named: Vec<&[u8]> = Vec::new();
     let mut has_date = false;
     for header in response.headers.iter() {
-        let name = header.name;
-        if name.eq_ignore_ascii_case("transfer-encoding") {
-            if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                return Err(invalid("a transfer coding other than chunked"));
-            }
-            chunked = true;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            for value in header.value.split(|&b| b == b',') {
-                let n = parse_length(value.trim_ascii())
-                    .ok_or_else(|| invalid("a bad Content-Length"))?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(invalid("conflicting Content-Length values"));
+        match Name::of(header.name) {
+            Name::TransferEncoding => {
+                if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+                    return Err(invalid("a transfer coding other than chunked"));
                 }
-                length = Some(n);
+                chunked = true;
             }
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in tokens(header.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    upstream_close = true;
-                } else if !token.eq_ignore_ascii_case(b"keep-alive") {
-                    named.push(token);
+            Name::ContentLength => {
+                for value in header.value.split(|&b| b == b',') {
+                    let n = parse_length(value.trim_ascii())
+                        .ok_or_else(|| invalid("a bad Content-Length"))?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err(invalid("conflicting Content-Length values"));
+                    }
+                    length = Some(n);
                 }
             }
-        } else if name.eq_ignore_ascii_case("date") {
-            has_date = true;
+            Name::Connection => {
+                for token in tokens(header.value) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        upstream_close = true;
+                    } else if !token.eq_ignore_ascii_case(b"keep-alive") {
+                        named.push(token);
+                    }
+                }
+            }
+            Name::Date => has_date = true,
+            _ => {}
         }
     }
     let framing = if request.is_head() || status == 204 || status == 304 {
@@ -582,15 +686,16 @@ fn write_response_head(
     let mut public: Option<String> = None;
     for header in response.headers.iter() {
         let name = header.name;
-        if is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case("x-request-id")
+        let kind = Name::of(name);
+        if kind.is_hop_by_hop()
+            || kind == Name::RequestId
             || named
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
         {
             continue;
         }
-        if name.eq_ignore_ascii_case("location") || name.eq_ignore_ascii_case("content-location") {
+        if kind == Name::Location {
             if let Some(rebased) = std::str::from_utf8(header.value)
                 .ok()
                 .filter(|v| is_text(v.as_bytes()))
@@ -688,29 +793,30 @@ async fn copy_body<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Copies `length` bytes (or everything until the upstream closes) straight from the upstream
-/// socket to the client.
+/// Copies `length` bytes (or everything until the upstream closes) from the upstream to the
+/// client, through the connection's buffer; bytes read past the end stay in it.
 async fn copy_raw<W: AsyncWrite + Unpin>(
     connection: &mut Connection,
     length: Option<u64>,
     client: &mut W,
 ) -> std::io::Result<()> {
-    if length == Some(0) {
-        return Ok(());
-    }
     let mut remaining = length.unwrap_or(u64::MAX);
-    let mut buffer = vec![0u8; COPY_BUFFER];
     while remaining > 0 {
-        let want = remaining.min(COPY_BUFFER as u64) as usize;
-        let n = connection.stream.read(&mut buffer[..want]).await?;
+        connection.buffer.clear();
+        connection
+            .buffer
+            .reserve(remaining.min(COPY_BUFFER as u64) as usize);
+        let n = connection.stream.read_buf(&mut connection.buffer).await?;
         if n == 0 {
             return match length {
                 None => Ok(()),
                 Some(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
             };
         }
-        client.write_all(&buffer[..n]).await?;
-        remaining -= n as u64;
+        let body = (n as u64).min(remaining) as usize;
+        client.write_all(&connection.buffer[..body]).await?;
+        connection.buffer.advance(body);
+        remaining -= body as u64;
     }
     Ok(())
 }
@@ -808,4 +914,109 @@ fn parse_length(value: &[u8]) -> Option<u64> {
         return None;
     }
     Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_told_apart_as_the_general_path_does() {
+        let names = [
+            "Connection",
+            "proxy-connection",
+            "Keep-Alive",
+            "TE",
+            "trailer",
+            "Transfer-Encoding",
+            "upgrade",
+            "Proxy-Authenticate",
+            "proxy-authorization",
+            "content-length",
+            "Host",
+            "date",
+            "expect",
+            "x-forwarded-for",
+            "X-Forwarded-Host",
+            "x-forwarded-proto",
+            "X-Request-Id",
+            "Location",
+            "content-location",
+            "etag",
+            "set-cookie",
+            "te-x",
+            "x-te",
+            "upgrade-insecure-requests",
+            "content-type",
+            "accept",
+            "authorization",
+            "connection-x",
+            "trailers",
+            "prefer",
+            "if-none-match",
+            "",
+        ];
+        for name in names {
+            assert_eq!(
+                Name::of(name).is_hop_by_hop(),
+                super::super::headers::is_hop_by_hop(name),
+                "{name}"
+            );
+        }
+        assert_eq!(Name::of("CONTENT-LOCATION"), Name::Location);
+        assert_eq!(Name::of("x-forwarded-hosts"), Name::Other);
+    }
+
+    #[test]
+    fn chunked_bodies_end_at_the_last_chunk_however_they_are_split() {
+        let body: &[u8] = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\nNEXT";
+        let expected: &[u8] = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n";
+        for split in 1..body.len() {
+            let mut chunks = Chunks::Size;
+            let mut out = Vec::new();
+            let mut buffer = Vec::new();
+            let mut done = false;
+            let mut pieces = [&body[..split], &body[split..]].into_iter();
+            for piece in pieces.by_ref() {
+                buffer.extend_from_slice(piece);
+                let (used, ended) = chunks.scan(&buffer, &mut out).unwrap();
+                buffer.drain(..used);
+                if ended {
+                    done = true;
+                    break;
+                }
+            }
+            // What follows the body: left in the buffer, or not read yet.
+            buffer.extend(pieces.flatten());
+            assert!(done, "split at {split}");
+            assert_eq!(out, expected, "split at {split}");
+            assert_eq!(buffer, b"NEXT", "split at {split}");
+        }
+    }
+
+    #[test]
+    fn malformed_chunks_are_refused() {
+        for body in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"5\r\nhello\r\n0\r\n"] {
+            let mut out = Vec::new();
+            let result = Chunks::Size.scan(body, &mut out);
+            let ended = matches!(result, Ok((_, true)));
+            assert!(result.is_err() || !ended, "{body:?}");
+        }
+    }
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        assert_eq!(parse_length(b"0"), Some(0));
+        assert_eq!(parse_length(b"1234"), Some(1234));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"1 2",
+            b"0x10",
+            b"99999999999999999999",
+        ] {
+            assert_eq!(parse_length(bad), None, "{bad:?}");
+        }
+    }
 }

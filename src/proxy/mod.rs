@@ -9,7 +9,7 @@ pub mod headers;
 mod pool;
 
 pub use forward::{ClientContext, Upstream};
-pub use h1::{Answered, ClientHead, H1Upstream, MAX_HEADERS};
+pub use h1::{Answered, Asked, ClientHead, H1Upstream, Scratch, header_slots};
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]
