@@ -313,11 +313,14 @@ impl H1Upstream {
             Err(_) => "protocol_error",
         };
         metrics::upstream("passthrough", label, started.elapsed());
-        let (mut connection, answer) = sent?;
+        let (connection, answer) = sent?;
         let out = &mut scratch.response;
-        let keep_alive = match copy_body(&mut connection, answer.framing, client, out).await {
+        let (connection, copied) = copy_body(connection, answer.framing, client, out).await;
+        let keep_alive = match copied {
             Ok(()) => {
-                if answer.upstream_keep_alive && connection.buffer.is_empty() {
+                if let Some(connection) =
+                    connection.filter(|c| answer.upstream_keep_alive && c.buffer.is_empty())
+                {
                     self.idle.push(connection);
                 }
                 !answer.close_after
@@ -751,45 +754,124 @@ impl ClientHead<'_> {
 
 /// Copies the body that follows the response head (`out` holds the head) to the client. `Ok`
 /// means the whole body was copied; anything left in the connection's buffer is not part of it.
+/// The connection comes back unless a copying task failed.
 async fn copy_body<W: AsyncWrite + Unpin>(
-    connection: &mut Connection,
+    mut connection: Connection,
     framing: Framing,
     client: &mut W,
     out: &mut Vec<u8>,
-) -> std::io::Result<()> {
-    match framing {
-        Framing::Empty => client.write_all(out).await,
+) -> (Option<Connection>, std::io::Result<()>) {
+    let length = match framing {
+        Framing::Empty => return (Some(connection), client.write_all(out).await),
+        Framing::Chunked => {
+            let copied = copy_chunked(&mut connection, client, out).await;
+            return (Some(connection), copied);
+        }
         Framing::Length(length) => {
             let buffered = (connection.buffer.len() as u64).min(length) as usize;
             out.extend_from_slice(&connection.buffer[..buffered]);
             connection.buffer.advance(buffered);
-            client.write_all(out).await?;
-            copy_raw(connection, Some(length - buffered as u64), client).await
+            Some(length - buffered as u64)
         }
         Framing::Close => {
             out.extend_from_slice(&connection.buffer);
             connection.buffer.clear();
-            client.write_all(out).await?;
-            copy_raw(connection, None, client).await
+            None
         }
-        Framing::Chunked => {
-            let mut chunks = Chunks::Size;
-            loop {
-                let (used, done) = chunks.scan(&connection.buffer, out)?;
-                connection.buffer.advance(used);
-                if !out.is_empty() {
-                    client.write_all(out).await?;
-                    out.clear();
+    };
+    if let Err(e) = client.write_all(out).await {
+        return (Some(connection), Err(e));
+    }
+    match length {
+        Some(0) => (Some(connection), Ok(())),
+        Some(length) if length <= PIPELINE_ABOVE => {
+            let copied = copy_raw(&mut connection, Some(length), client).await;
+            (Some(connection), copied)
+        }
+        _ => copy_pipelined(connection, length, client).await,
+    }
+}
+
+async fn copy_chunked<W: AsyncWrite + Unpin>(
+    connection: &mut Connection,
+    client: &mut W,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut chunks = Chunks::Size;
+    loop {
+        let (used, done) = chunks.scan(&connection.buffer, out)?;
+        connection.buffer.advance(used);
+        if !out.is_empty() {
+            client.write_all(out).await?;
+            out.clear();
+        }
+        if done {
+            return Ok(());
+        }
+        connection.buffer.reserve(UPSTREAM_BUFFER);
+        if connection.stream.read_buf(&mut connection.buffer).await? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}
+
+/// Bodies longer than this (and those delimited by the upstream closing) are copied by two
+/// tasks, one reading from the upstream while the other writes to the client: on a machine with
+/// more than one core a large body then moves at the pace of the slower side, not of both in turn.
+const PIPELINE_ABOVE: u64 = 512 * 1024;
+/// Largest chunk the reading task reads at once.
+const PIPELINE_CHUNK: usize = 256 * 1024;
+/// Chunks in flight between the two tasks.
+const PIPELINE_DEPTH: usize = 4;
+
+/// [`copy_raw`] with the reading in a task of its own.
+async fn copy_pipelined<W: AsyncWrite + Unpin>(
+    mut connection: Connection,
+    length: Option<u64>,
+    client: &mut W,
+) -> (Option<Connection>, std::io::Result<()>) {
+    let (sender, mut receiver) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPELINE_DEPTH);
+    let reader = tokio::spawn(async move {
+        let mut remaining = length.unwrap_or(u64::MAX);
+        let read = async {
+            while remaining > 0 {
+                let mut chunk =
+                    BytesMut::with_capacity(remaining.min(PIPELINE_CHUNK as u64) as usize);
+                if connection.stream.read_buf(&mut chunk).await? == 0 {
+                    return match length {
+                        None => Ok(()),
+                        Some(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+                    };
                 }
-                if done {
-                    return Ok(());
+                if chunk.len() as u64 > remaining {
+                    // Past the end of the body: kept, so the connection is not reused.
+                    connection
+                        .buffer
+                        .extend_from_slice(&chunk[remaining as usize..]);
+                    chunk.truncate(remaining as usize);
                 }
-                connection.buffer.reserve(UPSTREAM_BUFFER);
-                if connection.stream.read_buf(&mut connection.buffer).await? == 0 {
-                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                remaining -= chunk.len() as u64;
+                if sender.send(chunk.freeze()).await.is_err() {
+                    return Err(std::io::Error::other("the client went away"));
                 }
             }
+            Ok(())
         }
+        .await;
+        (connection, read)
+    });
+    let mut written = Ok(());
+    while let Some(chunk) = receiver.recv().await {
+        if let Err(e) = client.write_all(&chunk).await {
+            written = Err(e);
+            break;
+        }
+    }
+    // A reader still sending learns that nobody will take its chunks.
+    drop(receiver);
+    match reader.await {
+        Ok((connection, read)) => (Some(connection), written.and(read)),
+        Err(e) => (None, Err(std::io::Error::other(e))),
     }
 }
 

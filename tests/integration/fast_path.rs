@@ -56,6 +56,17 @@ impl ScriptedUpstream {
             let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
             buffer.drain(..head_end);
             let path = head.split(' ').nth(1).unwrap_or_default();
+            if path == "/fhir/large" {
+                // 3 MiB with a length: copied by the fast path's two tasks.
+                let body: Vec<u8> = (0..LARGE).map(|i| (i % 251) as u8).collect();
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
+                if stream.write_all(head.as_bytes()).await.is_err()
+                    || stream.write_all(&body).await.is_err()
+                {
+                    return;
+                }
+                continue;
+            }
             let (answer, close) = Self::answer(path);
             if stream.write_all(answer.as_bytes()).await.is_err() || close {
                 return;
@@ -101,6 +112,9 @@ impl ScriptedUpstream {
         }
     }
 }
+
+/// Size of the scripted upstream's `/fhir/large` answer.
+const LARGE: usize = 3 * 1024 * 1024;
 
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -172,6 +186,20 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
     for _ in 0..3 {
         let response = client().get(proxy.url("/chunked")).send().await.unwrap();
         assert_eq!(response.text().await.unwrap(), "hello world");
+    }
+    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn large_answers_arrive_whole_and_their_connection_is_reused() {
+    let upstream = ScriptedUpstream::start().await;
+    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    for _ in 0..3 {
+        let response = client().get(proxy.url("/large")).send().await.unwrap();
+        assert_eq!(response.headers()["content-length"], LARGE.to_string());
+        let body = response.bytes().await.unwrap();
+        assert_eq!(body.len(), LARGE);
+        assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
     }
     assert_eq!(upstream.connections(), 1);
 }
