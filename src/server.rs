@@ -67,11 +67,12 @@ pub async fn run(
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let grace = config.shutdown_grace();
     let app = Arc::new(App::new(config).await?);
-    let workers_stop = tokio_util::sync::CancellationToken::new();
-    let mut workers = app.exporter.spawn(workers_stop.clone());
+    // Cancelled at shutdown: export workers release their units, idle fast-path connections close.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = app.exporter.spawn(stop.clone());
     workers.push(crate::telemetry::metrics::spawn_upkeep(
         app.metrics.clone(),
-        workers_stop.clone(),
+        stop.clone(),
     ));
     tracing::info!(
         listen = %listener.local_addr()?,
@@ -109,7 +110,7 @@ pub async fn run(
         });
         match &tls {
             None if fast => {
-                let (app, builder, stop) = (app.clone(), builder.clone(), workers_stop.clone());
+                let (app, builder, stop) = (app.clone(), builder.clone(), stop.clone());
                 let watcher = graceful.watcher();
                 fast_connections.spawn(async move {
                     if let Some(rest) = http::fast::serve(&app, stream, peer, &stop).await {
@@ -148,7 +149,7 @@ pub async fn run(
     );
     // Workers release their units at once, so another replica carries on without waiting; idle
     // fast-path connections close.
-    workers_stop.cancel();
+    stop.cancel();
     fast_connections.close();
     let drained = async {
         graceful.shutdown().await;

@@ -22,7 +22,10 @@ use tracing::Instrument;
 
 use super::{Observation, RequestId, error::ApiError, is_passthrough};
 use crate::app::App;
-use crate::proxy::{Asked, ClientContext, ClientHead, H1Upstream, Scratch, header_slots};
+use crate::proxy::headers::put_header;
+use crate::proxy::{
+    Asked, ClientContext, ClientHead, H1Upstream, Scratch, header_slots, put_status_line,
+};
 
 /// Largest request head this path reads before leaving the request to hyper (which answers 431
 /// beyond its own limit).
@@ -59,9 +62,8 @@ pub async fn serve(
             let mut request = httparse::Request::new(&mut []);
             match request.parse_with_uninit_headers(&buffer, &mut slots) {
                 Ok(httparse::Status::Complete(length)) => {
-                    let head = ClientHead::parse(&request).filter(|head| {
-                        is_passthrough(app, head.target.split('?').next().unwrap_or_default())
-                    });
+                    let head =
+                        ClientHead::parse(&request).filter(|head| is_passthrough(app, head.path()));
                     match head {
                         Some(head) => {
                             let keep_alive =
@@ -117,12 +119,7 @@ async fn serve_one(
         Some(id) => RequestId::from(id),
         None => RequestId::new(),
     };
-    let observation = Observation::start(
-        "passthrough",
-        id.as_str(),
-        head.method,
-        head.target.split('?').next().unwrap_or_default(),
-    );
+    let observation = Observation::start("passthrough", id.as_str(), head.method, head.path());
     let asked = Asked {
         head,
         request_id: id.as_bytes(),
@@ -152,35 +149,24 @@ async fn write_response(response: Response, request_id: &[u8], close: bool, out:
         .await
         .map(|collected| collected.to_bytes())
         .unwrap_or_default();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(parts.status.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(parts.status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    put_status_line(out, parts.status.as_u16(), None);
     for (name, value) in &parts.headers {
         if !matches!(
             name.as_str(),
             "content-length" | "transfer-encoding" | "connection" | "x-request-id" | "date"
         ) {
-            put(out, name.as_str().as_bytes(), value.as_bytes());
+            put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
-    put(out, b"x-request-id", request_id);
-    put(out, b"content-length", body.len().to_string().as_bytes());
+    put_header(out, b"x-request-id", request_id);
+    put_header(out, b"content-length", body.len().to_string().as_bytes());
     let now = httpdate::fmt_http_date(std::time::SystemTime::now());
-    put(out, b"date", now.as_bytes());
+    put_header(out, b"date", now.as_bytes());
     if close {
-        put(out, b"connection", b"close");
+        put_header(out, b"connection", b"close");
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&body);
-}
-
-fn put(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// A client connection handed to the general path: the bytes already read from it come first.

@@ -1,9 +1,10 @@
 //! HTTP endpoints: one file per endpoint, the router, and the error boundary ([`error::ApiError`]).
 //!
 //! The proxy answers `{base}/metadata` and the operational endpoints (`/healthz`, `/readyz`,
-//! `/metrics`) itself; everything else is passthrough ([`passthrough`]). Every request gets an
-//! `X-Request-Id` (the client's, or a new UUID), forwarded upstream and echoed in the response, a
-//! tracing span, and a line in the request metrics.
+//! `/metrics`) itself; everything else is passthrough ([`passthrough`]; bodiless HTTP/1.1 requests
+//! through [`fast`]). Every request gets an `X-Request-Id` (the client's, or a new one: see
+//! `RequestId`), forwarded upstream and echoed in the response, a tracing span, and a line in the
+//! request metrics.
 
 pub mod error;
 mod export;
@@ -357,9 +358,9 @@ impl RequestId<'_> {
 
     /// As text for logs; empty when the client's is not visible ASCII.
     fn as_str(&self) -> &str {
-        std::str::from_utf8(self.as_bytes())
-            .ok()
-            .filter(|s| s.bytes().all(|b| b == b'\t' || (32..127).contains(&b)))
+        Some(self.as_bytes())
+            .filter(|id| crate::proxy::headers::is_visible_text(id))
+            .and_then(|id| std::str::from_utf8(id).ok())
             .unwrap_or("")
     }
 }

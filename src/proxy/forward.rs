@@ -21,7 +21,6 @@ use super::h1::H1Upstream;
 use super::headers::{add_forwarded, public_base, rewrite_locations, strip_hop_by_hop};
 use super::pool::{Pool, SendError};
 use crate::config::Config;
-use crate::telemetry::metrics;
 
 /// Who sent a request and how the proxy is seen from outside; needed to forward it.
 #[derive(Debug, Clone)]
@@ -38,15 +37,45 @@ pub struct ClientContext<'a> {
 /// The upstream FHIR server.
 pub struct Upstream {
     pool: Pool,
-    /// The configured base URL without a trailing slash, e.g. `http://fhir:8080/fhir`.
-    base: String,
-    /// Path of the upstream base (`""` for the root).
-    upstream_path: String,
-    /// Path under which the proxy serves FHIR (`""` for the root).
-    proxy_path: String,
+    bases: Bases,
     timeout: Duration,
     /// The HTTP/1.1 fast path's side of the upstream: plain-HTTP upstreams, when enabled.
     h1: Option<H1Upstream>,
+}
+
+/// The upstream's FHIR base and how the proxy's paths map onto it; shared with the fast path.
+#[derive(Debug, Clone)]
+pub(super) struct Bases {
+    /// The configured base URL without a trailing slash, e.g. `http://fhir:8080/fhir`.
+    pub url: String,
+    /// Path of the upstream base (`""` for the root).
+    pub upstream_path: String,
+    /// Path under which the proxy serves FHIR (`""` for the root).
+    pub proxy_path: String,
+}
+
+impl Bases {
+    /// The proxy serves the upstream's own base path (the usual deployment): request targets are
+    /// forwarded as they came.
+    pub fn same_paths(&self) -> bool {
+        self.proxy_path == self.upstream_path
+    }
+
+    /// See [`Upstream::map_path_and_query`].
+    pub fn map_path_and_query(&self, path_and_query: &str) -> String {
+        let (path, query) = match path_and_query.find('?') {
+            Some(i) => path_and_query.split_at(i),
+            None => (path_and_query, ""),
+        };
+        let rest = path
+            .strip_prefix(self.proxy_path.as_str())
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+        match rest {
+            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => format!("/{query}"),
+            Some(rest) => format!("{}{rest}{query}", self.upstream_path),
+            None => path_and_query.to_owned(),
+        }
+    }
 }
 
 impl Upstream {
@@ -69,26 +98,20 @@ impl Upstream {
             config.upstream.pool_max_idle_per_host,
             Duration::from_secs(config.upstream.pool_idle_timeout_secs),
         )?;
+        let bases = Bases {
+            url: format!("{origin}{upstream_path}"),
+            upstream_path,
+            proxy_path: config.base_path(),
+        };
         let h1 = config
             .server
             .http1_fast_path
-            .then(|| {
-                H1Upstream::new(
-                    &base,
-                    config.base_path(),
-                    config.upstream.pool_max_idle_per_host,
-                    Duration::from_secs(config.upstream.pool_idle_timeout_secs),
-                    config.connect_timeout(),
-                    config.request_timeout(),
-                )
-            })
+            .then(|| H1Upstream::new(&base, bases.clone(), config))
             .flatten();
         Ok(Self {
             h1,
             pool,
-            base: format!("{origin}{upstream_path}"),
-            upstream_path,
-            proxy_path: config.base_path(),
+            bases,
             timeout: config.request_timeout(),
         })
     }
@@ -100,14 +123,14 @@ impl Upstream {
 
     /// The upstream's FHIR base URL (no trailing slash).
     pub fn base_url(&self) -> &str {
-        &self.base
+        &self.bases.url
     }
 
     /// Maps a path-and-query received by the proxy onto the upstream's (origin form, as sent on the
     /// request line): the proxy's base path is replaced by the upstream's; anything outside it goes
     /// to the same path on the upstream. The rest of the path and the query are kept byte for byte.
     pub fn map_path_and_query(&self, path_and_query: &str) -> String {
-        map_path_and_query(&self.proxy_path, &self.upstream_path, path_and_query)
+        self.bases.map_path_and_query(path_and_query)
     }
 
     /// Forwards a client's request and streams the response back.
@@ -119,7 +142,7 @@ impl Upstream {
         let uri = match request.uri().path_and_query() {
             // The usual deployment serves the upstream's own base path: the request line is
             // forwarded as it came, without building and re-parsing it.
-            Some(pq) if self.proxy_path == self.upstream_path => Uri::from(pq.clone()),
+            Some(pq) if self.bases.same_paths() => Uri::from(pq.clone()),
             pq => self.uri(pq.map_or("/", |pq| pq.as_str()))?,
         };
         let authority = request.uri().authority().cloned();
@@ -137,7 +160,7 @@ impl Upstream {
         let response = self.send("passthrough", request).await?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
-        rewrite_locations(&mut parts.headers, &self.base, || {
+        rewrite_locations(&mut parts.headers, &self.bases.url, || {
             public_base(
                 context.configured_public_base,
                 proto.to_str().ok(),
@@ -158,7 +181,7 @@ impl Upstream {
         headers: HeaderMap,
         limit: usize,
     ) -> Result<(axum::http::response::Parts, Bytes), ProxyError> {
-        let uri = self.uri_of(&format!("{}{path}", self.upstream_path))?;
+        let uri = self.uri_of(&format!("{}{path}", self.bases.upstream_path))?;
         let mut request = Request::builder()
             .method(Method::GET)
             .uri(uri)
@@ -217,13 +240,7 @@ impl Upstream {
             })
             .await
         };
-        let label = match &outcome {
-            Ok(_) => "ok",
-            Err(ProxyError::Timeout(_)) => "timeout",
-            Err(ProxyError::Unreachable(_)) => "connect_error",
-            Err(_) => "protocol_error",
-        };
-        metrics::upstream(route, label, started.elapsed());
+        super::record_upstream(route, &outcome, started);
         outcome
     }
 
@@ -235,26 +252,6 @@ impl Upstream {
         url.parse().map_err(|e| {
             ProxyError::Protocol(format!("cannot build the upstream URL {url:?}: {e}"))
         })
-    }
-}
-
-/// See [`Upstream::map_path_and_query`].
-pub(super) fn map_path_and_query(
-    proxy_path: &str,
-    upstream_path: &str,
-    path_and_query: &str,
-) -> String {
-    let (path, query) = match path_and_query.find('?') {
-        Some(i) => path_and_query.split_at(i),
-        None => (path_and_query, ""),
-    };
-    let rest = path
-        .strip_prefix(proxy_path)
-        .filter(|rest| rest.is_empty() || rest.starts_with('/'));
-    match rest {
-        Some(rest) if rest.is_empty() && upstream_path.is_empty() => format!("/{query}"),
-        Some(rest) => format!("{upstream_path}{rest}{query}"),
-        None => path_and_query.to_owned(),
     }
 }
 

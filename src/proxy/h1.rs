@@ -18,10 +18,10 @@ use tokio::net::TcpStream;
 use url::Url;
 
 use super::ProxyError;
-use super::forward::ClientContext;
-use super::headers::{public_base, rebase, write_ip};
+use super::forward::{Bases, ClientContext};
+use super::headers::{Name, is_visible_text, public_base, put_header, rebase, write_ip};
 use super::pool::IdleStack;
-use crate::telemetry::metrics;
+use crate::config::Config;
 
 /// Headers a request or response may have on this path.
 pub const MAX_HEADERS: usize = 100;
@@ -106,65 +106,13 @@ impl<'a> ClientHead<'a> {
         Some(head)
     }
 
+    /// The target's path, without the query.
+    pub fn path(&self) -> &'a str {
+        self.target.split('?').next().unwrap_or_default()
+    }
+
     fn is_head(&self) -> bool {
         self.method == "HEAD"
-    }
-}
-
-/// The header names this path treats specially, told apart by length first: every header of
-/// every request and response goes through this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Name {
-    /// Hop-by-hop ([`super::headers::is_hop_by_hop`]) other than the three below.
-    Hop,
-    Connection,
-    TransferEncoding,
-    Upgrade,
-    ContentLength,
-    Expect,
-    Host,
-    Date,
-    ForwardedFor,
-    ForwardedProto,
-    ForwardedHost,
-    RequestId,
-    /// `Location` or `Content-Location`.
-    Location,
-    Other,
-}
-
-impl Name {
-    fn of(name: &str) -> Self {
-        let is = |candidate: &str| name.eq_ignore_ascii_case(candidate);
-        match name.len() {
-            2 if is("te") => Name::Hop,
-            4 if is("host") => Name::Host,
-            4 if is("date") => Name::Date,
-            6 if is("expect") => Name::Expect,
-            7 if is("upgrade") => Name::Upgrade,
-            7 if is("trailer") => Name::Hop,
-            8 if is("location") => Name::Location,
-            10 if is("connection") => Name::Connection,
-            10 if is("keep-alive") => Name::Hop,
-            12 if is("x-request-id") => Name::RequestId,
-            14 if is("content-length") => Name::ContentLength,
-            15 if is("x-forwarded-for") => Name::ForwardedFor,
-            16 if is("x-forwarded-host") => Name::ForwardedHost,
-            16 if is("content-location") => Name::Location,
-            16 if is("proxy-connection") => Name::Hop,
-            17 if is("x-forwarded-proto") => Name::ForwardedProto,
-            17 if is("transfer-encoding") => Name::TransferEncoding,
-            18 if is("proxy-authenticate") => Name::Hop,
-            19 if is("proxy-authorization") => Name::Hop,
-            _ => Name::Other,
-        }
-    }
-
-    fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Name::Hop | Name::Connection | Name::TransferEncoding | Name::Upgrade
-        )
     }
 }
 
@@ -247,47 +195,35 @@ pub struct H1Upstream {
     address: String,
     /// The `Host` header sent upstream.
     host: String,
-    /// The upstream base URL without a trailing slash, for `Location` rebasing.
-    base: String,
-    upstream_path: String,
-    proxy_path: String,
+    bases: Bases,
     idle: Arc<IdleStack<Connection>>,
     connect_timeout: Duration,
     timeout: Duration,
 }
 
 impl H1Upstream {
-    /// The fast path to `base` (the upstream URL), or `None` when the upstream needs TLS.
-    pub fn new(
-        base: &Url,
-        proxy_path: String,
-        max_idle: usize,
-        idle_timeout: Duration,
-        connect_timeout: Duration,
-        timeout: Duration,
-    ) -> Option<Self> {
-        if base.scheme() != "http" {
+    /// The fast path to `url` (the upstream URL), or `None` when the upstream needs TLS.
+    pub(super) fn new(url: &Url, bases: Bases, config: &Config) -> Option<Self> {
+        if url.scheme() != "http" {
             return None;
         }
-        let host = base.host_str()?;
-        let port = base.port_or_known_default()?;
-        let authority = match base.port() {
+        let host = url.host_str()?;
+        let port = url.port_or_known_default()?;
+        let authority = match url.port() {
             Some(port) => format!("{host}:{port}"),
             None => host.to_owned(),
         };
-        let upstream_path = base.path().trim_end_matches('/').to_owned();
         Some(Self {
-            address: format!(
-                "{}:{port}",
-                host.trim_start_matches('[').trim_end_matches(']')
-            ),
-            base: format!("{}{upstream_path}", base.origin().ascii_serialization()),
+            // IPv6 literals keep their brackets: `[::1]:8080` parses as a socket address.
+            address: format!("{host}:{port}"),
             host: authority,
-            upstream_path,
-            proxy_path,
-            idle: IdleStack::new(max_idle, idle_timeout),
-            connect_timeout,
-            timeout,
+            bases,
+            idle: IdleStack::new(
+                config.upstream.pool_max_idle_per_host,
+                Duration::from_secs(config.upstream.pool_idle_timeout_secs),
+            ),
+            connect_timeout: config.connect_timeout(),
+            timeout: config.request_timeout(),
         })
     }
 
@@ -306,13 +242,7 @@ impl H1Upstream {
         let sent = self
             .send(&scratch.request, asked, &mut scratch.response)
             .await;
-        let label = match &sent {
-            Ok(_) => "ok",
-            Err(ProxyError::Timeout(_)) => "timeout",
-            Err(ProxyError::Unreachable(_)) => "connect_error",
-            Err(_) => "protocol_error",
-        };
-        metrics::upstream("passthrough", label, started.elapsed());
+        super::record_upstream("passthrough", &sent, started);
         let (connection, answer) = sent?;
         let out = &mut scratch.response;
         let (connection, copied) = copy_body(connection, answer.framing, client, out).await;
@@ -346,15 +276,10 @@ impl H1Upstream {
         } = asked;
         out.extend_from_slice(head.method.as_bytes());
         out.push(b' ');
-        if self.proxy_path == self.upstream_path {
+        if self.bases.same_paths() {
             out.extend_from_slice(head.target.as_bytes());
         } else {
-            let mapped = super::forward::map_path_and_query(
-                &self.proxy_path,
-                &self.upstream_path,
-                head.target,
-            );
-            out.extend_from_slice(mapped.as_bytes());
+            out.extend_from_slice(self.bases.map_path_and_query(head.target).as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
         out.extend_from_slice(self.host.as_bytes());
@@ -370,7 +295,9 @@ impl H1Upstream {
             (Some(ip), chain) => {
                 out.extend_from_slice(b"x-forwarded-for: ");
                 // An ingress's chain is extended; one that is empty or not text is replaced.
-                if let Some(chain) = chain.filter(|c| is_text(c) && !c.trim_ascii().is_empty()) {
+                if let Some(chain) =
+                    chain.filter(|c| is_visible_text(c) && !c.trim_ascii().is_empty())
+                {
                     out.extend_from_slice(chain);
                     out.extend_from_slice(b", ");
                 }
@@ -381,12 +308,7 @@ impl H1Upstream {
             (None, None) => {}
         }
         if head.forwarded_proto.is_none() {
-            let scheme = if context.scheme == "https" {
-                "https"
-            } else {
-                "http"
-            };
-            put_header(out, b"x-forwarded-proto", scheme.as_bytes());
+            put_header(out, b"x-forwarded-proto", context.scheme.as_bytes());
         }
         if let (None, Some(host)) = (head.forwarded_host, head.host) {
             put_header(out, b"x-forwarded-host", host);
@@ -669,23 +591,7 @@ fn write_response_head(
     };
     let close_after = request.close || framing == Framing::Close;
 
-    out.extend_from_slice(b"HTTP/1.1 ");
-    // httparse accepts three-digit codes only.
-    out.extend_from_slice(&[
-        b'0' + (status / 100 % 10) as u8,
-        b'0' + (status / 10 % 10) as u8,
-        b'0' + (status % 10) as u8,
-    ]);
-    out.push(b' ');
-    let reason = match response.reason {
-        Some(reason) if !reason.is_empty() => reason,
-        _ => axum::http::StatusCode::from_u16(status)
-            .ok()
-            .and_then(|s| s.canonical_reason())
-            .unwrap_or(""),
-    };
-    out.extend_from_slice(reason.as_bytes());
-    out.extend_from_slice(b"\r\n");
+    put_status_line(out, status, response.reason);
     let mut public: Option<String> = None;
     for header in response.headers.iter() {
         let name = header.name;
@@ -701,12 +607,12 @@ fn write_response_head(
         if kind == Name::Location {
             if let Some(rebased) = std::str::from_utf8(header.value)
                 .ok()
-                .filter(|v| is_text(v.as_bytes()))
+                .filter(|v| is_visible_text(v.as_bytes()))
                 .and_then(|value| {
                     let public = public.get_or_insert_with(|| request.public_base(context));
-                    rebase(value, &upstream.base, public)
+                    rebase(value, &upstream.bases.url, public)
                 })
-                .filter(|v| is_text(v.as_bytes()))
+                .filter(|v| is_visible_text(v.as_bytes()))
             {
                 put_header(out, name.as_bytes(), rebased.as_bytes());
                 continue;
@@ -740,7 +646,7 @@ impl ClientHead<'_> {
         fn text(value: &[u8]) -> Option<&str> {
             std::str::from_utf8(value)
                 .ok()
-                .filter(|v| is_text(v.as_bytes()))
+                .filter(|v| is_visible_text(v.as_bytes()))
         }
         public_base(
             context.configured_public_base,
@@ -785,7 +691,7 @@ async fn copy_body<W: AsyncWrite + Unpin>(
     match length {
         Some(0) => (Some(connection), Ok(())),
         Some(length) if length <= PIPELINE_ABOVE => {
-            let copied = copy_raw(&mut connection, Some(length), client).await;
+            let copied = copy_raw(&mut connection, length, client).await;
             (Some(connection), copied)
         }
         _ => copy_pipelined(connection, length, client).await,
@@ -875,14 +781,14 @@ async fn copy_pipelined<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Copies `length` bytes (or everything until the upstream closes) from the upstream to the
-/// client, through the connection's buffer; bytes read past the end stay in it.
+/// Copies `length` bytes from the upstream to the client, through the connection's buffer; bytes
+/// read past the end stay in it.
 async fn copy_raw<W: AsyncWrite + Unpin>(
     connection: &mut Connection,
-    length: Option<u64>,
+    length: u64,
     client: &mut W,
 ) -> std::io::Result<()> {
-    let mut remaining = length.unwrap_or(u64::MAX);
+    let mut remaining = length;
     while remaining > 0 {
         connection.buffer.clear();
         connection
@@ -890,10 +796,7 @@ async fn copy_raw<W: AsyncWrite + Unpin>(
             .reserve(remaining.min(COPY_BUFFER as u64) as usize);
         let n = connection.stream.read_buf(&mut connection.buffer).await?;
         if n == 0 {
-            return match length {
-                None => Ok(()),
-                Some(_) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            };
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         let body = (n as u64).min(remaining) as usize;
         client.write_all(&connection.buffer[..body]).await?;
@@ -978,16 +881,26 @@ impl Chunks {
     }
 }
 
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
+/// Appends `HTTP/1.1 {status} {reason}` and its line end: the given reason phrase, or the
+/// status's canonical one when there is none.
+pub fn put_status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    // Three digits: httparse and `StatusCode` accept no others.
+    out.extend_from_slice(&[
+        b'0' + (status / 100 % 10) as u8,
+        b'0' + (status / 10 % 10) as u8,
+        b'0' + (status % 10) as u8,
+    ]);
+    out.push(b' ');
+    let reason = match reason {
+        Some(reason) if !reason.is_empty() => reason,
+        _ => axum::http::StatusCode::from_u16(status)
+            .ok()
+            .and_then(|s| s.canonical_reason())
+            .unwrap_or(""),
+    };
+    out.extend_from_slice(reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-/// What `HeaderValue::to_str` accepts: visible ASCII, space and tab.
-fn is_text(value: &[u8]) -> bool {
-    value.iter().all(|&b| b == b'\t' || (32..127).contains(&b))
 }
 
 /// A Content-Length value: 1 to 19 digits.
@@ -1001,53 +914,6 @@ fn parse_length(value: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn header_names_are_told_apart_as_the_general_path_does() {
-        let names = [
-            "Connection",
-            "proxy-connection",
-            "Keep-Alive",
-            "TE",
-            "trailer",
-            "Transfer-Encoding",
-            "upgrade",
-            "Proxy-Authenticate",
-            "proxy-authorization",
-            "content-length",
-            "Host",
-            "date",
-            "expect",
-            "x-forwarded-for",
-            "X-Forwarded-Host",
-            "x-forwarded-proto",
-            "X-Request-Id",
-            "Location",
-            "content-location",
-            "etag",
-            "set-cookie",
-            "te-x",
-            "x-te",
-            "upgrade-insecure-requests",
-            "content-type",
-            "accept",
-            "authorization",
-            "connection-x",
-            "trailers",
-            "prefer",
-            "if-none-match",
-            "",
-        ];
-        for name in names {
-            assert_eq!(
-                Name::of(name).is_hop_by_hop(),
-                super::super::headers::is_hop_by_hop(name),
-                "{name}"
-            );
-        }
-        assert_eq!(Name::of("CONTENT-LOCATION"), Name::Location);
-        assert_eq!(Name::of("x-forwarded-hosts"), Name::Other);
-    }
 
     #[test]
     fn chunked_bodies_end_at_the_last_chunk_however_they_are_split() {

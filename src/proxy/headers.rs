@@ -11,19 +11,68 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 /// Hop-by-hop headers: RFC 9110 §7.6.1 names `Connection`, `Proxy-Connection`, `Keep-Alive`, `TE`,
 /// `Transfer-Encoding` and `Upgrade`; `Trailer` and the `Proxy-Auth*` pair are connection-scoped
 /// too (RFC 7230 §6.1, RFC 9110 §11.7). Names in any case.
+#[inline]
 pub fn is_hop_by_hop(name: &str) -> bool {
-    const HOP_BY_HOP: [&str; 9] = [
-        "connection",
-        "proxy-connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "proxy-authenticate",
-        "proxy-authorization",
-    ];
-    HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name))
+    Name::of(name).is_hop_by_hop()
+}
+
+/// The header names the proxy treats specially, told apart by length first: every header of
+/// every passthrough request and response goes through this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Name {
+    /// Hop-by-hop ([`is_hop_by_hop`]) other than the three below.
+    Hop,
+    Connection,
+    TransferEncoding,
+    Upgrade,
+    ContentLength,
+    Expect,
+    Host,
+    Date,
+    ForwardedFor,
+    ForwardedProto,
+    ForwardedHost,
+    RequestId,
+    /// `Location` or `Content-Location`.
+    Location,
+    Other,
+}
+
+impl Name {
+    #[inline]
+    pub fn of(name: &str) -> Self {
+        let is = |candidate: &str| name.eq_ignore_ascii_case(candidate);
+        match name.len() {
+            2 if is("te") => Name::Hop,
+            4 if is("host") => Name::Host,
+            4 if is("date") => Name::Date,
+            6 if is("expect") => Name::Expect,
+            7 if is("upgrade") => Name::Upgrade,
+            7 if is("trailer") => Name::Hop,
+            8 if is("location") => Name::Location,
+            10 if is("connection") => Name::Connection,
+            10 if is("keep-alive") => Name::Hop,
+            12 if is("x-request-id") => Name::RequestId,
+            14 if is("content-length") => Name::ContentLength,
+            15 if is("x-forwarded-for") => Name::ForwardedFor,
+            16 if is("x-forwarded-host") => Name::ForwardedHost,
+            16 if is("content-location") => Name::Location,
+            16 if is("proxy-connection") => Name::Hop,
+            17 if is("x-forwarded-proto") => Name::ForwardedProto,
+            17 if is("transfer-encoding") => Name::TransferEncoding,
+            18 if is("proxy-authenticate") => Name::Hop,
+            19 if is("proxy-authorization") => Name::Hop,
+            _ => Name::Other,
+        }
+    }
+
+    #[inline]
+    pub fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Name::Hop | Name::Connection | Name::TransferEncoding | Name::Upgrade
+        )
+    }
 }
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -172,6 +221,21 @@ pub fn write_ip(out: &mut Vec<u8>, ip: IpAddr) {
     }
 }
 
+/// What `HeaderValue::to_str` accepts: visible ASCII, space and tab.
+#[inline]
+pub fn is_visible_text(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (32..127).contains(&b))
+}
+
+/// Appends `name: value` and its line end to a message head being written.
+#[inline]
+pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn scheme_value(scheme: &str) -> &'static str {
     if scheme == "https" { "https" } else { "http" }
 }
@@ -222,6 +286,66 @@ pub fn rebase(url: &str, from: &str, to: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 9110 §7.6.1 and the connection-scoped `Trailer` and `Proxy-Auth*`.
+    const HOP_BY_HOP: [&str; 9] = [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "proxy-authenticate",
+        "proxy-authorization",
+    ];
+
+    #[test]
+    fn hop_by_hop_names_are_told_apart_in_any_case() {
+        let names = [
+            "Connection",
+            "proxy-connection",
+            "Keep-Alive",
+            "TE",
+            "trailer",
+            "Transfer-Encoding",
+            "upgrade",
+            "Proxy-Authenticate",
+            "proxy-authorization",
+            "content-length",
+            "Host",
+            "date",
+            "expect",
+            "x-forwarded-for",
+            "X-Forwarded-Host",
+            "x-forwarded-proto",
+            "X-Request-Id",
+            "Location",
+            "content-location",
+            "etag",
+            "set-cookie",
+            "te-x",
+            "x-te",
+            "upgrade-insecure-requests",
+            "content-type",
+            "accept",
+            "authorization",
+            "connection-x",
+            "trailers",
+            "prefer",
+            "if-none-match",
+            "",
+        ];
+        for name in names {
+            assert_eq!(
+                is_hop_by_hop(name),
+                HOP_BY_HOP.iter().any(|h| h.eq_ignore_ascii_case(name)),
+                "{name}"
+            );
+        }
+        assert_eq!(Name::of("CONTENT-LOCATION"), Name::Location);
+        assert_eq!(Name::of("x-forwarded-hosts"), Name::Other);
+    }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

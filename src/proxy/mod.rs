@@ -9,7 +9,7 @@ pub mod headers;
 mod pool;
 
 pub use forward::{ClientContext, Upstream};
-pub use h1::{Answered, Asked, ClientHead, H1Upstream, Scratch, header_slots};
+pub use h1::{Answered, Asked, ClientHead, H1Upstream, Scratch, header_slots, put_status_line};
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]
@@ -22,4 +22,19 @@ pub enum ProxyError {
     Protocol(String),
     #[error("the upstream response is larger than {0} bytes")]
     TooLarge(usize),
+}
+
+/// Records an upstream call's outcome and latency (since `started`) in the metrics.
+fn record_upstream<T>(
+    route: &'static str,
+    result: &Result<T, ProxyError>,
+    started: std::time::Instant,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(ProxyError::Timeout(_)) => "timeout",
+        Err(ProxyError::Unreachable(_)) => "connect_error",
+        Err(_) => "protocol_error",
+    };
+    crate::telemetry::metrics::upstream(route, outcome, started.elapsed());
 }
