@@ -32,6 +32,13 @@ impl ScriptedUpstream {
         Self { addr, connections }
     }
 
+    /// A scripted upstream and a proxy (default configuration) in front of it.
+    async fn behind_a_proxy() -> (Self, TestProxy) {
+        let upstream = Self::start().await;
+        let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+        (upstream, proxy)
+    }
+
     fn url(&self) -> String {
         format!("http://{}/fhir", self.addr)
     }
@@ -163,8 +170,7 @@ fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String, String)> {
 
 #[tokio::test]
 async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
-    let upstream = ScriptedUpstream::start().await;
-    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
     let raw = exchange_raw(
         proxy.addr,
         b"GET /fhir/chunked HTTP/1.1\r\nHost: p\r\n\r\nGET /fhir/chunked HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
@@ -192,8 +198,7 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
 
 #[tokio::test]
 async fn large_answers_arrive_whole_and_their_connection_is_reused() {
-    let upstream = ScriptedUpstream::start().await;
-    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
     for _ in 0..3 {
         let response = client().get(proxy.url("/large")).send().await.unwrap();
         assert_eq!(response.headers()["content-length"], LARGE.to_string());
@@ -206,8 +211,7 @@ async fn large_answers_arrive_whole_and_their_connection_is_reused() {
 
 #[tokio::test]
 async fn answers_delimited_by_close_end_the_client_connection_too() {
-    let upstream = ScriptedUpstream::start().await;
-    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
     let raw = exchange_raw(
         proxy.addr,
         b"GET /fhir/until-close HTTP/1.1\r\nHost: p\r\n\r\n",
@@ -233,8 +237,7 @@ async fn answers_delimited_by_close_end_the_client_connection_too() {
 
 #[tokio::test]
 async fn informational_head_and_no_content_answers_are_framed_right() {
-    let upstream = ScriptedUpstream::start().await;
-    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
     let raw = exchange_raw(
         proxy.addr,
         b"GET /fhir/early-hints HTTP/1.1\r\nHost: p\r\n\r\n\
@@ -260,8 +263,7 @@ async fn informational_head_and_no_content_answers_are_framed_right() {
 
 #[tokio::test]
 async fn broken_upstream_answers_are_502_or_a_closed_connection() {
-    let upstream = ScriptedUpstream::start().await;
-    let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+    let (_upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
     for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
         let response = client().get(proxy.url(path)).send().await.unwrap();
         assert_eq!(response.status(), 502, "{path}");
