@@ -86,7 +86,8 @@ pub(crate) fn is_passthrough(app: &crate::app::App, path: &str) -> bool {
         || (path.contains('$') && path.contains("$export"))
         || (app.auth.enabled()
             && (path.ends_with(app.auth.token_path())
-                || path.contains("/.well-known/")
+                // The one-byte search first: most paths have no '.', and it is much cheaper.
+                || (path.contains('.') && path.contains("/.well-known/"))
                 || path.ends_with(smart::AUTHORIZE_PATH)));
     !own
 }
