@@ -156,13 +156,15 @@ async fn manifest_response(
     Ok(response)
 }
 
-/// An HTTP-date (RFC 9110 §5.6.7) for Unix seconds.
+/// An HTTP-date (RFC 9110 §5.6.7) for Unix seconds; `None` past the year 9999, which it cannot
+/// write (httpdate, as the fast path's `Date` headers).
 pub fn http_date(unix: u64) -> Option<String> {
-    let at = time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix).ok()?).ok()?;
-    let format = time::macros::format_description!(
-        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
-    );
-    at.format(&format).ok()
+    const YEAR_10000: u64 = 253_402_300_800;
+    if unix >= YEAR_10000 {
+        return None;
+    }
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix);
+    Some(httpdate::fmt_http_date(at))
 }
 
 pub async fn delete(
@@ -198,5 +200,11 @@ mod tests {
             super::http_date(784_111_777).unwrap(),
             "Sun, 06 Nov 1994 08:49:37 GMT"
         );
+        assert_eq!(
+            super::http_date(253_402_300_799).unwrap(),
+            "Fri, 31 Dec 9999 23:59:59 GMT"
+        );
+        assert_eq!(super::http_date(253_402_300_800), None);
+        assert_eq!(super::http_date(u64::MAX), None);
     }
 }
