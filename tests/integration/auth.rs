@@ -11,7 +11,7 @@ use crate::support::smart::{
     ClientKey, JwksServer, SmartClient, TEST_CLIENT, TEST_SIGNING_SECRET, claims, now, post_token,
     register_url, token_form, token_url, unsigned,
 };
-use crate::support::{FakeFhir, TestProxy, client};
+use crate::support::{FakeFhir, TestProxy, client, outcome};
 
 async fn proxy_with(configure: impl FnOnce(&mut Config)) -> (TestProxy, FakeFhirGuard) {
     let fake = FakeFhir::new().start().await;
@@ -632,12 +632,8 @@ async fn protected_proxy() -> (TestProxy, SmartClient, FakeFhirGuard) {
 }
 
 async fn outcome_401(response: reqwest::Response) -> String {
-    assert_eq!(response.status(), 401);
     assert_eq!(response.headers()["www-authenticate"], "Bearer");
-    assert_eq!(response.headers()["content-type"], "application/fhir+json");
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["resourceType"], "OperationOutcome");
-    body["issue"][0]["diagnostics"].as_str().unwrap().to_owned()
+    outcome(response, 401).await
 }
 
 #[tokio::test]
@@ -690,8 +686,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
             .await
             .unwrap();
         assert_eq!(response.status(), 403, "{method} {path}");
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["resourceType"], "OperationOutcome");
+        outcome(response, 403).await;
     }
 
     // Discovery and metadata stay public.

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::support::redis::RedisServer;
 use crate::support::smart::{ClientKey, SmartClient};
-use crate::support::{TestProxy, client, raw_get};
+use crate::support::{TestProxy, client, outcome, raw_get};
 
 pub const GROUP: &str = "synthea-10";
 
@@ -441,10 +441,8 @@ async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
         .unwrap();
     assert!(retry >= 1);
     let second = s.get(&status_url).await;
-    assert_eq!(second.status(), 429);
     assert!(second.headers().contains_key("retry-after"));
-    let body: Value = second.json().await.unwrap();
-    assert_eq!(body["resourceType"], "OperationOutcome");
+    outcome(second, 429).await;
 }
 
 both!(
@@ -467,23 +465,8 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
         ("/Group/bad%20id/$export", "Group"),
     ];
     for (path, param) in cases {
-        let response = s.kick_off(path).await;
-        let status = response.status();
-        let content_type = response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .to_owned();
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(status, 400, "{path}: {body}");
-        assert_eq!(content_type, "application/fhir+json");
-        assert_eq!(body["resourceType"], "OperationOutcome");
-        assert!(
-            body["issue"][0]["diagnostics"]
-                .as_str()
-                .unwrap()
-                .contains(param),
-            "{path}: {body}"
-        );
+        let diagnostics = outcome(s.kick_off(path).await, 400).await;
+        assert!(diagnostics.contains(param), "{path}: {diagnostics}");
     }
     let bearer = format!("Bearer {}", s.token);
     let path = format!("{}/$export", s.proxy.config.base_path());
@@ -789,9 +772,7 @@ async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
         s.delete(&status_url).await,
         s.get(&file).await,
     ] {
-        assert_eq!(response.status(), 404);
-        let body: Value = response.json().await.unwrap();
-        assert_eq!(body["resourceType"], "OperationOutcome");
+        outcome(response, 404).await;
     }
     let files_dir = s.proxy.config.storage.path.join(&job_id);
     assert!(!files_dir.exists(), "files deleted");

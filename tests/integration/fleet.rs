@@ -12,9 +12,9 @@ use fhir_bulk_proxy::config::{Config, StoreBackend};
 use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
 
-use crate::support::client;
 use crate::support::redis::RedisServer;
 use crate::support::smart::{SmartClient, token_form};
+use crate::support::{client, outcome};
 
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 
@@ -322,10 +322,8 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 503, "status while Redis is unreachable");
     assert!(response.headers().contains_key("retry-after"));
-    let body: Value = response.json().await.unwrap();
-    assert_eq!(body["resourceType"], "OperationOutcome");
+    outcome(response, 503).await;
     let kick_off = client()
         .get(format!(
             "{}/$export?_type=Patient",
@@ -370,14 +368,7 @@ async fn jobs_lost_with_an_emptied_redis_answer_404() {
             .unwrap();
         last = response.status().as_u16();
         if last == 404 {
-            let body: Value = response.json().await.unwrap();
-            assert_eq!(body["resourceType"], "OperationOutcome");
-            assert!(
-                body["issue"][0]["diagnostics"]
-                    .as_str()
-                    .unwrap()
-                    .contains("no export job")
-            );
+            assert!(outcome(response, 404).await.contains("no export job"));
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -19,6 +19,25 @@ pub fn client() -> reqwest::Client {
         .expect("client")
 }
 
+/// Asserts that `response` is a FHIR OperationOutcome (`application/fhir+json`) with `status`, and
+/// returns its first issue's diagnostics.
+pub async fn outcome(response: reqwest::Response, status: u16) -> String {
+    let got = response.status();
+    let content_type = response.headers().get("content-type").cloned();
+    let body: serde_json::Value = response.json().await.expect("a JSON body");
+    assert_eq!(got, status, "{body}");
+    assert_eq!(
+        content_type.as_ref().and_then(|v| v.to_str().ok()),
+        Some("application/fhir+json"),
+        "{body}"
+    );
+    assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+    body["issue"][0]["diagnostics"]
+        .as_str()
+        .expect("diagnostics")
+        .to_owned()
+}
+
 /// Sends a raw HTTP/1.1 GET with exactly `headers` (no client defaults such as `Accept: */*`)
 /// and returns the status code.
 pub async fn raw_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
