@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use super::{Observation, RequestId, error::ApiError, is_passthrough};
 use crate::app::App;
-use crate::proxy::headers::put_header;
+use crate::proxy::headers::{put_date, put_header};
 use crate::proxy::{
     Asked, ClientContext, ClientHead, H1Upstream, Scratch, header_slots, put_status_line,
 };
@@ -160,8 +160,7 @@ async fn write_response(response: Response, request_id: &[u8], close: bool, out:
     }
     put_header(out, b"x-request-id", request_id);
     put_header(out, b"content-length", body.len().to_string().as_bytes());
-    let now = httpdate::fmt_http_date(std::time::SystemTime::now());
-    put_header(out, b"date", now.as_bytes());
+    put_date(out);
     if close {
         put_header(out, b"connection", b"close");
     }

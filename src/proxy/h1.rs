@@ -19,7 +19,7 @@ use url::Url;
 
 use super::ProxyError;
 use super::forward::{Bases, ClientContext};
-use super::headers::{Name, is_visible_text, public_base, put_header, rebase, write_ip};
+use super::headers::{Name, is_visible_text, public_base, put_date, put_header, rebase, write_ip};
 use super::pool::IdleStack;
 use crate::config::Config;
 
@@ -625,8 +625,7 @@ fn write_response_head(
     }
     put_header(out, b"x-request-id", request_id);
     if !has_date {
-        let now = httpdate::fmt_http_date(std::time::SystemTime::now());
-        put_header(out, b"date", now.as_bytes());
+        put_date(out);
     }
     if framing == Framing::Chunked {
         put_header(out, b"transfer-encoding", b"chunked");

@@ -236,6 +236,12 @@ pub fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// Appends a `Date` header with the current time (RFC 9110 §6.6.1).
+pub fn put_date(out: &mut Vec<u8>) {
+    let now = httpdate::fmt_http_date(std::time::SystemTime::now());
+    put_header(out, b"date", now.as_bytes());
+}
+
 fn scheme_value(scheme: &str) -> &'static str {
     if scheme == "https" { "https" } else { "http" }
 }
