@@ -61,6 +61,10 @@ pub struct ServerConfig {
     /// copying bytes between the two connections (`proxy::h1`) instead of through the general
     /// HTTP stack. Default true.
     pub http1_fast_path: bool,
+    /// On the fast path (Linux), move response bodies over 512 KiB from the upstream's socket to
+    /// the client's through a kernel pipe (splice(2)) instead of copying them through the proxy's
+    /// memory. Default true.
+    pub splice: bool,
 }
 
 /// Certificate and key for the listener.
@@ -129,6 +133,7 @@ impl Default for ServerConfig {
             max_body_bytes: 1024 * 1024,
             worker_threads: 0,
             http1_fast_path: true,
+            splice: true,
         }
     }
 }

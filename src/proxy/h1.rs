@@ -198,6 +198,9 @@ pub struct H1Upstream {
     bases: Bases,
     idle: Arc<IdleStack<Connection>>,
     buffers: Buffers,
+    /// Large bodies go through a pipe ([`super::splice`], `server.splice`).
+    #[cfg(target_os = "linux")]
+    splice: bool,
     connect_timeout: Duration,
     timeout: Duration,
 }
@@ -224,6 +227,8 @@ impl H1Upstream {
                 Duration::from_secs(config.upstream.pool_idle_timeout_secs),
             ),
             buffers: Buffers::default(),
+            #[cfg(target_os = "linux")]
+            splice: config.server.splice,
             connect_timeout: config.connect_timeout(),
             timeout: config.request_timeout(),
         })
@@ -232,10 +237,10 @@ impl H1Upstream {
     /// Forwards `head` and copies the answer to `client`. An error means nothing was written to
     /// the client (it gets a 502 or 504 from the caller); once the answer has started, failures
     /// end with the client's connection closed, as the general path does.
-    pub async fn exchange<W: AsyncWrite + Unpin>(
+    pub async fn exchange(
         &self,
         asked: &Asked<'_>,
-        client: &mut W,
+        client: &mut TcpStream,
         scratch: &mut Scratch,
         started: Instant,
     ) -> Result<Answered, ProxyError> {
@@ -247,8 +252,9 @@ impl H1Upstream {
         super::record_upstream("passthrough", &sent, started);
         let (connection, answer) = sent?;
         let out = &mut scratch.response;
-        let (connection, copied) =
-            copy_body(connection, answer.framing, client, out, &self.buffers).await;
+        let (connection, copied) = self
+            .copy_body(connection, answer.framing, client, out)
+            .await;
         let keep_alive = match copied {
             Ok(()) => {
                 if let Some(connection) =
@@ -660,44 +666,59 @@ impl ClientHead<'_> {
     }
 }
 
-/// Copies the body that follows the response head (`out` holds the head) to the client. `Ok`
-/// means the whole body was copied; anything left in the connection's buffer is not part of it.
-/// The connection comes back unless a copying task failed.
-async fn copy_body<W: AsyncWrite + Unpin>(
-    mut connection: Connection,
-    framing: Framing,
-    client: &mut W,
-    out: &mut Vec<u8>,
-    buffers: &Buffers,
-) -> (Option<Connection>, std::io::Result<()>) {
-    let length = match framing {
-        Framing::Empty => return (Some(connection), client.write_all(out).await),
-        Framing::Chunked => {
-            let copied = copy_chunked(&mut connection, client, out).await;
-            return (Some(connection), copied);
+impl H1Upstream {
+    /// Copies the body that follows the response head (`out` holds the head) to the client. `Ok`
+    /// means the whole body was copied; anything left in the connection's buffer is not part of it.
+    /// The connection comes back unless a copying task failed.
+    async fn copy_body(
+        &self,
+        mut connection: Connection,
+        framing: Framing,
+        client: &mut TcpStream,
+        out: &mut Vec<u8>,
+    ) -> (Option<Connection>, std::io::Result<()>) {
+        let length = match framing {
+            Framing::Empty => return (Some(connection), client.write_all(out).await),
+            Framing::Chunked => {
+                let copied = copy_chunked(&mut connection, client, out).await;
+                return (Some(connection), copied);
+            }
+            Framing::Length(length) => {
+                let buffered = (connection.buffer.len() as u64).min(length) as usize;
+                out.extend_from_slice(&connection.buffer[..buffered]);
+                connection.buffer.advance(buffered);
+                Some(length - buffered as u64)
+            }
+            Framing::Close => {
+                out.extend_from_slice(&connection.buffer);
+                connection.buffer.clear();
+                None
+            }
+        };
+        if let Err(e) = client.write_all(out).await {
+            return (Some(connection), Err(e));
         }
-        Framing::Length(length) => {
-            let buffered = (connection.buffer.len() as u64).min(length) as usize;
-            out.extend_from_slice(&connection.buffer[..buffered]);
-            connection.buffer.advance(buffered);
-            Some(length - buffered as u64)
+        match length {
+            Some(0) => (Some(connection), Ok(())),
+            Some(length) if length <= PIPELINE_ABOVE => {
+                let copied = copy_raw(&mut connection, length, client).await;
+                (Some(connection), copied)
+            }
+            _ => {
+                #[cfg(target_os = "linux")]
+                if self.splice {
+                    match super::splice::Pipe::new() {
+                        Ok(pipe) => {
+                            let moved = pipe.forward(&connection.stream, length, client).await;
+                            return (Some(connection), moved);
+                        }
+                        // Out of file descriptors, say: copied instead.
+                        Err(e) => tracing::debug!(error = %e, "no pipe for splice(2): copying"),
+                    }
+                }
+                copy_pipelined(connection, length, client, &self.buffers).await
+            }
         }
-        Framing::Close => {
-            out.extend_from_slice(&connection.buffer);
-            connection.buffer.clear();
-            None
-        }
-    };
-    if let Err(e) = client.write_all(out).await {
-        return (Some(connection), Err(e));
-    }
-    match length {
-        Some(0) => (Some(connection), Ok(())),
-        Some(length) if length <= PIPELINE_ABOVE => {
-            let copied = copy_raw(&mut connection, length, client).await;
-            (Some(connection), copied)
-        }
-        _ => copy_pipelined(connection, length, client, buffers).await,
     }
 }
 
@@ -724,9 +745,10 @@ async fn copy_chunked<W: AsyncWrite + Unpin>(
     }
 }
 
-/// Bodies longer than this (and those delimited by the upstream closing) are copied by two
-/// tasks, one reading from the upstream while the other writes to the client: on a machine with
-/// more than one core a large body then moves at the pace of the slower side, not of both in turn.
+/// Bodies longer than this (and those delimited by the upstream closing) are spliced on Linux
+/// ([`super::splice`]); otherwise, or with `server.splice = false`, they are copied by two tasks,
+/// one reading from the upstream while the other writes to the client: on a machine with more
+/// than one core a large body then moves at the pace of the slower side, not of both in turn.
 const PIPELINE_ABOVE: u64 = 512 * 1024;
 /// Size of each buffer the two tasks pass between them. Two of them take turns, so the bytes
 /// written to the client are still in the CPU cache from being read: with 256 KiB × 2 a 10 MiB

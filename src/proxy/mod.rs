@@ -7,6 +7,8 @@ mod forward;
 mod h1;
 pub mod headers;
 mod pool;
+#[cfg(target_os = "linux")]
+mod splice;
 
 pub use forward::{ClientContext, Upstream};
 pub use h1::{Answered, Asked, ClientHead, H1Upstream, Scratch, header_slots, put_status_line};

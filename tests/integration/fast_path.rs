@@ -34,8 +34,15 @@ impl ScriptedUpstream {
 
     /// A scripted upstream and a proxy (default configuration) in front of it.
     async fn behind_a_proxy() -> (Self, TestProxy) {
+        Self::behind_a_proxy_splicing(true).await
+    }
+
+    /// The same, with `server.splice` set as given.
+    async fn behind_a_proxy_splicing(splice: bool) -> (Self, TestProxy) {
         let upstream = Self::start().await;
-        let proxy = TestProxy::start(TestProxy::config(&upstream.url())).await;
+        let mut config = TestProxy::config(&upstream.url());
+        config.server.splice = splice;
+        let proxy = TestProxy::start(config).await;
         (upstream, proxy)
     }
 
@@ -63,12 +70,21 @@ impl ScriptedUpstream {
             let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
             buffer.drain(..head_end);
             let path = head.split(' ').nth(1).unwrap_or_default();
-            if path == "/fhir/large" {
-                // 3 MiB with a length: copied by the fast path's two tasks.
-                let body: Vec<u8> = (0..LARGE).map(|i| (i % 251) as u8).collect();
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
+            // 3 MiB: spliced, or copied by the fast path's two tasks. With a length; until the
+            // upstream closes; or cut short (a length, and a third of the body).
+            let large = match path {
+                "/fhir/large" => Some((format!("Content-Length: {LARGE}\r\n"), LARGE, false)),
+                "/fhir/large-until-close" => Some((String::new(), LARGE, true)),
+                "/fhir/large-cut" => {
+                    Some((format!("Content-Length: {LARGE}\r\n"), LARGE / 3, true))
+                }
+                _ => None,
+            };
+            if let Some((framing, sent, close)) = large {
+                let head = format!("HTTP/1.1 200 OK\r\n{framing}\r\n");
                 if stream.write_all(head.as_bytes()).await.is_err()
-                    || stream.write_all(&body).await.is_err()
+                    || stream.write_all(&large_body()[..sent]).await.is_err()
+                    || close
                 {
                     return;
                 }
@@ -123,23 +139,34 @@ impl ScriptedUpstream {
 /// Size of the scripted upstream's `/fhir/large` answer.
 const LARGE: usize = 3 * 1024 * 1024;
 
+/// The body of the large answers: no run of bytes repeats at a power-of-two distance, so a chunk
+/// lost, repeated or reordered on the way shows.
+fn large_body() -> Vec<u8> {
+    (0..LARGE).map(|i| (i % 251) as u8).collect()
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Sends `request` as is on a new connection and reads until the proxy closes it.
 async fn exchange_raw(addr: SocketAddr, request: &[u8]) -> String {
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        exchange_raw_bytes(addr, request),
+    )
+    .await
+    .expect("the proxy closes the connection");
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+/// [`exchange_raw`] without a time limit, and the bytes as they came.
+async fn exchange_raw_bytes(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
     let mut stream = TcpStream::connect(addr).await.unwrap();
     stream.write_all(request).await.unwrap();
     let mut response = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(10),
-        stream.read_to_end(&mut response),
-    )
-    .await
-    .expect("the proxy closes the connection")
-    .unwrap();
-    String::from_utf8_lossy(&response).into_owned()
+    stream.read_to_end(&mut response).await.unwrap();
+    response
 }
 
 /// Splits a stream of responses that all carry a Content-Length: (status, head, body) each.
@@ -198,15 +225,92 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
 
 #[tokio::test]
 async fn large_answers_arrive_whole_and_their_connection_is_reused() {
-    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
-    for _ in 0..3 {
-        let response = client().get(proxy.url("/large")).send().await.unwrap();
-        assert_eq!(response.headers()["content-length"], LARGE.to_string());
-        let body = response.bytes().await.unwrap();
-        assert_eq!(body.len(), LARGE);
-        assert!(body.iter().enumerate().all(|(i, &b)| b == (i % 251) as u8));
+    for splice in [true, false] {
+        let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        for _ in 0..3 {
+            let response = client().get(proxy.url("/large")).send().await.unwrap();
+            assert_eq!(response.headers()["content-length"], LARGE.to_string());
+            let body = response.bytes().await.unwrap();
+            assert!(body == large_body(), "splice {splice}: the body differs");
+        }
+        assert_eq!(upstream.connections(), 1, "splice {splice}");
     }
-    assert_eq!(upstream.connections(), 1);
+}
+
+#[tokio::test]
+async fn large_answers_delimited_by_close_arrive_whole() {
+    for splice in [true, false] {
+        let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        for _ in 0..2 {
+            let response = client()
+                .get(proxy.url("/large-until-close"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.headers()["connection"], "close", "splice {splice}");
+            let body = response.bytes().await.unwrap();
+            assert!(body == large_body(), "splice {splice}: the body differs");
+        }
+        assert_eq!(upstream.connections(), 2, "splice {splice}");
+    }
+}
+
+#[tokio::test]
+async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
+    for splice in [true, false] {
+        let (_upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        let raw = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            exchange_raw_bytes(
+                proxy.addr,
+                b"GET /fhir/large-cut HTTP/1.1\r\nHost: p\r\n\r\n",
+            ),
+        )
+        .await
+        .expect("the proxy closes the client's connection");
+        let head_end = find(&raw, b"\r\n\r\n").expect("a response head") + 4;
+        assert!(raw.starts_with(b"HTTP/1.1 200 OK\r\n"), "splice {splice}");
+        assert_eq!(
+            raw.len() - head_end,
+            LARGE / 3,
+            "splice {splice}: what was sent"
+        );
+        assert!(
+            raw[head_end..] == large_body()[..LARGE / 3],
+            "splice {splice}"
+        );
+        // The proxy carries on.
+        let response = client().get(proxy.url("/large")).send().await.unwrap();
+        assert_eq!(
+            response.bytes().await.unwrap().len(),
+            LARGE,
+            "splice {splice}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
+    for splice in [true, false] {
+        let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream
+            .write_all(b"GET /fhir/large HTTP/1.1\r\nHost: p\r\n\r\n")
+            .await
+            .unwrap();
+        let mut start = [0u8; 64 * 1024];
+        stream.read_exact(&mut start).await.unwrap();
+        drop(stream);
+        for _ in 0..2 {
+            let response = client().get(proxy.url("/large")).send().await.unwrap();
+            let body = response.bytes().await.unwrap();
+            assert!(body == large_body(), "splice {splice}: the body differs");
+        }
+        // Whether the abandoned answer's connection was reused depends on how much of the body
+        // the sockets' buffers took before the client left: if it was, it had been read to the
+        // end (the bodies above are whole, nothing of the first answer leaked into them).
+        assert!(upstream.connections() <= 2, "splice {splice}");
+    }
 }
 
 #[tokio::test]
