@@ -9,7 +9,9 @@
 #   --no-results  do not write bench/RESULTS.md (print only)
 # Environment: ROUNDS (5), DURATION (8 s, throughput runs), LAT_DURATION (5 s, latency runs),
 #   CONNS (32), WRK_THREADS (1), NICE_BUILD (10), BENCH_NICE (-10: priority of the benchmark's own
-#   processes, 0 to leave it), BIN (path of the proxy binary).
+#   processes, 0 to leave it), BIN (path of the proxy binary), BENCH_CC (a TCP congestion control,
+#   e.g. cubic: run in a network namespace of its own that uses it, leaving the host's alone; the
+#   report then goes to bench/RESULTS-$BENCH_CC.md).
 #
 # Everything listens on 127.0.0.1 only, on free ports chosen at start; everything started here is
 # stopped on exit (trap). Needs root for apt-get only when nginx, wrk or curl are missing.
@@ -60,6 +62,26 @@ if [ "$BUILD" = 1 ]; then
   (cd "$REPO" && timeout 1800 nice -n "$NICE_BUILD" cargo build --release --quiet --bin fhir-bulk-proxy)
 fi
 [ -x "$BIN" ] || die "no proxy binary at $BIN"
+
+# --- BENCH_CC: the rest runs again inside a network namespace with that congestion control -------
+# Everything here talks over 127.0.0.1, so a namespace with its own loopback holds all of it. Its
+# socket buffer limits are copied from the host's, so that only the congestion control differs.
+if [ -n "${BENCH_CC:-}" ] && [ -z "${BENCH_IN_NETNS:-}" ]; then
+  command -v ip >/dev/null || die "BENCH_CC needs ip (iproute2)"
+  NS="fbp-bench-$$"
+  ip netns add "$NS" || die "cannot create network namespace $NS (root needed)"
+  trap 'ip netns delete "$NS" 2>/dev/null || true' EXIT
+  ip -n "$NS" link set lo up
+  for key in net.ipv4.tcp_rmem net.ipv4.tcp_wmem net.core.rmem_max net.core.wmem_max; do
+    ip netns exec "$NS" sysctl -qw "$key=$(sysctl -n "$key" | tr '\t' ' ')" 2>/dev/null || true
+  done
+  ip netns exec "$NS" sysctl -qw net.ipv4.tcp_congestion_control="$BENCH_CC" ||
+    die "congestion control $BENCH_CC is not available (net.ipv4.tcp_available_congestion_control)"
+  set +e
+  BENCH_IN_NETNS=1 BENCH_HOST_CC="$(sysctl -n net.ipv4.tcp_congestion_control)" ip netns exec "$NS" "$0" "$@" --no-build
+  exit $?
+fi
+TCP_CC="$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown)"
 
 # Run the benchmark itself (nginx, proxy, wrk, curl inherit it) at a higher priority than whatever
 # else is running (e.g. builds), when allowed: BENCH_NICE=0 to disable.
@@ -345,6 +367,7 @@ dirty="$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/n
   echo "- Date: $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo "- Machine: $(nproc) cores ($cpu), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo) RAM, $(uname -sr)"
   echo "- Proxy: commit $commit$dirty, release build of $(date -u -r "$BIN" '+%Y-%m-%d %H:%M UTC'), log level warn"
+  echo "- TCP congestion control: $TCP_CC$([ -n "${BENCH_IN_NETNS:-}" ] && echo " (BENCH_CC: in a network namespace of its own; the host's is ${BENCH_HOST_CC:-unknown})" || echo " (the host's)")"
   echo "- nginx $("$NGINX" -v 2>&1 | sed 's/.*nginx\///'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
   echo "- Command: \`$COMMAND_LINE\` (ROUNDS=$ROUNDS DURATION=$DURATION LAT_DURATION=$LAT_DURATION CONNS=$CONNS WRK_THREADS=$WRK_THREADS BENCH_NICE=$BENCH_NICE); load phase took ${LOAD_SECS} s"
   echo
@@ -444,6 +467,7 @@ if [ "$WRITE_RESULTS" = 1 ]; then
   # The passthrough part is everything before the first section another benchmark owns
   # (bench/export.rs writes "## Export" and "## Fleet scaling"): replace it, keep theirs.
   OUT="$BENCH_DIR/RESULTS.md"
+  [ -z "${BENCH_CC:-}" ] || OUT="$BENCH_DIR/RESULTS-$BENCH_CC.md"
   if [ -f "$OUT" ] && grep -q '^## \(Export\|Fleet scaling\)' "$OUT"; then
     { cat "$R"; echo; sed -n '/^## \(Export\|Fleet scaling\)/,$p' "$OUT"; } > "$T/merged.md"
     cp "$T/merged.md" "$OUT"
