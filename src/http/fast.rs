@@ -43,11 +43,11 @@ pub fn applies(app: &App) -> bool {
 /// read from it and not yet answered.
 pub async fn serve(
     app: &App,
+    upstream: &H1Upstream,
     mut stream: TcpStream,
     peer: SocketAddr,
     stop: &CancellationToken,
 ) -> Option<Rewind> {
-    let upstream = app.upstream.h1()?;
     let context = app.client_context(Some(peer));
     let mut buffer = BytesMut::with_capacity(CLIENT_BUFFER);
     let mut scratch = Scratch::default();

@@ -234,6 +234,23 @@ impl H1Upstream {
         })
     }
 
+    /// This upstream with a pool and buffers of its own, for one of the server's lanes
+    /// (`server::Lanes`): a connection is only ever used on the thread, and by the runtime, that
+    /// made it.
+    pub fn lane(&self) -> Self {
+        Self {
+            address: self.address.clone(),
+            host: self.host.clone(),
+            bases: self.bases.clone(),
+            idle: self.idle.empty_like(),
+            buffers: Buffers::default(),
+            #[cfg(target_os = "linux")]
+            splice: self.splice,
+            connect_timeout: self.connect_timeout,
+            timeout: self.timeout,
+        }
+    }
+
     /// Forwards `head` and copies the answer to `client`. An error means nothing was written to
     /// the client (it gets a 502 or 504 from the caller); once the answer has started, failures
     /// end with the client's connection closed, as the general path does.

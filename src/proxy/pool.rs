@@ -56,6 +56,8 @@ pub(super) struct IdleStack<T> {
     idle: Mutex<Vec<Idle<T>>>,
     max_idle: usize,
     idle_timeout: Duration,
+    /// Starts the task that closes expired connections, with the first one returned.
+    reaper: std::sync::Once,
 }
 
 struct Idle<T> {
@@ -65,16 +67,26 @@ struct Idle<T> {
 
 impl<T: Send + 'static> IdleStack<T> {
     /// A stack of at most `max_idle` connections, each closed after `idle_timeout` unused; a task
-    /// closes expired ones even when no request comes to notice.
+    /// closes expired ones even when no request comes to notice. That task starts with the first
+    /// connection returned, on the runtime that returns it (a stack never used costs nothing).
     pub(super) fn new(max_idle: usize, idle_timeout: Duration) -> Arc<Self> {
-        let stack = Arc::new(Self {
+        Arc::new(Self {
             idle: Mutex::new(Vec::new()),
             max_idle,
             idle_timeout,
-        });
+            reaper: std::sync::Once::new(),
+        })
+    }
+
+    /// A new, empty stack with the same limits.
+    pub(super) fn empty_like(&self) -> Arc<Self> {
+        Self::new(self.max_idle, self.idle_timeout)
+    }
+
+    fn start_reaper(self: &Arc<Self>) {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let weak = Arc::downgrade(&stack);
-            let every = (idle_timeout / 2).max(Duration::from_secs(1));
+            let weak = Arc::downgrade(self);
+            let every = (self.idle_timeout / 2).max(Duration::from_secs(1));
             runtime.spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
@@ -83,7 +95,6 @@ impl<T: Send + 'static> IdleStack<T> {
                 }
             });
         }
-        stack
     }
 
     /// The most recently returned connection that has not expired.
@@ -97,7 +108,8 @@ impl<T: Send + 'static> IdleStack<T> {
         None
     }
 
-    pub(super) fn push(&self, connection: T) {
+    pub(super) fn push(self: &Arc<Self>, connection: T) {
+        self.reaper.call_once(|| self.start_reaper());
         let mut idle = self.lock();
         self.drop_expired(&mut idle);
         if idle.len() < self.max_idle {

@@ -37,11 +37,14 @@ impl ScriptedUpstream {
         Self::behind_a_proxy_splicing(true).await
     }
 
-    /// The same, with `server.splice` set as given.
+    /// The same, with `server.splice` set as given. One lane (`server.worker_threads = 1`), so
+    /// that every client connection shares the same upstream pool and the tests can count the
+    /// upstream connections.
     async fn behind_a_proxy_splicing(splice: bool) -> (Self, TestProxy) {
         let upstream = Self::start().await;
         let mut config = TestProxy::config(&upstream.url());
         config.server.splice = splice;
+        config.server.worker_threads = 1;
         let proxy = TestProxy::start(config).await;
         (upstream, proxy)
     }

@@ -437,9 +437,45 @@ async fn large_responses_arrive_complete() {
 }
 
 #[tokio::test]
+async fn lanes_serve_every_connection_each_lane_with_its_own_upstream_pool() {
+    const LANES: usize = 3;
+    let fake = FakeFhir::new().start().await;
+    let mut config = config(&fake.url(), true);
+    config.server.worker_threads = LANES;
+    let proxy = TestProxy::start(config).await;
+    // 12 client connections, one request at a time over all of them: whichever lane accepted a
+    // connection serves it, and reuses that lane's one upstream connection.
+    let clients: Vec<_> = (0..12).map(|_| client()).collect();
+    for round in 0..3 {
+        for (i, client) in clients.iter().enumerate() {
+            let response = client
+                .get(proxy.url(&format!("/Patient/{round}-{i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 200);
+            let report: Value = response.json().await.unwrap();
+            assert_eq!(report["uri"], format!("/fhir/Patient/{round}-{i}"));
+        }
+    }
+    let received = fake.received();
+    assert_eq!(received.len(), 36);
+    let peers: std::collections::HashSet<_> = received.iter().map(|r| r.peer).collect();
+    assert!(
+        (1..=LANES).contains(&peers.len()),
+        "sequential requests over {LANES} lanes used {} upstream connections",
+        peers.len()
+    );
+}
+
+#[tokio::test]
 async fn upstream_connections_are_reused_and_closed_ones_replaced() {
     for fast in BOTH {
-        let (fake, proxy) = setup(fast).await;
+        let fake = FakeFhir::new().start().await;
+        let mut config = config(&fake.url(), fast);
+        // One lane: each lane keeps upstream connections of its own (see `lanes_...` below).
+        config.server.worker_threads = 1;
+        let proxy = TestProxy::start(config).await;
         // One client request at a time: every one goes on the same pooled upstream connection.
         for i in 0..20 {
             let response = client()
