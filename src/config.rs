@@ -54,8 +54,9 @@ pub struct ServerConfig {
     /// Largest request body the proxy reads itself (kick-off, token), in bytes. Passthrough bodies are
     /// streamed and not limited. Default 1 MiB.
     pub max_body_bytes: usize,
-    /// Runtime worker threads; 0 = one per CPU. A sidecar with a CPU limit of 1 does best with 1.
-    /// Default 0.
+    /// Worker threads; 0 = one per CPU. The main runtime has this many, and when the fast path
+    /// applies as many lanes (`server::Lanes`) serve the plain-HTTP connections. A sidecar with a
+    /// CPU limit of 1 does best with 1. Default 0.
     pub worker_threads: usize,
     /// Serve bodiless HTTP/1.1 passthrough requests on plain-HTTP listeners and upstreams by
     /// copying bytes between the two connections (`proxy::h1`) instead of through the general
@@ -90,7 +91,8 @@ pub struct UpstreamConfig {
     pub request_timeout_ms: u64,
     /// Idle pooled connections are closed after this many seconds. Default 90.
     pub pool_idle_timeout_secs: u64,
-    /// Idle connections kept per upstream host. Default 64.
+    /// Idle connections kept per upstream host, by each fast-path lane and by the general path.
+    /// Default 64.
     pub pool_max_idle_per_host: usize,
     /// Credentials the proxy presents upstream on its own requests (`[upstream.auth]`).
     /// Default: none.
