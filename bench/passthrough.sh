@@ -314,6 +314,13 @@ for mode in load lat; do for sz in small 10mb; do for tg in "${TARGETS[@]}"; do
   for col in 5 6 7 8 9 10 11; do MED[$mode,$sz,$tg,$col]="$(median "$mode" "$sz" "$tg" "$col")"; done
 done; done; done
 calc() { awk "BEGIN { printf \"$1\n\", $2 }"; }
+paired() { # size target -> median over rounds of (target p50 - direct p50) in the same round, µs
+  awk -F'\t' -v s="$1" -v t="$2" '$1=="lat" && $2==s && $3=="direct" {d[$4]=$6}
+    $1=="lat" && $2==s && $3==t {x[$4]=$6}
+    END { for (r in x) if (r in d) print x[r] - d[r] }' "$RAW" |
+    sort -g | awk '{v[NR]=$1} END { if (NR == 0) { print "nan"; exit }
+      if (NR % 2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2] + v[NR/2+1]) / 2 }'
+}
 
 # --- 7. streaming 1 GB through a fresh proxy: peak RSS -------------------------------------------
 PX2_PID="$(start_proxy "$PX2_PORT")"; PIDS+=("$PX2_PID")
@@ -403,18 +410,23 @@ dirty="$(git -C "$REPO" status --porcelain -- src Cargo.toml Cargo.lock 2>/dev/n
   echo
   echo "## Latency (1 connection)"
   echo
-  echo "| response | p50 direct (ms) | p50 nginx (ms) | p50 proxy (ms) | proxy − direct p50 (ms) | nginx − direct p50 (ms) | p99 direct / nginx / proxy (ms) |"
-  echo "|---|---:|---:|---:|---:|---:|---|"
+  echo "| response | p50 direct (ms) | p50 nginx (ms) | p50 proxy (ms) | proxy − direct p50 (ms) | nginx − direct p50 (ms) | paired: proxy / nginx − direct (ms) | p99 direct / nginx / proxy (ms) |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---|"
   for sz in small 10mb; do
     label="$([ "$sz" = small ] && echo "small GET" || echo "10 MiB")"
-    printf '| %s | %s | %s | %s | %s | %s | %s / %s / %s |\n' "$label" \
+    printf '| %s | %s | %s | %s | %s | %s | %s / %s | %s / %s / %s |\n' "$label" \
       "$(calc '%.3f' "${MED[lat,$sz,direct,6]} / 1000")" "$(calc '%.3f' "${MED[lat,$sz,nginx,6]} / 1000")" \
       "$(calc '%.3f' "${MED[lat,$sz,proxy,6]} / 1000")" \
       "$(calc '%+.3f' "(${MED[lat,$sz,proxy,6]} - ${MED[lat,$sz,direct,6]}) / 1000")" \
       "$(calc '%+.3f' "(${MED[lat,$sz,nginx,6]} - ${MED[lat,$sz,direct,6]}) / 1000")" \
+      "$(calc '%+.3f' "$(paired "$sz" proxy) / 1000")" "$(calc '%+.3f' "$(paired "$sz" nginx) / 1000")" \
       "$(calc '%.3f' "${MED[lat,$sz,direct,8]} / 1000")" "$(calc '%.3f' "${MED[lat,$sz,nginx,8]} / 1000")" \
       "$(calc '%.3f' "${MED[lat,$sz,proxy,8]} / 1000")"
   done
+  echo
+  echo "\"Paired\": the median over rounds of (p50 through the intermediary − p50 direct) within each round,"
+  echo "which cancels the drift between rounds that the difference of the two medians keeps; the targets"
+  echo "below use the difference of medians."
   echo
   echo "Other processes on the machine (not the benchmark's) used a median of $(awk -F'\t' '{print $11}' "$RAW" | sort -g | awk '{v[NR]=$1} END {print v[int((NR+1)/2)]}')% of one core during"
   echo "the runs (max $(awk -F'\t' '{print $11}' "$RAW" | sort -g | tail -1)%; per run in the raw table). Load average at start: $LOADAVG_START."
