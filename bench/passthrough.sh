@@ -304,10 +304,13 @@ LOAD_SECS=$(( $(date +%s) - STARTED_LOAD ))
 PX_HWM_LOAD_KB="$(awk '/VmHWM/ {print $2}' "/proc/$PX_PID/status")"
 
 # --- 6. medians -----------------------------------------------------------------------------------
+median_of_lines() { # numbers, one per line on stdin -> their median ("nan" for none)
+  sort -g | awk '{v[NR]=$1} END { if (NR == 0) { print "nan"; exit }
+    if (NR % 2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2] + v[NR/2+1]) / 2 }'
+}
 median() { # mode size target column(5=rps 6=p50 7=p90 8=p99 9=MB/s 10=cpu µs/req 11=others %)
   awk -F'\t' -v m="$1" -v s="$2" -v t="$3" -v c="$4" '$1==m && $2==s && $3==t {print $c}' "$RAW" |
-    sort -g | awk '{v[NR]=$1} END { if (NR == 0) { print "nan"; exit }
-      if (NR % 2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2] + v[NR/2+1]) / 2 }'
+    median_of_lines
 }
 declare -A MED
 for mode in load lat; do for sz in small 10mb; do for tg in "${TARGETS[@]}"; do
@@ -318,8 +321,7 @@ paired() { # size target -> median over rounds of (target p50 - direct p50) in t
   awk -F'\t' -v s="$1" -v t="$2" '$1=="lat" && $2==s && $3=="direct" {d[$4]=$6}
     $1=="lat" && $2==s && $3==t {x[$4]=$6}
     END { for (r in x) if (r in d) print x[r] - d[r] }' "$RAW" |
-    sort -g | awk '{v[NR]=$1} END { if (NR == 0) { print "nan"; exit }
-      if (NR % 2) print v[(NR+1)/2]; else printf "%.1f\n", (v[NR/2] + v[NR/2+1]) / 2 }'
+    median_of_lines
 }
 
 # --- 7. streaming 1 GB through a fresh proxy: peak RSS -------------------------------------------
