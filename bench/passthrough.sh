@@ -75,13 +75,22 @@ if [ -n "${BENCH_CC:-}" ] && [ -z "${BENCH_IN_NETNS:-}" ]; then
   for key in net.ipv4.tcp_rmem net.ipv4.tcp_wmem net.core.rmem_max net.core.wmem_max; do
     ip netns exec "$NS" sysctl -qw "$key=$(sysctl -n "$key" | tr '\t' ' ')" 2>/dev/null || true
   done
-  ip netns exec "$NS" sysctl -qw net.ipv4.tcp_congestion_control="$BENCH_CC" ||
-    die "congestion control $BENCH_CC is not available (net.ipv4.tcp_available_congestion_control)"
+  # The namespace's default, or where the kernel refuses that (some sandboxes do), the same
+  # through the loopback routes' congctl attribute, which every connection over them takes.
+  if ! ip netns exec "$NS" sysctl -qw net.ipv4.tcp_congestion_control="$BENCH_CC" 2>/dev/null; then
+    for route in 127.0.0.1 127.0.0.0/8; do
+      ip -n "$NS" route replace local "$route" dev lo proto kernel scope host src 127.0.0.1 \
+        table local congctl "$BENCH_CC" ||
+        die "congestion control $BENCH_CC is not available (net.ipv4.tcp_available_congestion_control)"
+    done
+    BENCH_CC_ROUTE=1
+  fi
   set +e
-  BENCH_IN_NETNS=1 BENCH_HOST_CC="$(sysctl -n net.ipv4.tcp_congestion_control)" ip netns exec "$NS" "$0" "$@" --no-build
+  BENCH_IN_NETNS=1 BENCH_CC_ROUTE="${BENCH_CC_ROUTE:-}" BENCH_HOST_CC="$(sysctl -n net.ipv4.tcp_congestion_control)" ip netns exec "$NS" "$0" "$@" --no-build
   exit $?
 fi
 TCP_CC="$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown)"
+[ -n "${BENCH_CC_ROUTE:-}" ] && TCP_CC="$BENCH_CC (loopback routes' congctl; the namespace default stays $TCP_CC)"
 
 # Run the benchmark itself (nginx, proxy, wrk, curl inherit it) at a higher priority than whatever
 # else is running (e.g. builds), when allowed: BENCH_NICE=0 to disable.

@@ -198,9 +198,9 @@ pub struct H1Upstream {
     bases: Bases,
     idle: Arc<IdleStack<Connection>>,
     buffers: Buffers,
-    /// Large bodies go through a pipe ([`super::splice`], `server.splice`).
+    /// Which large bodies go through a pipe ([`super::splice`], `server.splice`).
     #[cfg(target_os = "linux")]
-    splice: bool,
+    splice: super::splice::Policy,
     connect_timeout: Duration,
     timeout: Duration,
 }
@@ -228,7 +228,7 @@ impl H1Upstream {
             ),
             buffers: Buffers::default(),
             #[cfg(target_os = "linux")]
-            splice: config.server.splice,
+            splice: super::splice::Policy::new(config.server.splice),
             connect_timeout: config.connect_timeout(),
             timeout: config.request_timeout(),
         })
@@ -245,7 +245,7 @@ impl H1Upstream {
             idle: self.idle.empty_like(),
             buffers: Buffers::default(),
             #[cfg(target_os = "linux")]
-            splice: self.splice,
+            splice: self.splice.for_lane(),
             connect_timeout: self.connect_timeout,
             timeout: self.timeout,
         }
@@ -723,7 +723,9 @@ impl H1Upstream {
             }
             _ => {
                 #[cfg(target_os = "linux")]
-                if self.splice {
+                let (_streaming, splice) = self.splice.start();
+                #[cfg(target_os = "linux")]
+                if splice {
                     match super::splice::Pipe::new() {
                         Ok(pipe) => {
                             let moved = pipe.forward(&connection.stream, length, client).await;
@@ -763,7 +765,7 @@ async fn copy_chunked<W: AsyncWrite + Unpin>(
 }
 
 /// Bodies longer than this (and those delimited by the upstream closing) are spliced on Linux
-/// ([`super::splice`]); otherwise, or with `server.splice = false`, they are copied by two tasks,
+/// when `server.splice` says so ([`super::splice`]); otherwise they are copied by two tasks,
 /// one reading from the upstream while the other writes to the client: on a machine with more
 /// than one core a large body then moves at the pace of the slower side, not of both in turn.
 const PIPELINE_ABOVE: u64 = 512 * 1024;

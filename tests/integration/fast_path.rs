@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use fhir_bulk_proxy::config::Splice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -15,6 +16,8 @@ use crate::support::{FakeFhir, TestProxy, client};
 struct ScriptedUpstream {
     addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    /// Lets `/fhir/large-paused` send the second half of its body.
+    resume: Arc<tokio::sync::Notify>,
 }
 
 impl ScriptedUpstream {
@@ -23,24 +26,30 @@ impl ScriptedUpstream {
         let addr = listener.local_addr().unwrap();
         let connections = Arc::new(AtomicUsize::new(0));
         let counter = connections.clone();
+        let resume = Arc::new(tokio::sync::Notify::new());
+        let resumed = resume.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(Self::serve(stream));
+                tokio::spawn(Self::serve(stream, resumed.clone()));
             }
         });
-        Self { addr, connections }
+        Self {
+            addr,
+            connections,
+            resume,
+        }
     }
 
     /// A scripted upstream and a proxy (default configuration) in front of it.
     async fn behind_a_proxy() -> (Self, TestProxy) {
-        Self::behind_a_proxy_splicing(true).await
+        Self::behind_a_proxy_splicing(Splice::Auto).await
     }
 
     /// The same, with `server.splice` set as given. One lane (`server.worker_threads = 1`), so
     /// that every client connection shares the same upstream pool and the tests can count the
     /// upstream connections.
-    async fn behind_a_proxy_splicing(splice: bool) -> (Self, TestProxy) {
+    async fn behind_a_proxy_splicing(splice: Splice) -> (Self, TestProxy) {
         let upstream = Self::start().await;
         let mut config = TestProxy::config(&upstream.url());
         config.server.splice = splice;
@@ -57,7 +66,7 @@ impl ScriptedUpstream {
         self.connections.load(Ordering::SeqCst)
     }
 
-    async fn serve(mut stream: TcpStream) {
+    async fn serve(mut stream: TcpStream, resume: Arc<tokio::sync::Notify>) {
         let mut buffer = Vec::new();
         loop {
             let head_end = loop {
@@ -74,7 +83,22 @@ impl ScriptedUpstream {
             buffer.drain(..head_end);
             let path = head.split(' ').nth(1).unwrap_or_default();
             // 3 MiB: spliced, or copied by the fast path's two tasks. With a length; until the
-            // upstream closes; or cut short (a length, and a third of the body).
+            // upstream closes; cut short (a length, and a third of the body); or paused after the
+            // first half until `resume`.
+            if path == "/fhir/large-paused" {
+                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
+                let body = large_body();
+                if stream.write_all(head.as_bytes()).await.is_err()
+                    || stream.write_all(&body[..LARGE / 2]).await.is_err()
+                {
+                    return;
+                }
+                resume.notified().await;
+                if stream.write_all(&body[LARGE / 2..]).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let large = match path {
                 "/fhir/large" => Some((format!("Content-Length: {LARGE}\r\n"), LARGE, false)),
                 "/fhir/large-until-close" => Some((String::new(), LARGE, true)),
@@ -228,21 +252,42 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
 
 #[tokio::test]
 async fn large_answers_arrive_whole_and_their_connection_is_reused() {
-    for splice in [true, false] {
+    for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
         for _ in 0..3 {
             let response = client().get(proxy.url("/large")).send().await.unwrap();
             assert_eq!(response.headers()["content-length"], LARGE.to_string());
             let body = response.bytes().await.unwrap();
-            assert!(body == large_body(), "splice {splice}: the body differs");
+            assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
-        assert_eq!(upstream.connections(), 1, "splice {splice}");
+        assert_eq!(upstream.connections(), 1, "splice {splice:?}");
     }
+}
+
+/// With `auto`, the answer that starts alone on the lane is copied and those that start while it
+/// streams (paused upstream) are spliced (`splice::Policy`); all of them arrive whole.
+#[tokio::test]
+async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
+    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(Splice::Auto).await;
+    let paused = proxy.url("/large-paused");
+    let first = tokio::spawn(async move { client().get(paused).send().await?.bytes().await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let others: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(client().get(proxy.url("/large")).send()))
+        .collect();
+    for other in others {
+        let body = other.await.unwrap().unwrap().bytes().await.unwrap();
+        assert!(body == large_body(), "a spliced body differs");
+    }
+    assert!(!first.is_finished(), "the first answer was still streaming");
+    upstream.resume.notify_one();
+    let body = first.await.unwrap().unwrap();
+    assert!(body == large_body(), "the copied body differs");
 }
 
 #[tokio::test]
 async fn large_answers_delimited_by_close_arrive_whole() {
-    for splice in [true, false] {
+    for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
         for _ in 0..2 {
             let response = client()
@@ -250,17 +295,21 @@ async fn large_answers_delimited_by_close_arrive_whole() {
                 .send()
                 .await
                 .unwrap();
-            assert_eq!(response.headers()["connection"], "close", "splice {splice}");
+            assert_eq!(
+                response.headers()["connection"],
+                "close",
+                "splice {splice:?}"
+            );
             let body = response.bytes().await.unwrap();
-            assert!(body == large_body(), "splice {splice}: the body differs");
+            assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
-        assert_eq!(upstream.connections(), 2, "splice {splice}");
+        assert_eq!(upstream.connections(), 2, "splice {splice:?}");
     }
 }
 
 #[tokio::test]
 async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
-    for splice in [true, false] {
+    for splice in [Splice::Always, Splice::Never] {
         let (_upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
         let raw = tokio::time::timeout(
             std::time::Duration::from_secs(10),
@@ -272,29 +321,29 @@ async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
         .await
         .expect("the proxy closes the client's connection");
         let head_end = find(&raw, b"\r\n\r\n").expect("a response head") + 4;
-        assert!(raw.starts_with(b"HTTP/1.1 200 OK\r\n"), "splice {splice}");
+        assert!(raw.starts_with(b"HTTP/1.1 200 OK\r\n"), "splice {splice:?}");
         assert_eq!(
             raw.len() - head_end,
             LARGE / 3,
-            "splice {splice}: what was sent"
+            "splice {splice:?}: what was sent"
         );
         assert!(
             raw[head_end..] == large_body()[..LARGE / 3],
-            "splice {splice}"
+            "splice {splice:?}"
         );
         // The proxy carries on.
         let response = client().get(proxy.url("/large")).send().await.unwrap();
         assert_eq!(
             response.bytes().await.unwrap().len(),
             LARGE,
-            "splice {splice}"
+            "splice {splice:?}"
         );
     }
 }
 
 #[tokio::test]
 async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
-    for splice in [true, false] {
+    for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
         stream
@@ -307,12 +356,12 @@ async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
         for _ in 0..2 {
             let response = client().get(proxy.url("/large")).send().await.unwrap();
             let body = response.bytes().await.unwrap();
-            assert!(body == large_body(), "splice {splice}: the body differs");
+            assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
         // Whether the abandoned answer's connection was reused depends on how much of the body
         // the sockets' buffers took before the client left: if it was, it had been read to the
         // end (the bodies above are whole, nothing of the first answer leaked into them).
-        assert!(upstream.connections() <= 2, "splice {splice}");
+        assert!(upstream.connections() <= 2, "splice {splice:?}");
     }
 }
 
