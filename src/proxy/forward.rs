@@ -17,7 +17,7 @@ use tokio::sync::Notify;
 use url::Url;
 
 use super::ProxyError;
-use super::h1::H1Upstream;
+use super::h1::H1Target;
 use super::headers::{add_forwarded, public_base, rewrite_locations, strip_hop_by_hop};
 use super::pool::{Pool, SendError};
 use crate::config::Config;
@@ -40,7 +40,7 @@ pub struct Upstream {
     bases: Bases,
     timeout: Duration,
     /// The HTTP/1.1 fast path's side of the upstream: plain-HTTP upstreams, when enabled.
-    h1: Option<H1Upstream>,
+    h1: Option<Arc<H1Target>>,
 }
 
 /// The upstream's FHIR base and how the proxy's paths map onto it; shared with the fast path.
@@ -106,8 +106,9 @@ impl Upstream {
         let h1 = config
             .server
             .http1_fast_path
-            .then(|| H1Upstream::new(&base, bases.clone(), config))
-            .flatten();
+            .then(|| H1Target::new(&base, bases.clone(), config))
+            .flatten()
+            .map(Arc::new);
         Ok(Self {
             h1,
             pool,
@@ -117,7 +118,7 @@ impl Upstream {
     }
 
     /// The fast path for bodiless HTTP/1.1 passthrough requests ([`super::h1`]), if it applies.
-    pub fn h1(&self) -> Option<&H1Upstream> {
+    pub fn h1(&self) -> Option<&Arc<H1Target>> {
         self.h1.as_ref()
     }
 

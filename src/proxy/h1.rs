@@ -189,23 +189,24 @@ struct Connection {
     buffer: BytesMut,
 }
 
-/// The upstream as the fast path sees it: its address, and a pool of raw connections.
-pub struct H1Upstream {
+/// The upstream as the fast path sees it: where it is and how to talk to it. Each lane serves it
+/// with an [`H1Upstream`] of its own ([`Self::lane`]).
+pub struct H1Target {
     /// `host:port` to connect to.
     address: String,
     /// The `Host` header sent upstream.
     host: String,
     bases: Bases,
-    idle: Arc<IdleStack<Connection>>,
-    buffers: Buffers,
-    /// Which large bodies go through a pipe ([`super::splice`], `server.splice`).
+    pool_max_idle: usize,
+    pool_idle_timeout: Duration,
+    /// Which large bodies go through a pipe ([`super::splice`]).
     #[cfg(target_os = "linux")]
-    splice: super::splice::Policy,
+    splice: crate::config::Splice,
     connect_timeout: Duration,
     timeout: Duration,
 }
 
-impl H1Upstream {
+impl H1Target {
     /// The fast path to `url` (the upstream URL), or `None` when the upstream needs TLS.
     pub(super) fn new(url: &Url, bases: Bases, config: &Config) -> Option<Self> {
         if url.scheme() != "http" {
@@ -222,35 +223,39 @@ impl H1Upstream {
             address: format!("{host}:{port}"),
             host: authority,
             bases,
-            idle: IdleStack::new(
-                config.upstream.pool_max_idle_per_host,
-                Duration::from_secs(config.upstream.pool_idle_timeout_secs),
-            ),
-            buffers: Buffers::default(),
+            pool_max_idle: config.upstream.pool_max_idle_per_host,
+            pool_idle_timeout: Duration::from_secs(config.upstream.pool_idle_timeout_secs),
             #[cfg(target_os = "linux")]
-            splice: super::splice::Policy::new(config.server.splice),
+            splice: config.server.splice,
             connect_timeout: config.connect_timeout(),
             timeout: config.request_timeout(),
         })
     }
 
-    /// This upstream with a pool and buffers of its own, for one of the server's lanes
-    /// (`server::Lanes`): a connection is only ever used on the thread, and by the runtime, that
-    /// made it.
-    pub fn lane(&self) -> Self {
-        Self {
-            address: self.address.clone(),
-            host: self.host.clone(),
-            bases: self.bases.clone(),
-            idle: self.idle.empty_like(),
+    /// An [`H1Upstream`] for one of the server's lanes (`server::Lanes`), with a pool and buffers
+    /// of its own: a connection is only ever used on the thread, and by the runtime, that made it.
+    pub fn lane(self: &Arc<Self>) -> H1Upstream {
+        H1Upstream {
+            target: self.clone(),
+            idle: IdleStack::new(self.pool_max_idle, self.pool_idle_timeout),
             buffers: Buffers::default(),
             #[cfg(target_os = "linux")]
-            splice: self.splice.for_lane(),
-            connect_timeout: self.connect_timeout,
-            timeout: self.timeout,
+            splice: super::splice::Policy::new(self.splice),
         }
     }
+}
 
+/// One lane's side of the upstream ([`H1Target::lane`]): its pool of raw connections, its copy
+/// buffers and its count of large bodies.
+pub struct H1Upstream {
+    target: Arc<H1Target>,
+    idle: Arc<IdleStack<Connection>>,
+    buffers: Buffers,
+    #[cfg(target_os = "linux")]
+    splice: super::splice::Policy,
+}
+
+impl H1Upstream {
     /// Forwards `head` and copies the answer to `client`. An error means nothing was written to
     /// the client (it gets a 502 or 504 from the caller); once the answer has started, failures
     /// end with the client's connection closed, as the general path does.
@@ -302,13 +307,13 @@ impl H1Upstream {
         } = asked;
         out.extend_from_slice(head.method.as_bytes());
         out.push(b' ');
-        if self.bases.same_paths() {
+        if self.target.bases.same_paths() {
             out.extend_from_slice(head.target.as_bytes());
         } else {
-            out.extend_from_slice(self.bases.map_path_and_query(head.target).as_bytes());
+            out.extend_from_slice(self.target.bases.map_path_and_query(head.target).as_bytes());
         }
         out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-        out.extend_from_slice(self.host.as_bytes());
+        out.extend_from_slice(self.target.host.as_bytes());
         out.extend_from_slice(b"\r\n");
         // `Connection` names no other headers here ([`ClientHead::parse`]).
         for header in head.headers {
@@ -394,15 +399,20 @@ impl H1Upstream {
     }
 
     async fn connect(&self) -> Result<Connection, ProxyError> {
-        let connecting = TcpStream::connect(self.address.as_str());
-        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+        let connecting = TcpStream::connect(self.target.address.as_str());
+        let stream = match tokio::time::timeout(self.target.connect_timeout, connecting).await {
             Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => return Err(ProxyError::Unreachable(format!("{}: {e}", self.address))),
+            Ok(Err(e)) => {
+                return Err(ProxyError::Unreachable(format!(
+                    "{}: {e}",
+                    self.target.address
+                )));
+            }
             Err(_) => {
                 return Err(ProxyError::Unreachable(format!(
                     "{}: connect timed out after {} ms",
-                    self.address,
-                    self.connect_timeout.as_millis()
+                    self.target.address,
+                    self.target.connect_timeout.as_millis()
                 )));
             }
         };
@@ -430,7 +440,7 @@ impl H1Upstream {
             });
         }
         out.clear();
-        let timeout = self.timeout;
+        let timeout = self.target.timeout;
         match tokio::time::timeout(timeout, self.read_head(connection, asked, out)).await {
             Ok(result) => result,
             Err(_) => Err(Failure::Error(ProxyError::Timeout(
@@ -636,7 +646,7 @@ fn write_response_head(
                 .filter(|v| is_visible_text(v.as_bytes()))
                 .and_then(|value| {
                     let public = public.get_or_insert_with(|| request.public_base(context));
-                    rebase(value, &upstream.bases.url, public)
+                    rebase(value, &upstream.target.bases.url, public)
                 })
                 .filter(|v| is_visible_text(v.as_bytes()))
             {

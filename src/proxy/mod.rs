@@ -11,7 +11,9 @@ mod pool;
 mod splice;
 
 pub use forward::{ClientContext, Upstream};
-pub use h1::{Answered, Asked, ClientHead, H1Upstream, Scratch, header_slots, put_status_line};
+pub use h1::{
+    Answered, Asked, ClientHead, H1Target, H1Upstream, Scratch, header_slots, put_status_line,
+};
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]

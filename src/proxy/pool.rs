@@ -78,11 +78,6 @@ impl<T: Send + 'static> IdleStack<T> {
         })
     }
 
-    /// A new, empty stack with the same limits.
-    pub(super) fn empty_like(&self) -> Arc<Self> {
-        Self::new(self.max_idle, self.idle_timeout)
-    }
-
     fn start_reaper(self: &Arc<Self>) {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let weak = Arc::downgrade(self);
