@@ -27,7 +27,7 @@ WRK_THREADS="${WRK_THREADS:-1}"
 NICE_BUILD="${NICE_BUILD:-10}"
 BUILD=1
 WRITE_RESULTS=1
-COMMAND_LINE="bench/passthrough.sh $*"
+COMMAND_LINE="${BENCH_COMMAND_LINE:-${BENCH_CC:+BENCH_CC=$BENCH_CC }bench/passthrough.sh $*}"
 for arg in "$@"; do
   case "$arg" in
     --quick) ROUNDS=2; DURATION=2; LAT_DURATION=2 ;;
@@ -86,7 +86,7 @@ if [ -n "${BENCH_CC:-}" ] && [ -z "${BENCH_IN_NETNS:-}" ]; then
     BENCH_CC_ROUTE=1
   fi
   set +e
-  BENCH_IN_NETNS=1 BENCH_CC_ROUTE="${BENCH_CC_ROUTE:-}" BENCH_HOST_CC="$(sysctl -n net.ipv4.tcp_congestion_control)" ip netns exec "$NS" "$0" "$@" --no-build
+  BENCH_IN_NETNS=1 BENCH_CC_ROUTE="${BENCH_CC_ROUTE:-}" BENCH_COMMAND_LINE="$COMMAND_LINE" BENCH_HOST_CC="$(sysctl -n net.ipv4.tcp_congestion_control)" ip netns exec "$NS" "$0" "$@" --no-build
   exit $?
 fi
 TCP_CC="$(sysctl -n net.ipv4.tcp_congestion_control 2>/dev/null || echo unknown)"
