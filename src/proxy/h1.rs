@@ -776,8 +776,10 @@ async fn copy_chunked<W: AsyncWrite + Unpin>(
 
 /// Bodies longer than this (and those delimited by the upstream closing) are spliced on Linux
 /// when `server.splice` says so ([`super::splice`]); otherwise they are copied by two tasks,
-/// one reading from the upstream while the other writes to the client: on a machine with more
-/// than one core a large body then moves at the pace of the slower side, not of both in turn.
+/// one reading from the upstream while the other writes to the client. Both run on the
+/// connection's lane, so they take turns on its thread: the reader keeps taking from the upstream
+/// while the writer waits for the client (a lone 10 MiB body added +0.03 ms over direct in the
+/// lab under cubic, README).
 const PIPELINE_ABOVE: u64 = 512 * 1024;
 /// Size of each buffer the two tasks pass between them. Two of them take turns, so the bytes
 /// written to the client are still in the CPU cache from being read: with 256 KiB × 2 a 10 MiB
