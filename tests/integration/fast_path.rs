@@ -10,7 +10,7 @@ use fhir_bulk_proxy::config::Splice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{FakeFhir, TestProxy, client};
+use crate::support::{FakeFhir, TestProxy, client, outcome};
 
 /// An upstream that answers by path with fixed bytes; counts the connections made to it.
 struct ScriptedUpstream {
@@ -422,9 +422,8 @@ async fn broken_upstream_answers_are_502_or_a_closed_connection() {
     let (_upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
     for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
         let response = client().get(proxy.url(path)).send().await.unwrap();
-        assert_eq!(response.status(), 502, "{path}");
-        let outcome: serde_json::Value = response.json().await.unwrap();
-        assert_eq!(outcome["resourceType"], "OperationOutcome", "{path}");
+        let diagnostics = outcome(response, 502).await;
+        assert!(!diagnostics.is_empty(), "{path}");
     }
     // Cut short after the head was sent: the client sees its connection end early.
     let raw = exchange_raw(proxy.addr, b"GET /fhir/short HTTP/1.1\r\nHost: p\r\n\r\n").await;
