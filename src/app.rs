@@ -16,6 +16,7 @@ use crate::http::metadata::MetadataCache;
 use crate::job::now_unix;
 use crate::proxy::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, first_forwarded};
 use crate::proxy::{ClientContext, Upstream};
+use crate::routes::RouteTable;
 use crate::storage::Storage;
 use crate::store::JobStore;
 use crate::store::embedded::EmbeddedStore;
@@ -36,6 +37,8 @@ pub struct App {
     pub exporter: Arc<Exporter>,
     /// Path under which the proxy serves FHIR (`""` for the root).
     pub base_path: String,
+    /// What the proxy answers itself; everything else is passthrough.
+    pub routes: RouteTable,
     /// Whether the listener speaks TLS.
     pub tls: bool,
     /// The public base URL `server.public_url` names, if set (see [`App::public_base`]).
@@ -85,6 +88,11 @@ impl App {
             storage,
             exporter,
             base_path: config.base_path(),
+            routes: RouteTable::new(
+                &config.base_path(),
+                config.auth.enabled,
+                &config.auth.token_path,
+            ),
             tls: config.server.tls.is_some(),
             configured_public_base: config.server.public_url.as_deref().map(|public| {
                 let origin = public.trim_end_matches('/');

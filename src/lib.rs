@@ -5,8 +5,11 @@
 //!   its validation.
 //! - [`server`]: the listener (plain or TLS), HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - [`app`]: the state shared by all handlers.
-//! - [`http`]: one module per endpoint the proxy answers itself, the router, and the error boundary
-//!   that turns every error into an OperationOutcome.
+//! - [`routes`]: the route table, the one description of what the proxy answers itself, from which
+//!   the router, the fast path's choice and the tests are derived.
+//! - [`http`]: one module per endpoint the proxy answers itself, the router built from
+//!   [`routes`], the gate every passthrough request goes through, and the error boundary that turns
+//!   every error into an OperationOutcome.
 //! - [`auth`]: SMART Backend Services: the client registry, client-assertion checks (JWKS URLs with
 //!   caching and rotation, single-use `jti`), SMART v1/v2 scopes, and the proxy's own access tokens,
 //!   verifiable by any replica without a lookup.
@@ -37,6 +40,7 @@ pub mod http;
 pub mod job;
 pub mod memory_fhir;
 pub mod proxy;
+pub mod routes;
 pub mod server;
 pub mod storage;
 pub mod store;

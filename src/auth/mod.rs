@@ -79,6 +79,11 @@ pub enum AuthError {
     Expired,
     #[error("the access token's scopes do not allow reading {0}")]
     Forbidden(String),
+    /// The request's results cannot be checked against a type-limited token's scopes.
+    #[error(
+        "the proxy cannot check {0} against the access token's scopes: only a token for every resource type (e.g. system/*.read) may make this request"
+    )]
+    Unchecked(String),
 }
 
 /// Token endpoint errors, answered as RFC 6749 §5.2 JSON (SPEC A4.26–27).

@@ -156,6 +156,14 @@ pub fn is_resource_type(name: &str) -> bool {
     R4_RESOURCE_TYPES.binary_search(&name).is_ok()
 }
 
+/// Whether `id` is a FHIR `id` (R4 §2.24.0.1: 1 to 64 of `A-Z a-z 0-9 - .`).
+pub fn is_fhir_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,7 +4,7 @@
 //! missing or invalid bearer token gets `WWW-Authenticate: Bearer` (RFC 6750 §3, SPEC A1.9). Each
 //! error is tagged with where it came from ([`ErrorSource`]), which labels logs and metrics.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::{AuthError, OAuthError};
@@ -45,6 +45,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A method one of the proxy's own routes does not serve (these paths are never forwarded).
+    #[error("this endpoint answers {} only", allowed_list(.0))]
+    MethodNotAllowed(&'static [Method]),
     #[error("{0}")]
     Internal(String),
     /// No valid bearer token: 401 + `WWW-Authenticate: Bearer`.
@@ -69,7 +72,7 @@ pub enum ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
-            AuthError::Forbidden(_) => Self::Forbidden(error.to_string()),
+            AuthError::Forbidden(_) | AuthError::Unchecked(_) => Self::Forbidden(error.to_string()),
             AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => {
                 Self::Unauthorized(error.to_string())
             }
@@ -84,6 +87,7 @@ impl ApiError {
             Self::BadRequest(_)
             | Self::NotFound(_)
             | Self::PayloadTooLarge(_)
+            | Self::MethodNotAllowed(_)
             | Self::Unauthorized(_)
             | Self::Forbidden(_) => ErrorSource::Client,
             Self::OAuth(OAuthError::Unavailable(_)) => ErrorSource::Internal,
@@ -105,6 +109,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             // RFC 6749 §5.2: 400 for every error (invalid_client MAY be 401, and 400 satisfies
             // every test kit); an oversized body is 413; a replay cache outage is retryable.
@@ -159,9 +164,20 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if let Self::MethodNotAllowed(allowed) = &self {
+            if let Ok(value) = HeaderValue::from_str(&allowed_list(allowed)) {
+                response.headers_mut().insert(header::ALLOW, value);
+            }
+        }
         response.extensions_mut().insert(source);
         response
     }
+}
+
+/// `GET, HEAD, POST`: the `Allow` header's form (RFC 9110 §10.2.1).
+fn allowed_list(methods: &[Method]) -> String {
+    let names: Vec<&str> = methods.iter().map(Method::as_str).collect();
+    names.join(", ")
 }
 
 /// A response whose body is `outcome`, as `application/fhir+json`.

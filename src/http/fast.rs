@@ -35,7 +35,7 @@ const CLIENT_BUFFER: usize = 4 * 1024;
 
 /// Whether connections to `app` start on the fast path.
 pub fn applies(app: &App) -> bool {
-    app.upstream.h1().is_some() && !app.auth.protects_passthrough()
+    app.upstream.h1().is_some() && super::gate::is_open(app)
 }
 
 /// Serves requests from `stream` until the client closes it, `stop` is cancelled between

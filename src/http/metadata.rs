@@ -13,7 +13,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
 use super::error::ApiError;
-use super::passthrough;
 use crate::app::{App, AppState};
 use crate::fhir::{FHIR_JSON, capability};
 use crate::proxy::headers::strip_hop_by_hop;
@@ -66,7 +65,7 @@ fn wants_passthrough(request: &Request) -> bool {
 
 pub async fn get(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     if wants_passthrough(&request) {
-        return passthrough(State(app), request).await;
+        return super::gate::forward(State(app), request).await;
     }
     let token_url = format!(
         "{}{}",

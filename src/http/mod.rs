@@ -1,8 +1,8 @@
 //! HTTP endpoints: one file per endpoint, the router, and the error boundary ([`error::ApiError`]).
 //!
-//! The proxy answers `{base}/metadata` and the operational endpoints (`/healthz`, `/readyz`,
-//! `/metrics`) itself; everything else is passthrough ([`passthrough`]; bodiless HTTP/1.1 requests
-//! through [`fast`]). Every request gets an `X-Request-Id` (the client's, or a new one: see
+//! The proxy answers the routes of [`crate::routes`] itself (the router is built from that table);
+//! everything else is passthrough, through the one [`gate`] (bodiless HTTP/1.1 requests through
+//! [`fast`] where the gate has nothing to check). Every request gets an `X-Request-Id` (the client's, or a new one: see
 //! `RequestId`), forwarded upstream and echoed in the response, a tracing span, and a line in the
 //! request metrics.
 
@@ -10,6 +10,7 @@ pub mod error;
 mod export;
 pub mod fast;
 mod files;
+pub mod gate;
 pub mod metadata;
 mod ops;
 mod smart;
@@ -24,22 +25,24 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, delete, get, post};
 use tower::ServiceExt;
 use tracing::Instrument;
 
 use crate::app::AppState;
+use crate::routes::Endpoint;
 use crate::telemetry::metrics;
 use error::ApiError;
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What every connection serves: passthrough requests go straight to the upstream; the proxy's
-/// own endpoints go through the router. Both are observed the same way ([`observe`]).
+/// What every connection serves: passthrough requests go straight through the gate to the
+/// upstream; the proxy's own endpoints ([`crate::routes`]) go through the router. Both are observed
+/// the same way ([`observe`]).
 #[derive(Clone)]
 pub struct Entry {
     app: AppState,
@@ -64,7 +67,7 @@ impl Entry {
         if is_passthrough(&self.app, request.uri().path()) {
             let app = &self.app;
             return observe("passthrough", request, |request| async move {
-                protected_passthrough(app, request, Some(peer))
+                gate::passthrough(app, request, Some(peer))
                     .await
                     .into_response()
             })
@@ -78,165 +81,85 @@ impl Entry {
     }
 }
 
-/// Whether the router would send `path` to its passthrough fallback: no route of the proxy's own
-/// can match it. Errs towards the router (which passes through what it does not answer).
+/// Whether `path` is passthrough: no route of the proxy's own owns it ([`crate::routes`]).
 pub(crate) fn is_passthrough(app: &crate::app::App, path: &str) -> bool {
-    let own = matches!(path, "/healthz" | "/readyz" | "/metrics")
-        || path.ends_with("/metadata")
-        || (path.contains('$') && path.contains("$export"))
-        || (app.auth.enabled()
-            && (path.ends_with(app.auth.token_path())
-                // The one-byte search first: most paths have no '.', and it is much cheaper.
-                || (path.contains('.') && path.contains("/.well-known/"))
-                || path.ends_with(smart::AUTHORIZE_PATH)));
-    !own
+    !app.routes.owns(path)
 }
 
-/// Builds the router for the proxy's own endpoints (anything else it passes through).
+/// Builds the router from the route table: each mounted route gets the handlers of its methods
+/// and 405 for any other method; paths no route owns go through the gate.
 fn router(state: AppState) -> Router {
-    let base = state.base_path.clone();
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route(
-            &format!("{base}/metadata"),
-            get(metadata::get).fallback(passthrough),
-        )
-        .route(
-            &format!("{base}/$export"),
-            get(export::system)
-                .post(export::system)
-                .fallback(passthrough),
-        )
-        .route(
-            &format!("{base}/Patient/$export"),
-            get(export::patient)
-                .post(export::patient)
-                .fallback(passthrough),
-        )
-        .route(
-            &format!("{base}/Group/{{id}}/$export"),
-            get(export::group).post(export::group).fallback(passthrough),
-        )
-        .route(
-            &format!("{base}/$export-status/{{id}}"),
-            get(status::get).delete(status::delete),
-        )
-        .route(
-            &format!("{base}/$export-file/{{id}}/{{name}}"),
-            get(files::get),
-        )
-        .merge(auth_routes(&state))
-        .fallback(fallback_passthrough)
+    let mut router = Router::new();
+    for mounted in state.routes.iter() {
+        let mut methods = MethodRouter::new();
+        for method in mounted.route.methods {
+            if let Some(handler) = handler(mounted.route.endpoint, method) {
+                methods = methods.merge(handler);
+            }
+        }
+        let allowed = mounted.route.methods;
+        router = router.route(
+            &mounted.path,
+            methods.fallback(move || async move { ApiError::MethodNotAllowed(allowed) }),
+        );
+    }
+    router
+        .fallback(gate::forward)
         .layer(middleware::from_fn_with_state(state.clone(), observe_route))
         .with_state(state)
 }
 
-/// The token endpoint and SMART discovery, when the proxy is the authorization server.
-fn auth_routes(state: &AppState) -> Router<AppState> {
-    if !state.auth.enabled() {
-        return Router::new();
-    }
-    let base = &state.base_path;
-    Router::new()
-        .route(
-            &format!("{base}{}", state.auth.token_path()),
-            post(token::post).fallback(passthrough),
-        )
-        .route(
-            &format!("{base}/.well-known/smart-configuration"),
-            get(smart::configuration).fallback(passthrough),
-        )
-        .route(
-            &format!("{base}{}", smart::AUTHORIZE_PATH),
-            get(smart::authorize).post(smart::authorize),
-        )
+/// The handler of `endpoint` for `method` (the `GET` handler serves `HEAD` too).
+fn handler(endpoint: Endpoint, method: &Method) -> Option<MethodRouter<AppState>> {
+    use Endpoint as E;
+    let handler = match (endpoint, method.as_str()) {
+        (E::Healthz, "GET") => get(ops::healthz),
+        (E::Readyz, "GET") => get(ops::readyz),
+        (E::Metrics, "GET") => get(ops::metrics),
+        (E::Metadata, "GET") => get(metadata::get),
+        (E::SystemExport, "GET") => get(export::system),
+        (E::SystemExport, "POST") => post(export::system),
+        (E::PatientExport, "GET") => get(export::patient),
+        (E::PatientExport, "POST") => post(export::patient),
+        (E::GroupExport, "GET") => get(export::group),
+        (E::GroupExport, "POST") => post(export::group),
+        (E::Status, "GET") => get(status::get),
+        (E::Status, "DELETE") => delete(status::delete),
+        (E::File, "GET") => get(files::get),
+        (E::Token, "POST") => post(token::post),
+        (E::SmartConfiguration, "GET") => get(smart::configuration),
+        (E::Authorize, "GET") => get(smart::authorize),
+        (E::Authorize, "POST") => post(smart::authorize),
+        _ => return None,
+    };
+    Some(handler)
 }
 
-/// The router's fallback: what [`Entry::serve`] did not already recognise as passthrough.
-async fn fallback_passthrough(State(app): State<AppState>, request: Request<Body>) -> Response {
-    let peer = peer_of(&request);
-    protected_passthrough(&app, request, peer)
-        .await
-        .into_response()
-}
+#[cfg(test)]
+mod route_table_tests {
+    use super::*;
+    use crate::routes::ROUTES;
 
-/// Passthrough behind the proxy's own tokens when `auth.passthrough` is on (reads only, scoped by
-/// the resource type in the path; the client's `Authorization` is replaced by `upstream.auth`),
-/// plain passthrough otherwise.
-async fn protected_passthrough(
-    app: &crate::app::App,
-    mut request: Request<Body>,
-    peer: Option<SocketAddr>,
-) -> Result<Response, ApiError> {
-    if app.auth.protects_passthrough() {
-        let grant = app.auth.authorize(request.headers())?;
-        let path = request.uri().path();
-        let rest = path.strip_prefix(app.base_path.as_str()).unwrap_or(path);
-        crate::auth::passthrough::check(&grant, request.method(), rest)?;
-        let headers = request.headers_mut();
-        headers.remove(axum::http::header::AUTHORIZATION);
-        if let Some(value) = app.config.upstream.auth.authorization() {
-            let value = axum::http::HeaderValue::from_str(&value)
-                .map_err(|_| ApiError::Internal("upstream.auth is not a valid header".into()))?;
-            headers.insert(axum::http::header::AUTHORIZATION, value);
+    #[test]
+    fn every_method_of_every_route_has_a_handler() {
+        for route in ROUTES {
+            for method in route.methods {
+                assert!(
+                    *method == Method::HEAD || handler(route.endpoint, method).is_some(),
+                    "{:?} {method}",
+                    route.endpoint
+                );
+            }
         }
-    }
-    forward(app, request, peer).await
-}
-
-/// Forwards the request to the upstream and streams the answer back (the handler of methods the
-/// proxy's own routes do not answer, e.g. `PUT {base}/metadata`).
-pub async fn passthrough(
-    State(app): State<AppState>,
-    request: Request<Body>,
-) -> Result<Response, ApiError> {
-    let peer = peer_of(&request);
-    forward(&app, request, peer).await
-}
-
-async fn forward(
-    app: &crate::app::App,
-    request: Request<Body>,
-    peer: Option<SocketAddr>,
-) -> Result<Response, ApiError> {
-    let context = app.client_context(peer);
-    Ok(app.upstream.forward(request, &context).await?)
-}
-
-fn peer_of(request: &Request<Body>) -> Option<SocketAddr> {
-    request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
-}
-
-/// The route class of a matched route, for metrics and logs.
-fn route_class(matched: Option<&str>, token_path: &str) -> &'static str {
-    match matched {
-        None => "passthrough",
-        Some(path) if path.ends_with("/.well-known/smart-configuration") => "smart",
-        Some(path) if path.ends_with("/authorize") => "smart",
-        Some(path) if path.ends_with(token_path) => "token",
-        Some("/healthz" | "/readyz" | "/metrics") => "ops",
-        Some(path) if path.ends_with("/metadata") => "metadata",
-        Some(path) if path.ends_with("/$export") => "export",
-        Some(path) if path.contains("/$export-status/") => "status",
-        Some(path) if path.contains("/$export-file/") => "file",
-        Some(_) => "other",
     }
 }
 
 /// The router's middleware: [`observe`] with the route class of the matched route.
 async fn observe_route(State(app): State<AppState>, request: Request, next: Next) -> Response {
-    let route = route_class(
-        request
-            .extensions()
-            .get::<MatchedPath>()
-            .map(MatchedPath::as_str),
-        app.auth.token_path(),
-    );
+    let route = app
+        .routes
+        .find(request.uri().path())
+        .map_or("passthrough", |mounted| mounted.route.class);
     observe(route, request, |request| next.run(request)).await
 }
 

@@ -9,6 +9,7 @@ mod demo;
 mod export;
 mod fast_path;
 mod fleet;
+mod gate;
 mod object_storage;
 mod operations;
 mod passthrough;

@@ -41,9 +41,19 @@ pub async fn outcome(response: reqwest::Response, status: u16) -> String {
 /// Sends a raw HTTP/1.1 GET with exactly `headers` (no client defaults such as `Accept: */*`)
 /// and returns the status code.
 pub async fn raw_get(addr: std::net::SocketAddr, path: &str, headers: &[(&str, &str)]) -> u16 {
+    raw_request(addr, "GET", path, headers).await
+}
+
+/// [`raw_get`] with any method and the target exactly as written (no URL normalisation).
+pub async fn raw_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> u16 {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    let mut request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }

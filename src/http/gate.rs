@@ -1,0 +1,133 @@
+//! The one gate on the way to the upstream (DESIGN "One gate"): every request the proxy forwards
+//! on a client's behalf, from any path (the general path's passthrough, the metadata endpoint's
+//! XML and `mode=` requests), goes through [`passthrough`]. The fast path forwards without it only
+//! where the gate has nothing to check ([`is_open`]).
+//!
+//! With `auth.passthrough = true` the gate wants one of the proxy's access tokens and lets through
+//! what [`crate::auth::passthrough::check`] allows; the client's `Authorization` is then replaced by
+//! `upstream.auth`'s.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Method, header};
+use axum::response::Response;
+
+use super::error::ApiError;
+use crate::app::{App, AppState};
+use crate::auth::passthrough;
+
+/// Largest `POST _search` form body the gate reads to check its parameters.
+const MAX_SEARCH_FORM: usize = 64 * 1024;
+
+/// Whether the gate lets every request through unexamined (passthrough authorization is off).
+pub fn is_open(app: &App) -> bool {
+    !app.auth.protects_passthrough()
+}
+
+/// [`passthrough`] as a handler: the router's fallback (what no route of the proxy's own owns) and
+/// the metadata endpoint's way to the upstream.
+pub async fn forward(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let peer = request
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    passthrough(&app, request, peer).await
+}
+
+/// Checks `request` against the gate, then forwards it and streams the answer back.
+pub async fn passthrough(
+    app: &App,
+    request: Request,
+    peer: Option<SocketAddr>,
+) -> Result<Response, ApiError> {
+    let request = if is_open(app) {
+        request
+    } else {
+        admit(app, request).await?
+    };
+    let context = app.client_context(peer);
+    Ok(app.upstream.forward(request, &context).await?)
+}
+
+/// The protected gate: the token, its scopes against the path and the search parameters (of the
+/// query, and of the form body of a `POST _search`, which is read here and forwarded as read).
+/// Reads of the CapabilityStatement need no token.
+async fn admit(app: &App, request: Request) -> Result<Request, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let path = parts.uri.path();
+    let rest = match path.strip_prefix(app.base_path.as_str()) {
+        Some(rest) if rest.is_empty() || rest.starts_with('/') => rest,
+        _ => {
+            return Err(ApiError::Forbidden(format!(
+                "{path} is outside the FHIR base {}/",
+                app.base_path
+            )));
+        }
+    };
+    let body = if passthrough::is_public(&parts.method, rest) {
+        body
+    } else {
+        let grant = app.auth.authorize(&parts.headers)?;
+        let is_search_post =
+            parts.method == Method::POST && rest.trim_end_matches('/').ends_with("/_search");
+        let (form, body) = if is_search_post && !grant.scopes.can_read_all() {
+            let form = read_search_form(&parts.headers, body).await?;
+            (Some(form.clone()), Body::from(form))
+        } else {
+            (None, body)
+        };
+        let query = parts.uri.query().unwrap_or("");
+        let form_parameters = form.as_deref().map(url::form_urlencoded::parse);
+        let parameters = url::form_urlencoded::parse(query.as_bytes())
+            .chain(form_parameters.into_iter().flatten());
+        passthrough::check(&grant, &parts.method, rest, parameters)?;
+        body
+    };
+    parts.headers.remove(header::AUTHORIZATION);
+    if let Some(value) = app.config.upstream.auth.authorization() {
+        let value = HeaderValue::from_str(&value)
+            .map_err(|_| ApiError::Internal("upstream.auth is not a valid header".into()))?;
+        parts.headers.insert(header::AUTHORIZATION, value);
+    }
+    Ok(Request::from_parts(parts, body))
+}
+
+/// The body of a `POST _search`: form parameters (FHIR R4 §3.1.1.4.10), at most
+/// [`MAX_SEARCH_FORM`] bytes.
+async fn read_search_form(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+) -> Result<bytes::Bytes, ApiError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        });
+    match content_type.as_deref() {
+        Some("application/x-www-form-urlencoded") | None => {}
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "a POST _search body must be application/x-www-form-urlencoded, not {other:?}"
+            )));
+        }
+    }
+    axum::body::to_bytes(body, MAX_SEARCH_FORM)
+        .await
+        .map_err(|e| {
+            let e = e.into_inner();
+            if e.is::<http_body_util::LengthLimitError>() {
+                ApiError::PayloadTooLarge(format!(
+                    "a POST _search body checked against a token's scopes is limited to {MAX_SEARCH_FORM} bytes"
+                ))
+            } else {
+                ApiError::BadRequest(format!("the request body could not be read: {e}"))
+            }
+        })
+}

@@ -1,0 +1,367 @@
+//! The route table: the one description of what the proxy answers itself (DESIGN "One gate").
+//!
+//! Each [`Route`] names a path pattern and the methods the proxy serves on it. From this table
+//! come the router (`http::router` mounts a handler per route and method), the passthrough fast
+//! path's choice ([`RouteTable::owns`]: a request for an owned path is never forwarded as bytes),
+//! the request metrics' route label, and the tests that send every method to every route with and
+//! without a token. A path the table owns is never forwarded to the upstream: other methods get
+//! 405 with an OperationOutcome. Everything else is passthrough, and every passthrough request
+//! goes through one gate (`http::gate`, which applies `auth.passthrough`).
+//!
+//! Patterns are matched on the raw (still percent-encoded) path, segment by segment, as the
+//! router (matchit) matches them: `{id}` is one non-empty segment, everything else is literal.
+
+use axum::http::Method;
+
+/// What a route is for: the router maps each to its handlers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Healthz,
+    Readyz,
+    Metrics,
+    Metadata,
+    SystemExport,
+    PatientExport,
+    GroupExport,
+    Status,
+    File,
+    Token,
+    SmartConfiguration,
+    Authorize,
+}
+
+/// Where a route's pattern is rooted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Root {
+    /// The server's root (`/healthz`): outside the FHIR base.
+    Server,
+    /// Below the FHIR base (`{base}/metadata`).
+    Base,
+}
+
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone (discovery, the token endpoint itself, health).
+    Public,
+    /// A valid access token of the proxy's (when `auth.enabled`).
+    Token,
+}
+
+/// One route the proxy answers itself.
+#[derive(Debug)]
+pub struct Route {
+    pub endpoint: Endpoint,
+    pub root: Root,
+    /// Path pattern under `root`: literal segments and `{name}` for one segment. The token
+    /// endpoint's is `auth.token_path`, so it is written [`TOKEN_PATTERN`] here.
+    pub pattern: &'static str,
+    /// The methods the proxy serves (`HEAD` wherever `GET` is); others get 405.
+    pub methods: &'static [Method],
+    pub access: Access,
+    /// Only mounted when the proxy is the authorization server (`auth.enabled`); otherwise the
+    /// path is ordinary passthrough.
+    pub needs_auth_enabled: bool,
+    /// The `route` label of the request metrics.
+    pub class: &'static str,
+}
+
+/// Stands for `auth.token_path` in [`ROUTES`].
+pub const TOKEN_PATTERN: &str = "{token_path}";
+
+const GET: &[Method] = &[Method::GET, Method::HEAD];
+const GET_POST: &[Method] = &[Method::GET, Method::HEAD, Method::POST];
+
+/// Every route of the proxy's own.
+pub const ROUTES: &[Route] = &[
+    Route {
+        endpoint: Endpoint::Healthz,
+        root: Root::Server,
+        pattern: "/healthz",
+        methods: GET,
+        access: Access::Public,
+        needs_auth_enabled: false,
+        class: "ops",
+    },
+    Route {
+        endpoint: Endpoint::Readyz,
+        root: Root::Server,
+        pattern: "/readyz",
+        methods: GET,
+        access: Access::Public,
+        needs_auth_enabled: false,
+        class: "ops",
+    },
+    Route {
+        endpoint: Endpoint::Metrics,
+        root: Root::Server,
+        pattern: "/metrics",
+        methods: GET,
+        access: Access::Public,
+        needs_auth_enabled: false,
+        class: "ops",
+    },
+    Route {
+        endpoint: Endpoint::Metadata,
+        root: Root::Base,
+        pattern: "/metadata",
+        methods: GET,
+        access: Access::Public,
+        needs_auth_enabled: false,
+        class: "metadata",
+    },
+    Route {
+        endpoint: Endpoint::SystemExport,
+        root: Root::Base,
+        pattern: "/$export",
+        methods: GET_POST,
+        access: Access::Token,
+        needs_auth_enabled: false,
+        class: "export",
+    },
+    Route {
+        endpoint: Endpoint::PatientExport,
+        root: Root::Base,
+        pattern: "/Patient/$export",
+        methods: GET_POST,
+        access: Access::Token,
+        needs_auth_enabled: false,
+        class: "export",
+    },
+    Route {
+        endpoint: Endpoint::GroupExport,
+        root: Root::Base,
+        pattern: "/Group/{id}/$export",
+        methods: GET_POST,
+        access: Access::Token,
+        needs_auth_enabled: false,
+        class: "export",
+    },
+    Route {
+        endpoint: Endpoint::Status,
+        root: Root::Base,
+        pattern: "/$export-status/{id}",
+        methods: &[Method::GET, Method::HEAD, Method::DELETE],
+        access: Access::Token,
+        needs_auth_enabled: false,
+        class: "status",
+    },
+    Route {
+        endpoint: Endpoint::File,
+        root: Root::Base,
+        pattern: "/$export-file/{id}/{name}",
+        methods: GET,
+        access: Access::Token,
+        needs_auth_enabled: false,
+        class: "file",
+    },
+    Route {
+        endpoint: Endpoint::Token,
+        root: Root::Base,
+        pattern: TOKEN_PATTERN,
+        methods: &[Method::POST],
+        access: Access::Public,
+        needs_auth_enabled: true,
+        class: "token",
+    },
+    Route {
+        endpoint: Endpoint::SmartConfiguration,
+        root: Root::Base,
+        pattern: "/.well-known/smart-configuration",
+        methods: GET,
+        access: Access::Public,
+        needs_auth_enabled: true,
+        class: "smart",
+    },
+    Route {
+        endpoint: Endpoint::Authorize,
+        root: Root::Base,
+        pattern: "/authorize",
+        methods: GET_POST,
+        access: Access::Public,
+        needs_auth_enabled: true,
+        class: "smart",
+    },
+];
+
+/// A route of [`ROUTES`] placed at this server's paths.
+#[derive(Debug)]
+pub struct Mounted {
+    pub route: &'static Route,
+    /// The whole path pattern, as the router takes it (`/fhir/Group/{id}/$export`).
+    pub path: String,
+    /// Its segments after the leading `/`; `None` stands for a `{name}` segment.
+    segments: Vec<Option<String>>,
+}
+
+impl Mounted {
+    /// A concrete path this route answers, with `value` in every `{name}` segment.
+    pub fn example(&self, value: &str) -> String {
+        let mut path = String::new();
+        for segment in &self.segments {
+            path.push('/');
+            path.push_str(segment.as_deref().unwrap_or(value));
+        }
+        path
+    }
+
+    fn matches<'a>(&self, mut segments: impl Iterator<Item = &'a str>) -> bool {
+        for expected in &self.segments {
+            match (segments.next(), expected) {
+                (Some(got), Some(literal)) if got == literal => {}
+                (Some(got), None) if !got.is_empty() => {}
+                _ => return false,
+            }
+        }
+        segments.next().is_none()
+    }
+}
+
+/// The routes this server mounts, for its base path and authorization settings.
+#[derive(Debug)]
+pub struct RouteTable {
+    mounted: Vec<Mounted>,
+    /// The longest pattern, in segments: a longer path cannot be owned.
+    max_segments: usize,
+}
+
+impl RouteTable {
+    /// `base_path` is `""` or `/fhir`-like; `token_path` is `auth.token_path` (`/token`).
+    pub fn new(base_path: &str, auth_enabled: bool, token_path: &str) -> Self {
+        let mounted: Vec<Mounted> = ROUTES
+            .iter()
+            .filter(|route| auth_enabled || !route.needs_auth_enabled)
+            .map(|route| {
+                let pattern = match route.pattern {
+                    TOKEN_PATTERN => token_path,
+                    pattern => pattern,
+                };
+                let path = match route.root {
+                    Root::Server => pattern.to_owned(),
+                    Root::Base => format!("{base_path}{pattern}"),
+                };
+                let segments = path
+                    .split('/')
+                    .skip(1)
+                    .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
+                    .collect();
+                Mounted {
+                    route,
+                    path,
+                    segments,
+                }
+            })
+            .collect();
+        let max_segments = mounted.iter().map(|m| m.segments.len()).max().unwrap_or(0);
+        Self {
+            mounted,
+            max_segments,
+        }
+    }
+
+    /// Every mounted route.
+    pub fn iter(&self) -> impl Iterator<Item = &Mounted> {
+        self.mounted.iter()
+    }
+
+    /// The route that owns `path` (no query), if any: then the request is the proxy's to answer,
+    /// whatever its method, and is never forwarded.
+    pub fn find(&self, path: &str) -> Option<&Mounted> {
+        let rest = path.strip_prefix('/')?;
+        // Most passthrough paths are long or short enough to rule out by counting.
+        let count = rest.split('/').take(self.max_segments + 1).count();
+        if count > self.max_segments {
+            return None;
+        }
+        self.mounted
+            .iter()
+            .filter(|m| m.segments.len() == count)
+            .find(|m| m.matches(rest.split('/')))
+    }
+
+    /// Whether `path` belongs to one of the proxy's own routes.
+    pub fn owns(&self, path: &str) -> bool {
+        self.find(path).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::new("/fhir", true, "/token")
+    }
+
+    #[test]
+    fn every_route_owns_its_examples_and_nothing_next_to_them() {
+        let table = table();
+        for mounted in table.iter() {
+            let path = mounted.example("x1");
+            assert_eq!(
+                table.find(&path).map(|m| m.route.endpoint),
+                Some(mounted.route.endpoint),
+                "{path}"
+            );
+            let ends_in_a_variable = mounted.path.ends_with('}');
+            for near in [
+                format!("{path}/"),
+                format!("{path}/x"),
+                format!("{path}x"),
+                path.replace("$", "%24"),
+                path.to_uppercase(),
+            ] {
+                if near != path && !(ends_in_a_variable && near == format!("{path}x")) {
+                    assert!(!table.owns(&near), "{near}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn passthrough_paths_are_not_owned() {
+        let table = table();
+        for path in [
+            "/fhir/Patient/1",
+            "/fhir/Patient",
+            "/fhir/Group/7",
+            "/fhir/Group//$export",
+            "/fhir",
+            "/fhir/",
+            "/",
+            "",
+            "/metadata",
+            "/fhir/metadata/",
+            "/fhir/$export-status",
+            "/fhir/$export-file/x",
+            "/healthz/x",
+            "/other/$export",
+        ] {
+            assert!(!table.owns(path), "{path}");
+        }
+    }
+
+    #[test]
+    fn auth_routes_exist_only_when_the_proxy_is_the_authorization_server() {
+        let off = RouteTable::new("/fhir", false, "/token");
+        for path in [
+            "/fhir/token",
+            "/fhir/.well-known/smart-configuration",
+            "/fhir/authorize",
+        ] {
+            assert!(table().owns(path), "{path}");
+            assert!(!off.owns(path), "{path}");
+        }
+        assert!(RouteTable::new("", true, "/auth/token").owns("/auth/token"));
+        assert!(RouteTable::new("", true, "/token").owns("/metadata"));
+    }
+
+    #[test]
+    fn every_route_serves_head_where_it_serves_get() {
+        for route in ROUTES {
+            if route.methods.contains(&Method::GET) {
+                assert!(route.methods.contains(&Method::HEAD), "{route:?}");
+            }
+        }
+    }
+}
