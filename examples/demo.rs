@@ -87,11 +87,14 @@ pub async fn run(out: &mut dyn Write) -> anyhow::Result<Outcome> {
     config.store.path = data.path().join("jobs.redb");
     config.storage.path = data.path().join("files");
     config.export.poll_retry_after_secs = 1;
-    config.auth.signing_secret = Some(format!(
-        "{}{}",
-        uuid::Uuid::new_v4().simple(),
-        uuid::Uuid::new_v4().simple()
-    ));
+    config.auth.signing_secret = Some(
+        format!(
+            "{}{}",
+            uuid::Uuid::new_v4().simple(),
+            uuid::Uuid::new_v4().simple()
+        )
+        .into(),
+    );
     config
         .auth
         .clients

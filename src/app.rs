@@ -61,7 +61,14 @@ impl App {
                 Arc::new(EmbeddedStore::open(&config.store.path)?)
             }
             StoreBackend::Redis => Arc::new(
-                RedisStore::connect(config.store.redis_url.as_deref().unwrap_or_default()).await?,
+                RedisStore::connect(
+                    config
+                        .store
+                        .redis_url
+                        .as_ref()
+                        .map_or("", |url| url.expose()),
+                )
+                .await?,
             ),
         };
         let storage = Storage::from_config(&config.storage)?;

@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 mod auth;
+mod secret;
 pub use auth::{AuthConfig, ClientConfig, UpstreamAuthConfig, UpstreamAuthScheme};
+pub use secret::Secret;
 
 /// Environment variable prefix; nested keys are joined with `__`.
 pub const ENV_PREFIX: &str = "BULK_PROXY_";
@@ -296,7 +298,7 @@ pub struct StoreConfig {
     /// Database file of the embedded store. Default `./data/jobs.redb`.
     pub path: PathBuf,
     /// Redis URL for the `redis` backend, e.g. `redis://redis:6379/0`. Default unset.
-    pub redis_url: Option<String>,
+    pub redis_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
@@ -342,7 +344,7 @@ pub enum StorageBackend {
 
 /// An S3-compatible bucket. Credentials left unset come from the environment the AWS way
 /// (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, web identity, instance metadata).
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
     /// Bucket name. Required with `storage.backend = "s3"`.
@@ -355,7 +357,7 @@ pub struct S3Config {
     /// Access key id. Default: unset (from the environment).
     pub access_key_id: Option<String>,
     /// Secret access key. Default: unset (from the environment).
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     /// Key prefix for export files (`{prefix}/{job}/{file}`). Default: unset, the bucket root.
     pub prefix: String,
     /// Allow a plain-HTTP endpoint. Default false.
@@ -364,25 +366,6 @@ pub struct S3Config {
     /// checkpointed at each part upload, so this is also what a crashed worker re-fetches at
     /// most). At least 5 MiB, S3's minimum part size. Default 8 MiB.
     pub part_size_bytes: u64,
-}
-
-impl std::fmt::Debug for S3Config {
-    // The secret must not reach logs or `check-config` output.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Config")
-            .field("bucket", &self.bucket)
-            .field("endpoint", &self.endpoint)
-            .field("region", &self.region)
-            .field("access_key_id", &self.access_key_id)
-            .field(
-                "secret_access_key",
-                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
-            )
-            .field("prefix", &self.prefix)
-            .field("allow_http", &self.allow_http)
-            .field("part_size_bytes", &self.part_size_bytes)
-            .finish()
-    }
 }
 
 impl Default for StorageConfig {
@@ -513,11 +496,11 @@ impl Config {
         self.auth.validate()?;
         self.validate_export()?;
         if self.store.backend == StoreBackend::Redis {
-            let url = self.store.redis_url.as_deref().unwrap_or("");
+            let url = self.store.redis_url.as_ref().map_or("", |url| url.expose());
             if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
                 return Err(invalid(
                     "store.redis_url",
-                    url,
+                    "(hidden: it may hold a password)",
                     "required with store.backend = \"redis\": a redis:// or rediss:// URL",
                 ));
             }

@@ -139,7 +139,7 @@ impl Auth {
     pub fn with_jti_store(config: &Config, jti: Arc<dyn JtiStore>) -> anyhow::Result<Self> {
         let auth: &AuthConfig = &config.auth;
         let secret = match &auth.signing_secret {
-            Some(secret) => secret.as_bytes().to_vec(),
+            Some(secret) => secret.expose().as_bytes().to_vec(),
             None => {
                 if auth.enabled {
                     tracing::warn!(

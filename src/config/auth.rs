@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 use url::Url;
 
-use super::{ConfigError, invalid};
+use super::{ConfigError, Secret, invalid};
 use crate::auth::scopes::Scopes;
 
 /// Token endpoint, access tokens and the client registry.
@@ -26,7 +26,7 @@ pub struct AuthConfig {
     /// Secret (at least 32 bytes) the proxy signs its access tokens with (HS256). Every replica must
     /// share it. Default: unset, a random secret is generated at start with a warning; tokens then
     /// work only on the process that issued them and not across a restart.
-    pub signing_secret: Option<String>,
+    pub signing_secret: Option<Secret>,
     /// Time allowed to fetch a client's JWKS URL, milliseconds. Default 5000.
     pub jwks_fetch_timeout_ms: u64,
     /// Largest JWKS document read from a JWKS URL, bytes. Default 65536.
@@ -75,11 +75,11 @@ pub struct UpstreamAuthConfig {
     /// `none`, `bearer` (sends `token`) or `basic` (sends `username` and `password`). Default `none`.
     pub scheme: UpstreamAuthScheme,
     /// Bearer token for `scheme = "bearer"`. Default unset.
-    pub token: Option<String>,
+    pub token: Option<Secret>,
     /// User name for `scheme = "basic"`. Default unset.
     pub username: Option<String>,
     /// Password for `scheme = "basic"`. Default unset (empty).
-    pub password: Option<String>,
+    pub password: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
@@ -136,7 +136,7 @@ impl AuthConfig {
             ));
         }
         if let Some(secret) = &self.signing_secret {
-            if secret.len() < MIN_SECRET_BYTES {
+            if secret.expose().len() < MIN_SECRET_BYTES {
                 return Err(invalid(
                     "auth.signing_secret",
                     "(hidden)",
@@ -294,7 +294,9 @@ impl UpstreamAuthConfig {
         match self.scheme {
             UpstreamAuthScheme::None => Ok(()),
             UpstreamAuthScheme::Bearer => match &self.token {
-                Some(token) if is_header_safe(token) && !token.is_empty() => Ok(()),
+                Some(token) if is_header_safe(token.expose()) && !token.expose().is_empty() => {
+                    Ok(())
+                }
                 _ => Err(invalid(
                     "upstream.auth.token",
                     "(hidden)",
@@ -319,10 +321,13 @@ impl UpstreamAuthConfig {
         use base64::Engine as _;
         match self.scheme {
             UpstreamAuthScheme::None => None,
-            UpstreamAuthScheme::Bearer => self.token.as_ref().map(|t| format!("Bearer {t}")),
+            UpstreamAuthScheme::Bearer => self
+                .token
+                .as_ref()
+                .map(|t| format!("Bearer {}", t.expose())),
             UpstreamAuthScheme::Basic => {
                 let user = self.username.as_deref().unwrap_or("");
-                let password = self.password.as_deref().unwrap_or("");
+                let password = self.password.as_ref().map_or("", |p| p.expose());
                 let encoded =
                     base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
                 Some(format!("Basic {encoded}"))

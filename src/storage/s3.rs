@@ -61,7 +61,7 @@ impl S3Bucket {
         if let (Some(id), Some(secret)) = (&config.access_key_id, &config.secret_access_key) {
             builder = builder
                 .with_access_key_id(id)
-                .with_secret_access_key(secret);
+                .with_secret_access_key(secret.expose());
         }
         let store = builder
             .build()

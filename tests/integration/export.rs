@@ -82,7 +82,7 @@ impl Setup {
         let mut config = TestProxy::config(&fhir.url());
         if let Some(redis) = &redis {
             config.store.backend = StoreBackend::Redis;
-            config.store.redis_url = Some(redis.url());
+            config.store.redis_url = Some(redis.url().into());
         }
         config.export.page_size = 100;
         config.export.poll_retry_after_secs = 1;

@@ -135,7 +135,7 @@ async fn fleet(replicas: usize, patients: usize, per_patient: usize) -> Fleet {
     config.server.public_url = Some(PUBLIC.into());
     config.server.shutdown_grace_secs = 10;
     config.store.backend = StoreBackend::Redis;
-    config.store.redis_url = Some(redis.url());
+    config.store.redis_url = Some(redis.url().into());
     config.storage.path = dir.path().join("files");
     config.export.page_size = 100;
     config.export.patient_batch_size = 25;

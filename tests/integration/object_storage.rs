@@ -364,7 +364,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
     config.upstream.url = fhir.url();
     config.server.public_url = Some(PUBLIC.into());
     config.store.backend = StoreBackend::Redis;
-    config.store.redis_url = Some(redis.url());
+    config.store.redis_url = Some(redis.url().into());
     s3.configure(&mut config);
     config.export.page_size = 100;
     config.export.lease_secs = 3;

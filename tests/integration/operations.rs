@@ -211,3 +211,38 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[tokio::test]
+async fn readiness_follows_the_job_store() {
+    let mut redis = crate::support::RedisServer::start();
+    let fake = FakeFhir::new().start().await;
+    let mut config = TestProxy::config(&fake.url());
+    config.store.backend = fhir_bulk_proxy::config::StoreBackend::Redis;
+    config.store.redis_url = Some(redis.url().into());
+    let proxy = TestProxy::start(config).await;
+    let ready = || async {
+        let response = client().get(proxy.root("/readyz")).send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        (status, body)
+    };
+    let (status, body) = ready().await;
+    assert_eq!((status, &body["store"]), (200, &Value::from("ok")));
+
+    redis.stop();
+    let (status, body) = ready().await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["upstream"], "ok", "{body}");
+    assert_ne!(body["store"], "ok", "{body}");
+
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = ready().await;
+        if status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

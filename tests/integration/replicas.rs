@@ -34,7 +34,7 @@ async fn fleet(replicas: usize, configure: impl Fn(&mut Config)) -> Fleet {
         let mut config = TestProxy::config(&fhir.url());
         config.server.public_url = Some(PUBLIC.into());
         config.store.backend = StoreBackend::Redis;
-        config.store.redis_url = Some(redis.url());
+        config.store.redis_url = Some(redis.url().into());
         config.storage.path = files.path().to_path_buf();
         config.export.poll_retry_after_secs = 1;
         config.export.page_size = 50;
