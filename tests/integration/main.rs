@@ -10,6 +10,7 @@ mod export;
 mod fast_path;
 mod fleet;
 mod gate;
+mod logs;
 mod object_storage;
 mod operations;
 mod passthrough;

@@ -1,0 +1,119 @@
+//! What the proxy writes to its log: a whole export at `debug`, with every secret in play (the
+//! signing secret, the upstream's bearer token, client assertions good and refused, access tokens
+//! on status, file and protected passthrough requests), leaves none of them in the log.
+
+use std::path::Path;
+
+use fhir_bulk_proxy::auth::keygen::{self, KeyAlgorithm};
+use fhir_bulk_proxy::client::{BulkClient, ClientKey};
+use fhir_bulk_proxy::config::{Config, UpstreamAuthScheme};
+use fhir_bulk_proxy::memory_fhir::MemoryFhir;
+use serde_json::Value;
+
+use crate::support::child::ChildProxy;
+use crate::support::client;
+
+const SIGNING_SECRET: &str = "signing-secret-that-must-never-be-logged-0123";
+const UPSTREAM_TOKEN: &str = "upstream-token-that-must-never-be-logged";
+const CLIENT_ID: &str = "log-test-client";
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_whole_export_at_debug_level_logs_no_secret() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10");
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixtures)
+        .unwrap()
+        .require_bearer(UPSTREAM_TOKEN)
+        .start()
+        .await
+        .unwrap();
+    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
+    let mut config = Config::default();
+    config.upstream.url = fhir.url();
+    config.upstream.auth.scheme = UpstreamAuthScheme::Bearer;
+    config.upstream.auth.token = Some(UPSTREAM_TOKEN.into());
+    config.auth.signing_secret = Some(SIGNING_SECRET.into());
+    config.auth.passthrough = true;
+    config.export.poll_retry_after_secs = 1;
+    config.auth.clients.push(keygen::client_config(
+        CLIENT_ID,
+        &["system/*.read".into()],
+        &key,
+    ));
+    let proxy = ChildProxy::spawn(config, "debug");
+
+    let client_key = ClientKey::from_json(&key.private_jwk).unwrap();
+    let bulk = BulkClient::connect(&proxy.base(), CLIENT_ID, &client_key, "system/*.read")
+        .await
+        .unwrap();
+    let access_token = bulk.token().access_token.clone();
+    let status_url = bulk.kick_off("/Group/synthea-10/$export").await.unwrap();
+    let manifest = bulk.wait(&status_url, |_| {}).await.unwrap();
+    let mut lines = 0;
+    for file in manifest["output"].as_array().unwrap() {
+        lines += bulk
+            .download(file["url"].as_str().unwrap(), |_| Ok(()))
+            .await
+            .unwrap();
+    }
+    assert!(lines > 1000, "{lines} resources exported");
+
+    // Protected passthrough, with the proxy's token (replaced upstream by the upstream's).
+    let patients = client()
+        .get(format!("{}/Patient?_count=1", proxy.base()))
+        .bearer_auth(&access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(patients.status(), 200);
+
+    // A refused assertion (a scope the client is not registered for) and a replayed one.
+    let token_url = bulk.token().token_url.clone();
+    let refused = client_key.assertion(CLIENT_ID, &token_url).unwrap();
+    for scope in ["system/Patient.write", "system/*.read"] {
+        let response = client()
+            .post(&token_url)
+            .form(&[
+                ("grant_type", "client_credentials"),
+                ("scope", scope),
+                (
+                    "client_assertion_type",
+                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                ),
+                ("client_assertion", refused.as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{scope}");
+    }
+
+    let log = proxy.log();
+    let levels: Vec<String> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter_map(|line| line["level"].as_str().map(str::to_owned))
+        .collect();
+    assert!(
+        levels.iter().filter(|l| *l == "DEBUG").count() > 10,
+        "debug logging is on: {} lines",
+        levels.len()
+    );
+    assert!(
+        log.contains("access token issued") && log.contains(CLIENT_ID),
+        "the token flow is logged"
+    );
+    let signature = |jwt: &str| jwt.rsplit('.').next().unwrap().to_owned();
+    let private_d = key.private_jwk["d"].as_str().unwrap().to_owned();
+    for (what, secret) in [
+        ("the signing secret", SIGNING_SECRET.to_owned()),
+        ("the upstream token", UPSTREAM_TOKEN.to_owned()),
+        ("an access token", access_token.clone()),
+        ("an access token's signature", signature(&access_token)),
+        ("a client assertion", refused.clone()),
+        ("a client assertion's signature", signature(&refused)),
+        ("the client's private key", private_d),
+    ] {
+        assert!(!log.contains(&secret), "{what} is in the log");
+    }
+}
