@@ -62,10 +62,8 @@ timeout 300 "$tool" start "$hfs_port" "$work/hfs" "$fixture" | tail -n 2
 hfs=http://127.0.0.1:$hfs_port
 
 echo "== register a client and start the proxy in front of hfs"
-"$proxy_bin" keygen --client-id e2e >"$work/keygen.txt"
-# The private JWK is the first JSON object; the [[auth.clients]] entry follows "# proxy.toml".
-awk '/^\{/{p=1} p{print} /^\}/{exit}' "$work/keygen.txt" >"$work/e2e.jwk.json"
-sed -n '/^# proxy.toml$/,$p' "$work/keygen.txt" >"$work/proxy.toml"
+"$proxy_bin" keygen --client-id e2e --out "$work/keys"
+cp "$work/keys/e2e.client.toml" "$work/proxy.toml"
 proxy_port=$(free_port)
 proxy=http://127.0.0.1:$proxy_port
 BULK_PROXY_UPSTREAM__URL=$hfs \
@@ -88,7 +86,7 @@ curl -fs "http://127.0.0.1:$proxy_port/healthz" >/dev/null || fail "the proxy di
 export_to() {
   local name=$1 kickoff=$2 types=${3:-}
   echo "== export $name: $kickoff${types:+ _type=$types}"
-  env BULK_BASE="$proxy" BULK_CLIENT_ID=e2e BULK_CLIENT_KEY="$work/e2e.jwk.json" \
+  env BULK_BASE="$proxy" BULK_CLIENT_ID=e2e BULK_CLIENT_KEY="$work/keys/e2e.private.jwk.json" \
     BULK_EXPORT="$kickoff" BULK_OUT="$work/out/$name" ${types:+BULK_TYPES="$types"} \
     timeout 300 "$client_bin" >"$work/$name.log" 2>&1 || { cat "$work/$name.log" >&2; fail "export $name"; }
   tail -n 1 "$work/$name.log"

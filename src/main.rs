@@ -35,6 +35,10 @@ enum Command {
         /// Scopes to register (repeatable).
         #[arg(long = "scope", default_value = "system/*.read")]
         scopes: Vec<String>,
+        /// Write the private key (mode 0600), the public JWK Set and the `[[auth.clients]]`
+        /// entry as files in this directory instead of printing them.
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -45,16 +49,11 @@ fn main() -> anyhow::Result<()> {
         client_id,
         alg,
         scopes,
+        out,
     } = &command
     {
         // Needs no configuration: it runs before the proxy is set up.
-        let key = keygen::generate(*alg)?;
-        let report = keygen::Report {
-            client_id,
-            scopes,
-            key: &key,
-        };
-        print!("{report}");
+        print!("{}", keygen::run(client_id, *alg, scopes, out.as_deref())?);
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;

@@ -3,6 +3,7 @@
 //! `[[auth.clients]]` snippet that registers it.
 
 use std::fmt;
+use std::path::{Path, PathBuf};
 
 use josekit::jwk::Jwk;
 use josekit::jwk::alg::ec::EcCurve;
@@ -44,6 +45,36 @@ pub enum KeygenError {
     Algorithm(String),
     #[error("key generation failed: {0}")]
     Crypto(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// The `keygen` command: a new key for `client_id`, written to files in `out` or, without it,
+/// returned as text to print. Returns what to print.
+pub fn run(
+    client_id: &str,
+    algorithm: KeyAlgorithm,
+    scopes: &[String],
+    out: Option<&Path>,
+) -> Result<String, KeygenError> {
+    let key = generate(algorithm)?;
+    let Some(dir) = out else {
+        return Ok(Report {
+            client_id,
+            scopes,
+            key: &key,
+        }
+        .to_string());
+    };
+    let written = write_files(dir, client_id, scopes, &key)?;
+    Ok(format!(
+        "private key (give it to the client; readable by you only): {}\n\
+         public JWK Set (publish it, or keep it inline):           {}\n\
+         registration (append it to proxy.toml):                    {}\n",
+        written.private_key.display(),
+        written.public_jwks.display(),
+        written.registration.display()
+    ))
 }
 
 /// A generated key pair.
@@ -71,6 +102,8 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<GeneratedKey, KeygenError> {
     jwk.set_key_id(&kid);
     jwk.set_algorithm(algorithm.name());
     jwk.set_key_use("sig");
+    // Clients (smart-fetch among them) look for a key allowed to sign.
+    jwk.set_key_operations(vec!["sign"]);
     let public = jwk.to_public_key().map_err(crypto)?;
     let private_jwk = Value::Object(jwk.as_ref().clone());
     let mut public_jwk = Value::Object(public.as_ref().clone());
@@ -82,6 +115,7 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<GeneratedKey, KeygenError> {
     ] {
         public_jwk[name] = json!(value);
     }
+    public_jwk["key_ops"] = json!(["verify"]);
     Ok(GeneratedKey {
         kid,
         algorithm,
@@ -124,6 +158,67 @@ pub fn config_snippet(client_id: &str, scopes: &[String], key: &GeneratedKey) ->
         id = quote(&client.client_id),
         jwks = quote(&jwks),
     )
+}
+
+/// The files `keygen --out DIR` wrote.
+#[derive(Debug)]
+pub struct Written {
+    /// The private JWK, readable by its owner only (mode 0600 on Unix).
+    pub private_key: PathBuf,
+    /// The public JWK Set.
+    pub public_jwks: PathBuf,
+    /// The `[[auth.clients]]` entry, to append to `proxy.toml`.
+    pub registration: PathBuf,
+}
+
+/// Writes the key pair and the registration of `client_id` as three files in `dir` (created if
+/// missing), named after the client id; refuses to overwrite a file that exists.
+pub fn write_files(
+    dir: &Path,
+    client_id: &str,
+    scopes: &[String],
+    key: &GeneratedKey,
+) -> std::io::Result<Written> {
+    std::fs::create_dir_all(dir)?;
+    let stem: String = client_id
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | 'A'..='Z' | '0'..='9' | '-' | '_' | '.' => c,
+            _ => '_',
+        })
+        .collect();
+    let stem = stem.trim_start_matches('.');
+    let written = Written {
+        private_key: dir.join(format!("{stem}.private.jwk.json")),
+        public_jwks: dir.join(format!("{stem}.jwks.json")),
+        registration: dir.join(format!("{stem}.client.toml")),
+    };
+    let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
+    write_new(&written.private_key, &pretty(&key.private_jwk), 0o600)?;
+    write_new(&written.public_jwks, &pretty(&key.public_jwks), 0o644)?;
+    write_new(
+        &written.registration,
+        &config_snippet(client_id, scopes, key),
+        0o644,
+    )?;
+    Ok(written)
+}
+
+/// Creates `path` with `mode` (on Unix) from the start, so the content is never readable by
+/// others, not even for a moment.
+fn write_new(path: &Path, content: &str, mode: u32) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, mode);
+    #[cfg(not(unix))]
+    let _ = mode;
+    let mut file = options.open(path).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("cannot create {}: {e}", path.display()))
+    })?;
+    file.write_all(content.as_bytes())?;
+    file.write_all(b"\n")
 }
 
 /// What `keygen` prints.
@@ -173,6 +268,15 @@ mod tests {
             assert!(public.get("d").is_none(), "public set has no private part");
             assert_eq!(public["kid"], key.kid.as_str());
             assert_eq!(public["use"], "sig");
+            assert_eq!(key.private_jwk["key_ops"], json!(["sign"]));
+            assert_eq!(public["key_ops"], json!(["verify"]));
+            assert_eq!(key.private_jwk["use"], "sig");
+            let kind = if algorithm == KeyAlgorithm::Es384 {
+                "crv"
+            } else {
+                "n"
+            };
+            assert!(key.private_jwk.get(kind).is_some(), "{kind}");
         }
     }
 

@@ -815,3 +815,65 @@ async fn keygen_prints_a_key_and_a_registration_that_works() {
     let response = token_with(&proxy, &key.assertion("cli-client", &token_url(&proxy))).await;
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn keygen_out_writes_a_key_only_its_owner_reads_and_a_registration_that_works() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("keys");
+    let keygen = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
+            .args(["keygen", "--client-id", "team/analytics", "--out"])
+            .arg(&out)
+            .output()
+            .unwrap()
+    };
+    let output = keygen();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let private = out.join("team_analytics.private.jwk.json");
+    let registration = out.join("team_analytics.client.toml");
+    let public: Value =
+        serde_json::from_slice(&std::fs::read(out.join("team_analytics.jwks.json")).unwrap())
+            .unwrap();
+    assert!(public["keys"][0].get("d").is_none(), "{public}");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let again = keygen();
+    assert!(
+        !again.status.success(),
+        "an existing key is never overwritten"
+    );
+
+    #[derive(serde::Deserialize)]
+    struct Auth {
+        clients: Vec<fhir_bulk_proxy::config::ClientConfig>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Registration {
+        auth: Auth,
+    }
+    let entry: Registration =
+        toml::from_str(&std::fs::read_to_string(registration).unwrap()).unwrap();
+    let fake = FakeFhir::new().start().await;
+    let mut config = TestProxy::config(&fake.url());
+    config.auth.signing_secret = Some(TEST_SIGNING_SECRET.into());
+    config.auth.clients = entry.auth.clients;
+    let proxy = TestProxy::start(config).await;
+    let key = fhir_bulk_proxy::client::ClientKey::from_file(&private).unwrap();
+    let connected = fhir_bulk_proxy::client::BulkClient::connect(
+        &proxy.url(""),
+        "team/analytics",
+        &key,
+        "system/*.read",
+    )
+    .await
+    .unwrap();
+    assert_eq!(connected.token().scope, "system/*.read");
+}
