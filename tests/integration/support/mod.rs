@@ -2,6 +2,7 @@
 //! started on `127.0.0.1:0` in front of it.
 
 pub mod fake_fhir;
+pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod s3;
