@@ -94,6 +94,17 @@ impl Exporter {
                 Ok(()) => return,
                 Err(error) => error,
             };
+            let gone = match self.store.get_job(job_id).await {
+                Ok(job) => job.is_none_or(|j| j.state != JobState::Running),
+                Err(_) => false,
+            };
+            if gone {
+                // Deleted (its files went under the attempt) or finished elsewhere: nothing to retry.
+                span.in_scope(|| {
+                    tracing::debug!(error = %error, "finalisation stopped: the job was deleted or finished elsewhere");
+                });
+                return;
+            }
             if attempt >= FINALIZE_ATTEMPTS {
                 let reason = format!("the export files could not be assembled: {error}");
                 return self

@@ -341,8 +341,13 @@ impl Exporter {
     }
 
     /// A storage failure is not the unit's fault: give the unit back (with its committed
-    /// checkpoint) for another attempt.
+    /// checkpoint) for another attempt. Unless the job was deleted meanwhile: removing its files
+    /// under a writer is what made the write fail, and the unit just stops.
     async fn storage_failed(&self, unit: &Unit, worker: &str, error: &StorageError) {
+        if let Ok(None) = self.store.get_job(&unit.job_id).await {
+            tracing::debug!(error = %error, "job deleted while its files were written; unit stopped");
+            return self.discard_unit_files(unit).await;
+        }
         tracing::error!(error = %error, "cannot write export files; releasing the unit");
         let _ = self.store.release_unit(unit, worker).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -391,7 +396,10 @@ impl Exporter {
     /// The lease was lost: another worker has the unit, or the job was deleted.
     async fn lost(&self, unit: &Unit) {
         match self.store.get_job(&unit.job_id).await {
-            Ok(None) => self.discard_unit_files(unit).await,
+            Ok(None) => {
+                tracing::debug!("job deleted; unit stopped");
+                self.discard_unit_files(unit).await;
+            }
             _ => tracing::info!("lease lost; another worker carries on"),
         }
     }

@@ -15,6 +15,7 @@ use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
 use crate::job::{Job, JobState, UnitState, now_millis};
+use crate::storage::StorageError;
 
 /// The job, if it exists and belongs to the token's client.
 pub async fn owned_job(app: &AppState, grant: &Grant, id: &str) -> Result<Job, ApiError> {
@@ -173,7 +174,20 @@ pub async fn delete(
     let files = crate::export::sweep::job_files(&job, app.store.units(&job.id).await.ok());
     // The job record goes first: workers notice at their next checkpoint and stop.
     app.store.delete_job(&job.id).await?;
-    app.storage.delete_job(&job.id, &files).await?;
+    // The job is gone for the client from here on, whatever happens to its files.
+    match app.storage.delete_job(&job.id, &files).await {
+        Ok(()) => {}
+        // A worker wrote a page into the directory while it was removed: that worker removes the
+        // job's files itself when its next checkpoint finds the job gone.
+        Err(StorageError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::DirectoryNotEmpty =>
+        {
+            tracing::debug!(job = %job.id, "a cancelled unit is still writing; it removes the files");
+        }
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e, "export deleted, but not all of its files")
+        }
+    }
     tracing::info!(job = %job.id, "export deleted");
     let outcome = OperationOutcome {
         severity: IssueSeverity::Information,

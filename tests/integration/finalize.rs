@@ -41,6 +41,11 @@ impl Setup {
     /// 40 patients with 10 Observations each; patient batches of 10, so four searches feed
     /// Observation and finalisation has files to merge.
     async fn new(store: Store) -> Self {
+        Self::with(store, |_| {}).await
+    }
+
+    /// As [`Setup::new`], with `tweak` applied to the configuration.
+    async fn with(store: Store, tweak: impl FnOnce(&mut Config)) -> Self {
         let fhir = MemoryFhir::new().synthetic(40, 10).start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
@@ -67,6 +72,7 @@ impl Setup {
         config.export.retry_base_ms = 50;
         config.export.max_active_jobs_per_client = 1;
         let client = SmartClient::register(&mut config);
+        tweak(&mut config);
         let config_path = dir.path().join("proxy.toml");
         std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
         Self {
@@ -270,6 +276,50 @@ async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
     assert_eq!(kick_off(&proxy, &token).await.status(), 202);
 }
 
+/// DELETE while workers write: every DELETE answers 202, the races between a cancelled unit and
+/// the removal of its files are logged at debug (no WARN or ERROR line), and no file is left.
+async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
+    let setup = Setup::with(store, |c| {
+        // Many small searches and pages: workers are always about to write when a DELETE comes.
+        c.export.page_size = 5;
+        c.export.patient_batch_size = 2;
+        c.export.max_active_jobs_per_client = 10;
+    })
+    .await;
+    setup.fhir.faults.latency_ms.store(10, Ordering::SeqCst);
+    let proxy = setup.spawn(None);
+    let token = setup.token(&proxy).await;
+    for round in 0..8 {
+        let status_url = started(&proxy, &token).await;
+        tokio::time::sleep(Duration::from_millis(100 + 60 * round)).await;
+        let deleted = client()
+            .delete(on(&proxy, &status_url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), 202, "round {round}");
+    }
+    let files = setup.config_path.with_file_name("files");
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = std::fs::read_dir(&files)
+            .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let loud: Vec<String> = proxy
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(loud.is_empty(), "{}", loud.join("\n"));
+}
+
 mod embedded {
     use super::Store;
 
@@ -281,6 +331,11 @@ mod embedded {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_finalisation_is_retried_then_fails_the_job() {
         super::a_failing_finalisation_is_retried_then_fails_the_job(Store::Embedded).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_running_exports_is_quiet_and_leaves_no_files() {
+        super::deleting_running_exports_is_quiet_and_leaves_no_files(Store::Embedded).await;
     }
 }
 
@@ -295,5 +350,10 @@ mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failing_finalisation_is_retried_then_fails_the_job() {
         super::a_failing_finalisation_is_retried_then_fails_the_job(Store::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_running_exports_is_quiet_and_leaves_no_files() {
+        super::deleting_running_exports_is_quiet_and_leaves_no_files(Store::Redis).await;
     }
 }
