@@ -30,6 +30,7 @@ use crate::store::JobStore;
 const MAX_TRACKED_IDS: usize = 5_000;
 /// Expired cursors tolerated per unit before it fails (an upstream that expires every cursor).
 const MAX_EXPIRIES: u32 = 20;
+
 pub struct Exporter {
     pub store: Arc<dyn JobStore>,
     pub storage: Storage,
@@ -44,7 +45,8 @@ pub struct Exporter {
 /// A fault a test injects into a proxy process (`FBP_TEST_FAULT`, read by debug builds only: a
 /// release binary has no way to turn it on, so it cannot hurt production). Tests use it to kill a
 /// process mid-finalisation and to make finalisation fail, neither of which can be provoked from
-/// outside reliably (the storage is a local directory, and tests run as root, who writes anywhere).
+/// outside reliably (a test cannot time a SIGKILL to land between the merge and the commit, and
+/// permissions do not stop a process that runs as root from writing the storage directory).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
     /// `finalize-hang`: every finalisation stops for ever once its files are written, before it
