@@ -240,7 +240,8 @@ pub struct ExportConfig {
     pub max_file_resources: u64,
     /// Attempts per upstream page (5xx, 429, timeouts) before the unit fails. Default 5.
     pub retry_max_attempts: u32,
-    /// First retry delay in milliseconds, doubled each attempt up to `retry_max_ms`. Default 500.
+    /// First retry delay in milliseconds, doubled each attempt up to `retry_max_ms`; also the first
+    /// delay before a failed finalisation is tried again. Default 500.
     pub retry_base_ms: u64,
     /// Longest retry delay (also caps a `Retry-After`), milliseconds. Default 30000.
     pub retry_max_ms: u64,
@@ -260,7 +261,8 @@ pub struct ExportConfig {
     pub poll_retry_after_secs: u64,
     /// Seconds a worker's claim on a unit lasts without a heartbeat. Default 30.
     pub lease_secs: u64,
-    /// Seconds between sweeps that delete expired jobs and their files. Default 60.
+    /// Seconds between sweeps that delete expired jobs and their files, and finalise jobs whose
+    /// units are all done but whose finaliser died. Default 60.
     pub sweep_interval_secs: u64,
 }
 

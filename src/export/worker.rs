@@ -1,5 +1,6 @@
-//! Export workers: claim units, page through the upstream with a checkpoint after each page, and
-//! finalise jobs. Also the sweeper that deletes expired jobs and their files.
+//! Export workers: claim units and page through the upstream with a checkpoint after each page;
+//! the worker that finishes a job's last unit finalises the job ([`super::finalize`]). The
+//! [`Exporter`] also runs the sweeper ([`super::sweep`]).
 //!
 //! Exactness (DESIGN "Exact output"): a checkpoint (next link, committed file sizes, the last
 //! `meta.lastUpdated` and the ids written with it) is saved only after the page's lines are durable;
@@ -8,22 +9,19 @@
 //! sorted by `_lastUpdated`) and skips the ids it already wrote with that timestamp — or, when it
 //! could not track them, starts the unit again from scratch on empty files.
 
-use std::collections::HashSet;
-use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::io::AsyncBufReadExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::ndjson::{Line, issue_json, read_page};
+use super::ndjson::{Line, read_page};
 use super::pager::{FetchError, Pager};
 use super::writer::UnitWriter;
 use crate::config::ExportConfig;
-use crate::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, now_unix};
+use crate::job::{Checkpoint, Job, JobState, Unit, UnitState, now_unix};
 use crate::storage::{Storage, StorageError};
 use crate::store::JobStore;
 
@@ -32,16 +30,51 @@ use crate::store::JobStore;
 const MAX_TRACKED_IDS: usize = 5_000;
 /// Expired cursors tolerated per unit before it fails (an upstream that expires every cursor).
 const MAX_EXPIRIES: u32 = 20;
-/// Name of a job's error file.
-pub const ERROR_FILE: &str = "errors.ndjson";
 
 pub struct Exporter {
     pub store: Arc<dyn JobStore>,
     pub storage: Storage,
     pub pager: Arc<Pager>,
-    config: ExportConfig,
-    process_id: String,
+    pub(super) config: ExportConfig,
+    /// Unique per process start: names its workers, finishers and sweeper in leases and claims.
+    pub(super) process_id: String,
+    pub(super) fault: Option<Fault>,
     wake: Notify,
+}
+
+/// A fault a test injects into a proxy process (`FBP_TEST_FAULT`, read by debug builds only: a
+/// release binary has no way to turn it on, so it cannot hurt production). Tests use it to kill a
+/// process mid-finalisation and to make finalisation fail, neither of which can be provoked from
+/// outside reliably (a test cannot time a SIGKILL to land between the merge and the commit, and
+/// permissions do not stop a process that runs as root from writing the storage directory).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `finalize-hang`: every finalisation stops for ever once its files are written, before it
+    /// commits (the test then sends SIGKILL).
+    FinalizeHang,
+    /// `finalize-fail`: every finalisation attempt fails at that point with a storage error.
+    FinalizeFail,
+}
+
+impl Fault {
+    #[cfg(debug_assertions)]
+    fn from_env() -> Option<Self> {
+        let fault = match std::env::var("FBP_TEST_FAULT").ok()?.as_str() {
+            "finalize-hang" => Self::FinalizeHang,
+            "finalize-fail" => Self::FinalizeFail,
+            other => {
+                tracing::warn!(fault = other, "unknown FBP_TEST_FAULT ignored");
+                return None;
+            }
+        };
+        tracing::warn!(?fault, "test fault injection is on (FBP_TEST_FAULT)");
+        Some(fault)
+    }
+
+    #[cfg(not(debug_assertions))]
+    fn from_env() -> Option<Self> {
+        None
+    }
 }
 
 impl Exporter {
@@ -57,6 +90,7 @@ impl Exporter {
             pager: Arc::new(pager),
             config,
             process_id: uuid::Uuid::new_v4().to_string(),
+            fault: Fault::from_env(),
             wake: Notify::new(),
         }
     }
@@ -64,6 +98,17 @@ impl Exporter {
     /// Wakes idle workers (a job was just created).
     pub fn wake(&self) {
         self.wake.notify_waiters();
+    }
+
+    /// Finalises a job in the background: one with no units, which no worker will finish. The
+    /// sweeper would, later; this makes its empty manifest ready at once.
+    pub fn finalize_soon(self: &Arc<Self>, job_id: String) {
+        let this = self.clone();
+        let finisher = format!("{}-kickoff", self.process_id);
+        tokio::spawn(async move {
+            this.finalize(&job_id, &finisher, &CancellationToken::new())
+                .await;
+        });
     }
 
     /// Starts `export.workers` workers and the sweeper; they stop when `shutdown` is cancelled,
@@ -287,18 +332,24 @@ impl Exporter {
             unit.state = UnitState::Done;
         }
         match self.store.finish_unit(&unit, worker).await {
-            Ok(Some(0)) => self.finalize(&unit.job_id).await,
+            Ok(Some(0)) => self.finalize(&unit.job_id, worker, shutdown).await,
             Ok(Some(_)) => {}
             Ok(None) => self.lost(&unit).await,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot record the finished unit; it will be resumed")
-            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "cannot record the finished unit; it is resumed, or the sweeper finalises the job"
+            ),
         }
     }
 
     /// A storage failure is not the unit's fault: give the unit back (with its committed
-    /// checkpoint) for another attempt.
+    /// checkpoint) for another attempt. Unless the job was deleted meanwhile: removing its files
+    /// under a writer is what made the write fail, and the unit just stops.
     async fn storage_failed(&self, unit: &Unit, worker: &str, error: &StorageError) {
+        if let Ok(None) = self.store.get_job(&unit.job_id).await {
+            tracing::debug!(error = %error, "job deleted while its files were written; unit stopped");
+            return self.discard_unit_files(unit).await;
+        }
         tracing::error!(error = %error, "cannot write export files; releasing the unit");
         let _ = self.store.release_unit(unit, worker).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -347,7 +398,10 @@ impl Exporter {
     /// The lease was lost: another worker has the unit, or the job was deleted.
     async fn lost(&self, unit: &Unit) {
         match self.store.get_job(&unit.job_id).await {
-            Ok(None) => self.discard_unit_files(unit).await,
+            Ok(None) => {
+                tracing::debug!("job deleted; unit stopped");
+                self.discard_unit_files(unit).await;
+            }
             _ => tracing::info!("lease lost; another worker carries on"),
         }
     }
@@ -369,217 +423,6 @@ impl Exporter {
                 .delete_job(&unit.job_id, &unit.checkpoint.files)
                 .await;
         }
-    }
-
-    /// Builds the manifest's files once every unit is finished.
-    pub async fn finalize(&self, job_id: &str) {
-        let (mut job, units) = match (
-            self.store.get_job(job_id).await,
-            self.store.units(job_id).await,
-        ) {
-            (Ok(Some(job)), Ok(units)) => (job, units),
-            (Ok(None), _) => return,
-            (Err(e), _) | (_, Err(e)) => {
-                tracing::error!(job = job_id, error = %e, "cannot finalise the job now");
-                return;
-            }
-        };
-        match self.assemble(&job, &units).await {
-            Ok((output, errors)) => {
-                let failed: Vec<&Unit> = units
-                    .iter()
-                    .filter(|u| u.state == UnitState::Failed)
-                    .collect();
-                if output.is_empty() && !units.is_empty() && failed.len() == units.len() {
-                    job.state = JobState::Failed;
-                    job.error = failed[0].error.clone();
-                } else {
-                    job.state = JobState::Completed;
-                }
-                job.output = output;
-                job.error_files = errors;
-            }
-            Err(e) => {
-                job.state = JobState::Failed;
-                job.error = Some(format!("cannot assemble the export files: {e}"));
-            }
-        }
-        let now = now_unix();
-        job.completed_at = Some(now);
-        job.expires_at = Some(now + self.config.job_ttl_secs);
-        job.units_done = units.len() as u32;
-        job.resources_written = job.output.iter().map(|f| f.count).sum();
-        match self.store.put_job(&job).await {
-            Ok(true) => {
-                tracing::info!(job = job_id, state = ?job.state, resources = job.resources_written, "export finished")
-            }
-            Ok(false) => {
-                let files = job_files(&job, Some(units));
-                let _ = self.storage.delete_job(job_id, &files).await;
-            }
-            Err(e) => tracing::error!(job = job_id, error = %e, "cannot record the finished job"),
-        }
-    }
-
-    /// Output files per type (deduplicated where several searches fed one type) and the error file.
-    async fn assemble(
-        &self,
-        job: &Job,
-        units: &[Unit],
-    ) -> Result<(Vec<OutputFile>, Vec<OutputFile>), StorageError> {
-        let mut output = Vec::new();
-        for t in &job.types {
-            let of_type: Vec<&Unit> = units.iter().filter(|u| &u.resource_type == t).collect();
-            let files: Vec<OutputFile> = of_type
-                .iter()
-                .flat_map(|u| u.checkpoint.files.iter().filter(|f| f.count > 0).cloned())
-                .collect();
-            if of_type.len() <= 1 {
-                output.extend(files);
-            } else {
-                output.extend(self.merge_unique(job, t, &files).await?);
-            }
-        }
-        let mut issues: Vec<String> = job.warnings.iter().map(|w| warning_json(w)).collect();
-        for unit in units {
-            issues.extend(unit.checkpoint.issues.iter().cloned());
-            if let Some(error) = &unit.error {
-                issues.push(issue_json(error));
-            }
-        }
-        let mut errors = Vec::new();
-        if !issues.is_empty() {
-            let lines: Vec<Line> = issues
-                .into_iter()
-                .map(|i| Line {
-                    id: None,
-                    last_updated: None,
-                    bytes: format!("{i}\n").into_bytes(),
-                })
-                .collect();
-            let _ = self.storage.discard(&job.id, &error_file_stub()).await;
-            let mut writer = UnitWriter::resume(
-                &self.storage,
-                &job.id,
-                "errors".into(),
-                "OperationOutcome",
-                (u64::MAX, u64::MAX),
-                Vec::new(),
-            )
-            .await?;
-            writer.write(&lines).await?;
-            writer.finish().await?;
-            writer.settle().await?;
-            errors = writer.files().to_vec();
-        }
-        Ok((output, errors))
-    }
-
-    /// Rewrites a type's part files into `{type}.{n}.ndjson` with each resource id once.
-    async fn merge_unique(
-        &self,
-        job: &Job,
-        resource_type: &str,
-        parts: &[OutputFile],
-    ) -> Result<Vec<OutputFile>, StorageError> {
-        let mut seen: HashSet<u128> = HashSet::new();
-        let hasher = IdHasher::new();
-        let mut writer = UnitWriter::resume(
-            &self.storage,
-            &job.id,
-            resource_type.to_owned(),
-            resource_type,
-            (self.config.max_file_bytes, self.config.max_file_resources),
-            Vec::new(),
-        )
-        .await?;
-        for part in parts {
-            let mut reader = self.storage.reader(&job.id, &part.name).await?.lines();
-            let mut batch = Vec::new();
-            loop {
-                let line = reader
-                    .next_line()
-                    .await
-                    .map_err(|source| StorageError::Io {
-                        path: part.name.clone(),
-                        source,
-                    })?;
-                let Some(line) = line else { break };
-                let id = serde_json::from_str::<IdOnly>(&line)
-                    .ok()
-                    .and_then(|r| r.id)
-                    .unwrap_or_default();
-                if id.is_empty() || seen.insert(hasher.hash(&id)) {
-                    batch.push(Line {
-                        id: None,
-                        last_updated: None,
-                        bytes: format!("{line}\n").into_bytes(),
-                    });
-                }
-                if batch.len() >= 1000 {
-                    writer.write(&batch).await?;
-                    batch.clear();
-                }
-            }
-            writer.write(&batch).await?;
-        }
-        // Not checkpointed: the merged files are complete before any part file goes.
-        writer.finish().await?;
-        writer.settle().await?;
-        for part in parts {
-            self.storage.discard(&job.id, part).await?;
-        }
-        Ok(writer.files().to_vec())
-    }
-
-    async fn sweep_forever(&self, shutdown: CancellationToken) {
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(Duration::from_secs(self.config.sweep_interval_secs)) => {}
-                () = shutdown.cancelled() => return,
-            }
-            self.sweep().await;
-        }
-    }
-
-    /// Deletes jobs (and files) past their expiry.
-    pub async fn sweep(&self) {
-        let Ok(ids) = self.store.job_ids().await else {
-            return;
-        };
-        let now = now_unix();
-        for id in ids {
-            if let Ok(Some(job)) = self.store.get_job(&id).await {
-                if job.expires_at.is_some_and(|at| at <= now) {
-                    tracing::info!(job = %id, "export expired; deleting it and its files");
-                    let files = job_files(&job, self.store.units(&id).await.ok());
-                    let _ = self.store.delete_job(&id).await;
-                    let _ = self.storage.delete_job(&id, &files).await;
-                }
-            }
-        }
-    }
-}
-
-/// Every file a job's records know of (manifest files and units' part files), so that deleting
-/// the job aborts unfinished uploads too.
-pub fn job_files(job: &Job, units: Option<Vec<Unit>>) -> Vec<OutputFile> {
-    let mut files: Vec<OutputFile> = job.output.iter().chain(&job.error_files).cloned().collect();
-    for unit in units.into_iter().flatten() {
-        files.extend(unit.checkpoint.files);
-    }
-    files
-}
-
-/// The error file as [`Exporter::assemble`] names it (a leftover of an interrupted finalisation
-/// is removed first).
-fn error_file_stub() -> OutputFile {
-    OutputFile {
-        resource_type: "OperationOutcome".into(),
-        name: "errors.0.ndjson".into(),
-        count: 0,
-        bytes: 0,
-        upload: None,
     }
 }
 
@@ -603,29 +446,6 @@ impl Prefetch {
 impl Drop for Prefetch {
     fn drop(&mut self) {
         self.handle.abort();
-    }
-}
-
-#[derive(serde::Deserialize)]
-struct IdOnly {
-    id: Option<String>,
-}
-
-/// 128-bit id hashes (two keyed SipHashes): collisions are negligible at any export size, and
-/// the set costs 16 bytes per resource rather than the id's length.
-struct IdHasher(
-    std::collections::hash_map::RandomState,
-    std::collections::hash_map::RandomState,
-);
-
-impl IdHasher {
-    fn new() -> Self {
-        Self(Default::default(), Default::default())
-    }
-
-    fn hash(&self, id: &str) -> u128 {
-        let one = |state: &std::collections::hash_map::RandomState| state.hash_one(id);
-        (u128::from(one(&self.0)) << 64) | u128::from(one(&self.1))
     }
 }
 
@@ -688,14 +508,6 @@ fn track_last_updated(cp: &mut Checkpoint, lines: &[Line]) {
     }
 }
 
-fn warning_json(diagnostics: &str) -> String {
-    serde_json::json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{ "severity": "warning", "code": "informational", "diagnostics": diagnostics }]
-    })
-    .to_string()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -741,12 +553,5 @@ mod tests {
         no_meta.last_updated = None;
         track_last_updated(&mut cp, &[no_meta]);
         assert_eq!(cp.ids_at_last_updated, ["a"]);
-    }
-
-    #[test]
-    fn id_hashes_differ() {
-        let h = IdHasher::new();
-        assert_ne!(h.hash("a"), h.hash("b"));
-        assert_eq!(h.hash("a"), h.hash("a"));
     }
 }

@@ -172,8 +172,9 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         }
     }
     if no_units {
-        // Nothing to fetch (no matching types or patients): the manifest is empty at once.
-        app.exporter.finalize(&id).await;
+        // Nothing to fetch (no matching types or patients): no worker will finish a unit of it,
+        // so it is finalised now (in the background: a failing attempt backs off and retries).
+        app.exporter.finalize_soon(id.clone());
     } else {
         app.exporter.wake();
     }

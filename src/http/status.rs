@@ -2,7 +2,8 @@
 //!
 //! A job belongs to the client that started it; any other client gets 404, as for a job that does
 //! not exist. The first poll is always 202 (BDT); polling faster than half the `Retry-After` told
-//! answers 429. A completed job answers its manifest (`application/json`, `Expires`).
+//! answers 429. A completed job answers its manifest (`application/json`, `Expires`); a failed one
+//! 500 with an OperationOutcome saying why (A6.5).
 
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -14,9 +15,7 @@ use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
 use crate::job::{Job, JobState, UnitState, now_millis};
-
-/// How long the "first poll" marker is kept (longer than any job lives).
-const FIRST_POLL_MARK_MS: u64 = 7 * 24 * 3600 * 1000;
+use crate::storage::StorageError;
 
 /// The job, if it exists and belongs to the token's client.
 pub async fn owned_job(app: &AppState, grant: &Grant, id: &str) -> Result<Job, ApiError> {
@@ -54,10 +53,7 @@ pub async fn get(
             message: format!("polling too fast: wait {retry_after} s between status requests"),
         });
     }
-    let first_poll = app
-        .store
-        .record_poll(&format!("{}:first", job.id), now_ms, FIRST_POLL_MARK_MS)
-        .await?;
+    let first_poll = app.store.first_poll(&job.id).await?;
 
     match job.state {
         JobState::Running => in_progress(&app, &job, retry_after).await,
@@ -175,10 +171,23 @@ pub async fn delete(
     let grant = app.auth.authorize(&headers)?;
     let job = owned_job(&app, &grant, &id).await?;
     // The files the records know of (unfinished uploads among them are aborted).
-    let files = crate::export::worker::job_files(&job, app.store.units(&job.id).await.ok());
+    let files = crate::export::sweep::job_files(&job, app.store.units(&job.id).await.ok());
     // The job record goes first: workers notice at their next checkpoint and stop.
     app.store.delete_job(&job.id).await?;
-    app.storage.delete_job(&job.id, &files).await?;
+    // The job is gone for the client from here on, whatever happens to its files.
+    match app.storage.delete_job(&job.id, &files).await {
+        Ok(()) => {}
+        // A worker wrote a page into the directory while it was removed: that worker removes the
+        // job's files itself when its next checkpoint finds the job gone.
+        Err(StorageError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::DirectoryNotEmpty =>
+        {
+            tracing::debug!(job = %job.id, "a cancelled unit is still writing; it removes the files");
+        }
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e, "export deleted, but not all of its files")
+        }
+    }
     tracing::info!(job = %job.id, "export deleted");
     let outcome = OperationOutcome {
         severity: IssueSeverity::Information,

@@ -21,6 +21,10 @@
 //! - **An unfinished-unit counter per job**, decremented only when a unit goes from unfinished
 //!   to finished, so exactly one finisher observes 0 and a retried finish cannot count twice.
 //! - **Running jobs per client** in a multimap (client → job ids) for the kick-off cap.
+//! - **A finalisation claim per job** (owner, lease, attempts) beside the job record, so claiming
+//!   and committing a job's finalisation are decided under the write lock like unit claims; the
+//!   attempt count survives restarts, which is what bounds the retries of a job whose finaliser
+//!   keeps dying.
 //! - **`jti`s** are kept with an expiry index so each [`JobStore::first_use`] forgets a bounded
 //!   batch of expired entries without scanning the table.
 //! - Status polls are committed with [`Durability::Eventual`]: losing the last poll time in a
@@ -50,6 +54,10 @@ const UNFINISHED: TableDefinition<&str, u32> = TableDefinition::new("unfinished"
 const ACTIVE: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("active");
 /// job id → time of the last accepted status poll (Unix ms).
 const POLLS: TableDefinition<&str, u64> = TableDefinition::new("polls");
+/// job id → (): the job's status has been polled (the first poll answers 202).
+const POLLED: TableDefinition<&str, ()> = TableDefinition::new("polled");
+/// job id → (finisher, lease_until, attempts): the claim on the job's finalisation.
+const FINALIZING: TableDefinition<&str, (&str, u64, u32)> = TableDefinition::new("finalizing");
 /// (issuer, jti) → expires_at.
 const JTIS: TableDefinition<(&str, &str), u64> = TableDefinition::new("jtis");
 /// (expires_at, issuer, jti) → (): lets `first_use` find expired `jti`s in order.
@@ -119,6 +127,8 @@ impl EmbeddedStore {
         txn.open_table(UNFINISHED)?;
         txn.open_multimap_table(ACTIVE)?;
         txn.open_table(POLLS)?;
+        txn.open_table(POLLED)?;
+        txn.open_table(FINALIZING)?;
         txn.open_table(JTIS)?;
         txn.open_table(JTI_EXPIRY)?;
         txn.commit()?;
@@ -219,6 +229,46 @@ fn owned_unit(
     let units = txn.open_table(UNITS)?;
     Ok(get_unit(&units, &unit.job_id, unit.index)?
         .filter(|stored| stored.owner.as_deref() == Some(worker) && !stored.is_finished()))
+}
+
+/// A Running job whose units are all finished, and whose finalisation claim `finisher` may take.
+fn may_finalize(
+    jobs: &impl ReadableTable<&'static str, &'static str>,
+    unfinished: &impl ReadableTable<&'static str, u32>,
+    claims: &impl ReadableTable<&'static str, (&'static str, u64, u32)>,
+    (job_id, finisher, now): (&str, &str, UnixSecs),
+) -> Result<bool, StoreError> {
+    let running = match jobs.get(job_id)? {
+        Some(json) => decode::<Job>(json.value())?.state == JobState::Running,
+        None => false,
+    };
+    if !running || unfinished.get(job_id)?.is_some_and(|n| n.value() > 0) {
+        return Ok(false);
+    }
+    Ok(match claims.get(job_id)? {
+        Some(claim) => {
+            let (owner, lease_until, _) = claim.value();
+            owner == finisher || lease_until < now
+        }
+        None => true,
+    })
+}
+
+/// Whether the job is Running and `finisher` holds its finalisation claim.
+fn holds_finalize(
+    txn: &WriteTransaction,
+    job_id: &str,
+    finisher: &str,
+) -> Result<bool, StoreError> {
+    let running = match txn.open_table(JOBS)?.get(job_id)? {
+        Some(json) => decode::<Job>(json.value())?.state == JobState::Running,
+        None => false,
+    };
+    Ok(running
+        && txn
+            .open_table(FINALIZING)?
+            .get(job_id)?
+            .is_some_and(|c| c.value().0 == finisher))
 }
 
 /// Adds (`running`) or removes the claimable entries of a job's unfinished units.
@@ -340,7 +390,12 @@ impl JobStore for EmbeddedStore {
             txn.open_table(UNITS)?
                 .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
             txn.open_table(UNFINISHED)?.remove(id)?;
-            txn.open_table(POLLS)?.remove(id)?;
+            let mut polls = txn.open_table(POLLS)?;
+            polls.remove(id)?;
+            // The first-poll mark of versions before `first_poll`, kept here under this key.
+            polls.remove(format!("{id}:first").as_str())?;
+            txn.open_table(POLLED)?.remove(id)?;
+            txn.open_table(FINALIZING)?.remove(id)?;
             Ok(true)
         })
         .await
@@ -472,6 +527,108 @@ impl JobStore for EmbeddedStore {
             new.owner = None;
             new.lease_until = 0;
             rewrite_unit(txn, &old, &new)
+        })
+        .await
+    }
+
+    async fn claim_finalize(
+        &self,
+        job_id: &str,
+        finisher: &str,
+        now: UnixSecs,
+        lease_until: UnixSecs,
+    ) -> Result<Option<u32>, StoreError> {
+        let key = (job_id.to_owned(), finisher.to_owned());
+        // The sweeper asks about every Running job: a read answers "not ready" without the fsync a
+        // write transaction's commit costs.
+        let ready = {
+            let (job_id, finisher) = key.clone();
+            self.read(move |txn| {
+                may_finalize(
+                    &txn.open_table(JOBS)?,
+                    &txn.open_table(UNFINISHED)?,
+                    &txn.open_table(FINALIZING)?,
+                    (&job_id, &finisher, now),
+                )
+            })
+            .await?
+        };
+        if !ready {
+            return Ok(None);
+        }
+        let (job_id, finisher) = key;
+        self.write(Durability::Immediate, move |txn| {
+            let mut claims = txn.open_table(FINALIZING)?;
+            let id = job_id.as_str();
+            if !may_finalize(
+                &txn.open_table(JOBS)?,
+                &txn.open_table(UNFINISHED)?,
+                &claims,
+                (id, &finisher, now),
+            )? {
+                return Ok(None);
+            }
+            let attempt = claims.get(id)?.map_or(0, |c| c.value().2) + 1;
+            claims.insert(id, (finisher.as_str(), lease_until, attempt))?;
+            Ok(Some(attempt))
+        })
+        .await
+    }
+
+    async fn extend_finalize(
+        &self,
+        job_id: &str,
+        finisher: &str,
+        lease_until: UnixSecs,
+    ) -> Result<bool, StoreError> {
+        let job_id = job_id.to_owned();
+        let finisher = finisher.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let id = job_id.as_str();
+            if !holds_finalize(txn, id, &finisher)? {
+                return Ok(false);
+            }
+            let mut claims = txn.open_table(FINALIZING)?;
+            let attempts = claims.get(id)?.map_or(0, |c| c.value().2);
+            claims.insert(id, (finisher.as_str(), lease_until, attempts))?;
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn complete_job(&self, job: &Job, finisher: &str) -> Result<bool, StoreError> {
+        let job = job.clone();
+        let finisher = finisher.to_owned();
+        self.write(Durability::Immediate, move |txn| {
+            let id = job.id.as_str();
+            if !holds_finalize(txn, id, &finisher)? {
+                return Ok(false);
+            }
+            let mut jobs = txn.open_table(JOBS)?;
+            let old: Job = match jobs.get(id)? {
+                Some(json) => decode(json.value())?,
+                None => return Ok(false),
+            };
+            jobs.insert(id, encode(&job)?.as_str())?;
+            if job.state != JobState::Running {
+                txn.open_multimap_table(ACTIVE)?
+                    .remove(old.client_id.as_str(), id)?;
+                index_units(txn, id, false)?;
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn first_poll(&self, job_id: &str) -> Result<bool, StoreError> {
+        let job_id = job_id.to_owned();
+        // Losing the mark in a crash costs one more 202; an fsync per first poll would cost more.
+        self.write(Durability::Eventual, move |txn| {
+            let id = job_id.as_str();
+            if txn.open_table(JOBS)?.get(id)?.is_none() {
+                return Ok(false);
+            }
+            Ok(txn.open_table(POLLED)?.insert(id, ())?.is_none())
         })
         .await
     }

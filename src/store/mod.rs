@@ -6,8 +6,9 @@
 //! - [`redis`]: several replicas share jobs, units, leases, rate limits and `jti`s.
 //!
 //! Records are the JSON of the types in [`crate::job`]. Every operation that decides between
-//! workers (claiming a unit, saving it under a lease, finishing the last unit, the per-client cap,
-//! first use of a `jti`) is atomic in both stores.
+//! workers (claiming a unit, saving it under a lease, finishing the last unit, claiming and
+//! committing a job's finalisation, the per-client cap, first use of a `jti`, a job's first status
+//! poll) is atomic in both stores.
 
 use async_trait::async_trait;
 
@@ -57,7 +58,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// when the job no longer exists (deleted meanwhile).
     async fn put_job(&self, job: &Job) -> Result<bool, StoreError>;
 
-    /// Deletes a job and its units. Returns whether it existed.
+    /// Deletes a job, its units, its finalisation claim and its poll markers. Returns whether it
+    /// existed.
     async fn delete_job(&self, id: &str) -> Result<bool, StoreError>;
 
     /// Ids of every stored job (for the sweeper and for resuming after a restart).
@@ -90,6 +92,39 @@ pub trait JobStore: Send + Sync + 'static {
     /// Gives a unit back (state Pending, no owner) if `worker` owns it: graceful shutdown, so
     /// another worker carries on at once.
     async fn release_unit(&self, unit: &Unit, worker: &str) -> Result<(), StoreError>;
+
+    /// Claims the finalisation of a Running job whose units are all finished (none at all counts),
+    /// for `finisher` until `lease_until`, when nobody else holds it: no claim yet, a claim whose
+    /// `lease_until < now` (its holder died, or is waiting out a backoff), or `finisher`'s own
+    /// (its retry). Returns the attempt number: 1 for the first claim, one more for every claim
+    /// since, whoever took it (a finaliser that dies counts as an attempt). `None` when the job is
+    /// gone, no longer Running, has unfinished units, or another finisher holds the claim.
+    async fn claim_finalize(
+        &self,
+        job_id: &str,
+        finisher: &str,
+        now: UnixSecs,
+        lease_until: UnixSecs,
+    ) -> Result<Option<u32>, StoreError>;
+
+    /// Moves `finisher`'s claim on the job's finalisation to `lease_until` (a heartbeat, or the end
+    /// of a backoff). False when it does not hold the claim or the job is no longer Running.
+    async fn extend_finalize(
+        &self,
+        job_id: &str,
+        finisher: &str,
+        lease_until: UnixSecs,
+    ) -> Result<bool, StoreError>;
+
+    /// Commits a finalisation: replaces the job record with `job` (its final state, Completed or
+    /// Failed) if the job is still Running and `finisher` holds its finalisation claim, and frees
+    /// the client's export slot. Returns false, writing nothing, otherwise — so however many
+    /// finishers race, one manifest is recorded.
+    async fn complete_job(&self, job: &Job, finisher: &str) -> Result<bool, StoreError>;
+
+    /// Marks the job's status as polled. True the first time for an existing job, false after
+    /// that and for a job that does not exist. The mark goes with the job.
+    async fn first_poll(&self, job_id: &str) -> Result<bool, StoreError>;
 
     /// Records a status poll of `job_id` at `now_ms`. Returns false (and records nothing) when the
     /// previous accepted poll was less than `min_interval_ms` earlier.

@@ -22,7 +22,7 @@
 //!
 //! | key                       | type   | content                                               |
 //! |---------------------------|--------|-------------------------------------------------------|
-//! | `job:{id}`                | hash   | `json` (Job), `state` (its state), `client`           |
+//! | `job:{id}`                | hash   | `json` (Job), `state` (its state), `client`, `polled`, `fin*` (below) |
 //! | `jobs`                    | set    | every job id                                          |
 //! | `active:{client}`         | set    | the client's Running job ids (the kick-off cap)       |
 //! | `units:{id}`              | hash   | `b:{i}` Unit JSON, `o:{i}` owner, `l:{i}` lease_until |
@@ -31,6 +31,10 @@
 //! | `poll:{id}`               | string | last accepted poll (Unix ms), expires after the interval |
 //! | `jti:{len(iss)}:{iss}:{jti}` | string | expires_at, expires with it                        |
 //! | `upstream-slots`          | zset   | holder → expiry (Unix ms): the fleet-wide upstream request cap |
+//!
+//! A job's hash also carries its first-poll mark (`polled`, set by the first status poll) and the
+//! claim on its finalisation (`fin` the finisher, `fin_lease` until when, `fin_attempts` how many
+//! claims so far), so both go with the job.
 //!
 //! `claimable` holds only units of Running jobs ([`JobStore::put_job`] removes a job's members when
 //! it leaves Running), so claiming is one `ZRANGEBYSCORE … LIMIT 0 1` below `now`: expired leases
@@ -57,6 +61,56 @@ impl From<RedisError> for StoreError {
         StoreError::Unavailable(error.to_string())
     }
 }
+
+/// `ARGV`: prefix, id, finisher, now, lease_until. Returns the attempt number, or 0 when the
+/// job is not Running, has unfinished units, or another finisher's claim is live.
+const CLAIM_FINALIZE: &str = r"
+local p, id, finisher = ARGV[1], ARGV[2], ARGV[3]
+local jk = p .. 'job:' .. id
+if redis.call('HGET', jk, 'state') ~= 'running' then return 0 end
+if redis.call('SCARD', p .. 'open:' .. id) > 0 then return 0 end
+local owner = redis.call('HGET', jk, 'fin')
+if owner and owner ~= finisher
+  and tonumber(redis.call('HGET', jk, 'fin_lease') or '0') >= tonumber(ARGV[4]) then
+  return 0
+end
+local attempt = redis.call('HINCRBY', jk, 'fin_attempts', 1)
+redis.call('HSET', jk, 'fin', finisher, 'fin_lease', ARGV[5])
+return attempt
+";
+
+/// `ARGV`: prefix, id, finisher, lease_until. Returns 1 extended, 0 claim not held.
+const EXTEND_FINALIZE: &str = r"
+local jk = ARGV[1] .. 'job:' .. ARGV[2]
+if redis.call('HGET', jk, 'state') ~= 'running' then return 0 end
+if redis.call('HGET', jk, 'fin') ~= ARGV[3] then return 0 end
+redis.call('HSET', jk, 'fin_lease', ARGV[4])
+return 1
+";
+
+/// `ARGV`: prefix, id, finisher, state, json. Returns 1 committed, 0 claim not held or job not
+/// Running.
+const COMPLETE_JOB: &str = r"
+local p, id, state = ARGV[1], ARGV[2], ARGV[4]
+local jk = p .. 'job:' .. id
+if redis.call('HGET', jk, 'state') ~= 'running' then return 0 end
+if redis.call('HGET', jk, 'fin') ~= ARGV[3] then return 0 end
+redis.call('HSET', jk, 'json', ARGV[5], 'state', state)
+if state ~= 'running' then
+  redis.call('SREM', p .. 'active:' .. redis.call('HGET', jk, 'client'), id)
+  local ck = p .. 'claimable'
+  for _, idx in ipairs(redis.call('SMEMBERS', p .. 'open:' .. id)) do
+    redis.call('ZREM', ck, id .. ':' .. idx)
+  end
+end
+return 1
+";
+
+/// `KEYS[1]` the job key. Returns 1 for the first poll of an existing job, 0 otherwise.
+const FIRST_POLL: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('HSETNX', KEYS[1], 'polled', '1')
+";
 
 /// `ARGV`: prefix, id, client, state, json, max, then per unit: index, body, lease, owner
 /// (`""` for none), finished (`1`/`0`). Returns 1 created, 0 over the cap, -1 id taken.
@@ -227,6 +281,10 @@ struct Scripts {
     claim_unit: Script,
     save_unit: Script,
     release_unit: Script,
+    claim_finalize: Script,
+    extend_finalize: Script,
+    complete_job: Script,
+    first_poll: Script,
     record_poll: Script,
     first_use: Script,
     acquire_slot: Script,
@@ -313,6 +371,10 @@ impl RedisStore {
                 claim_unit: Script::new(CLAIM_UNIT),
                 save_unit: Script::new(SAVE_UNIT),
                 release_unit: Script::new(RELEASE_UNIT),
+                claim_finalize: Script::new(CLAIM_FINALIZE),
+                extend_finalize: Script::new(EXTEND_FINALIZE),
+                complete_job: Script::new(COMPLETE_JOB),
+                first_poll: Script::new(FIRST_POLL),
                 record_poll: Script::new(RECORD_POLL),
                 first_use: Script::new(FIRST_USE),
                 acquire_slot: Script::new(ACQUIRE_SLOT),
@@ -502,6 +564,68 @@ impl JobStore for RedisStore {
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
+    }
+
+    async fn claim_finalize(
+        &self,
+        job_id: &str,
+        finisher: &str,
+        now: UnixSecs,
+        lease_until: UnixSecs,
+    ) -> Result<Option<u32>, StoreError> {
+        let attempt: i64 = self
+            .scripts
+            .claim_finalize
+            .arg(&self.prefix)
+            .arg(job_id)
+            .arg(finisher)
+            .arg(now)
+            .arg(lease_until)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(u32::try_from(attempt).ok().filter(|&a| a > 0))
+    }
+
+    async fn extend_finalize(
+        &self,
+        job_id: &str,
+        finisher: &str,
+        lease_until: UnixSecs,
+    ) -> Result<bool, StoreError> {
+        let extended: i64 = self
+            .scripts
+            .extend_finalize
+            .arg(&self.prefix)
+            .arg(job_id)
+            .arg(finisher)
+            .arg(lease_until)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(extended == 1)
+    }
+
+    async fn complete_job(&self, job: &Job, finisher: &str) -> Result<bool, StoreError> {
+        let committed: i64 = self
+            .scripts
+            .complete_job
+            .arg(&self.prefix)
+            .arg(&job.id)
+            .arg(finisher)
+            .arg(state_name(job.state))
+            .arg(encode(job)?)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(committed == 1)
+    }
+
+    async fn first_poll(&self, job_id: &str) -> Result<bool, StoreError> {
+        let first: i64 = self
+            .scripts
+            .first_poll
+            .key(self.key(&["job:", job_id]))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(first == 1)
     }
 
     async fn record_poll(

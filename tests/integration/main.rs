@@ -8,6 +8,7 @@ mod auth;
 mod demo;
 mod export;
 mod fast_path;
+mod finalize;
 mod fleet;
 mod gate;
 mod logs;

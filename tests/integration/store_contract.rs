@@ -441,6 +441,211 @@ async fn deleted_jobs_refuse_unit_writes(store: Arc<dyn JobStore>) {
     assert!(store.units("j1").await.unwrap().is_empty());
 }
 
+/// Finishes every unit of `job_id` (claimed by worker "w").
+async fn finish_all(store: &Arc<dyn JobStore>, job_id: &str) {
+    while let Some(mut unit) = store.claim_unit("w", NOW, NOW + 60).await.unwrap() {
+        assert_eq!(unit.job_id, job_id);
+        unit.state = UnitState::Done;
+        store.finish_unit(&unit, "w").await.unwrap().unwrap();
+    }
+}
+
+async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
+    create(&store, "j1", 2).await;
+    assert_eq!(
+        store
+            .claim_finalize("nope", "f0", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        None,
+        "no such job"
+    );
+    assert_eq!(
+        store
+            .claim_finalize("j1", "f0", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        None,
+        "units are unfinished"
+    );
+    finish_all(&store, "j1").await;
+
+    // Many finishers at once (the last worker, every replica's sweeper): one gets it.
+    let racers: Vec<_> = (0..8)
+        .map(|f| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let finisher = format!("f{f}");
+                let claim = store
+                    .claim_finalize("j1", &finisher, NOW, NOW + 60)
+                    .await
+                    .unwrap();
+                claim.map(|attempt| (finisher, attempt))
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for racer in racers {
+        winners.extend(racer.await.unwrap());
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let (holder, attempt) = winners.remove(0);
+    assert_eq!(attempt, 1);
+    let other = if holder == "f0" { "f1" } else { "f0" };
+
+    // The claim is the holder's while its lease lasts; the holder itself may claim again (a
+    // retry), which counts as the next attempt.
+    assert_eq!(
+        store
+            .claim_finalize("j1", other, NOW + 60, NOW + 120)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .claim_finalize("j1", &holder, NOW + 10, NOW + 70)
+            .await
+            .unwrap(),
+        Some(2)
+    );
+    assert!(!store.extend_finalize("j1", other, NOW + 500).await.unwrap());
+    assert!(
+        store
+            .extend_finalize("j1", &holder, NOW + 100)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store
+            .claim_finalize("j1", other, NOW + 100, NOW + 160)
+            .await
+            .unwrap(),
+        None,
+        "the extended lease holds"
+    );
+
+    // The holder dies: after its lease another finisher takes over, and only it may commit.
+    assert_eq!(
+        store
+            .claim_finalize("j1", other, NOW + 101, NOW + 160)
+            .await
+            .unwrap(),
+        Some(3)
+    );
+    let mut done = store.get_job("j1").await.unwrap().unwrap();
+    done.state = JobState::Completed;
+    done.resources_written = 7;
+    assert!(!store.complete_job(&done, &holder).await.unwrap());
+    assert_eq!(
+        store.get_job("j1").await.unwrap().unwrap().state,
+        JobState::Running,
+        "a finisher that lost its claim commits nothing"
+    );
+    assert!(store.complete_job(&done, other).await.unwrap());
+    assert_eq!(store.get_job("j1").await.unwrap(), Some(done.clone()));
+
+    // Committed once: no more claims, extensions or commits.
+    assert!(!store.complete_job(&done, other).await.unwrap());
+    assert!(!store.extend_finalize("j1", other, NOW + 500).await.unwrap());
+    assert_eq!(
+        store
+            .claim_finalize("j1", other, NOW + 1_000, NOW + 1_060)
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+async fn a_finalised_job_frees_its_clients_slot(store: Arc<dyn JobStore>) {
+    let cap = 1;
+    store
+        .create_job(&job("a1", "a", 1), &units("a1", 1), cap)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .create_job(&job("a2", "a", 0), &[], cap)
+            .await
+            .unwrap(),
+        Created::TooManyActive
+    );
+    finish_all(&store, "a1").await;
+    assert_eq!(
+        store
+            .claim_finalize("a1", "f", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    let mut failed = store.get_job("a1").await.unwrap().unwrap();
+    failed.state = JobState::Failed;
+    failed.error = Some("the export files could not be assembled".to_owned());
+    assert!(store.complete_job(&failed, "f").await.unwrap());
+    assert_eq!(store.get_job("a1").await.unwrap(), Some(failed));
+
+    // A job with no units at all is ready to finalise from the start.
+    assert_eq!(
+        store
+            .create_job(&job("a2", "a", 0), &[], cap)
+            .await
+            .unwrap(),
+        Created::Yes
+    );
+    assert_eq!(
+        store
+            .claim_finalize("a2", "f", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
+
+async fn a_deleted_job_cannot_be_finalised(store: Arc<dyn JobStore>) {
+    create(&store, "j1", 1).await;
+    finish_all(&store, "j1").await;
+    assert_eq!(
+        store
+            .claim_finalize("j1", "f", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    let mut done = store.get_job("j1").await.unwrap().unwrap();
+    assert!(store.delete_job("j1").await.unwrap());
+    done.state = JobState::Completed;
+    assert!(!store.complete_job(&done, "f").await.unwrap());
+    assert!(!store.extend_finalize("j1", "f", NOW + 60).await.unwrap());
+    assert_eq!(store.get_job("j1").await.unwrap(), None);
+
+    // A job created again under the id starts with a fresh claim and attempt count.
+    create(&store, "j1", 0).await;
+    assert_eq!(
+        store
+            .claim_finalize("j1", "g", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+}
+
+async fn first_poll_marks_go_with_their_job(store: Arc<dyn JobStore>) {
+    assert!(
+        !store.first_poll("j1").await.unwrap(),
+        "no mark for a job that does not exist"
+    );
+    create(&store, "j1", 1).await;
+    assert!(store.first_poll("j1").await.unwrap());
+    assert!(!store.first_poll("j1").await.unwrap());
+    assert!(store.delete_job("j1").await.unwrap());
+    assert!(!store.first_poll("j1").await.unwrap());
+    create(&store, "j1", 1).await;
+    assert!(
+        store.first_poll("j1").await.unwrap(),
+        "the deleted job's mark is gone"
+    );
+}
+
 async fn status_polls_are_rate_limited(store: Arc<dyn JobStore>) {
     let t = 1_700_000_000_000;
     assert!(store.record_poll("j1", t, 500).await.unwrap());
@@ -541,6 +746,10 @@ contract!(
     finishing_counts_down,
     exactly_one_concurrent_finisher_sees_zero,
     deleted_jobs_refuse_unit_writes,
+    finalisation_is_claimed_by_one_finisher,
+    a_finalised_job_frees_its_clients_slot,
+    a_deleted_job_cannot_be_finalised,
+    first_poll_marks_go_with_their_job,
     status_polls_are_rate_limited,
     jtis_are_single_use_until_they_expire,
 );
@@ -665,7 +874,18 @@ async fn redis_delete_leaves_no_keys_behind() {
     store.finish_unit(&unit, "w").await.unwrap();
     store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
     assert!(store.record_poll("j1", 1_000, 60_000).await.unwrap());
+    assert!(store.first_poll("j1").await.unwrap());
+    create(&store, "j2", 0).await;
+    assert_eq!(
+        store
+            .claim_finalize("j2", "f", NOW, NOW + 60)
+            .await
+            .unwrap(),
+        Some(1)
+    );
+    assert!(store.first_poll("j2").await.unwrap());
     assert!(store.delete_job("j1").await.unwrap());
+    assert!(store.delete_job("j2").await.unwrap());
 
     let client = ::redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();

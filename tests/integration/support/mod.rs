@@ -3,6 +3,7 @@
 
 pub mod child;
 pub mod fake_fhir;
+pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod s3;

@@ -1,0 +1,61 @@
+//! The sweeper every replica runs: every `export.sweep_interval_secs` it deletes jobs (and files)
+//! past their expiry, and finalises Running jobs whose units are all finished but that nobody
+//! finalised — their finisher died, or the last finish was recorded without its answer arriving.
+//! With it, a Running job whose units are done leaves Running within about `export.lease_secs` +
+//! `export.sweep_interval_secs` per attempt, whichever process died (DESIGN "Every job ends").
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::worker::Exporter;
+use crate::job::{Job, JobState, OutputFile, Unit, now_unix};
+
+impl Exporter {
+    pub(super) async fn sweep_forever(&self, shutdown: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs(self.config.sweep_interval_secs)) => {}
+                () = shutdown.cancelled() => return,
+            }
+            self.sweep(&shutdown).await;
+        }
+    }
+
+    /// One sweep: deletes expired jobs, finalises finished ones nobody has.
+    pub async fn sweep(&self, shutdown: &CancellationToken) {
+        let Ok(ids) = self.store.job_ids().await else {
+            return;
+        };
+        let finisher = format!("{}-sweep", self.process_id);
+        let now = now_unix();
+        for id in ids {
+            if shutdown.is_cancelled() {
+                return;
+            }
+            let Ok(Some(job)) = self.store.get_job(&id).await else {
+                continue;
+            };
+            if job.expires_at.is_some_and(|at| at <= now) {
+                tracing::info!(job = %id, "export expired; deleting it and its files");
+                let files = job_files(&job, self.store.units(&id).await.ok());
+                let _ = self.store.delete_job(&id).await;
+                let _ = self.storage.delete_job(&id, &files).await;
+            } else if job.state == JobState::Running {
+                // The store decides: only a job whose units are all finished, and whose
+                // finalisation claim is free, is taken.
+                self.finalize(&id, &finisher, shutdown).await;
+            }
+        }
+    }
+}
+
+/// Every file a job's records know of (manifest files and units' part files), so that deleting
+/// the job aborts unfinished uploads too.
+pub fn job_files(job: &Job, units: Option<Vec<Unit>>) -> Vec<OutputFile> {
+    let mut files: Vec<OutputFile> = job.output.iter().chain(&job.error_files).cloned().collect();
+    for unit in units.into_iter().flatten() {
+        files.extend(unit.checkpoint.files);
+    }
+    files
+}

@@ -1,0 +1,359 @@
+//! Every job ends (DESIGN): real proxy processes, on the embedded store and on Redis, with a
+//! fault injected into finalisation (`FBP_TEST_FAULT`, honoured by debug builds only). A process
+//! killed with SIGKILL mid-finalisation leaves a job that a restarted process completes with
+//! every resource exactly once; a finalisation that keeps failing is retried, then the job is
+//! Failed with an OperationOutcome on its status URL and the client may start another export.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use fhir_bulk_proxy::config::{Config, StoreBackend};
+use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
+use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use serde_json::Value;
+
+use crate::support::process::ProxyProcess;
+use crate::support::smart::{SmartClient, token_form};
+use crate::support::{RedisServer, client, outcome};
+
+/// Clients and status URLs name this base; requests go to whichever process runs now.
+const PUBLIC: &str = "http://fhir.example.test/fhir";
+const EXPORT: &str = "/Patient/$export?_type=Patient,Observation";
+
+#[derive(Clone, Copy)]
+enum Store {
+    Embedded,
+    Redis,
+}
+
+/// One upstream, one job store and one file directory, shared by the processes a test starts
+/// one after the other.
+struct Setup {
+    fhir: RunningFhir,
+    config_path: std::path::PathBuf,
+    client: SmartClient,
+    _redis: Option<RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Setup {
+    /// 40 patients with 10 Observations each; patient batches of 10, so four searches feed
+    /// Observation and finalisation has files to merge.
+    async fn new(store: Store) -> Self {
+        Self::with(store, |_| {}).await
+    }
+
+    /// As [`Setup::new`], with `tweak` applied to the configuration.
+    async fn with(store: Store, tweak: impl FnOnce(&mut Config)) -> Self {
+        let fhir = MemoryFhir::new().synthetic(40, 10).start().await.unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::default();
+        config.upstream.url = fhir.url();
+        config.server.public_url = Some(PUBLIC.into());
+        config.storage.path = dir.path().join("files");
+        let redis = match store {
+            Store::Embedded => {
+                config.store.path = dir.path().join("jobs.redb");
+                None
+            }
+            Store::Redis => {
+                let redis = RedisServer::start();
+                config.store.backend = StoreBackend::Redis;
+                config.store.redis_url = Some(redis.url());
+                Some(redis)
+            }
+        };
+        config.export.page_size = 50;
+        config.export.patient_batch_size = 10;
+        config.export.lease_secs = 2;
+        config.export.sweep_interval_secs = 1;
+        config.export.poll_retry_after_secs = 1;
+        config.export.retry_base_ms = 50;
+        config.export.max_active_jobs_per_client = 1;
+        let client = SmartClient::register(&mut config);
+        tweak(&mut config);
+        let config_path = dir.path().join("proxy.toml");
+        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+        Self {
+            fhir,
+            config_path,
+            client,
+            _redis: redis,
+            _dir: dir,
+        }
+    }
+
+    fn spawn(&self, fault: Option<&str>) -> ProxyProcess {
+        let env: Vec<(&str, &str)> = fault.map(|f| ("FBP_TEST_FAULT", f)).into_iter().collect();
+        ProxyProcess::spawn(&self.config_path, "info", &env)
+    }
+
+    async fn token(&self, proxy: &ProxyProcess) -> String {
+        let assertion = self
+            .client
+            .key
+            .assertion(&self.client.id, &format!("{PUBLIC}/token"));
+        let response = client()
+            .post(format!("{}/token", proxy.base()))
+            .form(&token_form(&assertion, "system/*.read"))
+            .send()
+            .await
+            .unwrap();
+        let body: Value = response.json().await.unwrap();
+        body["access_token"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{body}"))
+            .to_owned()
+    }
+
+    /// Ids per type in the manifest's files, asserting none twice and none missing or extra.
+    async fn assert_exact(&self, proxy: &ProxyProcess, token: &str, manifest: &Value) {
+        let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for item in manifest["output"].as_array().unwrap() {
+            let text = client()
+                .get(on(proxy, item["url"].as_str().unwrap()))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            for line in text.lines() {
+                let resource: Value = serde_json::from_str(line).unwrap();
+                let t = resource["resourceType"].as_str().unwrap().to_owned();
+                let id = resource["id"].as_str().unwrap().to_owned();
+                assert!(
+                    got.entry(t.clone()).or_default().insert(id.clone()),
+                    "{t}/{id} twice"
+                );
+            }
+        }
+        for t in ["Patient", "Observation"] {
+            let want: BTreeSet<String> = self.fhir.ids(t).into_iter().collect();
+            assert_eq!(got.get(t), Some(&want), "{t}");
+        }
+        assert_eq!(got["Observation"].len(), 400);
+    }
+}
+
+/// `url` (under [`PUBLIC`]) on the running process.
+fn on(proxy: &ProxyProcess, url: &str) -> String {
+    url.replace(PUBLIC, &proxy.base())
+}
+
+async fn kick_off(proxy: &ProxyProcess, token: &str) -> reqwest::Response {
+    client()
+        .get(format!("{}{EXPORT}", proxy.base()))
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn started(proxy: &ProxyProcess, token: &str) -> String {
+    let response = kick_off(proxy, token).await;
+    assert_eq!(response.status(), 202);
+    response.headers()["content-location"]
+        .to_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// Polls until the status is no longer 202, honouring `Retry-After`.
+async fn poll_until_done(proxy: &ProxyProcess, token: &str, status_url: &str) -> reqwest::Response {
+    for _ in 0..120 {
+        let response = client()
+            .get(on(proxy, status_url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        if !matches!(response.status().as_u16(), 202 | 429) {
+            return response;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    panic!("the export is still running after 60 s");
+}
+
+fn debug_build() -> bool {
+    // Fault injection is compiled into debug builds only (the test and the binary share the
+    // profile).
+    if !cfg!(debug_assertions) {
+        eprintln!("skipped: FBP_TEST_FAULT needs a debug build");
+    }
+    cfg!(debug_assertions)
+}
+
+async fn killed_during_finalisation_completes_after_a_restart(store: Store) {
+    if !debug_build() {
+        return;
+    }
+    let setup = Setup::new(store).await;
+    setup.fhir.faults.latency_ms.store(5, Ordering::SeqCst);
+    let mut proxy = setup.spawn(Some("finalize-hang"));
+    let token = setup.token(&proxy).await;
+    let status_url = started(&proxy, &token).await;
+    proxy
+        .wait_for_log(
+            "finalisation stops before its commit",
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|| panic!("no finalisation:\n{}", proxy.logs().join("\n")));
+    // Every unit is done and the merged files are written; nothing is committed.
+    let response = client()
+        .get(on(&proxy, &status_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let pages = setup.fhir.counters.pages.load(Ordering::SeqCst);
+    proxy.kill9();
+
+    // Nobody is left who holds the job: the restarted process's sweeper takes the claim over
+    // once its lease lapses, and finalises from the part files.
+    let proxy = setup.spawn(None);
+    let response = poll_until_done(&proxy, &token, &status_url).await;
+    assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    let manifest: Value = response.json().await.unwrap();
+    setup.assert_exact(&proxy, &token, &manifest).await;
+    assert_eq!(
+        setup.fhir.counters.pages.load(Ordering::SeqCst),
+        pages,
+        "the restart searched nothing again"
+    );
+    let finished = proxy
+        .wait_for_log("export finished", Duration::from_secs(1))
+        .expect("the restarted process finalised the job");
+    assert!(finished.contains("\"attempt\":2"), "{finished}");
+    // The client's slot is free again.
+    assert_eq!(kick_off(&proxy, &token).await.status(), 202);
+}
+
+async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
+    if !debug_build() {
+        return;
+    }
+    let setup = Setup::new(store).await;
+    setup.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
+    let proxy = setup.spawn(Some("finalize-fail"));
+    let token = setup.token(&proxy).await;
+    let status_url = started(&proxy, &token).await;
+    let busy = kick_off(&proxy, &token).await;
+    assert_eq!(busy.status(), 429, "one export per client while it runs");
+
+    let response = poll_until_done(&proxy, &token, &status_url).await;
+    let diagnostics = outcome(response, 500).await;
+    assert!(
+        diagnostics.contains("could not be assembled")
+            && diagnostics.contains("injected finalisation failure"),
+        "{diagnostics}"
+    );
+    assert_eq!(
+        proxy.count_logs("finalisation fails before its commit"),
+        FINALIZE_ATTEMPTS as usize,
+        "every attempt was made, and no more"
+    );
+    assert_eq!(
+        proxy.count_logs("finalisation failed; retrying"),
+        FINALIZE_ATTEMPTS as usize - 1
+    );
+    // Failed stays failed: a second poll says so again.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = client()
+        .get(on(&proxy, &status_url))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    outcome(again, 500).await;
+    // The failed job no longer holds the client's only slot.
+    assert_eq!(kick_off(&proxy, &token).await.status(), 202);
+}
+
+/// DELETE while workers write: every DELETE answers 202, the races between a cancelled unit and
+/// the removal of its files are logged at debug (no WARN or ERROR line), and no file is left.
+async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
+    let setup = Setup::with(store, |c| {
+        // Many small searches and pages: workers are always about to write when a DELETE comes.
+        c.export.page_size = 5;
+        c.export.patient_batch_size = 2;
+        c.export.max_active_jobs_per_client = 10;
+    })
+    .await;
+    setup.fhir.faults.latency_ms.store(10, Ordering::SeqCst);
+    let proxy = setup.spawn(None);
+    let token = setup.token(&proxy).await;
+    for round in 0..8 {
+        let status_url = started(&proxy, &token).await;
+        tokio::time::sleep(Duration::from_millis(100 + 60 * round)).await;
+        let deleted = client()
+            .delete(on(&proxy, &status_url))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(deleted.status(), 202, "round {round}");
+    }
+    let files = setup.config_path.with_file_name("files");
+    let mut left = Vec::new();
+    for _ in 0..100 {
+        left = std::fs::read_dir(&files)
+            .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let loud: Vec<String> = proxy
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("\"level\":\"WARN\"") || l.contains("\"level\":\"ERROR\""))
+        .collect();
+    assert!(loud.is_empty(), "{}", loud.join("\n"));
+}
+
+mod embedded {
+    use super::Store;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_during_finalisation_completes_after_a_restart() {
+        super::killed_during_finalisation_completes_after_a_restart(Store::Embedded).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_finalisation_is_retried_then_fails_the_job() {
+        super::a_failing_finalisation_is_retried_then_fails_the_job(Store::Embedded).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_running_exports_is_quiet_and_leaves_no_files() {
+        super::deleting_running_exports_is_quiet_and_leaves_no_files(Store::Embedded).await;
+    }
+}
+
+mod redis {
+    use super::Store;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn killed_during_finalisation_completes_after_a_restart() {
+        super::killed_during_finalisation_completes_after_a_restart(Store::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_finalisation_is_retried_then_fails_the_job() {
+        super::a_failing_finalisation_is_retried_then_fails_the_job(Store::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn deleting_running_exports_is_quiet_and_leaves_no_files() {
+        super::deleting_running_exports_is_quiet_and_leaves_no_files(Store::Redis).await;
+    }
+}

@@ -1,0 +1,117 @@
+//! The proxy binary as a child process, for tests that kill it (SIGKILL) and start it again. It
+//! listens on a port it binds itself (`127.0.0.1:0`, read back from its start-up log line), so no
+//! other process can take the port between choosing and binding it. Its JSON log (stderr) is kept
+//! for the test to wait on and search. Waiting blocks the thread (`block_in_place`): call it from a
+//! multi-thread runtime.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Default)]
+struct Log {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
+}
+
+pub struct ProxyProcess {
+    pub addr: SocketAddr,
+    child: Option<Child>,
+    log: Arc<Log>,
+}
+
+impl ProxyProcess {
+    /// Starts the binary with `config` (a TOML file) and the extra environment `env`, at log level
+    /// `level`, and waits until it listens.
+    pub fn spawn(config: &Path, level: &str, env: &[(&str, &str)]) -> Self {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        command
+            .args(["--config", &config.display().to_string()])
+            .env("BULK_PROXY_SERVER__LISTEN", "127.0.0.1:0")
+            .env("BULK_PROXY_LOG__FORMAT", "json")
+            .env("BULK_PROXY_LOG__LEVEL", level)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command.spawn().expect("spawn the proxy binary");
+        let log = Arc::new(Log::default());
+        let stderr = child.stderr.take().expect("piped stderr");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().push(line);
+                sink.grew.notify_all();
+            }
+        });
+        let mut process = Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child: Some(child),
+            log,
+        };
+        let line = process
+            .wait_for_log("fhir-bulk-proxy listening", Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the proxy did not start:\n{}", process.logs().join("\n")));
+        let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
+        process.addr = event["listen"]
+            .as_str()
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no listen address in {line}"));
+        process
+    }
+
+    /// `http://127.0.0.1:PORT/fhir` (the default base path).
+    pub fn base(&self) -> String {
+        format!("http://{}/fhir", self.addr)
+    }
+
+    /// The first log line containing `needle`, waiting up to `timeout` for it.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> Option<String> {
+        let deadline = Instant::now() + timeout;
+        tokio::task::block_in_place(|| {
+            let mut lines = self.log.lines.lock().unwrap();
+            loop {
+                if let Some(line) = lines.iter().find(|l| l.contains(needle)) {
+                    return Some(line.clone());
+                }
+                let left = deadline.checked_duration_since(Instant::now())?;
+                lines = self.log.grew.wait_timeout(lines, left).unwrap().0;
+            }
+        })
+    }
+
+    /// How many log lines contain `needle`.
+    pub fn count_logs(&self, needle: &str) -> usize {
+        self.log
+            .lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.log.lines.lock().unwrap().clone()
+    }
+
+    /// SIGKILL: no shutdown, no release of leases or claims.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
