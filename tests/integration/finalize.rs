@@ -60,7 +60,7 @@ impl Setup {
             Store::Redis => {
                 let redis = RedisServer::start();
                 config.store.backend = StoreBackend::Redis;
-                config.store.redis_url = Some(redis.url());
+                config.store.redis_url = Some(redis.url().into());
                 Some(redis)
             }
         };

@@ -10,8 +10,8 @@ use fhir_bulk_proxy::config::{Config, UpstreamAuthScheme};
 use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde_json::Value;
 
-use crate::support::child::ChildProxy;
 use crate::support::client;
+use crate::support::process::ProxyProcess;
 
 const SIGNING_SECRET: &str = "signing-secret-that-must-never-be-logged-0123";
 const UPSTREAM_TOKEN: &str = "upstream-token-that-must-never-be-logged";
@@ -40,7 +40,12 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
         &["system/*.read".into()],
         &key,
     ));
-    let proxy = ChildProxy::spawn(config, "debug");
+    let dir = tempfile::tempdir().unwrap();
+    config.store.path = dir.path().join("jobs.redb");
+    config.storage.path = dir.path().join("files");
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let proxy = ProxyProcess::spawn(&config_path, "debug", &[]);
 
     let client_key = ClientKey::from_json(&key.private_jwk).unwrap();
     let bulk = BulkClient::connect(&proxy.base(), CLIENT_ID, &client_key, "system/*.read")
@@ -88,7 +93,7 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
         assert_eq!(response.status(), 400, "{scope}");
     }
 
-    let log = proxy.log();
+    let log = proxy.logs().join("\n");
     let levels: Vec<String> = log
         .lines()
         .filter_map(|line| serde_json::from_str::<Value>(line).ok())

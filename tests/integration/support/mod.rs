@@ -1,7 +1,6 @@
 //! Test support: a fake FHIR upstream that reports exactly what it received, and a real proxy
 //! started on `127.0.0.1:0` in front of it.
 
-pub mod child;
 pub mod fake_fhir;
 pub mod process;
 pub mod proxy;
