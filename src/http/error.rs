@@ -45,6 +45,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The client stopped sending its request body: 408.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     Internal(String),
     /// No valid bearer token: 401 + `WWW-Authenticate: Bearer`.
@@ -84,6 +87,7 @@ impl ApiError {
             Self::BadRequest(_)
             | Self::NotFound(_)
             | Self::PayloadTooLarge(_)
+            | Self::RequestTimeout(_)
             | Self::Unauthorized(_)
             | Self::Forbidden(_) => ErrorSource::Client,
             Self::OAuth(OAuthError::Unavailable(_)) => ErrorSource::Internal,
@@ -105,6 +109,7 @@ impl ApiError {
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             // RFC 6749 §5.2: 400 for every error (invalid_client MAY be 401, and 400 satisfies
             // every test kit); an oversized body is 413; a replay cache outage is retryable.
