@@ -68,6 +68,36 @@ pub struct ServerConfig {
     /// to the client's through a kernel pipe (splice(2)) instead of being copied through the
     /// proxy's memory. Default `auto`.
     pub splice: Splice,
+    /// Time a client has to send a whole request head, in seconds: from the connection's start
+    /// for its first request (TLS handshake included), from the first byte for later ones. A
+    /// connection that takes longer is closed (nginx `client_header_timeout`). Default 30.
+    pub request_head_timeout_secs: u64,
+    /// An idle keep-alive connection (no request in flight, no byte of the next head yet) is
+    /// closed after this many seconds (nginx `keepalive_timeout`). Default 75.
+    pub keep_alive_timeout_secs: u64,
+    /// Longest wait, in seconds, for the next part of a request body the proxy reads or forwards;
+    /// a body that stalls longer is answered 408 and its connection closed (nginx
+    /// `client_body_timeout`). Default 60.
+    pub request_body_timeout_secs: u64,
+    /// Client connections open at once; beyond it new connections wait in the listen backlog
+    /// until one closes (nginx `worker_connections`). Default 10000.
+    pub max_connections: usize,
+}
+
+/// Longest client timeout `validate` accepts, seconds.
+const MAX_CLIENT_TIMEOUT_SECS: u64 = 3600;
+/// Largest `server.max_connections`: far beyond what one process's file descriptors allow.
+const MAX_CONNECTIONS: usize = 1_000_000;
+
+/// How long a client may take, from `[server]`: see [`ServerConfig`]'s fields of the same names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientTimeouts {
+    /// `request_head_timeout_secs`.
+    pub head: Duration,
+    /// `keep_alive_timeout_secs`.
+    pub idle: Duration,
+    /// `request_body_timeout_secs`.
+    pub body: Duration,
 }
 
 /// `server.splice`: `auto`, `always` or `never`; `true` and `false` are read as `always` and
@@ -187,6 +217,10 @@ impl Default for ServerConfig {
             worker_threads: 0,
             http1_fast_path: true,
             splice: Splice::Auto,
+            request_head_timeout_secs: 30,
+            keep_alive_timeout_secs: 75,
+            request_body_timeout_secs: 60,
+            max_connections: 10_000,
         }
     }
 }
@@ -480,6 +514,7 @@ impl Config {
                 "must be at least 1024",
             ));
         }
+        self.validate_client_limits()?;
         for (key, value) in [
             (
                 "upstream.connect_timeout_ms",
@@ -510,6 +545,39 @@ impl Config {
         self.validate_storage()?;
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", &self.log.level, e.to_string()))?;
+        Ok(())
+    }
+
+    /// The client timeouts and the connection cap: 0 would disable nothing and refuse everything,
+    /// and past an hour a timeout no longer protects anyone.
+    fn validate_client_limits(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        for (key, value) in [
+            (
+                "server.request_head_timeout_secs",
+                s.request_head_timeout_secs,
+            ),
+            ("server.keep_alive_timeout_secs", s.keep_alive_timeout_secs),
+            (
+                "server.request_body_timeout_secs",
+                s.request_body_timeout_secs,
+            ),
+        ] {
+            if !(1..=MAX_CLIENT_TIMEOUT_SECS).contains(&value) {
+                return Err(invalid(
+                    key,
+                    value.to_string(),
+                    format!("must be between 1 and {MAX_CLIENT_TIMEOUT_SECS} seconds"),
+                ));
+            }
+        }
+        if !(1..=MAX_CONNECTIONS).contains(&s.max_connections) {
+            return Err(invalid(
+                "server.max_connections",
+                s.max_connections.to_string(),
+                format!("must be between 1 and {MAX_CONNECTIONS}"),
+            ));
+        }
         Ok(())
     }
 
@@ -705,6 +773,15 @@ impl Config {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.server.shutdown_grace_secs)
     }
+
+    /// The client timeouts (validated).
+    pub fn client_timeouts(&self) -> ClientTimeouts {
+        ClientTimeouts {
+            head: Duration::from_secs(self.server.request_head_timeout_secs),
+            idle: Duration::from_secs(self.server.keep_alive_timeout_secs),
+            body: Duration::from_secs(self.server.request_body_timeout_secs),
+        }
+    }
 }
 
 fn parse_base_url(key: &'static str, value: &str) -> Result<Url, ConfigError> {
@@ -749,6 +826,34 @@ mod tests {
             assert_eq!(config.server.shutdown_grace_secs, 7, "env beats file");
             assert_eq!(config.upstream.url, "http://file/fhir");
             assert_eq!(config.upstream.request_timeout_ms, 60_000, "default kept");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn client_limits_default_to_nginx_like_values_and_follow_the_environment() {
+        Jail::expect_with(|jail| {
+            with_upstream(jail);
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(
+                config.client_timeouts(),
+                ClientTimeouts {
+                    head: Duration::from_secs(30),
+                    idle: Duration::from_secs(75),
+                    body: Duration::from_secs(60),
+                }
+            );
+            assert_eq!(config.server.max_connections, 10_000);
+            jail.set_env("BULK_PROXY_SERVER__REQUEST_HEAD_TIMEOUT_SECS", "5");
+            jail.set_env("BULK_PROXY_SERVER__KEEP_ALIVE_TIMEOUT_SECS", "6");
+            jail.set_env("BULK_PROXY_SERVER__REQUEST_BODY_TIMEOUT_SECS", "7");
+            jail.set_env("BULK_PROXY_SERVER__MAX_CONNECTIONS", "8");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let timeouts = config.client_timeouts();
+            assert_eq!(timeouts.head, Duration::from_secs(5));
+            assert_eq!(timeouts.idle, Duration::from_secs(6));
+            assert_eq!(timeouts.body, Duration::from_secs(7));
+            assert_eq!(config.server.max_connections, 8);
             Ok(())
         });
     }
@@ -876,6 +981,31 @@ mod tests {
                 "BULK_PROXY_SERVER__SHUTDOWN_GRACE_SECS",
                 "-1",
                 "shutdown_grace_secs",
+            ),
+            (
+                "BULK_PROXY_SERVER__REQUEST_HEAD_TIMEOUT_SECS",
+                "0",
+                "server.request_head_timeout_secs",
+            ),
+            (
+                "BULK_PROXY_SERVER__KEEP_ALIVE_TIMEOUT_SECS",
+                "86400",
+                "server.keep_alive_timeout_secs",
+            ),
+            (
+                "BULK_PROXY_SERVER__REQUEST_BODY_TIMEOUT_SECS",
+                "0",
+                "server.request_body_timeout_secs",
+            ),
+            (
+                "BULK_PROXY_SERVER__MAX_CONNECTIONS",
+                "0",
+                "server.max_connections",
+            ),
+            (
+                "BULK_PROXY_SERVER__MAX_CONNECTIONS",
+                "100000000",
+                "server.max_connections",
             ),
         ];
         for (key, value, expected) in cases {

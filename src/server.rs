@@ -3,6 +3,13 @@
 //! in-flight requests finish within `server.shutdown_grace_secs`, then returns. Where the fast path
 //! applies, connections are served on [`Lanes`] (a thread and runtime per core), the rest on the
 //! main runtime.
+//!
+//! Nobody holds a connection for free: every read from a client has a deadline ([`limits`] on the
+//! general path, `http::fast` on the fast path), and at most `server.max_connections` client
+//! connections are open at once, all lanes and the general path together. Beyond the cap the
+//! proxy stops accepting, so that new connections wait in the kernel's listen backlog (nginx does
+//! the same when its `worker_connections` run out): accepting them only to close them would turn a
+//! burst into resets for well-behaved clients and cost an accept and a close per attempt.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -17,13 +24,18 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::app::App;
-use crate::config::{Config, TlsConfig};
+use crate::config::{ClientTimeouts, Config, TlsConfig};
 use crate::http;
+
+mod limits;
+
+use limits::{ClientIo, Tracked, Watch};
 
 /// The binary's entry point: builds the runtime (`server.worker_threads`), binds `server.listen`
 /// and serves until SIGTERM or SIGINT.
@@ -88,8 +100,12 @@ pub async fn run(
         "fhir-bulk-proxy listening"
     );
     let entry = http::Entry::new(app.clone());
+    // hyper's header_read_timeout stays off (it has no timer): `limits::ClientIo` keeps the head
+    // and keep-alive deadlines, which hyper's one timer cannot tell apart.
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
+    let timeouts = app.config.client_timeouts();
+    let open = Arc::new(Semaphore::new(app.config.server.max_connections));
     tokio::pin!(shutdown);
 
     let lanes = match &tls {
@@ -103,6 +119,7 @@ pub async fn run(
                     entry: entry.clone(),
                     builder: builder.clone(),
                     stop: stop.clone(),
+                    open: open.clone(),
                 },
             )?;
             drop(listener);
@@ -110,19 +127,26 @@ pub async fn run(
             Some(lanes)
         }
         _ => {
-            accept_until(&listener, &mut shutdown, |stream, peer| {
-                let service = service(entry.clone(), peer);
+            accept_until(&listener, &open, &mut shutdown, |stream, peer, permit| {
+                let watch = Watch::new(timeouts);
+                let service = service(entry.clone(), peer, watch.clone());
+                let stream = ClientIo::new(stream, watch, head_deadline(timeouts));
                 match &tls {
                     None => {
                         let connection = builder.serve_connection(TokioIo::new(stream), service);
                         let connection = graceful.watch(connection.into_owned());
-                        tokio::spawn(log_connection_end(connection, peer));
+                        tokio::spawn(async move {
+                            log_connection_end(connection, peer).await;
+                            drop(permit);
+                        });
                     }
                     Some(acceptor) => {
                         let acceptor = acceptor.clone();
                         let builder = builder.clone();
                         let watcher = graceful.watcher();
                         tokio::spawn(async move {
+                            let _permit = permit;
+                            // The handshake reads under the first head's deadline (`ClientIo`).
                             match acceptor.accept(stream).await {
                                 Ok(stream) => {
                                     let connection =
@@ -174,44 +198,101 @@ pub async fn run(
     Ok(())
 }
 
-/// Accepts connections on `listener` and hands each to `serve` until `shutdown` resolves.
+/// When a new connection's first request head is due.
+fn head_deadline(timeouts: ClientTimeouts) -> tokio::time::Instant {
+    tokio::time::Instant::now() + timeouts.head
+}
+
+/// Accepts connections on `listener` and hands each to `serve`, with its place among the `open`
+/// ones, until `shutdown` resolves. No place free: no accept, the connection waits in the backlog.
 async fn accept_until(
     listener: &TcpListener,
+    open: &Arc<Semaphore>,
     shutdown: &mut (impl Future<Output = ()> + Unpin),
-    mut serve: impl FnMut(TcpStream, SocketAddr),
+    mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
     loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
+        let permit = tokio::select! {
+            permit = open.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // Never closed; if it were, there would be nothing to serve with.
+                Err(_) => return,
             },
             () = &mut *shutdown => return,
         };
+        let (stream, peer) = loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(accepted) => break accepted,
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+                () = &mut *shutdown => return,
+            }
+        };
         let _ = stream.set_nodelay(true);
-        serve(stream, peer);
+        serve(stream, peer, permit);
     }
 }
 
-/// The general path's service for one connection from `peer`.
+/// What the general path answers: a response whose body tells the connection's [`Watch`] when
+/// the request is done.
+type Answer = axum::http::Response<Tracked<axum::body::Body>>;
+
+/// The general path's service for one connection from `peer`, watched by `watch`.
 fn service(
     entry: http::Entry,
     peer: SocketAddr,
+    watch: Arc<Watch>,
 ) -> impl hyper::service::Service<
     Request<Incoming>,
-    Response = axum::response::Response,
+    Response = Answer,
     Error = Infallible,
-    Future = impl Future<Output = Result<axum::response::Response, Infallible>> + Send,
+    Future = impl Future<Output = Result<Answer, Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |request: Request<Incoming>| {
         let entry = entry.clone();
-        async move { Ok::<_, Infallible>(entry.serve(request, peer).await) }
+        let timeouts = watch.timeouts();
+        let in_flight = watch.request();
+        let (parts, body) = request.into_parts();
+        let (body, stalled) = watch.body(body);
+        let request = Request::from_parts(parts, body);
+        async move {
+            let mut response = entry.serve(request, peer).await;
+            if stalled.is_raised() {
+                response = request_timeout(&response, timeouts.body);
+            }
+            Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
+        }
     })
+}
+
+/// What replaces the answer to a request whose body stalled (a 502 from the upstream connection
+/// the body was cut on, a 400 from an endpoint that read it): 408, and the connection closes, since
+/// the rest of the body would otherwise be read as the next request.
+fn request_timeout(
+    answered: &axum::response::Response,
+    after: std::time::Duration,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let timeout = http::error::ApiError::RequestTimeout(format!(
+        "the request body stalled: nothing of it arrived for {} s \
+         (server.request_body_timeout_secs)",
+        after.as_secs()
+    ));
+    let mut response = timeout.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    if let Some(id) = answered.headers().get("x-request-id") {
+        headers.insert("x-request-id", id.clone());
+    }
+    response
 }
 
 /// One lane per worker thread (`server.worker_threads`; 0 = one per CPU).
@@ -230,6 +311,9 @@ struct Shared {
     builder: auto::Builder<TokioExecutor>,
     /// Cancelled at shutdown: lanes stop accepting, idle connections close.
     stop: CancellationToken,
+    /// Places for open client connections (`server.max_connections`), shared with the general
+    /// path.
+    open: Arc<Semaphore>,
 }
 
 /// Where plain-HTTP connections are served when the fast path applies, in nginx's model: one OS
@@ -325,10 +409,18 @@ impl Lane {
         };
         let lane = Arc::new(Lane { upstream, shared });
         let mut stopped = std::pin::pin!(lane.shared.stop.cancelled());
-        accept_until(&listener, &mut stopped, |stream, peer| {
-            let lane = lane.clone();
-            connections.spawn(async move { lane.serve(stream, peer).await });
-        })
+        accept_until(
+            &listener,
+            &lane.shared.open,
+            &mut stopped,
+            |stream, peer, permit| {
+                let lane = lane.clone();
+                connections.spawn(async move {
+                    lane.serve(stream, peer).await;
+                    drop(permit);
+                });
+            },
+        )
         .await;
         drop(listener);
         connections.wait().await;
@@ -341,9 +433,14 @@ impl Lane {
             entry,
             builder,
             stop,
+            open: _,
         } = &self.shared;
         if let Some(rest) = http::fast::serve(app, &self.upstream, stream, peer, stop).await {
-            let service = service(entry.clone(), peer);
+            // The head the fast path was waiting for stays due when it was.
+            let head_deadline = rest.head_deadline();
+            let watch = Watch::new(app.config.client_timeouts());
+            let service = service(entry.clone(), peer, watch.clone());
+            let rest = ClientIo::new(rest, watch, head_deadline);
             let connection = builder.serve_connection(TokioIo::new(rest), service);
             log_connection_end(until_stopped(connection.into_owned(), stop), peer).await;
         }

@@ -48,6 +48,9 @@ pub enum ApiError {
     /// A method one of the proxy's own routes does not serve (these paths are never forwarded).
     #[error("this endpoint answers {} only", allowed_list(.0))]
     MethodNotAllowed(&'static [Method]),
+    /// The client stopped sending its request body: 408.
+    #[error("{0}")]
+    RequestTimeout(String),
     #[error("{0}")]
     Internal(String),
     /// No valid bearer token: 401 + `WWW-Authenticate: Bearer`.
@@ -88,6 +91,7 @@ impl ApiError {
             | Self::NotFound(_)
             | Self::PayloadTooLarge(_)
             | Self::MethodNotAllowed(_)
+            | Self::RequestTimeout(_)
             | Self::Unauthorized(_)
             | Self::Forbidden(_) => ErrorSource::Client,
             Self::OAuth(OAuthError::Unavailable(_)) => ErrorSource::Internal,
@@ -110,6 +114,7 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
+            Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             // RFC 6749 §5.2: 400 for every error (invalid_client MAY be 401, and 400 satisfies
             // every test kit); an oversized body is 413; a replay cache outage is retryable.

@@ -7,6 +7,14 @@
 //! endpoints, a malformed head) hands the connection, with every byte read and not yet answered,
 //! to the general path ([`Rewind`] replays them to hyper), which serves the rest of it. Both paths
 //! observe requests the same way ([`super::Observation`]).
+//!
+//! Every read from the client has a deadline, as on the general path (`server::limits`): the first
+//! request head is due `server.request_head_timeout_secs` after the connection's start; after an
+//! answer the connection may stay idle for `server.keep_alive_timeout_secs`, and once part of a
+//! head has arrived the rest is due a head timeout later. Past it the connection is closed without
+//! an answer, as nginx does. The deadline is a value set at most twice per request (an
+//! `Instant::now()` after each answer, one more only for a head that arrives in pieces); the one
+//! timer of the connection is only moved to it when it fires early.
 
 use std::net::SocketAddr;
 use std::pin::{Pin, pin};
@@ -17,11 +25,13 @@ use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::{Observation, RequestId, error::ApiError, is_passthrough};
 use crate::app::App;
+use crate::config::ClientTimeouts;
 use crate::proxy::headers::{put_date, put_header};
 use crate::proxy::{
     Asked, ClientContext, ClientHead, H1Upstream, Scratch, header_slots, put_status_line,
@@ -49,9 +59,12 @@ pub async fn serve(
     stop: &CancellationToken,
 ) -> Option<Rewind> {
     let context = app.client_context(Some(peer));
+    let timeouts = app.config.client_timeouts();
     let mut buffer = BytesMut::with_capacity(CLIENT_BUFFER);
     let mut scratch = Scratch::default();
     let mut stopped = pin!(stop.cancelled());
+    let mut due = Due::Head(Instant::now() + timeouts.head);
+    let mut timer = pin!(tokio::time::sleep_until(due.at()));
     loop {
         // The next request's head, parsed once it has all arrived (pipelined requests may already
         // be in the buffer).
@@ -71,13 +84,16 @@ pub async fn serve(
                                     .await;
                             Some((length, keep_alive))
                         }
-                        None => return Some(Rewind::new(stream, buffer)),
+                        None => return Some(Rewind::new(stream, buffer, due.head(timeouts))),
                     }
                 }
-                Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_HEAD => None,
+                Ok(httparse::Status::Partial) if buffer.len() < MAX_REQUEST_HEAD => {
+                    due = Due::Head(due.head(timeouts));
+                    None
+                }
                 // Too large for this path, or malformed: hyper answers what it makes of it
                 // (a 431 or 400, or it serves it).
-                _ => return Some(Rewind::new(stream, buffer)),
+                _ => return Some(Rewind::new(stream, buffer, due.head(timeouts))),
             }
         };
         if let Some((length, keep_alive)) = served {
@@ -85,23 +101,61 @@ pub async fn serve(
                 return None;
             }
             buffer.advance(length);
+            due = Due::Idle(Instant::now() + timeouts.idle);
             continue;
         }
         if buffer.capacity() - buffer.len() < CLIENT_BUFFER / 4 {
             buffer.reserve(CLIENT_BUFFER);
         }
-        let read = if buffer.is_empty() {
-            tokio::select! {
-                biased;
-                () = &mut stopped => return None,
-                read = stream.read_buf(&mut buffer) => read,
+        let read = tokio::select! {
+            biased;
+            () = &mut stopped, if buffer.is_empty() => return None,
+            read = stream.read_buf(&mut buffer) => read,
+            () = &mut timer => {
+                if Instant::now() >= due.at() {
+                    tracing::debug!(%peer, waited_for = due.what(), "client too slow: connection closed");
+                    return None;
+                }
+                // Set for an earlier deadline: move it to this one.
+                timer.as_mut().reset(due.at());
+                continue;
             }
-        } else {
-            stream.read_buf(&mut buffer).await
         };
         match read {
             Ok(0) | Err(_) => return None,
             Ok(_) => {}
+        }
+    }
+}
+
+/// What the connection is waiting for, and until when.
+#[derive(Clone, Copy)]
+enum Due {
+    /// The rest of a request head (or the first request's).
+    Head(Instant),
+    /// The next request on a keep-alive connection.
+    Idle(Instant),
+}
+
+impl Due {
+    fn at(self) -> Instant {
+        match self {
+            Due::Head(at) | Due::Idle(at) => at,
+        }
+    }
+
+    /// When the head that is arriving is due: its first bytes are here.
+    fn head(self, timeouts: ClientTimeouts) -> Instant {
+        match self {
+            Due::Head(at) => at,
+            Due::Idle(_) => Instant::now() + timeouts.head,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Due::Head(_) => "request head",
+            Due::Idle(_) => "next request",
         }
     }
 }
@@ -172,14 +226,21 @@ async fn write_response(response: Response, request_id: &[u8], close: bool, out:
 pub struct Rewind {
     read: Bytes,
     stream: TcpStream,
+    head_deadline: Instant,
 }
 
 impl Rewind {
-    fn new(stream: TcpStream, read: BytesMut) -> Self {
+    fn new(stream: TcpStream, read: BytesMut, head_deadline: Instant) -> Self {
         Self {
             read: read.freeze(),
             stream,
+            head_deadline,
         }
+    }
+
+    /// When the request head whose bytes were read is due (by then it has usually all arrived).
+    pub fn head_deadline(&self) -> Instant {
+        self.head_deadline
     }
 }
 

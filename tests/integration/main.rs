@@ -18,4 +18,5 @@ mod passthrough;
 mod reference_config;
 mod replicas;
 mod store_contract;
+mod timeouts;
 mod tls;
