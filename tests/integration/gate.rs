@@ -322,3 +322,563 @@ async fn a_post_search_is_checked_by_its_form_body_too() {
         .unwrap();
     outcome(json, 400).await;
 }
+
+// Attacks on the gate that held: each a request a type-limited token must not get through, sent as
+// written (raw request lines, so nothing normalises `..`, `%2e` or absolute-form targets first).
+#[tokio::test]
+async fn path_and_parameter_tricks_do_not_widen_a_type_limited_token() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    let base = gated.proxy.config.base_path();
+    let host = gated.proxy.addr;
+    let patient = Some(gated.patient_token.as_str());
+    let refused = [
+        "/Patient/1/../../Observation".to_owned(),
+        "/Patient/./1".into(),
+        "/Patient/%2e%2e/Observation".into(),
+        "/Patient/.%2e/Observation".into(),
+        "/Patient/..;/Observation".into(),
+        "/Patient/1;/../Observation".into(),
+        "/Patient/%252e%252e/Observation".into(),
+        "/Patient%2FObservation".into(),
+        "/Patient/%5c..%5cObservation".into(),
+        "//Patient".into(),
+        "/Patient//1".into(),
+        "/patient".into(),
+        "/PATIENT".into(),
+        "/Patient;x=1".into(),
+        "/Patient%3F_revinclude=Observation:patient".into(),
+        "/Patient/1%3F_revinclude=Observation:patient".into(),
+        "/Patient/1%00".into(),
+        "/Patient/%EF%BC%8E%EF%BC%8E/Observation".into(),
+        "/Patient?%5Frevinclude=Observation:patient".into(),
+        "/Patient?_%68as:Observation:patient:code=1".into(),
+        "/Patient?_INCLUDE=Patient:organization".into(),
+        "/Patient?_include:iterate=Patient:link".into(),
+        "/Patient?_revinclude%20=Observation:patient".into(),
+        "/Patient?_%FFrevinclude=Observation:patient".into(),
+        "/Patient?subject%2Ename=x".into(),
+        "/Patient?_id:x.y=1".into(),
+        "/Patient?=x".into(),
+        "/Patient/_search?_revinclude=Observation:patient".into(),
+        "/Patient/_history/1".into(),
+    ];
+    let mut sent = Vec::new();
+    for rest in &refused {
+        sent.push(("GET", format!("{base}{rest}")));
+    }
+    // Absolute-form targets are checked by their path, whatever their authority.
+    sent.push(("GET", format!("http://{host}{base}/Observation")));
+    sent.push(("GET", format!("http://elsewhere{base}/Observation")));
+    sent.push((
+        "GET",
+        format!("http://{host}{base}/Patient/%2e%2e/Observation"),
+    ));
+    sent.push(("HEAD", format!("{base}/Observation")));
+    sent.push(("TRACE", format!("{base}/Patient")));
+    sent.push(("get", format!("{base}/Patient")));
+    sent.push(("GET", format!("/{base}/Patient")));
+    sent.push(("OPTIONS", "*".into()));
+    for (method, target) in &sent {
+        let before = gated.forwarded().len();
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let status = gated.send_raw(&method, target, patient).await;
+        assert!(
+            gated.forwarded().len() == before,
+            "{method} {target} -> {status} reached the upstream"
+        );
+        assert!(matches!(status, 400 | 403), "{method} {target} -> {status}");
+    }
+
+    // Several Authorization headers are refused, whatever the order.
+    for (first, second) in [
+        (&gated.patient_token, &gated.all_token),
+        (&gated.all_token, &gated.patient_token),
+    ] {
+        let response = gated
+            .client
+            .get(gated.proxy.url("/Observation"))
+            .header(PROBE, "two tokens")
+            .header("authorization", format!("Bearer {first}"))
+            .header("authorization", format!("Bearer {second}"))
+            .send()
+            .await
+            .unwrap();
+        outcome(response, 401).await;
+    }
+    // The same gate over HTTP/2 (prior knowledge).
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let response = h2
+        .get(gated.proxy.url("/Observation"))
+        .header(PROBE, "h2")
+        .bearer_auth(&gated.patient_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    outcome(response, 403).await;
+    assert!(
+        gated.forwarded().is_empty(),
+        "forwarded {:?}",
+        gated.forwarded()
+    );
+
+    // Not vacuous: the same token gets its own type through, in the forms the rules allow.
+    for rest in [
+        "/Patient/1",
+        "/%50atient/1",
+        "/Patient?_format=xml&_summary=count",
+    ] {
+        let status = gated
+            .send_raw(&Method::GET, &format!("{base}{rest}"), patient)
+            .await;
+        assert_eq!(status, 200, "{rest}");
+    }
+    assert_eq!(gated.forwarded().len(), 3);
+}
+
+/// A `POST` sent as written: path below the base, headers, body, expected status.
+type BodyCase<'a> = (&'a str, &'a [(&'a str, &'a str)], &'a str, u16);
+
+/// The body tricks on a `POST _search` that held: every one is read and checked, or refused.
+#[tokio::test]
+async fn post_search_body_tricks_are_read_or_refused() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    const FORM: &str = "application/x-www-form-urlencoded";
+    let body = "name=x&_revinclude=Observation:patient";
+    let chunked = format!("{:x}\r\n{body}\r\n0\r\n\r\n", body.len());
+    let cases: &[BodyCase] = &[
+        ("/Patient/_search", &[], body, 403),
+        ("/Patient/_search/", &[("content-type", FORM)], body, 403),
+        (
+            "/Patient/_search",
+            &[(
+                "content-type",
+                "Application/X-WWW-Form-Urlencoded; charset=utf-8",
+            )],
+            body,
+            403,
+        ),
+        (
+            "/Patient/_search",
+            &[("content-type", FORM), ("content-type", "text/plain")],
+            body,
+            403,
+        ),
+        (
+            "/Patient/_search",
+            &[("content-type", "text/plain"), ("content-type", FORM)],
+            body,
+            400,
+        ),
+        (
+            "/Patient/_search",
+            &[("content-type", "multipart/form-data; boundary=x")],
+            "--x\r\nContent-Disposition: form-data; name=\"_revinclude\"\r\n\r\nObservation:patient\r\n--x--\r\n",
+            400,
+        ),
+        (
+            "/Patient/_search",
+            &[("content-type", FORM), ("transfer-encoding", "chunked")],
+            &chunked,
+            403,
+        ),
+        (
+            "/Patient/_search?name=y",
+            &[("content-type", FORM)],
+            "_has:Observation:patient:code=1",
+            403,
+        ),
+        (
+            "/Patient/_search?_include=Patient:organization",
+            &[("content-type", FORM)],
+            "name=x",
+            403,
+        ),
+    ];
+    for (rest, headers, body, expected) in cases {
+        let target = format!("{}{rest}", gated.proxy.config.base_path());
+        let mut head = format!(
+            "POST {target} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer {}\r\n{PROBE}: {rest}\r\n",
+            gated.proxy.addr, gated.patient_token
+        );
+        for (name, value) in headers.iter() {
+            head.push_str(&format!("{name}: {value}\r\n"));
+        }
+        if !headers.iter().any(|(n, _)| *n == "transfer-encoding") {
+            head.push_str(&format!("content-length: {}\r\n", body.len()));
+        }
+        let response = raw_exchange(gated.proxy.addr, format!("{head}\r\n{body}")).await;
+        let status = status_of(&response);
+        assert_eq!(status, *expected, "{rest} {headers:?}: {response}");
+        assert!(
+            response.contains("OperationOutcome"),
+            "{rest} {headers:?}: {response}"
+        );
+    }
+    assert!(
+        gated.forwarded().is_empty(),
+        "forwarded {:?}",
+        gated.forwarded()
+    );
+}
+
+/// Writes `request` as is and reads the whole answer (the request asks to close).
+async fn raw_exchange(addr: std::net::SocketAddr, request: impl AsRef<[u8]>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_ref()).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+fn status_of(response: &str) -> u16 {
+    response
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {response:?}"))
+}
+
+/// Paths next to the proxy's own (encoded, slashed, cased, absolute-form) get the same answer on
+/// the fast path as on the general path: the fast path's choice and the router never disagree.
+#[tokio::test]
+async fn the_fast_path_and_the_router_agree_on_paths_next_to_owned_ones() {
+    let fast = Gated::start(|_| {}).await;
+    let general = Gated::start(|c| c.server.http1_fast_path = false).await;
+    let config = &fast.proxy.config;
+    let table = RouteTable::new(
+        &config.base_path(),
+        config.auth.enabled,
+        &config.auth.token_path,
+    );
+    let mut compared = 0;
+    for mounted in table.iter() {
+        let path = mounted.example("x1");
+        let owned = [
+            path.clone(),
+            format!("{path}?"),
+            format!("{path}?_format=json"),
+        ];
+        let near = [
+            format!("{path};x"),
+            format!("{path}/"),
+            format!("{path}//"),
+            path.replacen('/', "//", 1),
+            path.replacen('/', "/./", 1),
+            path.replace('$', "%24"),
+            path.replace("x1", "x%31"),
+            path.to_uppercase(),
+            format!("/x/..{path}"),
+        ];
+        for (target, is_owned) in owned
+            .iter()
+            .map(|t| (t.clone(), true))
+            .chain(near.iter().map(|t| (t.clone(), false)))
+            .chain([(format!("http://{}{path}", fast.proxy.addr), true)])
+        {
+            // `{id}` segments take `x1;x` and `x%31` too.
+            let is_owned = is_owned || table.owns(&target);
+            let mut answers = Vec::new();
+            for gated in [&fast, &general] {
+                let target =
+                    target.replace(&fast.proxy.addr.to_string(), &gated.proxy.addr.to_string());
+                let before = gated.forwarded().len();
+                let status = gated.send_raw(&Method::GET, &target, None).await;
+                let forwarded = gated.forwarded().len() > before;
+                answers.push((status, forwarded));
+            }
+            compared += 1;
+            assert_eq!(
+                answers[0], answers[1],
+                "GET {target}: fast path, general path"
+            );
+            let forwarded = answers[0].1 && !target.contains("_format=xml");
+            assert_eq!(forwarded, !is_owned, "GET {target} -> {:?}", answers[0]);
+        }
+    }
+    assert!(compared > 100, "{compared}");
+}
+
+// Findings (each ignored until fixed; the ignore reason names it).
+
+#[tokio::test]
+#[ignore = "finding: POST {base}/Patient/%5Fsearch forwards its form body unchecked: the gate reads bodies only of paths ending in a literal `_search`, the check decodes `%5F`"]
+async fn a_post_search_to_an_encoded_search_path_is_checked_by_its_form_body() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for rest in [
+        "/Patient/%5Fsearch",
+        "/Patient/%5fsearch",
+        "/Patient/_searc%68",
+        "/Patient/_search",
+    ] {
+        for client in [&gated.client, &h2] {
+            let before = gated.forwarded().len();
+            let response = client
+                .post(gated.proxy.url(rest))
+                .header(PROBE, rest)
+                .header("content-type", "application/x-www-form-urlencoded")
+                .bearer_auth(&gated.patient_token)
+                .body("name=x&_revinclude=Observation:patient")
+                .send()
+                .await
+                .unwrap();
+            let what = format!("POST {rest} ({:?})", response.version());
+            assert_eq!(
+                gated.forwarded().len(),
+                before,
+                "{what}: `_revinclude` reached the upstream with a Patient-only token"
+            );
+            outcome(response, 403).await;
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "finding: auth.passthrough = true with auth.enabled = false leaves the gate open, silently (auth::Auth::new ANDs the two)"]
+async fn passthrough_authorization_is_never_silently_off() {
+    let fake = FakeFhir::new().start().await;
+    let mut config = TestProxy::config(&fake.url());
+    config.auth.enabled = false;
+    config.auth.passthrough = true;
+    if let Err(refused) = config.validate() {
+        // Refusing the configuration closes the hole too.
+        assert!(refused.to_string().contains("passthrough"), "{refused}");
+        return;
+    }
+    let proxy = TestProxy::start(config).await;
+    let response = client()
+        .delete(proxy.url("/Patient/1"))
+        .header(PROBE, "DELETE without a token")
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let forwarded: Vec<_> = fake
+        .received()
+        .iter()
+        .filter_map(|r| r.header(PROBE).map(str::to_owned))
+        .collect();
+    assert!(
+        forwarded.is_empty(),
+        "with auth.passthrough = true, {forwarded:?} reached the upstream without a token ({status})"
+    );
+}
+
+#[tokio::test]
+#[ignore = "finding: a SMART v2 `system/Patient.r` token (read, no search) searches through the gate: the scope check asks for `r` on searches too"]
+async fn a_read_only_v2_token_may_read_but_not_search() {
+    let fake = FakeFhir::new().start().await;
+    let mut config = TestProxy::config(&fake.url());
+    config.auth.passthrough = true;
+    let reader = SmartClient::register_with(
+        &mut config,
+        "reader",
+        ClientKey::es384(),
+        &["system/Patient.r"],
+    );
+    let proxy = TestProxy::start(config).await;
+    let token = reader.token_for(&proxy, "system/Patient.r").await;
+    let read = client()
+        .get(proxy.url("/Patient/1"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200, "`r` allows a read");
+    for (method, rest) in [
+        (Method::GET, "/Patient?name=x"),
+        (Method::GET, "/Patient"),
+        (Method::POST, "/Patient/_search"),
+    ] {
+        let before = fake.received().len();
+        let response = client()
+            .request(method.clone(), proxy.url(rest))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        assert_eq!(
+            fake.received().len(),
+            before,
+            "{method} {rest} -> {status}: a search with a scope without `s`"
+        );
+        outcome(response, 403).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "finding: a POST _search body with a Content-Encoding is checked as the coded bytes and forwarded with its coding: an upstream that decodes it reads parameters the gate never saw"]
+async fn a_post_search_body_the_gate_cannot_read_is_refused() {
+    use std::io::Write;
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    // A gzip body whose coded bytes, read as a form, pass the parameter rules (padding picks one,
+    // as an attacker would).
+    let passes = |coded: &[u8]| {
+        url::form_urlencoded::parse(coded)
+            .all(|(name, _)| !name.is_empty() && !name.starts_with('_') && !name.contains('.'))
+    };
+    let body = (0..1000)
+        .map(|pad| {
+            let mut gzip =
+                flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            // Long enough to be Huffman-coded rather than stored.
+            let name = "x".repeat(200);
+            write!(gzip, "name={name}{pad}&_revinclude=Observation:patient").unwrap();
+            gzip.finish().unwrap()
+        })
+        .find(|coded| passes(coded))
+        .expect("a coded body that passes");
+    for coding in ["gzip", "deflate", "br"] {
+        let response = gated
+            .client
+            .post(gated.proxy.url("/Patient/_search"))
+            .header(PROBE, coding)
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("content-encoding", coding)
+            .bearer_auth(&gated.patient_token)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert!(
+            gated.forwarded().is_empty(),
+            "{coding}: forwarded unchecked ({status})"
+        );
+        assert!(matches!(status, 400 | 403 | 415), "{coding}: {status}");
+        outcome(response, status).await;
+    }
+}
+
+#[tokio::test]
+#[ignore = "finding: parameter names and separators an upstream may read otherwise pass as plain parameters (leading space or control, double encoding, `;`)"]
+async fn search_parameters_an_upstream_may_read_otherwise_are_refused() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    let base = gated.proxy.config.base_path();
+    for rest in [
+        // Names some servers trim (HTTP frameworks that strip whitespace and NULs around keys).
+        "/Patient?+_revinclude=Observation:patient",
+        "/Patient?%20_revinclude=Observation:patient",
+        "/Patient?%09_include=Patient:organization",
+        "/Patient?%00_has:Observation:patient:code=1",
+        // A name that is still encoded after one decoding (servers that decode twice).
+        "/Patient?%255Frevinclude=Observation:patient",
+        // `;` separates parameters for some parsers (Rack, older Python and Go).
+        "/Patient?name=x;_revinclude=Observation:patient",
+    ] {
+        let target = format!("{base}{rest}");
+        let before = gated.forwarded().len();
+        let status = gated
+            .send_raw(&Method::GET, &target, Some(&gated.patient_token))
+            .await;
+        assert_eq!(
+            gated.forwarded().len(),
+            before,
+            "{target} -> {status}: forwarded with a Patient-only token"
+        );
+        assert_eq!(status, 403, "{target}");
+    }
+}
+
+#[tokio::test]
+#[ignore = "finding: a GET or HEAD body is forwarded to the upstream unchecked with passthrough authorization on"]
+async fn a_get_body_is_not_forwarded_unchecked() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    for method in [Method::GET, Method::HEAD] {
+        for rest in ["/Patient", "/Patient/_search"] {
+            let before = gated.fake.received().len();
+            let response = gated
+                .client
+                .request(method.clone(), gated.proxy.url(rest))
+                .header(PROBE, format!("{method} {rest}"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .bearer_auth(&gated.patient_token)
+                .body("_revinclude=Observation:patient")
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let received = gated.fake.received();
+            let body = received[before..]
+                .iter()
+                .map(|r| String::from_utf8_lossy(&r.body).into_owned())
+                .collect::<Vec<_>>();
+            assert!(
+                body.iter().all(|b| b.is_empty()),
+                "{method} {rest} -> {status}: the upstream got the body {body:?}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "finding: method-override headers reach the upstream with passthrough authorization on, whose rule is reads only"]
+async fn method_override_headers_do_not_reach_the_upstream() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    for name in [
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+    ] {
+        for (method, rest) in [
+            (Method::GET, "/Patient/1"),
+            (Method::POST, "/Patient/_search"),
+        ] {
+            let before = gated.fake.received().len();
+            let response = gated
+                .client
+                .request(method.clone(), gated.proxy.url(rest))
+                .header(PROBE, format!("{name} {method} {rest}"))
+                .header(name, "DELETE")
+                .header("content-type", "application/x-www-form-urlencoded")
+                .bearer_auth(&gated.all_token)
+                .send()
+                .await
+                .unwrap();
+            let status = response.status();
+            let received = gated.fake.received();
+            assert!(
+                received[before..].iter().all(|r| r.header(name).is_none()),
+                "{method} {rest} with {name}: DELETE -> {status} reached the upstream"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "finding: owned paths written with `%24` for `$` reach the upstream (its own $export), with upstream.auth's credentials under passthrough authorization"]
+async fn encoded_forms_of_owned_paths_do_not_reach_the_upstream() {
+    let gated = Gated::start(|c| c.auth.passthrough = true).await;
+    for rest in [
+        "/%24export",
+        "/Patient/%24export",
+        "/Group/7/%24export",
+        "/%24export-status/x1",
+        "/%24export-file/x1/y.ndjson",
+    ] {
+        let before = gated.forwarded().len();
+        let response = gated
+            .send(
+                &Method::GET,
+                &format!("{}{rest}", gated.proxy.config.base_path()),
+                Some(&gated.all_token),
+            )
+            .await;
+        assert_eq!(
+            gated.forwarded().len(),
+            before,
+            "GET {rest} -> {}: reached the upstream",
+            response.status()
+        );
+    }
+}
