@@ -12,6 +12,7 @@
 //! router (matchit) matches them: `{id}` is one non-empty segment, everything else is literal.
 
 use axum::http::Method;
+use percent_encoding::percent_decode_str;
 
 /// What a route is for: the router maps each to its handlers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,10 +206,16 @@ impl Mounted {
         path
     }
 
-    fn matches<'a>(&self, mut segments: impl Iterator<Item = &'a str>) -> bool {
+    /// Whether the path's segments match; `decode` compares percent-decoded literal segments.
+    fn matches<'a>(&self, mut segments: impl Iterator<Item = &'a str>, decode: bool) -> bool {
         for expected in &self.segments {
             match (segments.next(), expected) {
                 (Some(got), Some(literal)) if got == literal => {}
+                (Some(got), Some(literal)) if decode => {
+                    if percent_decode_str(got).ne(literal.bytes()) {
+                        return false;
+                    }
+                }
                 (Some(got), None) if !got.is_empty() => {}
                 _ => return false,
             }
@@ -264,9 +271,19 @@ impl RouteTable {
         self.mounted.iter()
     }
 
-    /// The route that owns `path` (no query), if any: then the request is the proxy's to answer,
-    /// whatever its method, and is never forwarded.
+    /// The route whose path is `path` (no query) as written, if any: the router answers it.
     pub fn find(&self, path: &str) -> Option<&Mounted> {
+        self.lookup(path, false)
+    }
+
+    /// Whether `path` belongs to one of the proxy's own routes, as written or percent-encoded
+    /// (`/fhir/%24export`): such a request is the proxy's, whatever its method, and is never
+    /// forwarded. The router answers the paths as written; the gate refuses the encoded ones.
+    pub fn owns(&self, path: &str) -> bool {
+        self.lookup(path, path.contains('%')).is_some()
+    }
+
+    fn lookup(&self, path: &str, decode: bool) -> Option<&Mounted> {
         let rest = path.strip_prefix('/')?;
         // Most passthrough paths are long or short enough to rule out by counting.
         let count = rest.split('/').take(self.max_segments + 1).count();
@@ -276,12 +293,7 @@ impl RouteTable {
         self.mounted
             .iter()
             .filter(|m| m.segments.len() == count)
-            .find(|m| m.matches(rest.split('/')))
-    }
-
-    /// Whether `path` belongs to one of the proxy's own routes.
-    pub fn owns(&self, path: &str) -> bool {
-        self.find(path).is_some()
+            .find(|m| m.matches(rest.split('/'), decode))
     }
 }
 
@@ -308,11 +320,18 @@ mod tests {
                 format!("{path}/"),
                 format!("{path}/x"),
                 format!("{path}x"),
-                path.replace("$", "%24"),
                 path.to_uppercase(),
             ] {
                 if near != path && !(ends_in_a_variable && near == format!("{path}x")) {
                     assert!(!table.owns(&near), "{near}");
+                }
+            }
+            // Percent-encoded, the path is still the proxy's (never forwarded), but not the
+            // router's.
+            for encoded in [path.replace('$', "%24"), path.replacen('e', "%65", 1)] {
+                if encoded != path {
+                    assert!(table.owns(&encoded), "{encoded}");
+                    assert!(table.find(&encoded).is_none(), "{encoded}");
                 }
             }
         }

@@ -79,6 +79,9 @@ pub enum AuthError {
     Expired,
     #[error("the access token's scopes do not allow reading {0}")]
     Forbidden(String),
+    /// Passthrough with the proxy's tokens is read-only.
+    #[error("the proxy grants read access only: {0} are refused")]
+    ReadOnly(String),
     /// The request's results cannot be checked against a type-limited token's scopes.
     #[error(
         "the proxy cannot check {0} against the access token's scopes: only a token for every resource type (e.g. system/*.read) may make this request"

@@ -245,6 +245,22 @@ impl Scopes {
             .any(|s| s.allows_system(resource_type, Permissions::READ))
     }
 
+    /// Whether these scopes allow `permissions` on `resource_type` in the system context.
+    pub fn allow(&self, resource_type: &str, permissions: Permissions) -> bool {
+        self.0
+            .iter()
+            .any(|s| s.allows_system(resource_type, permissions))
+    }
+
+    /// Whether these scopes allow `permissions` on every resource type (`system/*`).
+    pub fn allow_all(&self, permissions: Permissions) -> bool {
+        self.0.iter().any(|s| {
+            s.context == Context::System
+                && s.target == Target::All
+                && s.permissions.contains(permissions)
+        })
+    }
+
     /// Whether these scopes allow reading every resource type (`system/*` with `r`).
     pub fn can_read_all(&self) -> bool {
         self.0.iter().any(|s| {

@@ -113,6 +113,13 @@ pub const MIN_SECRET_BYTES: usize = 32;
 
 impl AuthConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        if self.passthrough && !self.enabled {
+            return Err(invalid(
+                "auth.passthrough",
+                "true",
+                "needs auth.enabled = true: passthrough is protected by the proxy's own tokens",
+            ));
+        }
         let path = &self.token_path;
         if !path.starts_with('/') || path.len() < 2 || path.contains(['?', '#', ' ']) {
             return Err(invalid(

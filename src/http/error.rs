@@ -75,7 +75,9 @@ pub enum ApiError {
 impl From<AuthError> for ApiError {
     fn from(error: AuthError) -> Self {
         match error {
-            AuthError::Forbidden(_) | AuthError::Unchecked(_) => Self::Forbidden(error.to_string()),
+            AuthError::Forbidden(_) | AuthError::Unchecked(_) | AuthError::ReadOnly(_) => {
+                Self::Forbidden(error.to_string())
+            }
             AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => {
                 Self::Unauthorized(error.to_string())
             }

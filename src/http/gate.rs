@@ -16,7 +16,7 @@ use axum::response::Response;
 
 use super::error::ApiError;
 use crate::app::{App, AppState};
-use crate::auth::passthrough;
+use crate::auth::passthrough::{self, Checked};
 
 /// Largest `POST _search` form body the gate reads to check its parameters.
 const MAX_SEARCH_FORM: usize = 64 * 1024;
@@ -42,6 +42,15 @@ pub async fn passthrough(
     request: Request,
     peer: Option<SocketAddr>,
 ) -> Result<Response, ApiError> {
+    // The router matches its routes as written; the same paths percent-encoded (`%24export`) would
+    // otherwise reach the upstream's own endpoints of those names.
+    let path = request.uri().path();
+    if app.routes.owns(path) && app.routes.find(path).is_none() {
+        return Err(ApiError::BadRequest(format!(
+            "{path} names one of the proxy's own endpoints in percent-encoded form: \
+             write it without percent-encoding"
+        )));
+    }
     let request = if is_open(app) {
         request
     } else {
@@ -50,6 +59,13 @@ pub async fn passthrough(
     let context = app.client_context(peer);
     Ok(app.upstream.forward(request, &context).await?)
 }
+
+/// Headers that ask a server to treat a request as another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
 
 /// The protected gate: the token, its scopes against the path and the search parameters (of the
 /// query, and of the form body of a `POST _search`, which is read here and forwarded as read).
@@ -70,20 +86,31 @@ async fn admit(app: &App, request: Request) -> Result<Request, ApiError> {
         body
     } else {
         let grant = app.auth.authorize(&parts.headers)?;
-        let is_search_post =
-            parts.method == Method::POST && rest.trim_end_matches('/').ends_with("/_search");
-        let (form, body) = if is_search_post && !grant.scopes.can_read_all() {
-            let form = read_search_form(&parts.headers, body).await?;
-            (Some(form.clone()), Body::from(form))
-        } else {
-            (None, body)
-        };
+        if let Some(name) = METHOD_OVERRIDES
+            .iter()
+            .find(|name| parts.headers.contains_key(**name))
+        {
+            return Err(
+                crate::auth::AuthError::ReadOnly(format!("method overrides ({name})")).into(),
+            );
+        }
         let query = parts.uri.query().unwrap_or("");
-        let form_parameters = form.as_deref().map(url::form_urlencoded::parse);
-        let parameters = url::form_urlencoded::parse(query.as_bytes())
-            .chain(form_parameters.into_iter().flatten());
-        passthrough::check(&grant, &parts.method, rest, parameters)?;
-        body
+        match passthrough::check(&grant, &parts.method, rest, query)? {
+            Checked::Done if parts.method == Method::POST => body,
+            // A body on a read would reach the upstream unchecked.
+            Checked::Done if has_body(&parts.headers) => {
+                return Err(ApiError::BadRequest(format!(
+                    "a {} request with a body is not forwarded",
+                    parts.method
+                )));
+            }
+            Checked::Done => body,
+            Checked::FormToCheck => {
+                let form = read_search_form(&parts.headers, body).await?;
+                passthrough::check_form(&form)?;
+                Body::from(form)
+            }
+        }
     };
     parts.headers.remove(header::AUTHORIZATION);
     if let Some(value) = app.config.upstream.auth.authorization() {
@@ -92,6 +119,14 @@ async fn admit(app: &App, request: Request) -> Result<Request, ApiError> {
         parts.headers.insert(header::AUTHORIZATION, value);
     }
     Ok(Request::from_parts(parts, body))
+}
+
+/// Whether the request head announces a body (RFC 9112 §6.3).
+fn has_body(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::TRANSFER_ENCODING)
+        || headers
+            .get(header::CONTENT_LENGTH)
+            .is_some_and(|length| length.as_bytes() != b"0")
 }
 
 /// The body of a `POST _search`: form parameters (FHIR R4 §3.1.1.4.10), at most
@@ -110,6 +145,15 @@ async fn read_search_form(
                 .trim()
                 .to_ascii_lowercase()
         });
+    if let Some(coding) = headers
+        .get(header::CONTENT_ENCODING)
+        .filter(|coding| !coding.as_bytes().eq_ignore_ascii_case(b"identity"))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "a POST _search body checked against a token's scopes must not be encoded (Content-Encoding: {})",
+            String::from_utf8_lossy(coding.as_bytes())
+        )));
+    }
     match content_type.as_deref() {
         Some("application/x-www-form-urlencoded") | None => {}
         Some(other) => {

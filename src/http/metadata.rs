@@ -107,10 +107,13 @@ async fn fetch(app: &App, client_headers: Option<&HeaderMap>) -> Result<Fetched,
     }
     let mut headers = HeaderMap::new();
     headers.insert(header::ACCEPT, HeaderValue::from_static(FHIR_JSON));
-    for name in [
-        header::AUTHORIZATION,
-        HeaderName::from_static("x-request-id"),
-    ] {
+    // The client's own credentials only where passthrough forwards them anyway: behind the gate
+    // they are the proxy's token, which is not the upstream's to see.
+    let mut forwarded = vec![HeaderName::from_static("x-request-id")];
+    if super::gate::is_open(app) {
+        forwarded.push(header::AUTHORIZATION);
+    }
+    for name in forwarded {
         if let Some(value) = client_headers.and_then(|h| h.get(&name)) {
             headers.insert(name, value.clone());
         }
