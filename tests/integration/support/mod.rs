@@ -5,6 +5,7 @@ pub mod fake_fhir;
 pub mod proxy;
 pub mod redis;
 pub mod s3;
+pub mod scripted;
 pub mod smart;
 
 pub use fake_fhir::FakeFhir;
