@@ -1,6 +1,8 @@
 //! The passthrough fast path's wire level: a bodiless HTTP/1.1 request, already parsed from the
 //! client's connection, is written to a plain-TCP upstream connection as bytes and the answer
-//! copied back as bytes, its framing (RFC 9112 §6) followed to know where it ends.
+//! copied back as bytes, its framing (RFC 9112 §6) followed to know where it ends. What the client
+//! gets is what the general path (hyper's client and server) gives it for the same answer:
+//! `tests/integration/differential.rs` holds the two to it.
 //!
 //! The same header rules as [`super::forward`] apply (hop-by-hop removal, RFC 9110 §7.6.1;
 //! `X-Forwarded-*`; `Location` rebasing; the request id), on header slices instead of a
@@ -852,7 +854,7 @@ async fn give_up<W: AsyncWrite + Unpin>(
     error
 }
 
-/// Bodies longer than this (and those delimited by the upstream closing) are spliced on Linux
+/// Bodies with a length longer than this are spliced on Linux
 /// when `server.splice` says so ([`super::splice`]); otherwise they are copied by two tasks,
 /// one reading from the upstream while the other writes to the client. Both run on the
 /// connection's lane, so they take turns on its thread: the reader keeps taking from the upstream

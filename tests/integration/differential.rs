@@ -6,6 +6,11 @@
 //! the connection stays open) and the upstream must receive the same requests (header names
 //! compared in lower case and sorted: the two paths write them in different orders and cases).
 //!
+//! One more thing is taken as equal: a response that fails before any byte of its body (the
+//! connection closes) may come with its head or without it. hyper's server writes the head when
+//! the body first makes it wait, so which one a client sees depends on how the upstream's bytes
+//! were split on the way, on either path.
+//!
 //! Adding a case is one line in [`corpus`].
 
 use std::net::SocketAddr;
@@ -185,7 +190,7 @@ fn corpus() -> Vec<Case> {
         Case::answer("canonical reason in capitals", "HTTP/1.1 404 NOT FOUND\r\nContent-Length: 2\r\n\r\nok").status(404),
         Case::answer(
             "obs-text in reason and value",
-            b"HTTP/1.1 200 \xe9t\xe9\r\nX-Text: caf\xe9\r\nContent-Length: 2\r\n\r\nok".to_vec(),
+            b"HTTP/1.1 200 \xe9t\xe9\r\nX-Text: caf\xe9\r\nContent-Length: 2\r\n\r\nok",
         ),
         Case::answer("connection names a header", "HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nContent-Length: 2\r\n\r\nok").status(200),
         Case::answer("hop-by-hop answer headers", "HTTP/1.1 200 OK\r\nUpgrade: h2c\r\nTrailer: X\r\nProxy-Authenticate: Basic\r\nTE: trailers\r\nContent-Length: 2\r\n\r\nok").status(200),
@@ -226,7 +231,7 @@ fn corpus() -> Vec<Case> {
         Case::request("bare lf", "GET /fhir/r HTTP/1.1\nHost: p\nX-A: 1\n\n").status(200),
         Case::request("space before colon", "GET /fhir/r HTTP/1.1\r\nHost : p\r\n\r\n").status(400),
         Case::request("tab in a value", "GET /fhir/r HTTP/1.1\r\nHost: p\r\nX-A: a\tb\r\n\r\n").status(200),
-        Case::request("obs-text in a value", b"GET /fhir/r HTTP/1.1\r\nHost: p\r\nX-A: caf\xe9\r\n\r\n".to_vec()),
+        Case::request("obs-text in a value", b"GET /fhir/r HTTP/1.1\r\nHost: p\r\nX-A: caf\xe9\r\n\r\n"),
         Case::request("lower-case method", "get /fhir/r HTTP/1.1\r\nHost: p\r\n\r\n"),
         Case::request("absolute form", "GET http://p/fhir/r?x=1 HTTP/1.1\r\nHost: p\r\n\r\n").status(200),
         Case::request("absolute form, other host", "GET http://elsewhere/fhir/r HTTP/1.1\r\nHost: p\r\n\r\n"),
@@ -280,6 +285,18 @@ struct Seen1 {
     whole: bool,
 }
 
+impl Seen1 {
+    /// A response that failed before any of its body: with or without its head.
+    fn failed() -> Self {
+        Self {
+            status_line: "(the connection closed before a byte of the body)".into(),
+            headers: Vec::new(),
+            body: String::new(),
+            whole: false,
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_fast_path_and_hyper_agree_on_a_corpus_of_hostile_messages() {
     // DIFFERENTIAL_CASE=text runs the cases whose names contain it.
@@ -289,7 +306,7 @@ async fn the_fast_path_and_hyper_agree_on_a_corpus_of_hostile_messages() {
         .filter(|case| case.name.contains(only.as_str()))
         .collect();
     let mut differences = Vec::new();
-    let mut wrong_status = Vec::new();
+    let mut failures = Vec::new();
     // A few cases at a time: each starts two proxies.
     for batch in corpus.chunks(8) {
         let runs = batch.iter().cloned().map(|case| {
@@ -309,15 +326,15 @@ async fn the_fast_path_and_hyper_agree_on_a_corpus_of_hostile_messages() {
                 ));
             }
             if fast.hung || general.hung {
-                wrong_status.push(format!("{}: the proxy left the client waiting", case.name));
+                failures.push(format!("{}: the proxy left the client waiting", case.name));
             }
             let status = general
                 .responses
                 .first()
-                .map(|r| r.status_line[9..12].to_owned());
+                .and_then(|r| r.status_line.get(9..12).map(str::to_owned));
             if let Some(expected) = case.status {
                 if status.as_deref() != Some(expected.to_string().as_str()) {
-                    wrong_status.push(format!(
+                    failures.push(format!(
                         "{}: {expected} expected, got {general:?}",
                         case.name
                     ));
@@ -326,12 +343,12 @@ async fn the_fast_path_and_hyper_agree_on_a_corpus_of_hostile_messages() {
         }
     }
     assert!(
-        differences.is_empty() && wrong_status.is_empty(),
-        "{} of {} cases differ:\n{}\n\nstatuses not as stated:\n{}",
+        differences.is_empty() && failures.is_empty(),
+        "{} of {} cases differ:\n{}\n\nother failures (statuses not as stated, hangs):\n{}",
         differences.len(),
         corpus.len(),
         differences.join("\n"),
-        wrong_status.join("\n")
+        failures.join("\n")
     );
 }
 
@@ -384,9 +401,15 @@ async fn talk(addr: SocketAddr, case: &Case) -> (Vec<Seen1>, bool, bool) {
     let mut responses = Vec::new();
     let mut finals = 0;
     while finals < case.responses || case.client_closes {
-        let Some(response) = reader.response(&mut stream, case.head).await else {
+        let Some(mut response) = reader.response(&mut stream, case.head).await else {
+            if !case.client_closes {
+                responses.push(Seen1::failed());
+            }
             return (responses, false, reader.hung);
         };
+        if !response.whole && response.body.is_empty() {
+            response = Seen1::failed();
+        }
         if response.status_line.as_bytes().get(9) != Some(&b'1') {
             finals += 1;
         }
