@@ -88,6 +88,7 @@ impl From<AuthError> for ApiError {
 impl ApiError {
     pub fn source(&self) -> ErrorSource {
         match self {
+            Self::Proxy(ProxyError::ClientBody(_)) => ErrorSource::Client,
             Self::Proxy(_) | Self::UpstreamFailed(_) => ErrorSource::Upstream,
             Self::BadRequest(_)
             | Self::NotFound(_)
@@ -111,6 +112,7 @@ impl ApiError {
                 (StatusCode::BAD_GATEWAY, "transient")
             }
             Self::Proxy(ProxyError::TooLarge(_)) => (StatusCode::BAD_GATEWAY, "too-costly"),
+            Self::Proxy(ProxyError::ClientBody(_)) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::NotFound(_) => (StatusCode::NOT_FOUND, "not-found"),
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),

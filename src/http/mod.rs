@@ -64,6 +64,9 @@ impl Entry {
         B::Error: Into<axum::BoxError>,
     {
         let mut request = request.map(Body::new);
+        if let Err(why) = crate::proxy::headers::check_request_head(request.headers()) {
+            return ApiError::BadRequest(why.into()).into_response();
+        }
         if is_passthrough(&self.app, request.uri().path()) {
             let app = &self.app;
             return observe("passthrough", request, |request| async move {

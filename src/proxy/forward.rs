@@ -18,7 +18,9 @@ use url::Url;
 
 use super::ProxyError;
 use super::h1::H1Target;
-use super::headers::{add_forwarded, public_base, rewrite_locations, strip_hop_by_hop};
+use super::headers::{
+    ResponseFraming, add_forwarded, public_base, rewrite_locations, strip_hop_by_hop,
+};
 use super::pool::{Pool, SendError};
 use crate::config::Config;
 
@@ -158,8 +160,20 @@ impl Upstream {
             .or_else(|| authority.and_then(|a| a.as_str().parse().ok()));
         let (proto, host) = add_forwarded(headers, context.addr, context.scheme, host);
 
+        let head = request.method() == Method::HEAD;
         let response = self.send("passthrough", request).await?;
         let (mut parts, body) = response.into_parts();
+        // The fast path frames answers by the same rules (`h1::write_response_head`).
+        ResponseFraming::settle(
+            parts.status.as_u16(),
+            head,
+            parts.version,
+            &mut parts.headers,
+        )
+        .map_err(|why| ProxyError::Protocol(format!("invalid response head: {why}")))?;
+        // The proxy's own version goes to the client (RFC 9110 §6.2), not the upstream's
+        // (hyper's server writes the response's; it answers an HTTP/1.0 client in HTTP/1.0).
+        parts.version = Version::HTTP_11;
         strip_hop_by_hop(&mut parts.headers);
         rewrite_locations(&mut parts.headers, &self.bases.url, || {
             public_base(
@@ -260,6 +274,9 @@ impl From<SendError> for ProxyError {
     fn from(error: SendError) -> Self {
         match error {
             SendError::Connect(reason) => ProxyError::Unreachable(reason),
+            // The client's request body failed (a bad chunk, an early close): hyper's client
+            // reports it as an error of the body it was given.
+            SendError::Request(e) if e.is_user() => ProxyError::ClientBody(error_chain(&e)),
             SendError::Request(e) => ProxyError::Protocol(error_chain(&e)),
         }
     }

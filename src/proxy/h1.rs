@@ -1,6 +1,8 @@
 //! The passthrough fast path's wire level: a bodiless HTTP/1.1 request, already parsed from the
 //! client's connection, is written to a plain-TCP upstream connection as bytes and the answer
-//! copied back as bytes, its framing (RFC 9112 §6) followed to know where it ends.
+//! copied back as bytes, its framing (RFC 9112 §6) followed to know where it ends. What the client
+//! gets is what the general path (hyper's client and server) gives it for the same answer:
+//! `tests/integration/differential.rs` holds the two to it.
 //!
 //! The same header rules as [`super::forward`] apply (hop-by-hop removal, RFC 9110 §7.6.1;
 //! `X-Forwarded-*`; `Location` rebasing; the request id), on header slices instead of a
@@ -19,14 +21,18 @@ use url::Url;
 
 use super::ProxyError;
 use super::forward::{Bases, ClientContext};
-use super::headers::{Name, is_visible_text, public_base, put_date, put_header, rebase, write_ip};
+use super::headers::{
+    BodyEnd, Name, ResponseFraming, is_visible_text, public_base, put_date, put_header, rebase,
+    write_ip,
+};
 use super::pool::IdleStack;
 use crate::config::Config;
 
 /// Headers a request or response may have on this path.
 pub const MAX_HEADERS: usize = 100;
-/// Largest response head read from the upstream.
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Largest response head read from the upstream: as hyper's client (its read buffer's default
+/// limit, 8 KiB + 400 KiB), so that both paths take the same heads.
+const MAX_RESPONSE_HEAD: usize = 8 * 1024 + 400 * 1024;
 /// Read buffer kept with each upstream connection; enough for a small response in one read.
 const UPSTREAM_BUFFER: usize = 8 * 1024;
 /// Buffer for copying larger bodies.
@@ -48,6 +54,8 @@ pub struct ClientHead<'a> {
     pub request_id: Option<&'a [u8]>,
     /// The client asked to close the connection after this response.
     pub close: bool,
+    /// It has a `Content-Length` (of 0).
+    has_length: bool,
 }
 
 impl<'a> ClientHead<'a> {
@@ -74,11 +82,14 @@ impl<'a> ClientHead<'a> {
             forwarded_host: None,
             request_id: None,
             close: false,
+            has_length: false,
         };
         for header in request.headers.iter() {
             let value = header.value;
             match Name::of(header.name) {
-                Name::ContentLength if value != b"0" => return None,
+                // hyper forwards one of two `Content-Length: 0`: such heads are left to it.
+                Name::ContentLength if value != b"0" || head.has_length => return None,
+                Name::ContentLength => head.has_length = true,
                 Name::TransferEncoding | Name::Expect | Name::Upgrade => return None,
                 Name::Connection => {
                     for token in tokens(value) {
@@ -545,28 +556,20 @@ fn is_reset(error: &std::io::Error) -> bool {
     )
 }
 
-/// Where a response body ends (RFC 9112 §6.3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// HEAD, 204, 304: no body whatever the headers say.
-    Empty,
-    Length(u64),
-    Chunked,
-    /// Until the upstream closes the connection.
-    Close,
-}
-
 struct ResponseHead {
     status: u16,
-    framing: Framing,
+    framing: BodyEnd,
     upstream_keep_alive: bool,
     /// The client's connection closes after this response.
     close_after: bool,
 }
 
-/// Parses the upstream's response head and writes the client's: end-to-end headers kept,
-/// hop-by-hop ones dropped (and those the upstream's `Connection` names), `Location` and
-/// `Content-Location` rebased, the request id echoed, `Date` added if missing.
+/// Parses the upstream's response head and writes the client's, as the general path's hyper
+/// server would write it for the same answer (the differential test holds them to it):
+/// end-to-end headers kept, hop-by-hop ones dropped (and those the upstream's `Connection` names),
+/// `Location` and `Content-Location` rebased, the request id echoed, `Date` added if missing, the
+/// framing decided by [`ResponseFraming`] and written anew (`Content-Length` as a number; a body
+/// delimited by the upstream's close is chunked for the client).
 fn write_response_head(
     response: &httparse::Response<'_, '_>,
     asked: &Asked<'_>,
@@ -580,29 +583,15 @@ fn write_response_head(
         context,
     } = asked;
     let status = response.code.unwrap_or(0);
-    let mut chunked = false;
-    let mut length: Option<u64> = None;
-    let mut upstream_close = response.version != Some(1);
+    let http10 = response.version != Some(1);
+    let mut framing = ResponseFraming::default();
+    let mut upstream_close = http10;
     let mut named: Vec<&[u8]> = Vec::new();
     let mut has_date = false;
     for header in response.headers.iter() {
-        match Name::of(header.name) {
-            Name::TransferEncoding => {
-                if chunked || !header.value.trim_ascii().eq_ignore_ascii_case(b"chunked") {
-                    return Err(invalid("a transfer coding other than chunked"));
-                }
-                chunked = true;
-            }
-            Name::ContentLength => {
-                for value in header.value.split(|&b| b == b',') {
-                    let n = parse_length(value.trim_ascii())
-                        .ok_or_else(|| invalid("a bad Content-Length"))?;
-                    if length.is_some_and(|l| l != n) {
-                        return Err(invalid("conflicting Content-Length values"));
-                    }
-                    length = Some(n);
-                }
-            }
+        let name = Name::of(header.name);
+        match name {
+            Name::TransferEncoding | Name::ContentLength => framing.add(name, header.value),
             Name::Connection => {
                 for token in tokens(header.value) {
                     if token.eq_ignore_ascii_case(b"close") {
@@ -616,24 +605,20 @@ fn write_response_head(
             _ => {}
         }
     }
-    let framing = if request.is_head() || status == 204 || status == 304 {
-        Framing::Empty
-    } else if chunked {
-        Framing::Chunked
-    } else if let Some(n) = length {
-        Framing::Length(n)
-    } else {
-        Framing::Close
-    };
-    let close_after = request.close || framing == Framing::Close;
+    let (framing, length) = framing
+        .decide(status, request.is_head(), http10)
+        .map_err(invalid)?;
+    let close_after = request.close;
 
-    put_status_line(out, status, response.reason);
+    // The reason phrase as hyper's client keeps it: httparse's (empty when it is not UTF-8).
+    put_status_line(out, status, Some(response.reason.unwrap_or_default()));
     let mut public: Option<String> = None;
     for header in response.headers.iter() {
         let name = header.name;
         let kind = Name::of(name);
         if kind.is_hop_by_hop()
             || kind == Name::RequestId
+            || kind == Name::ContentLength
             || named
                 .iter()
                 .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
@@ -660,8 +645,12 @@ fn write_response_head(
     if !has_date {
         put_date(out);
     }
-    if framing == Framing::Chunked {
+    if matches!(framing, BodyEnd::Chunked | BodyEnd::Close) {
         put_header(out, b"transfer-encoding", b"chunked");
+    } else if let Some(length) = length {
+        // `Length(0)` included: hyper's server says an empty body's length too.
+        let mut digits = itoa_buffer();
+        put_header(out, b"content-length", format_u64(&mut digits, length));
     }
     if close_after {
         put_header(out, b"connection", b"close");
@@ -670,9 +659,27 @@ fn write_response_head(
     Ok(ResponseHead {
         status,
         framing,
-        upstream_keep_alive: !upstream_close && framing != Framing::Close,
+        upstream_keep_alive: !upstream_close && framing != BodyEnd::Close,
         close_after,
     })
+}
+
+/// Room for a `u64` in decimal.
+fn itoa_buffer() -> [u8; 20] {
+    [0; 20]
+}
+
+/// `n` in decimal, written at the end of `buffer`.
+fn format_u64(buffer: &mut [u8; 20], mut n: u64) -> &[u8] {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            return &buffer[at..];
+        }
+    }
 }
 
 impl ClientHead<'_> {
@@ -700,26 +707,25 @@ impl H1Upstream {
     async fn copy_body(
         &self,
         mut connection: Connection,
-        framing: Framing,
+        framing: BodyEnd,
         client: &mut TcpStream,
         out: &mut Vec<u8>,
     ) -> (Option<Connection>, std::io::Result<()>) {
         let length = match framing {
-            Framing::Empty => return (Some(connection), client.write_all(out).await),
-            Framing::Chunked => {
+            BodyEnd::Empty => return (Some(connection), client.write_all(out).await),
+            BodyEnd::Chunked => {
                 let copied = copy_chunked(&mut connection, client, out).await;
                 return (Some(connection), copied);
             }
-            Framing::Length(length) => {
+            BodyEnd::Close => {
+                let copied = copy_until_close(&mut connection, client, out).await;
+                return (Some(connection), copied);
+            }
+            BodyEnd::Length(length) => {
                 let buffered = (connection.buffer.len() as u64).min(length) as usize;
                 out.extend_from_slice(&connection.buffer[..buffered]);
                 connection.buffer.advance(buffered);
                 Some(length - buffered as u64)
-            }
-            Framing::Close => {
-                out.extend_from_slice(&connection.buffer);
-                connection.buffer.clear();
-                None
             }
         };
         if let Err(e) = client.write_all(out).await {
@@ -751,30 +757,104 @@ impl H1Upstream {
     }
 }
 
+/// Copies a chunked body ([`Chunks`]); `out` holds the response head, not yet sent.
 async fn copy_chunked<W: AsyncWrite + Unpin>(
     connection: &mut Connection,
     client: &mut W,
     out: &mut Vec<u8>,
 ) -> std::io::Result<()> {
-    let mut chunks = Chunks::Size;
+    let mut chunks = Chunks::default();
+    let mut unsent_head = out.len();
     loop {
-        let (used, done) = chunks.scan(&connection.buffer, out)?;
-        connection.buffer.advance(used);
-        if !out.is_empty() {
-            client.write_all(out).await?;
-            out.clear();
+        match chunks.scan(&connection.buffer, out) {
+            Ok((used, done)) => {
+                connection.buffer.advance(used);
+                if done {
+                    return client.write_all(out).await;
+                }
+            }
+            Err(e) => return Err(give_up(e, client, out, unsent_head).await),
         }
-        if done {
-            return Ok(());
-        }
-        connection.buffer.reserve(UPSTREAM_BUFFER);
-        if connection.stream.read_buf(&mut connection.buffer).await? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        match read_more(connection, client, out, &mut unsent_head).await {
+            Ok(true) => {}
+            Ok(false) => {
+                let eof = std::io::ErrorKind::UnexpectedEof.into();
+                return Err(give_up(eof, client, out, unsent_head).await);
+            }
+            Err(e) => return Err(give_up(e, client, out, unsent_head).await),
         }
     }
 }
 
-/// Bodies longer than this (and those delimited by the upstream closing) are spliced on Linux
+/// Copies a body that ends when the upstream closes the connection, in chunks for the client (as
+/// hyper's server sends a body of unknown length), so that the client's connection can go on.
+async fn copy_until_close<W: AsyncWrite + Unpin>(
+    connection: &mut Connection,
+    client: &mut W,
+    out: &mut Vec<u8>,
+) -> std::io::Result<()> {
+    let mut unsent_head = out.len();
+    loop {
+        if !connection.buffer.is_empty() {
+            let mut digits = [0u8; 16];
+            out.extend_from_slice(hex(&mut digits, connection.buffer.len() as u64));
+            out.extend_from_slice(b"\r\n");
+            out.extend_from_slice(&connection.buffer);
+            out.extend_from_slice(b"\r\n");
+            connection.buffer.clear();
+        }
+        match read_more(connection, client, out, &mut unsent_head).await {
+            Ok(true) => {}
+            Ok(false) => {
+                out.extend_from_slice(b"0\r\n\r\n");
+                return client.write_all(out).await;
+            }
+            Err(e) => return Err(give_up(e, client, out, unsent_head).await),
+        }
+    }
+}
+
+/// Reads more of a body into the connection's buffer; `false` when the upstream has closed.
+/// `out` (owed to the client) is written first when the read would wait, or has grown large:
+/// as hyper's server flushes when the body makes it wait, so a client sees the same bytes on
+/// both paths when the body fails before anything of it could be sent.
+async fn read_more<W: AsyncWrite + Unpin>(
+    connection: &mut Connection,
+    client: &mut W,
+    out: &mut Vec<u8>,
+    unsent_head: &mut usize,
+) -> std::io::Result<bool> {
+    connection.buffer.reserve(UPSTREAM_BUFFER);
+    if out.len() < COPY_BUFFER {
+        match connection.stream.try_read_buf(&mut connection.buffer) {
+            Ok(n) => return Ok(n > 0),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if !out.is_empty() {
+        client.write_all(out).await?;
+        out.clear();
+        *unsent_head = 0;
+    }
+    Ok(connection.stream.read_buf(&mut connection.buffer).await? > 0)
+}
+
+/// Ends a body that failed: what was decoded of it is sent (the response head with it, if it
+/// was not yet), a head alone is not, as from hyper's server; then the connection closes.
+async fn give_up<W: AsyncWrite + Unpin>(
+    error: std::io::Error,
+    client: &mut W,
+    out: &[u8],
+    unsent_head: usize,
+) -> std::io::Error {
+    if out.len() > unsent_head {
+        let _ = client.write_all(out).await;
+    }
+    error
+}
+
+/// Bodies with a length longer than this are spliced on Linux
 /// when `server.splice` says so ([`super::splice`]); otherwise they are copied by two tasks,
 /// one reading from the upstream while the other writes to the client. Both run on the
 /// connection's lane, so they take turns on its thread: the reader keeps taking from the upstream
@@ -896,83 +976,188 @@ async fn copy_raw<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Where a chunked body stands (RFC 9112 §7.1). Chunks are forwarded as they came; the last
-/// chunk is forwarded without trailer fields.
-#[derive(Debug, Clone, Copy)]
-enum Chunks {
-    Size,
-    Data(u64),
-    DataEnd,
-    Trailers,
+/// A chunked body being read (RFC 9112 §7.1), byte for byte as hyper's client decodes one (its
+/// `ChunkedState`, with the same limits: 16 KiB of chunk extensions in all, 16 KiB and 100 fields
+/// of trailers), so that both paths accept and refuse the same bodies. The client gets the data
+/// in chunks of the proxy's own making, without extensions or trailer fields, as from hyper's
+/// server.
+#[derive(Debug, Default)]
+struct Chunks {
+    state: ChunkState,
+    /// Size of the chunk being read, then what is left of it.
+    size: u64,
+    /// Chunk-extension bytes so far.
+    extensions: u64,
+    /// The trailer section, when there is one.
+    trailers: Option<Vec<u8>>,
+    trailer_count: usize,
 }
 
-/// Longest chunk-size or trailer line accepted.
-const MAX_CHUNK_LINE: usize = 8 * 1024;
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    #[default]
+    Start,
+    Size,
+    SizeLws,
+    Extension,
+    SizeLf,
+    Body,
+    BodyCr,
+    BodyLf,
+    Trailer,
+    TrailerLf,
+    EndCr,
+    EndLf,
+}
+
+/// hyper's limits on a chunked body ([`Chunks`]).
+const CHUNK_EXTENSIONS_LIMIT: u64 = 16 * 1024;
+const TRAILERS_LIMIT: usize = 16 * 1024;
+const TRAILERS_MAX: usize = 100;
 
 impl Chunks {
     /// Consumes what it can of `input`, appending what the client gets to `out`; returns the
-    /// bytes used and whether the body has ended.
+    /// bytes used and whether the body has ended. After an error, `out` holds what was decoded
+    /// before it.
     fn scan(&mut self, input: &[u8], out: &mut Vec<u8>) -> std::io::Result<(usize, bool)> {
+        use ChunkState::*;
         let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_owned());
         let mut at = 0;
-        loop {
-            let rest = &input[at..];
-            match *self {
-                Chunks::Size => match httparse::parse_chunk_size(rest) {
-                    Ok(httparse::Status::Complete((used, 0))) => {
-                        out.extend_from_slice(b"0\r\n");
-                        at += used;
-                        *self = Chunks::Trailers;
-                    }
-                    Ok(httparse::Status::Complete((used, size))) => {
-                        out.extend_from_slice(&rest[..used]);
-                        at += used;
-                        *self = Chunks::Data(size);
-                    }
-                    Ok(httparse::Status::Partial) if rest.len() < MAX_CHUNK_LINE => {
-                        return Ok((at, false));
-                    }
-                    _ => return Err(bad("invalid chunk size line")),
-                },
-                Chunks::Data(left) => {
-                    let take = (rest.len() as u64).min(left) as usize;
-                    out.extend_from_slice(&rest[..take]);
-                    at += take;
-                    if take as u64 == left {
-                        *self = Chunks::DataEnd;
-                    } else {
-                        *self = Chunks::Data(left - take as u64);
-                        return Ok((at, false));
-                    }
+        while at < input.len() {
+            if self.state == Body {
+                let take = (input.len() - at).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                let mut digits = [0u8; 16];
+                out.extend_from_slice(hex(&mut digits, take as u64));
+                out.extend_from_slice(b"\r\n");
+                out.extend_from_slice(&input[at..at + take]);
+                out.extend_from_slice(b"\r\n");
+                at += take;
+                self.size -= take as u64;
+                if self.size == 0 {
+                    self.state = BodyCr;
                 }
-                Chunks::DataEnd => {
-                    if rest.len() < 2 {
-                        return Ok((at, false));
-                    }
-                    if &rest[..2] != b"\r\n" {
-                        return Err(bad("chunk data not followed by CRLF"));
-                    }
-                    out.extend_from_slice(b"\r\n");
-                    at += 2;
-                    *self = Chunks::Size;
-                }
-                Chunks::Trailers => match rest.windows(2).position(|w| w == b"\r\n") {
-                    Some(0) => {
-                        out.extend_from_slice(b"\r\n");
-                        return Ok((at + 2, true));
-                    }
-                    // A trailer field: dropped, as the general path does.
-                    Some(end) => at += end + 2,
-                    None if rest.len() < MAX_CHUNK_LINE => return Ok((at, false)),
-                    None => return Err(bad("trailer line too long")),
-                },
+                continue;
             }
+            let byte = input[at];
+            at += 1;
+            self.state = match (self.state, byte) {
+                (Start | Size, b'0'..=b'9' | b'a'..=b'f' | b'A'..=b'F') => {
+                    let digit = (byte as char).to_digit(16).unwrap_or(0);
+                    self.size = self
+                        .size
+                        .checked_mul(16)
+                        .and_then(|n| n.checked_add(u64::from(digit)))
+                        .ok_or_else(|| bad("invalid chunk size: overflow"))?;
+                    Size
+                }
+                (Start, _) => return Err(bad("invalid chunk size line: missing size digit")),
+                (Size | SizeLws, b'\t' | b' ') => SizeLws,
+                (Size | SizeLws, b';') => Extension,
+                (Size | SizeLws | Extension, b'\r') => SizeLf,
+                (Size, _) => return Err(bad("invalid chunk size line")),
+                (SizeLws, _) => return Err(bad("invalid chunk size linear white space")),
+                (Extension, b'\n') => return Err(bad("chunk extension contains a newline")),
+                (Extension, _) => {
+                    self.extensions += 1;
+                    if self.extensions >= CHUNK_EXTENSIONS_LIMIT {
+                        return Err(bad("chunk extensions over limit"));
+                    }
+                    Extension
+                }
+                (SizeLf, b'\n') if self.size == 0 => EndCr,
+                (SizeLf, b'\n') => Body,
+                (SizeLf, _) => return Err(bad("invalid chunk size LF")),
+                (BodyCr, b'\r') => BodyLf,
+                (BodyCr, _) => return Err(bad("invalid chunk body CR")),
+                (BodyLf, b'\n') => Start,
+                (BodyLf, _) => return Err(bad("invalid chunk body LF")),
+                (Trailer, _) => {
+                    self.push_trailer(byte)?;
+                    if byte == b'\r' { TrailerLf } else { Trailer }
+                }
+                (TrailerLf, b'\n') => {
+                    if self.trailer_count >= TRAILERS_MAX {
+                        return Err(bad("too many trailer fields"));
+                    }
+                    self.trailer_count += 1;
+                    self.push_trailer(byte)?;
+                    EndCr
+                }
+                (TrailerLf, _) => return Err(bad("invalid trailer end LF")),
+                (EndCr, b'\r') => {
+                    if self.trailers.is_some() {
+                        self.push_trailer(byte)?;
+                    }
+                    EndLf
+                }
+                (EndCr, _) => {
+                    match &mut self.trailers {
+                        None => self.trailers = Some(vec![byte]),
+                        Some(_) => self.push_trailer(byte)?,
+                    }
+                    Trailer
+                }
+                (EndLf, b'\n') => {
+                    if self.trailers.is_some() {
+                        self.push_trailer(byte)?;
+                    }
+                    if let Some(trailers) = self.trailers.take() {
+                        check_trailers(&trailers, self.trailer_count)?;
+                    }
+                    out.extend_from_slice(b"0\r\n\r\n");
+                    return Ok((at, true));
+                }
+                (EndLf, _) => return Err(bad("invalid chunk end LF")),
+                (Body, _) => unreachable!("handled above"),
+            };
+        }
+        Ok((at, false))
+    }
+
+    fn push_trailer(&mut self, byte: u8) -> std::io::Result<()> {
+        let trailers = self.trailers.get_or_insert_with(Vec::new);
+        trailers.push(byte);
+        if trailers.len() >= TRAILERS_LIMIT {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "chunk trailers over limit",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Whether a trailer section (dropped, but read) is one hyper's client accepts.
+fn check_trailers(trailers: &[u8], count: usize) -> std::io::Result<()> {
+    let invalid = || std::io::Error::new(std::io::ErrorKind::InvalidInput, "invalid trailers");
+    let mut fields = vec![httparse::EMPTY_HEADER; count];
+    match httparse::parse_headers(trailers, &mut fields) {
+        Ok(httparse::Status::Complete((_, fields))) => {
+            for field in fields {
+                axum::http::HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| invalid())?;
+                axum::http::HeaderValue::from_bytes(field.value).map_err(|_| invalid())?;
+            }
+            Ok(())
+        }
+        _ => Err(invalid()),
+    }
+}
+
+/// `n` in hexadecimal (upper case, as hyper writes chunk sizes), at the end of `buffer`.
+fn hex(buffer: &mut [u8; 16], mut n: u64) -> &[u8] {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b"0123456789ABCDEF"[(n % 16) as usize];
+        n /= 16;
+        if n == 0 {
+            return &buffer[at..];
         }
     }
 }
 
-/// Appends `HTTP/1.1 {status} {reason}` and its line end: the given reason phrase, or the
-/// status's canonical one when there is none.
+/// Appends `HTTP/1.1 {status} {reason}` and its line end: the given reason phrase (even an empty
+/// one, as hyper's server writes it), or the status's canonical one when none is given.
 pub fn put_status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     // Three digits: httparse and `StatusCode` accept no others.
@@ -983,8 +1168,8 @@ pub fn put_status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
     ]);
     out.push(b' ');
     let reason = match reason {
-        Some(reason) if !reason.is_empty() => reason,
-        _ => axum::http::StatusCode::from_u16(status)
+        Some(reason) => reason,
+        None => axum::http::StatusCode::from_u16(status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or(""),
@@ -993,68 +1178,88 @@ pub fn put_status_line(out: &mut Vec<u8>, status: u16, reason: Option<&str>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// A Content-Length value: 1 to 19 digits.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(value.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Scans `body` fed in two pieces split at `split`: what the client gets, what is left after
+    /// the body, and whether it ended.
+    fn scan_split(body: &[u8], split: usize) -> std::io::Result<(Vec<u8>, Vec<u8>, bool)> {
+        let mut chunks = Chunks::default();
+        let mut out = Vec::new();
+        let mut buffer = Vec::new();
+        let mut pieces = [&body[..split], &body[split..]].into_iter();
+        for piece in pieces.by_ref() {
+            buffer.extend_from_slice(piece);
+            let (used, ended) = chunks.scan(&buffer, &mut out)?;
+            buffer.drain(..used);
+            if ended {
+                buffer.extend(pieces.flatten());
+                return Ok((out, buffer, true));
+            }
+        }
+        Ok((out, buffer, false))
+    }
+
+    /// The data of canonical chunks.
+    fn data(mut chunked: &[u8]) -> Vec<u8> {
+        let mut data = Vec::new();
+        while let Some(end) = chunked.windows(2).position(|w| w == b"\r\n") {
+            let size = usize::from_str_radix(std::str::from_utf8(&chunked[..end]).unwrap(), 16);
+            let size = size.unwrap();
+            data.extend_from_slice(&chunked[end + 2..end + 2 + size]);
+            chunked = &chunked[end + 4 + size..];
+        }
+        data
+    }
+
     #[test]
     fn chunked_bodies_end_at_the_last_chunk_however_they_are_split() {
-        let body: &[u8] = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\nNEXT";
-        let expected: &[u8] = b"5;ext=1\r\nhello\r\nA\r\n0123456789\r\n0\r\n\r\n";
+        let body: &[u8] = b"5;ext=1\r\nhello\r\nA \r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\nNEXT";
         for split in 1..body.len() {
-            let mut chunks = Chunks::Size;
-            let mut out = Vec::new();
-            let mut buffer = Vec::new();
-            let mut done = false;
-            let mut pieces = [&body[..split], &body[split..]].into_iter();
-            for piece in pieces.by_ref() {
-                buffer.extend_from_slice(piece);
-                let (used, ended) = chunks.scan(&buffer, &mut out).unwrap();
-                buffer.drain(..used);
-                if ended {
-                    done = true;
-                    break;
-                }
-            }
-            // What follows the body: left in the buffer, or not read yet.
-            buffer.extend(pieces.flatten());
-            assert!(done, "split at {split}");
-            assert_eq!(out, expected, "split at {split}");
-            assert_eq!(buffer, b"NEXT", "split at {split}");
+            let (out, rest, ended) = scan_split(body, split).unwrap();
+            assert!(ended, "split at {split}");
+            // Extensions and trailer fields are not forwarded; the data is, in chunks of its own.
+            assert!(out.ends_with(b"\r\n0\r\n\r\n"), "split at {split}");
+            assert_eq!(data(&out), b"hello0123456789", "split at {split}");
+            assert_eq!(rest, b"NEXT", "split at {split}");
         }
     }
 
     #[test]
-    fn malformed_chunks_are_refused() {
-        for body in [&b"zz\r\n"[..], b"5\r\nhelloXX", b"5\r\nhello\r\n0\r\n"] {
-            let mut out = Vec::new();
-            let result = Chunks::Size.scan(body, &mut out);
-            let ended = matches!(result, Ok((_, true)));
-            assert!(result.is_err() || !ended, "{body:?}");
-        }
-    }
-
-    #[test]
-    fn content_lengths_are_digits_only() {
-        assert_eq!(parse_length(b"0"), Some(0));
-        assert_eq!(parse_length(b"1234"), Some(1234));
-        for bad in [
-            &b""[..],
-            b"-1",
-            b"+1",
-            b"1 2",
-            b"0x10",
-            b"99999999999999999999",
+    fn malformed_chunks_are_refused_as_hyper_refuses_them() {
+        let long_extension = format!("1;{}\r\na\r\n0\r\n\r\n", "x".repeat(16 * 1024));
+        let long_trailer = format!("0\r\nX: {}\r\n\r\n", "x".repeat(16 * 1024));
+        for body in [
+            &b"zz\r\n"[..],
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            b"10000000000000000\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5;a\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\n\n",
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\nX-A: 1\nX-B: 2\r\n\r\n",
+            long_extension.as_bytes(),
+            long_trailer.as_bytes(),
         ] {
-            assert_eq!(parse_length(bad), None, "{bad:?}");
+            let result = Chunks::default().scan(body, &mut Vec::new());
+            assert!(result.is_err(), "{:?}", String::from_utf8_lossy(body));
+        }
+        // What hyper accepts: white space after the size, extensions, valid trailers.
+        for body in [
+            &b"5 \r\nhello\r\n0\r\n\r\n"[..],
+            b"5;a=\"b c\"\r\nhello\r\n0;z\r\n\r\n",
+            b"0\r\nX-A: 1\r\nX-B: 2\r\n\r\n",
+        ] {
+            let result = Chunks::default().scan(body, &mut Vec::new());
+            assert!(
+                matches!(result, Ok((_, true))),
+                "{:?}",
+                String::from_utf8_lossy(body)
+            );
         }
     }
 }

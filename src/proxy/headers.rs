@@ -1,7 +1,9 @@
 //! Header rules for a reverse proxy: hop-by-hop headers are removed in both directions
 //! (RFC 9110 §7.6.1, plus the headers named in `Connection`), `X-Forwarded-For/-Proto/-Host` are
 //! added or extended, and absolute upstream URLs in `Location` / `Content-Location` are rewritten to
-//! the proxy's public base.
+//! the proxy's public base. Both passthrough paths frame an upstream answer by the same rules
+//! ([`ResponseFraming`], RFC 9112 §6.3) and refuse a request with two `Host` headers
+//! ([`check_request_head`]).
 
 use std::net::IpAddr;
 
@@ -73,6 +75,184 @@ impl Name {
             Name::Hop | Name::Connection | Name::TransferEncoding | Name::Upgrade
         )
     }
+}
+
+/// A request head's fields that the proxy refuses whatever the path: more than one `Host`
+/// (RFC 9112 §3.2: a server MUST answer 400). hyper accepts it, and the fast path leaves such a
+/// request to hyper, so this check is the one for both paths.
+pub fn check_request_head(headers: &HeaderMap) -> Result<(), &'static str> {
+    if headers.get_all(header::HOST).iter().nth(1).is_some() {
+        return Err("the request has more than one Host header");
+    }
+    Ok(())
+}
+
+/// How an upstream answer's body is delimited and what the client is told of its length: the
+/// rules of hyper's client (RFC 9112 §6.3) with the proxy's own on top, applied alike by both
+/// passthrough paths. Fed every header of the answer ([`Self::add`]), then [`Self::decide`]d.
+#[derive(Debug, Default)]
+pub struct ResponseFraming {
+    /// A `Transfer-Encoding` header was seen.
+    coded: bool,
+    /// Its codings are exactly one `chunked` (in any case), over all the header lines.
+    only_chunked: bool,
+    /// `Content-Length` headers were seen.
+    has_length: bool,
+    /// Their one value, when they all parse and agree.
+    length: Option<u64>,
+}
+
+/// Where the body ends, as [`ResponseFraming::decide`] says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyEnd {
+    /// HEAD, 204, 304: no body whatever the headers say.
+    Empty,
+    Length(u64),
+    Chunked,
+    /// When the upstream closes the connection.
+    Close,
+}
+
+impl ResponseFraming {
+    /// Takes one header into account.
+    #[inline]
+    pub fn add(&mut self, name: Name, value: &[u8]) {
+        match name {
+            Name::TransferEncoding => {
+                for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    // The first coding makes it "only chunked" if it is chunked; any other unmakes it.
+                    self.only_chunked = !self.coded && coding.eq_ignore_ascii_case(b"chunked");
+                    self.coded = true;
+                }
+                // A header line with no coding at all still counts as a coding header.
+                self.coded = true;
+            }
+            Name::ContentLength => {
+                // As hyper: comma-separated values, digits only, all equal.
+                let mut agreed = self.length;
+                let mut valid = !self.has_length || agreed.is_some();
+                for part in value.split(|&b| b == b',') {
+                    match parse_digits(part.trim_ascii()) {
+                        Some(n) if agreed.is_none_or(|a| a == n) => agreed = Some(n),
+                        _ => valid = false,
+                    }
+                }
+                self.has_length = true;
+                self.length = agreed.filter(|_| valid);
+            }
+            _ => {}
+        }
+    }
+
+    /// Where the body of an answer with `status` (to a HEAD request if `head`; in HTTP/1.0 if
+    /// `http10`) ends, and the `Content-Length` the client is given (`None`: none). An error is a
+    /// 502: an answer the proxy cannot forward faithfully.
+    ///
+    /// - Transfer-Encoding and Content-Length: the coding frames the body and the length is
+    ///   dropped (RFC 9112 §6.3: an intermediary MUST remove it). Dropped, not refused: hyper's
+    ///   client reads the body by the coding, and some servers send both harmlessly.
+    /// - A coding other than `chunked` alone is refused: hyper would read `gzip` until the close
+    ///   and `gzip, chunked` de-chunked, and the proxy drops `Transfer-Encoding` (hop-by-hop), so
+    ///   the client would get coded bytes with nothing to say so.
+    /// - Content-Length values that disagree or are not digits are refused where they frame
+    ///   the body (as hyper does) and dropped where they do not (HEAD, 204, 304).
+    /// - 101 is refused: no passthrough request asks for a protocol switch (`Upgrade` is
+    ///   hop-by-hop), and hyper's server would send the client a bare 101 and close.
+    pub fn decide(
+        &self,
+        status: u16,
+        head: bool,
+        http10: bool,
+    ) -> Result<(BodyEnd, Option<u64>), &'static str> {
+        if status == 101 {
+            return Err("an unasked protocol switch");
+        }
+        if !(100..=999).contains(&status) {
+            return Err("a status code out of range");
+        }
+        let length = if self.coded { None } else { self.length };
+        if status == 204 || status == 304 {
+            // hyper's server sends no Content-Length with these.
+            return Ok((BodyEnd::Empty, None));
+        }
+        if head {
+            return Ok((BodyEnd::Empty, length));
+        }
+        if self.coded {
+            if http10 {
+                return Err("Transfer-Encoding in an HTTP/1.0 answer");
+            }
+            if !self.only_chunked {
+                return Err("a transfer coding other than chunked");
+            }
+            return Ok((BodyEnd::Chunked, None));
+        }
+        match (self.has_length, self.length) {
+            (true, Some(n)) => Ok((BodyEnd::Length(n), Some(n))),
+            (true, None) => Err("an invalid Content-Length"),
+            (false, _) => Ok((BodyEnd::Close, None)),
+        }
+    }
+
+    /// [`Self::decide`] for a hyper response, whose `Content-Length` is made what it says (one
+    /// value, or none).
+    pub fn settle(
+        status: u16,
+        head: bool,
+        version: axum::http::Version,
+        headers: &mut HeaderMap,
+    ) -> Result<(), &'static str> {
+        let mut framing = Self::default();
+        for value in headers.get_all(header::TRANSFER_ENCODING) {
+            framing.add(Name::TransferEncoding, value.as_bytes());
+        }
+        for value in headers.get_all(header::CONTENT_LENGTH) {
+            framing.add(Name::ContentLength, value.as_bytes());
+        }
+        let http10 = version == axum::http::Version::HTTP_10;
+        let (_, length) = framing.decide(status, head, http10)?;
+        if framing.has_length {
+            let mut values = headers.get_all(header::CONTENT_LENGTH).iter();
+            let already = match (length, values.next(), values.next()) {
+                (Some(n), Some(value), None) => is_canonical(value.as_bytes(), n),
+                _ => false,
+            };
+            match length {
+                _ if already => {}
+                Some(n) => {
+                    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                None => {
+                    headers.remove(header::CONTENT_LENGTH);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `value` is `n` written as [`HeaderValue::from`] writes it.
+fn is_canonical(value: &[u8], n: u64) -> bool {
+    parse_digits(value) == Some(n) && (value.len() == 1 || value[0] != b'0')
+}
+
+/// Decimal digits as a number, as hyper reads a Content-Length: at least one digit, nothing
+/// else, no overflow (and below hyper's own maximum, `u64::MAX - 2`).
+pub fn parse_digits(value: &[u8]) -> Option<u64> {
+    if value.is_empty() {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for &b in value {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    (n < u64::MAX - 1).then_some(n)
 }
 
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -459,5 +639,94 @@ mod tests {
             rebase("http://elsewhere/fhir/Patient", from, "https://p"),
             None
         );
+    }
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        assert_eq!(parse_digits(b"0"), Some(0));
+        assert_eq!(parse_digits(b"1234"), Some(1234));
+        assert_eq!(parse_digits(b"007"), Some(7));
+        for bad in [
+            &b""[..],
+            b"-1",
+            b"+1",
+            b"1 2",
+            b"0x10",
+            b"99999999999999999999",
+            b"18446744073709551615",
+        ] {
+            assert_eq!(parse_digits(bad), None, "{bad:?}");
+        }
+    }
+
+    fn framing(
+        status: u16,
+        head: bool,
+        pairs: &[(&str, &str)],
+    ) -> Result<(BodyEnd, Option<u64>), &'static str> {
+        let mut framing = ResponseFraming::default();
+        for (name, value) in pairs {
+            framing.add(Name::of(name), value.as_bytes());
+        }
+        framing.decide(status, head, false)
+    }
+
+    #[test]
+    fn transfer_encoding_frames_the_body_and_drops_the_length() {
+        let te_cl = [("transfer-encoding", "chunked"), ("content-length", "3")];
+        assert_eq!(framing(200, false, &te_cl), Ok((BodyEnd::Chunked, None)));
+        assert_eq!(framing(200, true, &te_cl), Ok((BodyEnd::Empty, None)));
+        for codings in [
+            &["gzip"][..],
+            &["gzip, chunked"],
+            &["chunked, gzip"],
+            &["chunked", "chunked"],
+            &["chunked, chunked"],
+            &[""],
+        ] {
+            let pairs: Vec<_> = codings.iter().map(|c| ("Transfer-Encoding", *c)).collect();
+            assert!(framing(200, false, &pairs).is_err(), "{codings:?}");
+        }
+        assert_eq!(
+            framing(200, false, &[("transfer-encoding", " Chunked ")]),
+            Ok((BodyEnd::Chunked, None))
+        );
+    }
+
+    #[test]
+    fn lengths_must_agree_where_they_frame_the_body() {
+        let two = [("content-length", "2"), ("content-length", "2, 2")];
+        assert_eq!(framing(200, false, &two), Ok((BodyEnd::Length(2), Some(2))));
+        let differ = [("content-length", "2"), ("content-length", "3")];
+        assert!(framing(200, false, &differ).is_err());
+        assert!(framing(200, false, &[("content-length", "2x")]).is_err());
+        // Where they do not frame it, they are dropped instead.
+        assert_eq!(framing(200, true, &differ), Ok((BodyEnd::Empty, None)));
+        assert_eq!(framing(200, true, &two), Ok((BodyEnd::Empty, Some(2))));
+        assert_eq!(
+            framing(304, false, &[("content-length", "9")]),
+            Ok((BodyEnd::Empty, None))
+        );
+        assert_eq!(framing(200, false, &[]), Ok((BodyEnd::Close, None)));
+        assert!(framing(101, false, &[]).is_err());
+    }
+
+    #[test]
+    fn settled_lengths_are_one_number() {
+        let mut map = headers(&[("content-length", "02"), ("content-length", "2")]);
+        ResponseFraming::settle(200, false, axum::http::Version::HTTP_11, &mut map).unwrap();
+        assert_eq!(
+            map.get_all("content-length").iter().collect::<Vec<_>>(),
+            ["2"]
+        );
+        let mut map = headers(&[("transfer-encoding", "chunked"), ("content-length", "2")]);
+        ResponseFraming::settle(200, false, axum::http::Version::HTTP_11, &mut map).unwrap();
+        assert!(map.get("content-length").is_none());
+    }
+
+    #[test]
+    fn a_second_host_is_refused() {
+        assert!(check_request_head(&headers(&[("host", "a")])).is_ok());
+        assert!(check_request_head(&headers(&[("host", "a"), ("host", "a")])).is_err());
     }
 }

@@ -26,6 +26,10 @@ pub enum ProxyError {
     Protocol(String),
     #[error("the upstream response is larger than {0} bytes")]
     TooLarge(usize),
+    /// The client's request body could not be read (bad chunked framing, an early close): the
+    /// client's error (400), not the upstream's.
+    #[error("the request body could not be read: {0}")]
+    ClientBody(String),
 }
 
 /// Records an upstream call's outcome and latency (since `started`) in the metrics.
@@ -38,6 +42,7 @@ fn record_upstream<T>(
         Ok(_) => "ok",
         Err(ProxyError::Timeout(_)) => "timeout",
         Err(ProxyError::Unreachable(_)) => "connect_error",
+        Err(ProxyError::ClientBody(_)) => "client_error",
         Err(_) => "protocol_error",
     };
     crate::telemetry::metrics::upstream(route, outcome, started.elapsed());

@@ -185,6 +185,9 @@ impl Pool {
                 _ => return Err(SendError::Request(failed.into_error())),
             },
         };
+        // An HTTP/1.0 upstream's connection is not reused (hyper would send it the next
+        // requests in HTTP/1.0), as the fast path does not reuse it.
+        let sender = (response.version() != axum::http::Version::HTTP_10).then_some(sender);
         Ok(response.map(|body| Body::new(PooledBody::new(body, sender, self.inner.clone()))))
     }
 
@@ -244,10 +247,10 @@ struct PooledBody {
 }
 
 impl PooledBody {
-    fn new(inner: Incoming, sender: SendRequest<Body>, pool: Arc<Inner>) -> Self {
+    fn new(inner: Incoming, sender: Option<SendRequest<Body>>, pool: Arc<Inner>) -> Self {
         let mut body = Self {
             inner,
-            sender: Some(sender),
+            sender,
             pool,
         };
         // HEAD, 204 and 304 answers have no body, and nobody may ever poll it.

@@ -4,163 +4,111 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use fhir_bulk_proxy::config::Splice;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
 
+use crate::support::scripted::{Part, ScriptedUpstream, find};
 use crate::support::{FakeFhir, TestProxy, client, outcome};
 
-/// An upstream that answers by path with fixed bytes; counts the connections made to it.
-struct ScriptedUpstream {
-    addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    /// Lets `/fhir/large-paused` send the second half of its body.
-    resume: Arc<tokio::sync::Notify>,
+/// The scripted upstream of these tests (answers by path) and a proxy (default configuration) in
+/// front of it.
+async fn behind_a_proxy() -> (ScriptedUpstream, TestProxy, Arc<Notify>) {
+    behind_a_proxy_splicing(Splice::Auto).await
 }
 
-impl ScriptedUpstream {
-    async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counter = connections.clone();
-        let resume = Arc::new(tokio::sync::Notify::new());
-        let resumed = resume.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(Self::serve(stream, resumed.clone()));
-            }
-        });
-        Self {
-            addr,
-            connections,
-            resume,
+/// The same, with `server.splice` set as given. One lane (`server.worker_threads = 1`), so that
+/// every client connection shares the same upstream pool and the tests can count the upstream
+/// connections. The notify lets `/fhir/large-paused` send the second half of its body.
+async fn behind_a_proxy_splicing(splice: Splice) -> (ScriptedUpstream, TestProxy, Arc<Notify>) {
+    let (upstream, resume) = scripted().await;
+    let mut config = TestProxy::config(&upstream.url());
+    config.server.splice = splice;
+    config.server.worker_threads = 1;
+    let proxy = TestProxy::start(config).await;
+    (upstream, proxy, resume)
+}
+
+async fn scripted() -> (ScriptedUpstream, Arc<Notify>) {
+    let resume = Arc::new(Notify::new());
+    let resumed = resume.clone();
+    let upstream = ScriptedUpstream::start(move |request| answer(&request.path(), &resumed)).await;
+    (upstream, resume)
+}
+
+/// The scripted answer to `path`.
+fn answer(path: &str, resume: &Arc<Notify>) -> Vec<Part> {
+    let large_head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
+    // 3 MiB: spliced, or copied by the fast path's two tasks. With a length; until the upstream
+    // closes; cut short (a length, and a third of the body); or paused after the first half.
+    match path {
+        "/fhir/large" => return vec![Part::text(&large_head), Part::Bytes(large_body())],
+        "/fhir/large-until-close" => {
+            return vec![
+                Part::text("HTTP/1.1 200 OK\r\n\r\n"),
+                Part::Bytes(large_body()),
+                Part::Close,
+            ];
         }
-    }
-
-    /// A scripted upstream and a proxy (default configuration) in front of it.
-    async fn behind_a_proxy() -> (Self, TestProxy) {
-        Self::behind_a_proxy_splicing(Splice::Auto).await
-    }
-
-    /// The same, with `server.splice` set as given. One lane (`server.worker_threads = 1`), so
-    /// that every client connection shares the same upstream pool and the tests can count the
-    /// upstream connections.
-    async fn behind_a_proxy_splicing(splice: Splice) -> (Self, TestProxy) {
-        let upstream = Self::start().await;
-        let mut config = TestProxy::config(&upstream.url());
-        config.server.splice = splice;
-        config.server.worker_threads = 1;
-        let proxy = TestProxy::start(config).await;
-        (upstream, proxy)
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}/fhir", self.addr)
-    }
-
-    fn connections(&self) -> usize {
-        self.connections.load(Ordering::SeqCst)
-    }
-
-    async fn serve(mut stream: TcpStream, resume: Arc<tokio::sync::Notify>) {
-        let mut buffer = Vec::new();
-        loop {
-            let head_end = loop {
-                if let Some(i) = find(&buffer, b"\r\n\r\n") {
-                    break i + 4;
-                }
-                let mut chunk = [0u8; 4096];
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buffer.extend_from_slice(&chunk[..n]),
-                }
-            };
-            let head = String::from_utf8_lossy(&buffer[..head_end]).into_owned();
-            buffer.drain(..head_end);
-            let path = head.split(' ').nth(1).unwrap_or_default();
-            // 3 MiB: spliced, or copied by the fast path's two tasks. With a length; until the
-            // upstream closes; cut short (a length, and a third of the body); or paused after the
-            // first half until `resume`.
-            if path == "/fhir/large-paused" {
-                let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {LARGE}\r\n\r\n");
-                let body = large_body();
-                if stream.write_all(head.as_bytes()).await.is_err()
-                    || stream.write_all(&body[..LARGE / 2]).await.is_err()
-                {
-                    return;
-                }
-                resume.notified().await;
-                if stream.write_all(&body[LARGE / 2..]).await.is_err() {
-                    return;
-                }
-                continue;
-            }
-            let large = match path {
-                "/fhir/large" => Some((format!("Content-Length: {LARGE}\r\n"), LARGE, false)),
-                "/fhir/large-until-close" => Some((String::new(), LARGE, true)),
-                "/fhir/large-cut" => {
-                    Some((format!("Content-Length: {LARGE}\r\n"), LARGE / 3, true))
-                }
-                _ => None,
-            };
-            if let Some((framing, sent, close)) = large {
-                let head = format!("HTTP/1.1 200 OK\r\n{framing}\r\n");
-                if stream.write_all(head.as_bytes()).await.is_err()
-                    || stream.write_all(&large_body()[..sent]).await.is_err()
-                    || close
-                {
-                    return;
-                }
-                continue;
-            }
-            let (answer, close) = Self::answer(path);
-            if stream.write_all(answer.as_bytes()).await.is_err() || close {
-                return;
-            }
+        "/fhir/large-cut" => {
+            return vec![
+                Part::text(&large_head),
+                Part::Bytes(large_body()[..LARGE / 3].to_vec()),
+                Part::Close,
+            ];
         }
-    }
-
-    /// The raw answer for `path`, and whether the connection closes after it.
-    fn answer(path: &str) -> (&'static str, bool) {
-        match path {
-            "/fhir/chunked" => (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\
-                 Trailer: X-Checksum\r\n\r\n5;note=1\r\nhello\r\n6\r\n world\r\n0\r\n\
-                 X-Checksum: abc\r\n\r\n",
-                false,
-            ),
-            "/fhir/until-close" => (
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nread until the end",
-                true,
-            ),
-            "/fhir/early-hints" => (
-                "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
-                 HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
-                false,
-            ),
-            "/fhir/head" => ("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", false),
-            "/fhir/no-content" => ("HTTP/1.1 204 No Content\r\nETag: W/\"2\"\r\n\r\n", false),
-            "/fhir/reason" => (
-                "HTTP/1.1 299 Quite Unusual\r\nContent-Length: 2\r\n\r\nok",
-                false,
-            ),
-            "/fhir/gzip-coded" => (
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-                true,
-            ),
-            "/fhir/two-lengths" => (
-                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
-                true,
-            ),
-            "/fhir/garbage" => ("HTTTP/9 what\r\n\r\n", true),
-            "/fhir/short" => ("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut", true),
-            _ => ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+        "/fhir/large-paused" => {
+            let body = large_body();
+            return vec![
+                Part::text(&large_head),
+                Part::Bytes(body[..LARGE / 2].to_vec()),
+                Part::Wait(resume.clone()),
+                Part::Bytes(body[LARGE / 2..].to_vec()),
+            ];
         }
+        _ => {}
     }
+    let (answer, close) = match path {
+        "/fhir/chunked" => (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\
+             Trailer: X-Checksum\r\n\r\n5;note=1\r\nhello\r\n6\r\n world\r\n0\r\n\
+             X-Checksum: abc\r\n\r\n",
+            false,
+        ),
+        "/fhir/until-close" => (
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nread until the end",
+            true,
+        ),
+        "/fhir/early-hints" => (
+            "HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n\
+             HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfinal",
+            false,
+        ),
+        "/fhir/head" => ("HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n", false),
+        "/fhir/no-content" => ("HTTP/1.1 204 No Content\r\nETag: W/\"2\"\r\n\r\n", false),
+        "/fhir/reason" => (
+            "HTTP/1.1 299 Quite Unusual\r\nContent-Length: 2\r\n\r\nok",
+            false,
+        ),
+        "/fhir/gzip-coded" => (
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            true,
+        ),
+        "/fhir/two-lengths" => (
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+            true,
+        ),
+        "/fhir/garbage" => ("HTTTP/9 what\r\n\r\n", true),
+        "/fhir/short" => ("HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\ncut", true),
+        _ => ("HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", false),
+    };
+    let mut parts = vec![Part::text(answer)];
+    if close {
+        parts.push(Part::Close);
+    }
+    parts
 }
 
 /// Size of the scripted upstream's `/fhir/large` answer.
@@ -170,10 +118,6 @@ const LARGE: usize = 3 * 1024 * 1024;
 /// lost, repeated or reordered on the way shows.
 fn large_body() -> Vec<u8> {
     (0..LARGE).map(|i| (i % 251) as u8).collect()
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Sends `request` as is on a new connection and reads until the proxy closes it.
@@ -223,14 +167,15 @@ fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String, String)> {
 }
 
 #[tokio::test]
-async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
-    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
+async fn chunked_answers_are_forwarded_chunk_by_chunk_without_extensions_or_trailers() {
+    let (upstream, proxy, _) = behind_a_proxy().await;
     let raw = exchange_raw(
         proxy.addr,
         b"GET /fhir/chunked HTTP/1.1\r\nHost: p\r\n\r\nGET /fhir/chunked HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
     )
     .await;
-    let body = "5;note=1\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
+    // Chunks of the proxy's own making, as hyper's server writes them: no extensions.
+    let body = "5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n";
     assert_eq!(raw.matches(body).count(), 2, "{raw}");
     assert_eq!(
         raw.matches("transfer-encoding: chunked\r\n").count(),
@@ -253,7 +198,7 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_trailers() {
 #[tokio::test]
 async fn large_answers_arrive_whole_and_their_connection_is_reused() {
     for splice in [Splice::Always, Splice::Never] {
-        let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         for _ in 0..3 {
             let response = client().get(proxy.url("/large")).send().await.unwrap();
             assert_eq!(response.headers()["content-length"], LARGE.to_string());
@@ -268,7 +213,7 @@ async fn large_answers_arrive_whole_and_their_connection_is_reused() {
 /// streams (paused upstream) are spliced (`splice::Policy`); all of them arrive whole.
 #[tokio::test]
 async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
-    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(Splice::Auto).await;
+    let (_upstream, proxy, resume) = behind_a_proxy_splicing(Splice::Auto).await;
     let paused = proxy.url("/large-paused");
     let first = tokio::spawn(async move { client().get(paused).send().await?.bytes().await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -280,26 +225,30 @@ async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
         assert!(body == large_body(), "a spliced body differs");
     }
     assert!(!first.is_finished(), "the first answer was still streaming");
-    upstream.resume.notify_one();
+    resume.notify_one();
     let body = first.await.unwrap().unwrap();
     assert!(body == large_body(), "the copied body differs");
 }
 
+/// Chunked for the client, as hyper's server sends a body of unknown length: the client's
+/// connection goes on, the upstream's is not reused.
 #[tokio::test]
-async fn large_answers_delimited_by_close_arrive_whole() {
+async fn large_answers_delimited_by_close_arrive_whole_and_chunked() {
     for splice in [Splice::Always, Splice::Never] {
-        let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
+        let client = client();
         for _ in 0..2 {
-            let response = client()
+            let response = client
                 .get(proxy.url("/large-until-close"))
                 .send()
                 .await
                 .unwrap();
             assert_eq!(
-                response.headers()["connection"],
-                "close",
+                response.headers()["transfer-encoding"],
+                "chunked",
                 "splice {splice:?}"
             );
+            assert!(response.headers().get("connection").is_none());
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
@@ -310,7 +259,7 @@ async fn large_answers_delimited_by_close_arrive_whole() {
 #[tokio::test]
 async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
     for splice in [Splice::Always, Splice::Never] {
-        let (_upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        let (_upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         let raw = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             exchange_raw_bytes(
@@ -344,7 +293,7 @@ async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
 #[tokio::test]
 async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
     for splice in [Splice::Always, Splice::Never] {
-        let (upstream, proxy) = ScriptedUpstream::behind_a_proxy_splicing(splice).await;
+        let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
         stream
             .write_all(b"GET /fhir/large HTTP/1.1\r\nHost: p\r\n\r\n")
@@ -366,16 +315,27 @@ async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
 }
 
 #[tokio::test]
-async fn answers_delimited_by_close_end_the_client_connection_too() {
-    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
+async fn answers_delimited_by_close_reach_the_client_chunked() {
+    let (upstream, proxy, _) = behind_a_proxy().await;
+    // Two on one connection: the first answer did not end it.
     let raw = exchange_raw(
         proxy.addr,
-        b"GET /fhir/until-close HTTP/1.1\r\nHost: p\r\n\r\n",
+        b"GET /fhir/until-close HTTP/1.1\r\nHost: p\r\n\r\n\
+          GET /fhir/until-close HTTP/1.1\r\nHost: p\r\nConnection: close\r\n\r\n",
     )
     .await;
     assert!(raw.starts_with("HTTP/1.1 200 OK\r\n"), "{raw}");
-    assert!(raw.contains("connection: close\r\n"), "{raw}");
-    assert!(raw.ends_with("\r\n\r\nread until the end"), "{raw}");
+    assert_eq!(
+        raw.matches("transfer-encoding: chunked\r\n").count(),
+        2,
+        "{raw}"
+    );
+    assert_eq!(
+        raw.matches("\r\n\r\n12\r\nread until the end\r\n0\r\n\r\n")
+            .count(),
+        2,
+        "{raw}"
+    );
     for _ in 0..2 {
         let response = client()
             .get(proxy.url("/until-close"))
@@ -386,14 +346,14 @@ async fn answers_delimited_by_close_end_the_client_connection_too() {
     }
     assert_eq!(
         upstream.connections(),
-        3,
-        "such a connection is never reused"
+        4,
+        "such an upstream connection is never reused"
     );
 }
 
 #[tokio::test]
 async fn informational_head_and_no_content_answers_are_framed_right() {
-    let (upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
+    let (upstream, proxy, _) = behind_a_proxy().await;
     let raw = exchange_raw(
         proxy.addr,
         b"GET /fhir/early-hints HTTP/1.1\r\nHost: p\r\n\r\n\
@@ -409,7 +369,7 @@ async fn informational_head_and_no_content_answers_are_framed_right() {
     assert_eq!(statuses, ["200", "200", "204", "299"], "{raw}");
     assert!(!raw.contains("103"), "1xx answers are not forwarded: {raw}");
     assert!(
-        raw.contains("Content-Length: 1234\r\n"),
+        raw.contains("content-length: 1234\r\n"),
         "HEAD keeps its length: {raw}"
     );
     assert!(raw.contains("HTTP/1.1 299 Quite Unusual\r\n"), "{raw}");
@@ -419,7 +379,7 @@ async fn informational_head_and_no_content_answers_are_framed_right() {
 
 #[tokio::test]
 async fn broken_upstream_answers_are_502_or_a_closed_connection() {
-    let (_upstream, proxy) = ScriptedUpstream::behind_a_proxy().await;
+    let (_upstream, proxy, _) = behind_a_proxy().await;
     for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
         let response = client().get(proxy.url(path)).send().await.unwrap();
         let diagnostics = outcome(response, 502).await;
@@ -526,7 +486,7 @@ async fn heads_the_fast_path_does_not_take_are_answered_by_the_general_path() {
 
 #[tokio::test]
 async fn the_fast_path_can_be_turned_off() {
-    let upstream = ScriptedUpstream::start().await;
+    let (upstream, _) = scripted().await;
     let mut config = TestProxy::config(&upstream.url());
     config.server.http1_fast_path = false;
     let proxy = TestProxy::start(config).await;

@@ -6,6 +6,7 @@ mod support;
 
 mod auth;
 mod demo;
+mod differential;
 mod export;
 mod fast_path;
 mod finalize;

@@ -6,6 +6,7 @@ pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod s3;
+pub mod scripted;
 pub mod smart;
 
 pub use fake_fhir::FakeFhir;
