@@ -546,7 +546,7 @@ async fn planned_urls(
         }
         _ => Vec::new(),
     };
-    let now = time::OffsetDateTime::now_utc();
+    let now = fhir_bulk_proxy::fhir::Instant::now();
     let k = kickoff::parse(&RawKickOff {
         level,
         is_post: false,
@@ -571,7 +571,7 @@ async fn planned_urls(
     let mut config = config.clone();
     config.upstream.url = upstream_url.to_owned();
     let pager = Pager::new(&config, reqwest::header::HeaderMap::new())?;
-    let upper = kickoff::format_instant(now);
+    let upper = now.to_string();
     let urls = planned
         .searches
         .iter()
