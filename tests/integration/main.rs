@@ -9,6 +9,7 @@ mod demo;
 mod export;
 mod fast_path;
 mod fleet;
+mod hostile_input;
 mod object_storage;
 mod operations;
 mod passthrough;
