@@ -958,10 +958,14 @@ pub fn passthrough(t: &Target) -> BoxedStrategy<Hostile> {
                 &headers,
                 body.as_deref().map(str::as_bytes),
             );
-            // The upstream fails a search of the broken type: `{base}/Broken` and a query or not.
-            let search = target.split('?').next().unwrap_or("");
-            request.upstream_fails = search == format!("{}/{BROKEN_TYPE}", t.base)
-                || search == format!("{}/{BROKEN_TYPE}/", t.base);
+            // The upstream fails a search of the broken type: the path below the base is that
+            // one segment, as the upstream reads it (empty segments dropped; a raw `#` ends it).
+            let path = target.split(['?', '#']).next().unwrap_or("");
+            let segments: Vec<&str> = path
+                .strip_prefix(t.base.as_str())
+                .map(|rest| rest.split('/').filter(|s| !s.is_empty()).collect())
+                .unwrap_or_default();
+            request.upstream_fails = segments == [BROKEN_TYPE];
             request
         })
         .boxed()
@@ -1155,21 +1159,27 @@ pub fn known_failure(request: &Hostile, answer: &Answer) -> Option<&'static str>
             "400 text/plain \"Invalid URL: Invalid UTF-8 in ...\", not an OperationOutcome (axum's Path rejection of a percent-encoded segment that is not UTF-8)",
         );
     }
-    if request.endpoint == Endpoint::File && answer.status == 416 && answer.body.is_empty() {
+    let fhir_json = answer
+        .header("content-type")
+        .is_some_and(|c| c.starts_with("application/fhir+json"));
+    if request.endpoint == Endpoint::File && answer.status == 416 && !fhir_json {
         return Some(
-            "416 with an empty body, not an OperationOutcome (an unsatisfiable Range on a file download)",
+            "416 not an OperationOutcome (an unsatisfiable or multipart Range on a file download: an empty body, or \"Cannot serve multipart range requests\" as application/fhir+ndjson)",
         );
     }
-    let broken_pipe =
-        String::from_utf8_lossy(&answer.body).contains("error writing a body to connection");
-    let headless = request.method == "HEAD" && answer.body.is_empty();
+    // The upstream (hyper) answers without reading a request body it has no use for and closes;
+    // the proxy, still sending the body, loses the answer to the reset. Seen only with a body.
+    let body = String::from_utf8_lossy(&answer.body);
+    let lost = body.contains("error writing a body to connection")
+        || body.contains("connection closed before message completed")
+        || (request.method == "HEAD" && answer.body.is_empty());
     if request.endpoint == Endpoint::Passthrough
         && request.body_len > 0
         && answer.status == 502
-        && (broken_pipe || headless)
+        && lost
     {
         return Some(
-            "passthrough 502 \"error writing a body to connection: Broken pipe\": the upstream answered without reading the request body and closed; the client gets a 502, not the upstream's answer (intermittent)",
+            "passthrough 502 (\"error writing a body to connection: Broken pipe\" or \"connection closed before message completed\"): the upstream answered without reading the request body and closed; the client gets a 502, not the upstream's answer (intermittent, never without a body)",
         );
     }
     None
