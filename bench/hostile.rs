@@ -449,9 +449,9 @@ fn report(
             writeln!(out, "- {count} × {kind}:\n\n```\n{example}\n```")?;
         }
     }
-    if !log.first_errors.is_empty() {
-        writeln!(out, "\nFirst ERROR lines of the proxy:\n\n```")?;
-        for line in &log.first_errors {
+    if !log.first.is_empty() {
+        writeln!(out, "\nThe proxy's first WARN and ERROR lines:\n\n```")?;
+        for line in &log.first {
             writeln!(out, "{line}")?;
         }
         writeln!(out, "```")?;
@@ -493,7 +493,8 @@ struct Log {
     panics: u64,
     warn: u64,
     error: u64,
-    first_errors: Vec<String>,
+    /// The first few WARN and ERROR lines.
+    first: Vec<String>,
 }
 
 struct Proxy {
@@ -548,14 +549,12 @@ impl Proxy {
                     log.panics += 1;
                     eprintln!("[proxy] {line}");
                 }
-                if line.contains(" WARN ") {
-                    log.warn += 1;
-                }
-                if line.contains(" ERROR ") {
-                    log.error += 1;
-                    if log.first_errors.len() < 5 {
-                        log.first_errors.push(line.chars().take(400).collect());
-                    }
+                let warn = line.contains(" WARN ");
+                let error = line.contains(" ERROR ");
+                log.warn += u64::from(warn);
+                log.error += u64::from(error);
+                if (warn || error) && log.first.len() < 5 {
+                    log.first.push(line.chars().take(400).collect());
                 }
             }
         });
