@@ -46,6 +46,11 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
+mod procfs;
+mod results;
+use procfs::proc_status;
+use results::write_section;
+
 const CLIENT_ID: &str = "bench";
 const GROUP_ID: &str = "synthea-100";
 const SIGNING_SECRET: &str = "export-benchmark-signing-secret-0123456789";
@@ -383,17 +388,6 @@ impl Drop for Proxy {
     }
 }
 
-/// A `kB` field of `/proc/PID/status` (VmHWM, VmRSS), in bytes.
-fn proc_status(pid: u32, field: &str) -> Result<u64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = text
-        .lines()
-        .find(|l| l.starts_with(&format!("{field}:")))
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))?;
-    let kb: u64 = line.split_whitespace().nth(1).context("value")?.parse()?;
-    Ok(kb * 1024)
-}
-
 /// User + system CPU time of a process, seconds.
 fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -546,7 +540,7 @@ async fn planned_urls(
         }
         _ => Vec::new(),
     };
-    let now = time::OffsetDateTime::now_utc();
+    let now = fhir_bulk_proxy::fhir::Instant::now();
     let k = kickoff::parse(&RawKickOff {
         level,
         is_post: false,
@@ -571,7 +565,7 @@ async fn planned_urls(
     let mut config = config.clone();
     config.upstream.url = upstream_url.to_owned();
     let pager = Pager::new(&config, reqwest::header::HeaderMap::new())?;
-    let upper = kickoff::format_instant(now);
+    let upper = now.to_string();
     let urls = planned
         .searches
         .iter()
@@ -1171,25 +1165,6 @@ fn proc_meminfo_gb() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1e6)
-}
-
-/// Replaces the `## Export` section of RESULTS.md (up to the next `## ` heading), keeping the
-/// rest of the file (e.g. the "Passthrough" section); appends it when absent.
-/// Replaces the section that starts with `heading` (up to the next `## `), or appends it.
-fn write_section(path: &Path, heading: &str, section: &str) -> Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let section = section.trim_end();
-    let new = match old.find(heading) {
-        Some(start) => {
-            let rest = &old[start + 2..];
-            let end = rest.find("\n## ").map_or(old.len(), |i| start + 2 + i + 1);
-            format!("{}{section}\n\n{}", &old[..start], &old[end..])
-        }
-        None if old.trim().is_empty() => format!("# Benchmark results\n\n{section}\n"),
-        None => format!("{}\n\n{section}\n", old.trim_end()),
-    };
-    std::fs::write(path, new.trim_end().to_owned() + "\n")?;
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ impl App {
         let mut url = pager.search_url(
             "Patient?_elements=id",
             None,
-            &crate::export::kickoff::format_instant(time::OffsetDateTime::now_utc()),
+            &crate::fhir::Instant::now().to_string(),
         );
         let mut ids = Vec::new();
         loop {

@@ -7,9 +7,8 @@
 //! they are rejected with 400 naming the parameter and the reason.
 
 use serde_json::Value;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 
+use crate::fhir::Instant;
 use crate::fhir::resource_types::is_resource_type;
 use crate::job::Level;
 
@@ -49,9 +48,9 @@ fn reject(param: &str, reason: impl Into<String>) -> KickOffError {
 /// A validated kick-off request.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct KickOff {
-    /// `_since`, as given (normalised) and parsed.
-    pub since: Option<OffsetDateTime>,
-    pub until: Option<OffsetDateTime>,
+    /// `_since` and `_until`, in UTC.
+    pub since: Option<Instant>,
+    pub until: Option<Instant>,
     /// `_type`, in request order without duplicates; `None` when absent.
     pub types: Option<Vec<String>>,
     /// `_typeFilter`s: (type, query) pairs; several for one type are OR'ed.
@@ -75,7 +74,8 @@ pub struct RawKickOff<'a> {
     pub prefer: Option<&'a str>,
     /// The POST body, parsed as JSON (`None` for GET or an empty body).
     pub body: Option<&'a Value>,
-    pub now: OffsetDateTime,
+    /// The kick-off's time (`transactionTime`): `_since` may not be later.
+    pub now: Instant,
 }
 
 /// Parses and validates a kick-off request.
@@ -327,22 +327,9 @@ fn check_prefer(prefer: Option<&str>) -> Result<bool, KickOffError> {
 }
 
 /// Parses a FHIR instant; `+` decoded as a space is restored (A5.12).
-pub fn parse_instant(param: &str, text: &str) -> Result<OffsetDateTime, KickOffError> {
+pub fn parse_instant(param: &str, text: &str) -> Result<Instant, KickOffError> {
     let normalised = text.trim().replace(' ', "+");
-    OffsetDateTime::parse(&normalised, &Rfc3339).map_err(|_| {
-        reject(
-            param,
-            format!("{text:?} is not a FHIR instant (e.g. 2024-01-31T12:00:00Z or +01:00)"),
-        )
-    })
-}
-
-/// Formats an instant as FHIR does (UTC, `Z`).
-pub fn format_instant(instant: OffsetDateTime) -> String {
-    instant
-        .to_offset(time::UtcOffset::UTC)
-        .format(&Rfc3339)
-        .unwrap_or_default()
+    Instant::parse(&normalised).map_err(|e| reject(param, format!("{text:?} {e}")))
 }
 
 fn split_list(text: &str) -> Vec<String> {
@@ -436,7 +423,7 @@ mod tests {
             accept: ACCEPT,
             prefer: PREFER,
             body: None,
-            now: OffsetDateTime::now_utc(),
+            now: Instant::now(),
         })
     }
 
@@ -448,7 +435,7 @@ mod tests {
             accept: ACCEPT,
             prefer: Some(prefer),
             body: Some(&body),
-            now: OffsetDateTime::now_utc(),
+            now: Instant::now(),
         })
     }
 
@@ -473,7 +460,7 @@ mod tests {
             accept,
             prefer,
             body: None,
-            now: OffsetDateTime::now_utc(),
+            now: Instant::now(),
         };
         assert_eq!(parse(&raw(None, PREFER)).unwrap_err().param, "Accept");
         assert_eq!(
@@ -491,10 +478,7 @@ mod tests {
     #[test]
     fn since_must_be_a_valid_past_instant() {
         let ok = get(&Level::System, "_since=2024-01-02T03:04:05.123+01:00").unwrap();
-        assert_eq!(
-            format_instant(ok.since.unwrap()),
-            "2024-01-02T02:04:05.123Z"
-        );
+        assert_eq!(ok.since.unwrap().to_string(), "2024-01-02T02:04:05.123Z");
         // `+` decoded as a space by a careless client.
         assert!(get(&Level::System, "_since=2024-01-02T03:04:05+01:00").is_ok());
         for bad in ["0000-60-01T30:70:80+05:00", "yesterday", "2024-01-02"] {
@@ -623,7 +607,7 @@ mod tests {
                 accept: ACCEPT,
                 prefer: Some("respond-async, handling=lenient"),
                 body: None,
-                now: OffsetDateTime::now_utc(),
+                now: Instant::now(),
             })
             .unwrap();
             assert_eq!(lenient.ignored.len(), 1, "{query}");
@@ -638,11 +622,97 @@ mod tests {
         assert!(get(&Level::System, "_elements=Nope.id").is_err());
     }
 
+    #[test]
+    fn instants_outside_0001_to_9999_in_utc_are_rejected_naming_the_parameter() {
+        // Issue 14: the first panicked when written back, the second was stored as "".
+        for (query, param) in [
+            ("_until=9999-12-31T23:59:59-23:59", "_until"),
+            ("_until=9999-12-31T23:59:59-01:00", "_until"),
+            ("_since=0000-01-01T00:00:00%2B23:59", "_since"),
+            ("_since=0001-01-01T00:00:00%2B01:00", "_since"),
+        ] {
+            let err = get(&Level::System, query).unwrap_err();
+            assert_eq!(err.param, param, "{query}");
+            assert!(
+                err.reason.contains("0001") || err.reason.contains("14:00"),
+                "{err}"
+            );
+        }
+        let body = json!({ "resourceType": "Parameters", "parameter": [
+            { "name": "_until", "valueInstant": "9999-12-31T23:59:59-23:59" }
+        ]});
+        let err = post(&Level::Patient, body, "respond-async").unwrap_err();
+        assert_eq!(err.param, "_until");
+        // Lenient handling does not make them optional.
+        let err = parse(&RawKickOff {
+            level: &Level::System,
+            is_post: false,
+            query: "_until=9999-12-31T23:59:59-01:00",
+            accept: ACCEPT,
+            prefer: Some("respond-async, handling=lenient"),
+            body: None,
+            now: Instant::now(),
+        })
+        .unwrap_err();
+        assert_eq!(err.param, "_until");
+    }
+
+    /// Query strings of kick-off parameters with generated values, instants half the time.
+    fn kickoff_query() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let name = prop_oneof![
+            Just("_since"),
+            Just("_until"),
+            Just("_type"),
+            Just("_typeFilter"),
+            Just("_elements"),
+            Just("_outputFormat"),
+            Just("patient"),
+            Just("includeAssociatedData"),
+            Just("\u{0}"),
+        ];
+        let value = prop_oneof![
+            crate::fhir::instant::strategies::instant_like(),
+            "\\PC{0,30}",
+            "[A-Za-z?=&%+,.0-9:]{0,30}",
+        ];
+        prop::collection::vec((name, value), 0..6).prop_map(|pairs| {
+            url::form_urlencoded::Serializer::new(String::new())
+                .extend_pairs(pairs)
+                .finish()
+        })
+    }
+
     proptest::proptest! {
+        /// What the handler does with a kick-off: parse it, then write its instants into the job.
+        /// Whatever is accepted must write back as the same instant. (Generated parameters, and
+        /// any text after them: the old `never_panics_on_any_query` drew only the latter, which
+        /// almost never is an instant, and stopped at `parse`, so it missed the panic.)
         #[test]
-        fn never_panics_on_any_query(query in ".{0,200}") {
-            let _ = get(&Level::System, &query);
-            let _ = get(&Level::Group("x".into()), &query);
+        fn accepted_instants_write_back_and_nothing_panics(
+            query in kickoff_query(),
+            tail in ".{0,100}",
+            lenient in proptest::bool::ANY,
+        ) {
+            let query = format!("{query}&{tail}");
+            let prefer = if lenient { "respond-async, handling=lenient" } else { "respond-async" };
+            for level in [Level::System, Level::Group("x".into())] {
+                let result = parse(&RawKickOff {
+                    level: &level,
+                    is_post: false,
+                    query: &query,
+                    accept: ACCEPT,
+                    prefer: Some(prefer),
+                    body: None,
+                    now: Instant::now(),
+                });
+                if let Ok(k) = result {
+                    for instant in k.since.iter().chain(&k.until) {
+                        let written = instant.to_string();
+                        proptest::prop_assert_eq!(Instant::parse(&written), Ok(*instant));
+                    }
+                }
+            }
         }
     }
 }

@@ -45,6 +45,12 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// A `Range` a file cannot satisfy (beyond its end, or several ranges): 416 with
+    /// `Content-Range: bytes */{size}` when the size is known (RFC 9110 §15.5.17).
+    #[error(
+        "the Range header asks for bytes the file does not have, or for several ranges: ask for one range within the file"
+    )]
+    RangeNotSatisfiable { size: Option<u64> },
     /// A method one of the proxy's own routes does not serve (these paths are never forwarded).
     #[error("this endpoint answers {} only", allowed_list(.0))]
     MethodNotAllowed(&'static [Method]),
@@ -94,6 +100,7 @@ impl ApiError {
             | Self::NotFound(_)
             | Self::PayloadTooLarge(_)
             | Self::MethodNotAllowed(_)
+            | Self::RangeNotSatisfiable { .. }
             | Self::RequestTimeout(_)
             | Self::Unauthorized(_)
             | Self::Forbidden(_) => ErrorSource::Client,
@@ -118,6 +125,7 @@ impl ApiError {
             Self::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             Self::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too-long"),
             Self::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "not-supported"),
+            Self::RangeNotSatisfiable { .. } => (StatusCode::RANGE_NOT_SATISFIABLE, "value"),
             Self::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "timeout"),
             Self::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "login"),
             // RFC 6749 §5.2: 400 for every error (invalid_client MAY be 401, and 400 satisfies
@@ -172,6 +180,11 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if let Self::RangeNotSatisfiable { size: Some(size) } = &self {
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                response.headers_mut().insert(header::CONTENT_RANGE, value);
+            }
         }
         if let Self::MethodNotAllowed(allowed) = &self {
             if let Ok(value) = HeaderValue::from_str(&allowed_list(allowed)) {

@@ -3,18 +3,18 @@
 //! plans the units, stores the job and answers 202 with the status URL in `Content-Location`.
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use serde_json::Value;
-use time::OffsetDateTime;
 
 use super::error::ApiError;
+use super::extract::PathParams;
 use crate::app::AppState;
-use crate::export::kickoff::{self, KickOffError, RawKickOff, format_instant, is_fhir_id};
+use crate::export::kickoff::{self, KickOffError, RawKickOff, is_fhir_id};
 use crate::export::plan::{self, PlanError, PlanInput};
-use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
+use crate::fhir::{FHIR_JSON, Instant, IssueSeverity, OperationOutcome};
 use crate::job::{Job, JobState, Level, Unit, now_unix};
 use crate::store::Created;
 
@@ -28,7 +28,7 @@ pub async fn patient(State(app): State<AppState>, request: Request) -> Result<Re
 
 pub async fn group(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     request: Request,
 ) -> Result<Response, ApiError> {
     if !is_fhir_id(&id) {
@@ -64,7 +64,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         None
     };
     let header = |name: header::HeaderName| parts.headers.get(name).and_then(|v| v.to_str().ok());
-    let now = OffsetDateTime::now_utc();
+    let now = Instant::now();
     let query = parts.uri.query().unwrap_or("");
     let kickoff = kickoff::parse(&RawKickOff {
         level: &level,
@@ -131,9 +131,9 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
                 .strip_prefix(app.base_path.as_str())
                 .unwrap_or(path_and_query)
         ),
-        transaction_time: format_instant(now),
-        since: kickoff.since.map(format_instant),
-        until: kickoff.until.map(format_instant),
+        transaction_time: now.to_string(),
+        since: kickoff.since.map(|i| i.to_string()),
+        until: kickoff.until.map(|i| i.to_string()),
         types: planned.types,
         elements: kickoff.elements,
         state: JobState::Running,

@@ -11,7 +11,7 @@
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::extract::{Path, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use tower::ServiceExt;
@@ -19,6 +19,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::services::ServeFile;
 
 use super::error::ApiError;
+use super::extract::PathParams;
 use super::status::owned_job;
 use crate::app::AppState;
 use crate::job::JobState;
@@ -27,7 +28,7 @@ pub use crate::storage::NDJSON;
 
 pub async fn get(
     State(app): State<AppState>,
-    Path((id, name)): Path<(String, String)>,
+    PathParams((id, name)): PathParams<(String, String)>,
     mut request: Request,
 ) -> Result<Response, ApiError> {
     let grant = app.auth.authorize(request.headers())?;
@@ -59,7 +60,17 @@ pub async fn get(
             let mime = NDJSON
                 .parse()
                 .map_err(|_| ApiError::Internal("mime".into()))?;
-            compressed(ServeFile::new_with_mime(&path, &mime), request).await?
+            let served = compressed(ServeFile::new_with_mime(&path, &mime), request).await?;
+            if served.status() == StatusCode::RANGE_NOT_SATISFIABLE {
+                let size = served
+                    .headers()
+                    .get(header::CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("bytes */"))
+                    .and_then(|v| v.parse().ok());
+                return Err(ApiError::RangeNotSatisfiable { size });
+            }
+            served
         }
         None => {
             let size = app
@@ -98,11 +109,7 @@ pub async fn get(
                     part
                 }
                 Range::Unsatisfiable => {
-                    let mut refused = StatusCode::RANGE_NOT_SATISFIABLE.into_response();
-                    if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                        refused.headers_mut().insert(header::CONTENT_RANGE, value);
-                    }
-                    refused
+                    return Err(ApiError::RangeNotSatisfiable { size: Some(size) });
                 }
             }
         }

@@ -8,6 +8,7 @@
 
 pub mod error;
 mod export;
+mod extract;
 pub mod fast;
 mod files;
 pub mod gate;

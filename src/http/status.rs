@@ -5,12 +5,13 @@
 //! answers 429. A completed job answers its manifest (`application/json`, `Expires`); a failed one
 //! 500 with an OperationOutcome saying why (A6.5).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::ApiError;
+use super::extract::PathParams;
 use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
@@ -31,7 +32,7 @@ pub async fn owned_job(app: &AppState, grant: &Grant, id: &str) -> Result<Job, A
 
 pub async fn get(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let grant = app.auth.authorize(&headers)?;
@@ -165,7 +166,7 @@ pub fn http_date(unix: u64) -> Option<String> {
 
 pub async fn delete(
     State(app): State<AppState>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let grant = app.auth.authorize(&headers)?;

@@ -12,6 +12,7 @@ mod fast_path;
 mod finalize;
 mod fleet;
 mod gate;
+mod hostile_input;
 mod logs;
 mod object_storage;
 mod operations;
