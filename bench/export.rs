@@ -35,7 +35,6 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
-use fhir_bulk_proxy::client::ClientKey;
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::kickoff::{self, RawKickOff};
 use fhir_bulk_proxy::export::pager::Pager;
@@ -46,14 +45,14 @@ use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
 
+mod child;
 mod procfs;
 mod results;
+use child::ChildProxy;
 use procfs::proc_status;
 use results::write_section;
 
-const CLIENT_ID: &str = "bench";
 const GROUP_ID: &str = "synthea-100";
-const SIGNING_SECRET: &str = "export-benchmark-signing-secret-0123456789";
 
 fn main() -> Result<()> {
     // `cargo bench` passes `--bench`; it means nothing here.
@@ -251,11 +250,8 @@ impl Drop for Upstream {
 // The proxy process.
 
 struct Proxy {
-    child: Child,
-    base: String,
-    key: ClientKey,
+    process: ChildProxy,
     finished: mpsc::Receiver<Instant>,
-    _dir: tempfile::TempDir,
     /// The settings both sides share.
     config: Config,
 }
@@ -267,124 +263,38 @@ impl Proxy {
 
     /// Like [`Proxy::start`], with more `BULK_PROXY_*` settings (a shared store and storage).
     fn start_with(upstream_url: &str, extra_env: &[(&str, String)]) -> Result<Self> {
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
-        ensure!(bin.exists(), "no proxy binary at {}", bin.display());
-        let dir = tempfile::tempdir()?;
-        let key = fhir_bulk_proxy::auth::keygen::generate(
-            fhir_bulk_proxy::auth::keygen::KeyAlgorithm::Es384,
-        )?;
-        let client_key = ClientKey::from_json(&key.private_jwk)?;
-        let config_path = dir.path().join("proxy.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                "[auth]\nsigning_secret = \"{SIGNING_SECRET}\"\n\n[[auth.clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"system/*.read\"]\njwks = '''{}'''\n\n[export]\npoll_retry_after_secs = 1\n",
-                key.public_jwks
-            ),
-        )?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut child = Command::new(&bin)
-            .arg("--config")
-            .arg(&config_path)
-            .env("BULK_PROXY_UPSTREAM__URL", upstream_url)
-            .env("BULK_PROXY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("BULK_PROXY_STORE__PATH", dir.path().join("jobs.redb"))
-            .env("BULK_PROXY_STORAGE__PATH", dir.path().join("files"))
-            // Warnings, plus the worker's "export finished" line the driver times.
-            .env(
-                "BULK_PROXY_LOG__LEVEL",
-                "warn,fhir_bulk_proxy::export::worker=info",
-            )
-            .env("BULK_PROXY_LOG__FORMAT", "text")
-            .env("NO_COLOR", "1")
-            .envs(extra_env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stderr = child.stderr.take().context("stderr")?;
         let (tx, finished) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        // Warnings, plus the worker's "export finished" line the driver times.
+        let process = ChildProxy::start(
+            upstream_url,
+            "",
+            "warn,fhir_bulk_proxy::export::worker=info",
+            extra_env,
+            move |line| {
                 if line.contains("export finished") {
                     let _ = tx.send(Instant::now());
                 } else if !line.contains(" INFO ") {
                     eprintln!("[proxy] {line}");
                 }
-            }
-        });
+            },
+        )?;
         // The settings the proxy resolves: defaults < the file < the environment, as the binary.
-        let config = Config::from_figment(Config::figment(Some(&config_path)).merge(
+        let config = Config::from_figment(Config::figment(Some(&process.config_path)).merge(
             figment::providers::Serialized::default("upstream.url", upstream_url),
         ))?;
-        let url = url::Url::parse(upstream_url)?;
-        let proxy = Self {
-            child,
-            base: format!(
-                "http://127.0.0.1:{port}{}",
-                url.path().trim_end_matches('/')
-            ),
-            key: client_key,
+        Ok(Self {
+            process,
             finished,
-            _dir: dir,
             config,
-        };
-        proxy.wait_until_serving(port)?;
-        Ok(proxy)
-    }
-
-    fn wait_until_serving(&self, port: u16) -> Result<()> {
-        for _ in 0..400 {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let _ = stream
-                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                let mut answer = String::new();
-                let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
-                if answer.starts_with("HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        bail!("the proxy did not start within 10 s")
+        })
     }
 
     async fn token(&self, http: &reqwest::Client) -> Result<String> {
-        let token_url = format!("{}/token", self.base);
-        let assertion = self.key.assertion(CLIENT_ID, &token_url)?;
-        let response = http
-            .post(&token_url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("scope", "system/*.read"),
-                (
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                ),
-                ("client_assertion", &assertion),
-            ])
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        ensure!(status == 200, "token refused: {body}");
-        body["access_token"]
-            .as_str()
-            .map(str::to_owned)
-            .context("no access_token")
+        self.process.token(http).await
     }
 
     fn status_field(&self, field: &str) -> Result<u64> {
-        proc_status(self.child.id(), field)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        proc_status(self.process.pid(), field)
     }
 }
 
@@ -597,7 +507,7 @@ async fn proxy_export(
     }
     let started = Instant::now();
     let response = http
-        .get(format!("{}{path}", proxy.base))
+        .get(format!("{}{path}", proxy.process.base))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
         .bearer_auth(&token)
@@ -665,7 +575,7 @@ async fn download_check(
     let token = proxy.token(http).await?;
     while proxy.finished.try_recv().is_ok() {}
     let response = http
-        .get(format!("{}{path}", proxy.base))
+        .get(format!("{}{path}", proxy.process.base))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
         .bearer_auth(&token)
@@ -817,7 +727,7 @@ async fn run_case(
             let up0 = cpu_secs(upstream.pid());
             let machine0 = machine_busy_secs();
             let self0 = cpu_secs(std::process::id());
-            let proxy0 = cpu_secs(proxy.child.id());
+            let proxy0 = cpu_secs(proxy.process.pid());
             let (seconds, resources) = if is_proxy {
                 let run = proxy_export(std::slice::from_ref(proxy), http, case.path, None).await?;
                 (run.wall.as_secs_f64(), run.resources)
@@ -830,7 +740,7 @@ async fn run_case(
             };
             let (s1, p1) = upstream.counters()?;
             let up = cpu_secs(upstream.pid()) - up0;
-            let proxy_cpu = cpu_secs(proxy.child.id()) - proxy0;
+            let proxy_cpu = cpu_secs(proxy.process.pid()) - proxy0;
             let own = cpu_secs(std::process::id()) - self0;
             let other = (machine_busy_secs() - machine0 - up - proxy_cpu - own).max(0.0);
             // The baseline counts entries: a resource that two patient batches both return counts

@@ -32,30 +32,28 @@
 //! a known bug elsewhere (`corpus::known_failure`) are counted in their own column, by kind.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fhir_bulk_proxy::client::ClientKey;
 use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config as ProptestConfig, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{Value, json};
 
+mod child;
 #[path = "../tests/integration/hostile_input/corpus.rs"]
 mod corpus;
 mod procfs;
 mod results;
 
+use child::{CLIENT_ID, ChildProxy};
 use corpus::{Endpoint, Hostile, Verdict};
 use procfs::proc_status;
 
-const CLIENT_ID: &str = "hostile";
-const SIGNING_SECRET: &str = "hostile-input-run-signing-secret-0123456789";
 /// How long one exchange may take before it counts as no answer.
 const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -131,12 +129,13 @@ async fn run(opts: Opts) -> Result<()> {
     let fhir = upstream().await?;
     let mut proxy = Proxy::start(&fhir.url())?;
     let http = reqwest::Client::new();
-    let bearer = proxy.token(&http).await?;
-    let (job_id, file_name, file_body) = finished_export(&http, &proxy.base, &bearer).await?;
-    let key = proxy.key.clone();
-    let token_url = format!("{}/token", proxy.base);
+    let bearer = proxy.process.token(&http).await?;
+    let (job_id, file_name, file_body) =
+        finished_export(&http, &proxy.process.base, &bearer).await?;
+    let key = proxy.process.key.clone();
+    let token_url = format!("{}/token", proxy.process.base);
     let target = corpus::Target {
-        host: format!("127.0.0.1:{}", proxy.port),
+        host: format!("127.0.0.1:{}", proxy.process.port),
         base: "/fhir".to_owned(),
         token_path: "/token".to_owned(),
         client_id: CLIENT_ID.to_owned(),
@@ -147,7 +146,7 @@ async fn run(opts: Opts) -> Result<()> {
         file_body,
         assertion: Arc::new(move || key.assertion(CLIENT_ID, &token_url).unwrap_or_default()),
     };
-    let hwm_before = proc_status(proxy.pid(), "VmHWM")?;
+    let hwm_before = proc_status(proxy.process.pid(), "VmHWM")?;
 
     // One thread generates (the same seed, the same requests); `concurrency` tasks send.
     let (tx, rx) = tokio::sync::mpsc::channel::<Hostile>(1024);
@@ -203,11 +202,11 @@ async fn run(opts: Opts) -> Result<()> {
     let _ = generator.join();
     let wall = started.elapsed();
 
-    let alive = proxy.alive();
-    let hwm = proc_status(proxy.pid(), "VmHWM")?;
-    let rss = proc_status(proxy.pid(), "VmRSS")?;
+    let alive = proxy.process.alive();
+    let hwm = proc_status(proxy.process.pid(), "VmHWM")?;
+    let rss = proc_status(proxy.process.pid(), "VmRSS")?;
     let health = http
-        .get(format!("http://127.0.0.1:{}/healthz", proxy.port))
+        .get(format!("http://127.0.0.1:{}/healthz", proxy.process.port))
         .send()
         .await
         .map(|r| r.status().as_u16())
@@ -498,52 +497,20 @@ struct Log {
 }
 
 struct Proxy {
-    child: Child,
-    port: u16,
-    base: String,
-    key: ClientKey,
+    process: ChildProxy,
     log: Arc<Mutex<Log>>,
-    _dir: tempfile::TempDir,
 }
 
 impl Proxy {
     fn start(upstream_url: &str) -> Result<Self> {
-        let bin = PathBuf::from(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
-        ensure!(bin.exists(), "no proxy binary at {}", bin.display());
-        let dir = tempfile::tempdir()?;
-        let key = fhir_bulk_proxy::auth::keygen::generate(
-            fhir_bulk_proxy::auth::keygen::KeyAlgorithm::Es384,
-        )?;
-        let config_path = dir.path().join("proxy.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                "[auth]\nsigning_secret = \"{SIGNING_SECRET}\"\ntoken_lifetime_secs = 3600\n\n[[auth.clients]]\nclient_id = \"{CLIENT_ID}\"\nscopes = [\"system/*.read\"]\njwks = '''{}'''\n\n[export]\npoll_retry_after_secs = 1\n",
-                key.public_jwks
-            ),
-        )?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let mut child = Command::new(&bin)
-            .arg("--config")
-            .arg(&config_path)
-            .env("BULK_PROXY_UPSTREAM__URL", upstream_url)
-            .env("BULK_PROXY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("BULK_PROXY_STORE__PATH", dir.path().join("jobs.redb"))
-            .env("BULK_PROXY_STORAGE__PATH", dir.path().join("files"))
-            .env("BULK_PROXY_LOG__LEVEL", "warn")
-            .env("BULK_PROXY_LOG__FORMAT", "text")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let stderr = child.stderr.take().context("stderr")?;
         let log = Arc::new(Mutex::new(Log::default()));
         let seen = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        let process = ChildProxy::start(
+            upstream_url,
+            "token_lifetime_secs = 3600",
+            "warn",
+            &[],
+            move |line| {
                 let mut log = seen.lock().unwrap_or_else(|e| e.into_inner());
                 if line.contains("panicked") {
                     log.panics += 1;
@@ -556,74 +523,9 @@ impl Proxy {
                 if (warn || error) && log.first.len() < 5 {
                     log.first.push(line.chars().take(400).collect());
                 }
-            }
-        });
-        let proxy = Self {
-            child,
-            port,
-            base: format!("http://127.0.0.1:{port}/fhir"),
-            key: ClientKey::from_json(&key.private_jwk)?,
-            log,
-            _dir: dir,
-        };
-        proxy.wait_until_serving()?;
-        Ok(proxy)
-    }
-
-    fn wait_until_serving(&self) -> Result<()> {
-        for _ in 0..400 {
-            if let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) {
-                let _ = stream
-                    .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-                let mut answer = String::new();
-                let _ = std::io::Read::read_to_string(&mut stream, &mut answer);
-                if answer.starts_with("HTTP/1.1 200") {
-                    return Ok(());
-                }
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        bail!("the proxy did not start within 10 s")
-    }
-
-    async fn token(&self, http: &reqwest::Client) -> Result<String> {
-        let token_url = format!("{}/token", self.base);
-        let assertion = self.key.assertion(CLIENT_ID, &token_url)?;
-        let response = http
-            .post(&token_url)
-            .form(&[
-                ("grant_type", "client_credentials"),
-                ("scope", "system/*.read"),
-                (
-                    "client_assertion_type",
-                    "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
-                ),
-                ("client_assertion", &assertion),
-            ])
-            .send()
-            .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        ensure!(status == 200, "token refused: {body}");
-        body["access_token"]
-            .as_str()
-            .map(str::to_owned)
-            .context("no access_token")
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+            },
+        )?;
+        Ok(Self { process, log })
     }
 }
 
