@@ -193,6 +193,11 @@ pub struct Mounted {
     pub path: String,
     /// Its segments after the leading `/`; `None` stands for a `{name}` segment.
     segments: Vec<Option<String>>,
+    /// How many of `segments` come before the first `{name}` (all of them when there is none);
+    /// `path` up to there is a literal prefix every match starts with.
+    literal_segments: usize,
+    /// The bytes of that prefix in `path`, its `/` included when a `{name}` follows.
+    literal_len: usize,
 }
 
 impl Mounted {
@@ -206,30 +211,43 @@ impl Mounted {
         path
     }
 
-    /// Whether the path's segments match; `decode` compares percent-decoded literal segments.
-    fn matches<'a>(&self, mut segments: impl Iterator<Item = &'a str>, decode: bool) -> bool {
-        for expected in &self.segments {
-            match (segments.next(), expected) {
-                (Some(got), Some(literal)) if got == literal => {}
-                (Some(got), Some(literal)) if decode => {
-                    if percent_decode_str(got).ne(literal.bytes()) {
-                        return false;
-                    }
-                }
-                (Some(got), None) if !got.is_empty() => {}
-                _ => return false,
-            }
+    /// Whether `path` (as written) is this route's. Called for every passthrough request on the
+    /// fast path, so it compares bytes first: an all-literal pattern is one comparison, any other
+    /// starts with its literal prefix.
+    fn matches_raw(&self, path: &str) -> bool {
+        if self.literal_segments == self.segments.len() {
+            return path == self.path;
         }
-        segments.next().is_none()
+        match path.strip_prefix(&self.path[..self.literal_len]) {
+            Some(rest) => matches_segments(&self.segments[self.literal_segments..], rest, false),
+            None => false,
+        }
     }
+}
+
+/// Whether the `/`-separated `segments` match `pattern`; `decode` compares percent-decoded
+/// literal segments.
+fn matches_segments(pattern: &[Option<String>], segments: &str, decode: bool) -> bool {
+    let mut segments = segments.split('/');
+    for expected in pattern {
+        match (segments.next(), expected) {
+            (Some(got), Some(literal)) if got == literal => {}
+            (Some(got), Some(literal)) if decode => {
+                if percent_decode_str(got).ne(literal.bytes()) {
+                    return false;
+                }
+            }
+            (Some(got), None) if !got.is_empty() => {}
+            _ => return false,
+        }
+    }
+    segments.next().is_none()
 }
 
 /// The routes this server mounts, for its base path and authorization settings.
 #[derive(Debug)]
 pub struct RouteTable {
     mounted: Vec<Mounted>,
-    /// The longest pattern, in segments: a longer path cannot be owned.
-    max_segments: usize,
 }
 
 impl RouteTable {
@@ -247,23 +265,23 @@ impl RouteTable {
                     Root::Server => pattern.to_owned(),
                     Root::Base => format!("{base_path}{pattern}"),
                 };
-                let segments = path
+                let segments: Vec<Option<String>> = path
                     .split('/')
                     .skip(1)
                     .map(|s| (!(s.starts_with('{') && s.ends_with('}'))).then(|| s.to_owned()))
                     .collect();
+                let literal_segments = segments.iter().take_while(|s| s.is_some()).count();
+                let literal_len = path.find('{').unwrap_or(path.len());
                 Mounted {
                     route,
                     path,
                     segments,
+                    literal_segments,
+                    literal_len,
                 }
             })
             .collect();
-        let max_segments = mounted.iter().map(|m| m.segments.len()).max().unwrap_or(0);
-        Self {
-            mounted,
-            max_segments,
-        }
+        Self { mounted }
     }
 
     /// Every mounted route.
@@ -284,16 +302,14 @@ impl RouteTable {
     }
 
     fn lookup(&self, path: &str, decode: bool) -> Option<&Mounted> {
-        let rest = path.strip_prefix('/')?;
-        // Most passthrough paths are long or short enough to rule out by counting.
-        let count = rest.split('/').take(self.max_segments + 1).count();
-        if count > self.max_segments {
-            return None;
+        if !decode {
+            return self.mounted.iter().find(|m| m.matches_raw(path));
         }
+        // Percent-encoded (rare): segment by segment, each decoded.
+        let rest = path.strip_prefix('/')?;
         self.mounted
             .iter()
-            .filter(|m| m.segments.len() == count)
-            .find(|m| m.matches(rest.split('/'), decode))
+            .find(|m| matches_segments(&m.segments, rest, true))
     }
 }
 
