@@ -399,13 +399,7 @@ fn check_element(element: &str) -> Result<(), KickOffError> {
     }
 }
 
-/// A FHIR id: 1-64 of `[A-Za-z0-9\-.]`.
-pub fn is_fhir_id(id: &str) -> bool {
-    (1..=64).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-}
+pub use crate::fhir::resource_types::is_fhir_id;
 
 #[cfg(test)]
 mod tests {
