@@ -301,6 +301,13 @@ impl RouteTable {
         self.lookup(path, path.contains('%')).is_some()
     }
 
+    /// Whether `path` is one of the proxy's own routes only once percent-decoded (`/fhir/%24export`):
+    /// the router does not answer it, and it must not be forwarded either. No lookup at all for
+    /// the usual path without `%`.
+    pub fn owns_only_encoded(&self, path: &str) -> bool {
+        path.contains('%') && self.find(path).is_none() && self.lookup(path, true).is_some()
+    }
+
     fn lookup(&self, path: &str, decode: bool) -> Option<&Mounted> {
         if !decode {
             return self.mounted.iter().find(|m| m.matches_raw(path));
@@ -348,8 +355,10 @@ mod tests {
                 if encoded != path {
                     assert!(table.owns(&encoded), "{encoded}");
                     assert!(table.find(&encoded).is_none(), "{encoded}");
+                    assert!(table.owns_only_encoded(&encoded), "{encoded}");
                 }
             }
+            assert!(!table.owns_only_encoded(&path), "{path}");
         }
     }
 

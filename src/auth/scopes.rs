@@ -240,9 +240,7 @@ impl Scopes {
     /// Whether these scopes allow reading `resource_type` in bulk: a system scope on the type or on
     /// `*` with read permission (v1 `read` or `*`, v2 containing `r`). SPEC A4.19.
     pub fn can_read(&self, resource_type: &str) -> bool {
-        self.0
-            .iter()
-            .any(|s| s.allows_system(resource_type, Permissions::READ))
+        self.allow(resource_type, Permissions::READ)
     }
 
     /// Whether these scopes allow `permissions` on `resource_type` in the system context.
@@ -263,11 +261,7 @@ impl Scopes {
 
     /// Whether these scopes allow reading every resource type (`system/*` with `r`).
     pub fn can_read_all(&self) -> bool {
-        self.0.iter().any(|s| {
-            s.context == Context::System
-                && s.target == Target::All
-                && s.permissions.contains(Permissions::READ)
-        })
+        self.allow_all(Permissions::READ)
     }
 
     /// The scopes to grant for a `requested` scope string, within what the client may have

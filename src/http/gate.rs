@@ -45,7 +45,7 @@ pub async fn passthrough(
     // The router matches its routes as written; the same paths percent-encoded (`%24export`) would
     // otherwise reach the upstream's own endpoints of those names.
     let path = request.uri().path();
-    if app.routes.owns(path) && app.routes.find(path).is_none() {
+    if app.routes.owns_only_encoded(path) {
         return Err(ApiError::BadRequest(format!(
             "{path} names one of the proxy's own endpoints in percent-encoded form: \
              write it without percent-encoding"
