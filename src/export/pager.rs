@@ -48,6 +48,30 @@ pub struct Pager {
     page_timeout: Duration,
 }
 
+/// A fleet-wide upstream slot, given back when dropped: also when the fetch holding it is
+/// cancelled (a prefetch dropped by a deleted job, a lost lease, a shutdown). Otherwise the slot
+/// would stay taken until it expires, a page timeout later, and a few such cancellations would
+/// stall every replica's exports for minutes.
+struct FleetSlot {
+    fleet: Arc<dyn JobStore>,
+    holder: String,
+}
+
+impl Drop for FleetSlot {
+    fn drop(&mut self) {
+        let fleet = self.fleet.clone();
+        let holder = std::mem::take(&mut self.holder);
+        // Drop cannot wait; outside a runtime (a process exiting) the slot expires by itself.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = fleet.release_slot(&holder).await {
+                    tracing::debug!(error = %e, "cannot release an upstream slot; it expires by itself");
+                }
+            });
+        }
+    }
+}
+
 impl Pager {
     pub fn new(config: &Config, headers: HeaderMap) -> anyhow::Result<Self> {
         let e = &config.export;
@@ -200,11 +224,11 @@ impl Pager {
                 }
             }
         }
-        let result = self.request(url).await;
-        if let Err(e) = fleet.release_slot(&holder).await {
-            tracing::debug!(error = %e, "cannot release an upstream slot; it expires by itself");
-        }
-        result
+        let _slot = FleetSlot {
+            fleet: fleet.clone(),
+            holder,
+        };
+        self.request(url).await
     }
 
     /// One upstream GET, its body read up to the page limit.

@@ -375,3 +375,54 @@ async fn jobs_lost_with_an_emptied_redis_answer_404() {
     }
     assert_eq!(last, 404);
 }
+
+/// A fetch cancelled while it holds a fleet-wide upstream slot (a prefetch dropped because its
+/// job was deleted, a lost lease, a shutdown) gives the slot back at once. It used to keep it
+/// until it expired, a page timeout later: a few DELETEs stalled every replica's exports (and
+/// Patient-level kick-offs) for two minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_fetch_gives_its_fleet_slot_back() {
+    use fhir_bulk_proxy::export::pager::Pager;
+    use fhir_bulk_proxy::store::JobStore;
+    use fhir_bulk_proxy::store::redis::RedisStore;
+
+    let fhir = MemoryFhir::new().synthetic(2, 1).start().await.unwrap();
+    let redis = RedisServer::start();
+    let mut config = Config::default();
+    config.upstream.url = fhir.url();
+    config.export.max_upstream_concurrency = 1;
+    config.export.page_timeout_ms = 60_000;
+    let store: std::sync::Arc<dyn JobStore> =
+        std::sync::Arc::new(RedisStore::connect(&redis.url()).await.unwrap());
+    let pager = std::sync::Arc::new(
+        Pager::new(&config, Default::default())
+            .unwrap()
+            .with_fleet_cap(store),
+    );
+    let url = format!("{}/Patient", fhir.url());
+
+    // A slow page, cancelled while its request is in flight (holding the only slot).
+    fhir.faults.latency_ms.store(5_000, Ordering::SeqCst);
+    let slow = {
+        let (pager, url) = (pager.clone(), url.clone());
+        tokio::spawn(async move { pager.fetch(&url, false).await })
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fhir.counters.in_flight.load(Ordering::SeqCst) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow page was never asked for"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    slow.abort();
+    fhir.faults.latency_ms.store(0, Ordering::SeqCst);
+
+    // The next page gets the slot within moments, not after the 60 s page timeout.
+    let started = Instant::now();
+    let page = tokio::time::timeout(Duration::from_secs(10), pager.fetch(&url, false))
+        .await
+        .expect("the cancelled fetch's slot was not given back");
+    assert!(page.is_ok(), "{page:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
