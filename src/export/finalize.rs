@@ -86,11 +86,16 @@ impl Exporter {
                     .instrument(span)
                     .await;
             }
-            let error = match self
+            let result = self
                 .attempt(job_id, finisher, attempt)
                 .instrument(span.clone())
-                .await
-            {
+                .await;
+            // Deleted under the attempt: what the attempt wrote after the DELETE removed the
+            // job's files (or while a lost claim cut it short) goes too.
+            if self.remove_if_deleted(job_id, &[]).await {
+                return;
+            }
+            let error = match result {
                 Ok(()) => return,
                 Err(error) => error,
             };
@@ -99,7 +104,7 @@ impl Exporter {
                 Err(_) => false,
             };
             if gone {
-                // Deleted (its files went under the attempt) or finished elsewhere: nothing to retry.
+                // Finished elsewhere: nothing to retry.
                 span.in_scope(|| {
                     tracing::debug!(error = %error, "finalisation stopped: the job was deleted or finished elsewhere");
                 });
@@ -215,19 +220,10 @@ impl Exporter {
             }
             return Ok(());
         }
-        // Deleted meanwhile, or another finisher committed: these files are nobody's.
-        match self.store.get_job(job_id).await {
-            Ok(None) => {
-                let _ = self
-                    .storage
-                    .delete_job(job_id, &super::sweep::job_files(&job, Some(units)))
-                    .await;
-            }
-            _ => {
-                for file in assembled.output.iter().chain(&assembled.errors) {
-                    let _ = self.discard_own(job_id, file, attempt).await;
-                }
-            }
+        // Deleted meanwhile (then [`Self::finalize`] removes whatever is left), or another
+        // finisher committed: these files are nobody's.
+        for file in assembled.output.iter().chain(&assembled.errors) {
+            let _ = self.discard_own(job_id, file, attempt).await;
         }
         tracing::debug!(
             job = job_id,

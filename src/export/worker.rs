@@ -21,7 +21,7 @@ use super::ndjson::{Line, read_page};
 use super::pager::{FetchError, Pager};
 use super::writer::UnitWriter;
 use crate::config::ExportConfig;
-use crate::job::{Checkpoint, Job, JobState, Unit, UnitState, now_unix};
+use crate::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, now_unix};
 use crate::storage::{Storage, StorageError};
 use crate::store::JobStore;
 
@@ -410,19 +410,23 @@ impl Exporter {
         for file in &unit.checkpoint.files {
             let _ = self.storage.discard(&unit.job_id, file).await;
         }
-        if self
-            .store
-            .get_job(&unit.job_id)
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-        {
-            let _ = self
-                .storage
-                .delete_job(&unit.job_id, &unit.checkpoint.files)
-                .await;
+        self.remove_if_deleted(&unit.job_id, &unit.checkpoint.files)
+            .await;
+    }
+
+    /// Removes every file of `job_id` if the job is gone. A DELETE removes the job's files once,
+    /// but a worker or finisher writing at that moment may create them again; whoever finds the
+    /// job gone after writing calls this, so the last writer leaves nothing behind. `files` are
+    /// the ones this caller knows of (their unfinished uploads are aborted). True when the job
+    /// is gone.
+    pub(super) async fn remove_if_deleted(&self, job_id: &str, files: &[OutputFile]) -> bool {
+        if !matches!(self.store.get_job(job_id).await, Ok(None)) {
+            return false;
         }
+        if let Err(e) = self.storage.delete_job(job_id, files).await {
+            tracing::debug!(job = job_id, error = %e, "files of a deleted job not all removed yet; their writer removes them");
+        }
+        true
     }
 }
 
