@@ -101,15 +101,7 @@ impl App {
                 &config.auth.token_path,
             ),
             tls: config.server.tls.is_some(),
-            configured_public_base: config.server.public_url.as_deref().map(|public| {
-                let origin = public.trim_end_matches('/');
-                match url::Url::parse(origin) {
-                    // A public URL with a path already names the base; a bare origin gets the
-                    // base path.
-                    Ok(url) if url.path() != "/" => origin.to_owned(),
-                    _ => format!("{origin}{}", config.base_path()),
-                }
-            }),
+            configured_public_base: config.public_base(),
             config,
         })
     }

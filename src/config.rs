@@ -3,7 +3,13 @@
 //!
 //! Loading never starts anything; [`Config::validate`] checks every value and names the key, the value
 //! and the reason on failure, so `fhir-bulk-proxy check-config` and start-up report the same errors.
-//! `proxy.toml` at the repository root documents every key, its default and its environment name.
+//! [`Config::warnings`] is the one list of what is allowed but probably wrong: `run` logs it at
+//! start, `check-config` prints it. `proxy.toml` at the repository root documents every key, its
+//! default and its environment name.
+//!
+//! Relative paths (see [`paths`]) resolve against the configuration file's directory when they come
+//! from the file, or are defaults and a file was read; against the working directory when they come
+//! from the environment or no file was read.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -15,8 +21,11 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 mod auth;
+mod check;
+pub mod paths;
 mod secret;
 pub use auth::{AuthConfig, ClientConfig, UpstreamAuthConfig, UpstreamAuthScheme};
+pub use paths::Loaded;
 pub use secret::Secret;
 
 /// Environment variable prefix; nested keys are joined with `__`.
@@ -34,6 +43,9 @@ pub struct Config {
     pub export: ExportConfig,
     pub store: StoreConfig,
     pub storage: StorageConfig,
+    /// Where this configuration came from (not a key): set by [`Config::load`].
+    #[serde(skip)]
+    pub loaded: Loaded,
 }
 
 /// The listener and how the proxy presents itself.
@@ -435,6 +447,8 @@ impl Default for S3Config {
 pub enum ConfigError {
     #[error("cannot read configuration: {0}")]
     Load(#[from] Box<figment::Error>),
+    #[error("{key} is required: {reason}")]
+    Missing { key: &'static str, reason: String },
     #[error("invalid `{key}` = {value:?}: {reason}")]
     Invalid {
         key: &'static str,
@@ -452,22 +466,25 @@ fn invalid(key: &'static str, value: impl Into<String>, reason: impl Into<String
 }
 
 impl Config {
-    /// The figment of defaults < file < environment. `path` is the `--config` argument; without it
-    /// `proxy.toml` in the working directory is read when it exists.
+    /// The configuration file read: `path` (the `--config` argument, which must exist), else
+    /// `proxy.toml` in the working directory when it exists (not in its parents).
+    pub fn file(path: Option<&Path>) -> Option<PathBuf> {
+        match path {
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from("proxy.toml")).filter(|p| p.is_file()),
+        }
+    }
+
+    /// The figment of defaults < file < environment, the file as [`Config::file`] finds it.
     pub fn figment(path: Option<&Path>) -> Figment {
-        let file = path.map_or_else(|| PathBuf::from("proxy.toml"), Path::to_path_buf);
-        let toml = if path.is_some() {
-            // An explicit file must exist: a typo must not silently fall back to defaults.
-            Toml::file_exact(file)
-        } else {
-            Toml::file(file)
-        };
-        Figment::from(Serialized::defaults(Config::default()))
-            .merge(toml)
-            .merge(
-                // BULK_PROXY_CONFIG names the file (the CLI's --config), it is not a key.
-                Env::prefixed(ENV_PREFIX).split("__").ignore(&["CONFIG"]),
-            )
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(file) = Self::file(path) {
+            // `file_exact`: an explicit file must exist (a typo must not silently fall back to
+            // defaults), and a missing ./proxy.toml is not looked for in parent directories.
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        // BULK_PROXY_CONFIG names the file (the CLI's --config), it is not a key.
+        figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(&["CONFIG"]))
     }
 
     /// Loads and validates.
@@ -475,8 +492,10 @@ impl Config {
         Self::from_figment(Self::figment(path))
     }
 
+    /// Extracts, resolves relative paths (see [`paths`]) and validates.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.resolve_paths(&figment);
         config.validate()?;
         Ok(config)
     }
@@ -738,11 +757,13 @@ impl Config {
     /// The upstream base URL, without a trailing slash on its path.
     pub fn upstream_url(&self) -> Result<Url, ConfigError> {
         if self.upstream.url.is_empty() {
-            return Err(invalid(
-                "upstream.url",
-                "",
-                "required: the upstream FHIR base URL (BULK_PROXY_UPSTREAM__URL)",
-            ));
+            return Err(ConfigError::Missing {
+                key: "upstream.url",
+                reason: "the FHIR base URL of the server to put the proxy in front of, e.g. \
+                         url = \"http://fhir.internal:8080/fhir\" under [upstream] in proxy.toml, \
+                         or BULK_PROXY_UPSTREAM__URL=http://fhir.internal:8080/fhir"
+                    .into(),
+            });
         }
         parse_base_url("upstream.url", &self.upstream.url)
     }
@@ -760,6 +781,19 @@ impl Config {
                 .unwrap_or_default(),
         };
         raw.trim_end_matches('/').to_owned()
+    }
+
+    /// The proxy's public FHIR base when `server.public_url` names it: the public URL itself when
+    /// it has a path, else its origin and the base path. `None` when unset: then it is derived
+    /// per request from `X-Forwarded-Proto` / `X-Forwarded-Host` / `Host`.
+    pub fn public_base(&self) -> Option<String> {
+        self.server.public_url.as_deref().map(|public| {
+            let origin = public.trim_end_matches('/');
+            match Url::parse(origin) {
+                Ok(url) if url.path() != "/" => origin.to_owned(),
+                _ => format!("{origin}{}", self.base_path()),
+            }
+        })
     }
 
     pub fn connect_timeout(&self) -> Duration {

@@ -23,8 +23,12 @@ struct Cli {
 enum Command {
     /// Run the proxy (the default).
     Run,
-    /// Validate the configuration and exit.
-    CheckConfig,
+    /// Validate the configuration, print the effective endpoints, stores and warnings, and exit.
+    CheckConfig {
+        /// Exit non-zero when there are warnings too.
+        #[arg(long)]
+        strict: bool,
+    },
     /// Generate a key pair for a backend-services client and print its `[[auth.clients]]` entry.
     Keygen {
         #[arg(long)]
@@ -57,8 +61,12 @@ fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::load(cli.config.as_deref())?;
-    if let Command::CheckConfig = command {
-        println!("configuration is valid (upstream {})", config.upstream.url);
+    if let Command::CheckConfig { strict } = command {
+        print!("{}", config.report());
+        let warnings = config.warnings().len();
+        if strict && warnings > 0 {
+            anyhow::bail!("check-config --strict: {warnings} warning(s)");
+        }
         return Ok(());
     }
     telemetry::init(&config.log)?;

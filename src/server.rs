@@ -82,6 +82,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    // The same list `check-config` prints.
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let grace = config.shutdown_grace();
     let app = Arc::new(App::new(config).await?);

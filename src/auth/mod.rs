@@ -144,12 +144,7 @@ impl Auth {
         let secret = match &auth.signing_secret {
             Some(secret) => secret.expose().as_bytes().to_vec(),
             None => {
-                if auth.enabled {
-                    tracing::warn!(
-                        "auth.signing_secret is unset: signing access tokens with a random secret; \
-                         tokens will not be accepted by other replicas or after a restart"
-                    );
-                }
+                // `Config::warnings` says so at start.
                 let mut secret = vec![0u8; 32];
                 getrandom::fill(&mut secret)
                     .map_err(|e| anyhow::anyhow!("cannot generate a signing secret: {e}"))?;
@@ -157,11 +152,6 @@ impl Auth {
             }
         };
         let registry = clients::Registry::from_config(auth)?;
-        if auth.enabled && registry.is_empty() {
-            tracing::warn!(
-                "auth is enabled but no [[auth.clients]] are registered: no client can get a token"
-            );
-        }
         Ok(Self {
             enabled: auth.enabled,
             passthrough: auth.enabled && auth.passthrough,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::worker::Exporter;
-use crate::job::{Job, JobState, OutputFile, Unit, now_unix};
+use crate::job::{Job, JobState, OutputFile, Unit, UnixSecs, now_unix};
 
 impl Exporter {
     pub(super) async fn sweep_forever(&self, shutdown: CancellationToken) {
@@ -33,19 +33,32 @@ impl Exporter {
             if shutdown.is_cancelled() {
                 return;
             }
-            let Ok(Some(job)) = self.store.get_job(&id).await else {
-                continue;
-            };
-            if job.expires_at.is_some_and(|at| at <= now) {
-                tracing::info!(job = %id, "export expired; deleting it and its files");
-                let files = job_files(&job, self.store.units(&id).await.ok());
-                let _ = self.store.delete_job(&id).await;
-                let _ = self.storage.delete_job(&id, &files).await;
-            } else if job.state == JobState::Running {
-                // The store decides: only a job whose units are all finished, and whose
-                // finalisation claim is free, is taken.
-                self.finalize(&id, &finisher, shutdown).await;
-            }
+            let span = tracing::info_span!("sweep", job = %id);
+            tracing::Instrument::instrument(self.sweep_job(&id, &finisher, now, shutdown), span)
+                .await;
+        }
+    }
+
+    /// Deletes `id` if it expired, finalises it if its units are done and nobody has it.
+    async fn sweep_job(
+        &self,
+        id: &str,
+        finisher: &str,
+        now: UnixSecs,
+        shutdown: &CancellationToken,
+    ) {
+        let Ok(Some(job)) = self.store.get_job(id).await else {
+            return;
+        };
+        if job.expires_at.is_some_and(|at| at <= now) {
+            tracing::info!("export expired; deleting it and its files");
+            let files = job_files(&job, self.store.units(id).await.ok());
+            let _ = self.store.delete_job(id).await;
+            let _ = self.storage.delete_job(id, &files).await;
+        } else if job.state == JobState::Running {
+            // The store decides: only a job whose units are all finished, and whose
+            // finalisation claim is free, is taken.
+            self.finalize(id, finisher, shutdown).await;
         }
     }
 }

@@ -1,8 +1,12 @@
-//! Logs and metrics. Logs are `tracing` events, printed as JSON lines or human text
-//! (`log.format`); every request runs in a span carrying its request id. Metrics are Prometheus
-//! text served at `/metrics` (see [`metrics`]).
+//! Logs and metrics. Logs are `tracing` events on stderr, printed as JSON lines or human text
+//! (`log.format`); text has ANSI colours only when stderr is a terminal, never in a file or a
+//! pipe. Every request runs in a span carrying its request id (`request{request_id=...}`), every
+//! job's work in one carrying the job id (`job=...`). Metrics are Prometheus text served at
+//! `/metrics` (see [`metrics`]).
 
 pub mod metrics;
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -13,7 +17,8 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     match config.format {
         LogFormat::Json => builder
             .json()

@@ -1,5 +1,6 @@
 //! Metadata augmentation, health, readiness, metrics, shutdown and the command line.
 
+use std::path::Path;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -245,4 +246,122 @@ async fn readiness_follows_the_job_store() {
         assert!(std::time::Instant::now() < deadline, "still {body}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// `check-config [--strict]` with `--config config`, run in `cwd` with `env`: (success, stdout,
+/// stderr).
+fn check_config_in(
+    cwd: &Path,
+    config: Option<&str>,
+    strict: bool,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+    if let Some(config) = config {
+        command.args(["--config", config]);
+    }
+    command.arg("check-config");
+    if strict {
+        command.arg("--strict");
+    }
+    command.env_remove("BULK_PROXY_CONFIG").current_dir(cwd);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn relative_paths_in_the_config_file_follow_the_file_whatever_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::create_dir_all(root.join("conf")).unwrap();
+    std::fs::create_dir_all(root.join("elsewhere/deeper")).unwrap();
+    std::fs::write(
+        root.join("conf/proxy.toml"),
+        "[upstream]\nurl = \"http://fhir.internal:8080/fhir\"\n\
+         [store]\npath = \"state/jobs.redb\"\n\
+         [auth]\nsigning_secret = \"0123456789abcdef0123456789abcdef\"\n\
+         [[auth.clients]]\nclient_id = \"c\"\nscopes = [\"system/*.read\"]\n\
+         jwks_url = \"https://c.example/jwks.json\"\n",
+    )
+    .unwrap();
+    let store = root.join("conf/state/jobs.redb");
+    let files = root.join("conf/data/files");
+    for (cwd, config) in [
+        (root.clone(), "conf/proxy.toml"),
+        (root.join("elsewhere/deeper"), "../../conf/proxy.toml"),
+    ] {
+        let (ok, out, err) = check_config_in(&cwd, Some(config), true, &[]);
+        assert!(ok, "{out}{err}");
+        assert!(
+            out.contains(&format!("store      embedded, {}\n", store.display())),
+            "from {}: {out}",
+            cwd.display()
+        );
+        assert!(
+            out.contains(&format!("storage    local directory {}\n", files.display())),
+            "the default follows the file: {out}"
+        );
+        assert!(out.contains("FHIR base  http://<host>/fhir"), "{out}");
+        assert!(out.contains("token URL  http://<host>/fhir/token (1 enabled client)"));
+        assert!(out.ends_with("0 warnings\n"), "{out}");
+    }
+
+    // A relative path from the environment follows the working directory, with a warning that
+    // --strict refuses.
+    let cwd = root.join("elsewhere");
+    let env = [("BULK_PROXY_STORAGE__PATH", "exports")];
+    let (ok, out, err) = check_config_in(&cwd, Some("../conf/proxy.toml"), false, &env);
+    assert!(ok, "{out}{err}");
+    let resolved = cwd.join("exports");
+    assert!(
+        out.contains(&format!(
+            "storage    local directory {}\n",
+            resolved.display()
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: storage.path = \"exports\" (from the environment) is relative"),
+        "{out}"
+    );
+    let (ok, out, err) = check_config_in(&cwd, Some("../conf/proxy.toml"), true, &env);
+    assert!(!ok && out.contains("1 warning\n"), "{out}");
+    assert!(err.contains("--strict: 1 warning"), "{err}");
+
+    // The proxy itself opens the store where check-config said, started from another directory.
+    let mut proxy = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
+        .args(["--config", "../../conf/proxy.toml"])
+        .env_remove("BULK_PROXY_CONFIG")
+        .env("BULK_PROXY_SERVER__LISTEN", "127.0.0.1:0")
+        .current_dir(root.join("elsewhere/deeper"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !store.is_file() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = proxy.kill();
+    let _ = proxy.wait();
+    assert!(store.is_file(), "the store is {}", store.display());
+    assert!(!root.join("elsewhere/deeper/data").exists());
+}
+
+#[test]
+fn without_an_upstream_the_proxy_says_what_upstream_url_is() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, err) = check_config_in(dir.path(), None, false, &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("upstream.url is required: the FHIR base URL of the server"),
+        "{err}"
+    );
 }

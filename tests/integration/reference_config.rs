@@ -1,12 +1,21 @@
-//! The shipped `proxy.toml` is valid and documents every key the code knows.
+//! The shipped `proxy.toml` is valid once given an upstream, names no upstream of its own, and
+//! documents every key the code knows.
 
 use fhir_bulk_proxy::config::Config;
 
 #[test]
-fn shipped_proxy_toml_is_valid() {
+fn shipped_proxy_toml_is_valid_with_an_upstream_and_names_none_itself() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
     let text = std::fs::read_to_string(&path).unwrap();
-    let config: Config = toml::from_str(&text).expect("proxy.toml parses into Config");
+    let mut config: Config = toml::from_str(&text).expect("proxy.toml parses into Config");
+    // Copied as it is, it must not send anyone's requests to an example upstream.
+    assert_eq!(config.upstream.url, "", "upstream.url is commented out");
+    let refused = config.validate().unwrap_err().to_string();
+    assert!(
+        refused.starts_with("upstream.url is required: ") && refused.contains("e.g."),
+        "{refused}"
+    );
+    config.upstream.url = "http://fhir.internal:8080/fhir".into();
     config.validate().expect("proxy.toml validates");
 }
 
