@@ -121,8 +121,17 @@ listen_port=$(sed -n 's/^listen = "[^"]*:\([0-9]*\)"/\1/p' proxy.toml | head -1)
 ok "EXPOSE $EXPOSE = server.listen's port"
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-# As in the image: the working directory holds data/, the configuration comes from --config.
-(cd "$scratch" && env -u BULK_PROXY_CONFIG "$BIN" --config "$OLDPWD/proxy.toml" check-config) \
+# As in the image: the configuration's directory has data -> the working directory's data/ (the
+# reference config's relative paths resolve against its directory), and the upstream comes from
+# the environment (the reference config names none).
+grep -q "ln -s ${WORKDIR}/data ${CONFIG_DEST%/*}/data" "$DOCKERFILE" \
+  || fail "the runtime stage does not link ${CONFIG_DEST%/*}/data to ${WORKDIR}/data"
+ok "${CONFIG_DEST%/*}/data links to ${WORKDIR}/data, the data volume"
+mkdir -p "$scratch/etc" "$scratch/work/data"
+cp proxy.toml "$scratch/etc/proxy.toml"
+ln -s "$scratch/work/data" "$scratch/etc/data"
+image_env=(env -u BULK_PROXY_CONFIG BULK_PROXY_UPSTREAM__URL=http://127.0.0.1:9/fhir)
+(cd "$scratch/work" && "${image_env[@]}" "$BIN" --config "$scratch/etc/proxy.toml" check-config) \
   || fail "the image's proxy.toml does not pass check-config"
 ok "proxy.toml passes check-config"
 
@@ -136,8 +145,8 @@ echo "$allowed" | grep -qx "$prog_pkg" || fail "$prog ($prog_pkg) is not in the 
 ok "$prog comes from $prog_pkg, in the runtime image"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 probe=("${health[@]/:8080\//:$port/}")
-(cd "$scratch" && exec env -u BULK_PROXY_CONFIG BULK_PROXY_SERVER__LISTEN="127.0.0.1:$port" \
-  BULK_PROXY_LOG__LEVEL=error "$BIN" --config "$OLDPWD/proxy.toml" run) &
+(cd "$scratch/work" && exec "${image_env[@]}" BULK_PROXY_SERVER__LISTEN="127.0.0.1:$port" \
+  BULK_PROXY_LOG__LEVEL=error "$BIN" --config "$scratch/etc/proxy.toml" run) &
 proxy_pid=$!
 up=""
 for _ in $(seq 1 100); do
@@ -148,6 +157,8 @@ kill -TERM "$proxy_pid" 2>/dev/null || true
 wait "$proxy_pid" || fail "the proxy did not exit cleanly on SIGTERM"
 [ -n "$up" ] || fail "the HEALTHCHECK command never succeeded against a running proxy"
 ok "succeeds against a running proxy (port $port); the proxy exits 0 on SIGTERM"
+[ -f "$scratch/work/data/jobs.redb" ] || fail "the job store is not on the data volume"
+ok "the job store is on the data volume (data/jobs.redb)"
 if "${probe[@]}"; then fail "the HEALTHCHECK command succeeds with nothing listening"; fi
 ok "fails when nothing listens"
 

@@ -2,7 +2,7 @@
 
 For each example directory, for each proxy container (the image fhir-bulk-proxy):
   - the ConfigMap it mounts at /etc/fhir-bulk-proxy holds proxy.toml, which passes
-    `fhir-bulk-proxy check-config` with the environment the container sets (secretKeyRef values
+    `fhir-bulk-proxy check-config --strict` (no warnings either) with the environment the container sets (secretKeyRef values
     from the directory's secret.example.yaml): it must FAIL with the example's placeholder signing
     secret (so the example never runs with a known secret) and PASS with a random one;
   - store.path (embedded store) and storage.path (local storage) lie on writable volume mounts
@@ -80,7 +80,7 @@ def run_check_config(binary, config_text, env):
         clean = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": tmp}
         clean.update(env)
         return subprocess.run(
-            [binary, "--config", str(config), "check-config"],
+            [binary, "--config", str(config), "check-config", "--strict"],
             cwd=tmp, env=clean, capture_output=True, text=True, timeout=60,
         )
 
@@ -127,10 +127,12 @@ def check_proxy(binary, where, pod, container, config_maps, secrets_by_name):
         env[secret_var] = base64.b64encode(secrets.token_bytes(32)).decode()
     result = run_check_config(binary, config_text, env)
     if result.returncode != 0:
-        first = (result.stderr.strip().splitlines() or [""])[0]
-        fail(where, f"check-config fails with the manifests' environment: {first}")
+        warnings = [l for l in result.stdout.splitlines() if l.startswith("warning: ")]
+        first = (warnings or result.stderr.strip().splitlines() or [""])[0]
+        fail(where, f"check-config --strict fails with the manifests' environment: {first}")
     else:
-        ok(where, f"check-config: {result.stdout.strip()} (env: {', '.join(sorted(env))})")
+        report = "; ".join(l.strip() for l in result.stdout.strip().splitlines()[1:])
+        ok(where, f"check-config --strict: {report} (env: {', '.join(sorted(env))})")
 
     # Writable paths under a read-only root filesystem.
     sc = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
