@@ -73,11 +73,11 @@ impl Exporter {
                 Ok(Some(attempt)) => attempt,
                 Ok(None) => return,
                 Err(e) => {
-                    tracing::warn!(job = job_id, error = %e, "cannot claim the job's finalisation; the sweeper tries again");
+                    tracing::warn!(job = %job_id, error = %e, "cannot claim the job's finalisation; the sweeper tries again");
                     return;
                 }
             };
-            let span = tracing::info_span!("finalize", job = job_id, attempt);
+            let span = tracing::info_span!("finalize", job = %job_id, attempt);
             if attempt > FINALIZE_ATTEMPTS {
                 // Every earlier finisher died or gave up without committing.
                 let reason = format!("finalisation was interrupted {FINALIZE_ATTEMPTS} times");
@@ -211,7 +211,7 @@ impl Exporter {
         job.resources_written = job.output.iter().map(|f| f.count).sum();
         self.set_finished(&mut job);
         if self.store.complete_job(&job, finisher).await? {
-            tracing::info!(job = job_id, state = ?job.state, resources = job.resources_written, "export finished");
+            tracing::info!(job = %job_id, state = ?job.state, resources = job.resources_written, "export finished");
             for part in &assembled.merged_parts {
                 if let Err(e) = self.storage.discard(job_id, part).await {
                     // Left for the job's deletion.
@@ -226,7 +226,7 @@ impl Exporter {
             let _ = self.discard_own(job_id, file, attempt).await;
         }
         tracing::debug!(
-            job = job_id,
+            job = %job_id,
             "finalisation not committed: the job was deleted or finished elsewhere"
         );
         Ok(())

@@ -424,7 +424,7 @@ impl Exporter {
             return false;
         }
         if let Err(e) = self.storage.delete_job(job_id, files).await {
-            tracing::debug!(job = job_id, error = %e, "files of a deleted job not all removed yet; their writer removes them");
+            tracing::debug!(job = %job_id, error = %e, "files of a deleted job not all removed yet; their writer removes them");
         }
         true
     }

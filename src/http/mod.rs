@@ -206,7 +206,7 @@ struct Observation {
 impl Observation {
     fn start(route: &'static str, id: &str, method: &str, path: &str) -> Self {
         // The span's fields are only formatted when info logging is on.
-        let span = tracing::info_span!("request", request_id = id, method, path, route);
+        let span = tracing::info_span!("request", request_id = %id, method = %method, path = %path, route = %route);
         Self {
             route,
             started: Instant::now(),

@@ -1,6 +1,6 @@
 //! Logs and metrics. Logs are `tracing` events on stderr, printed as JSON lines or human text
 //! (`log.format`); text has ANSI colours only when stderr is a terminal, never in a file or a
-//! pipe. Every request runs in a span carrying its request id (`request{request_id=...}`), every
+//! pipe, and not with `NO_COLOR` set (no-color.org). Every request runs in a span carrying its request id (`request{request_id=...}`), every
 //! job's work in one carrying the job id (`job=...`). Metrics are Prometheus text served at
 //! `/metrics` (see [`metrics`]).
 
@@ -18,7 +18,7 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
+        .with_ansi(colours());
     match config.format {
         LogFormat::Json => builder
             .json()
@@ -28,4 +28,9 @@ pub fn init(config: &LogConfig) -> anyhow::Result<()> {
         LogFormat::Text => builder.try_init(),
     }
     .map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))
+}
+
+/// Colour codes only for a person at a terminal: never in a file or a pipe, nor with `NO_COLOR`.
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

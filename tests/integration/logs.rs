@@ -1,6 +1,8 @@
 //! What the proxy writes to its log: a whole export at `debug`, with every secret in play (the
 //! signing secret, the upstream's bearer token, client assertions good and refused, access tokens
-//! on status, file and protected passthrough requests), leaves none of them in the log.
+//! on status, file and protected passthrough requests), leaves none of them in the log. Text logs
+//! written to a pipe have no colour codes; each request's lines carry its request id, each job's
+//! lines its job id.
 
 use std::path::Path;
 
@@ -120,5 +122,108 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
         ("the client's private key", private_d),
     ] {
         assert!(!log.contains(&secret), "{what} is in the log");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job() {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10");
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixtures)
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
+    let mut config = Config::default();
+    config.upstream.url = fhir.url();
+    config.auth.signing_secret = Some(SIGNING_SECRET.into());
+    config.export.poll_retry_after_secs = 1;
+    config.auth.clients.push(keygen::client_config(
+        CLIENT_ID,
+        &["system/*.read".into()],
+        &key,
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    config.store.path = dir.path().join("jobs.redb");
+    config.storage.path = dir.path().join("files");
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let proxy = ProxyProcess::spawn(
+        &config_path,
+        "fhir_bulk_proxy=debug,info",
+        &[("BULK_PROXY_LOG__FORMAT", "text")],
+    );
+
+    let client_key = ClientKey::from_json(&key.private_jwk).unwrap();
+    let bulk = BulkClient::connect(&proxy.base(), CLIENT_ID, &client_key, "system/*.read")
+        .await
+        .unwrap();
+    let status_url = bulk.kick_off("/Patient/$export").await.unwrap();
+    let manifest = bulk.wait(&status_url, |_| {}).await.unwrap();
+    let file = manifest["output"][0]["url"].as_str().unwrap();
+    bulk.download(file, |_| Ok(())).await.unwrap();
+    // A second export, deleted: its lines too name it.
+    let deleted = bulk.kick_off("/$export?_type=Patient").await.unwrap();
+    let response = client()
+        .delete(&deleted)
+        .bearer_auth(&bulk.token().access_token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 202);
+    let passthrough = client()
+        .get(format!("{}/Patient?_count=1", proxy.base()))
+        .header("x-request-id", "client-chosen-id-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(passthrough.status(), 200);
+    // Access lines are written once the response is: wait for the last one.
+    for needle in ["export deleted", "request_id=client-chosen-id-1"] {
+        proxy.wait_for_log(needle, std::time::Duration::from_secs(10));
+    }
+
+    let lines = proxy.logs();
+    if std::env::var_os("SHOW_LOGS").is_some() {
+        eprintln!("{}", lines.join("\n"));
+    }
+    for line in &lines {
+        assert!(!line.contains('\x1b'), "a colour code in {line:?}");
+    }
+    let access: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(" response status="))
+        .collect();
+    assert!(access.len() >= 5, "{} access lines", access.len());
+    for line in lines.iter().filter(|l| l.contains("request{")) {
+        let id = line
+            .split("request_id=")
+            .nth(1)
+            .and_then(|rest| rest.split([' ', '}']).next())
+            .unwrap_or_default();
+        assert!(!id.is_empty(), "no request id in {line}");
+    }
+    for line in &access {
+        assert!(line.contains("request{request_id="), "{line}");
+    }
+    assert!(
+        access
+            .iter()
+            .any(|l| l.contains("request_id=client-chosen-id-1")),
+        "the client's X-Request-Id is the request id"
+    );
+    let job_lines: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains("fhir_bulk_proxy::export") || l.contains(" export "))
+        .collect();
+    assert!(
+        job_lines.iter().any(|l| l.contains("export started"))
+            && job_lines.iter().any(|l| l.contains("export finished"))
+            && job_lines.iter().any(|l| l.contains("export deleted")),
+        "{job_lines:#?}"
+    );
+    for line in job_lines {
+        assert!(line.contains("job="), "no job id in {line}");
     }
 }

@@ -1,7 +1,7 @@
 //! The proxy binary as a child process, for tests that kill it (SIGKILL) and start it again. It
 //! listens on a port it binds itself (`127.0.0.1:0`, read back from its start-up log line), so no
-//! other process can take the port between choosing and binding it. Its JSON log (stderr) is kept
-//! for the test to wait on and search. Waiting blocks the thread (`block_in_place`): call it from a
+//! other process can take the port between choosing and binding it. Its log (stderr, JSON unless
+//! the environment asks for text) is kept for the test to wait on and search. Waiting blocks the thread (`block_in_place`): call it from a
 //! multi-thread runtime.
 
 use std::io::{BufRead, BufReader};
@@ -57,9 +57,15 @@ impl ProxyProcess {
         let line = process
             .wait_for_log("fhir-bulk-proxy listening", Duration::from_secs(30))
             .unwrap_or_else(|| panic!("the proxy did not start:\n{}", process.logs().join("\n")));
-        let event: serde_json::Value = serde_json::from_str(&line).expect("a JSON log line");
-        process.addr = event["listen"]
-            .as_str()
+        let listen = match serde_json::from_str::<serde_json::Value>(&line) {
+            Ok(event) => event["listen"].as_str().map(str::to_owned),
+            // Text: `... fhir-bulk-proxy listening listen=127.0.0.1:PORT tls=false ...`.
+            Err(_) => line
+                .split_whitespace()
+                .find_map(|field| field.strip_prefix("listen="))
+                .map(str::to_owned),
+        };
+        process.addr = listen
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no listen address in {line}"));
         process
