@@ -1,8 +1,8 @@
 //! Logs and metrics. Logs are `tracing` events on stderr, printed as JSON lines or human text
 //! (`log.format`); text has ANSI colours only when stderr is a terminal, never in a file or a
-//! pipe, and not with `NO_COLOR` set (no-color.org). Every request runs in a span carrying its request id (`request{request_id=...}`), every
-//! job's work in one carrying the job id (`job=...`). Metrics are Prometheus text served at
-//! `/metrics` (see [`metrics`]).
+//! pipe, and not with `NO_COLOR` set (no-color.org). Every request runs in a span carrying its
+//! request id (`request{request_id=...}`), every job's work in one carrying the job id
+//! (`job=...`). Metrics are Prometheus text served at `/metrics` (see [`metrics`]).
 
 pub mod metrics;
 
