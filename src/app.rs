@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use anyhow::Context;
 use axum::http::{HeaderMap, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
@@ -58,7 +59,15 @@ impl App {
                 {
                     std::fs::create_dir_all(dir)?;
                 }
-                Arc::new(EmbeddedStore::open(&config.store.path)?)
+                let path = &config.store.path;
+                Arc::new(EmbeddedStore::open(path).with_context(|| {
+                    format!(
+                        "cannot open the embedded job store {} (store.path): one process at a \
+                         time can; is another fhir-bulk-proxy running with it? Several replicas \
+                         need store.backend = \"redis\"",
+                        path.display()
+                    )
+                })?)
             }
             StoreBackend::Redis => Arc::new(
                 RedisStore::connect(

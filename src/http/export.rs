@@ -165,7 +165,9 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
             return Err(ApiError::TooManyRequests {
                 retry_after: 30,
                 message: format!(
-                    "client {} already has {} running exports; wait for one to finish",
+                    "client {} already has {} running export(s), the most it may have \
+                     (export.max_active_jobs_per_client); wait for one to finish, or cancel one \
+                     with DELETE on its status URL",
                     grant.client_id, e.max_active_jobs_per_client
                 ),
             });
