@@ -183,7 +183,10 @@ async fn serve_one(
     let (status, keep_alive) = match exchange.instrument(observation.span()).await {
         Ok(answered) => (answered.status, answered.keep_alive),
         Err(error) => {
-            let response = ApiError::from(error).into_response();
+            // In the request's span: turning the error into a response logs it.
+            let response = observation
+                .span()
+                .in_scope(|| ApiError::from(error).into_response());
             let status = response.status().as_u16();
             let mut out = Vec::new();
             write_response(response, id.as_bytes(), head.close, &mut out).await;

@@ -227,3 +227,57 @@ async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job(
         assert!(line.contains("job="), "no job id in {line}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_request_is_logged_with_its_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    // Nothing listens on the discard port: every passthrough request is a 502 of the proxy's own.
+    config.upstream.url = "http://127.0.0.1:9/fhir".into();
+    config.store.path = dir.path().join("jobs.redb");
+    config.storage.path = dir.path().join("files");
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    for format in ["text", "json"] {
+        let proxy =
+            ProxyProcess::spawn(&config_path, "info", &[("BULK_PROXY_LOG__FORMAT", format)]);
+        for (path, id) in [
+            ("/Patient?_count=1", "fast-path-1"),
+            ("/Patient", "general-1"),
+        ] {
+            let request = client()
+                .request(
+                    // A body takes the general path, a bodiless GET the fast path.
+                    if id == "general-1" {
+                        reqwest::Method::POST
+                    } else {
+                        reqwest::Method::GET
+                    },
+                    format!("{}{path}", proxy.base()),
+                )
+                .header("x-request-id", id);
+            let request = if id == "general-1" {
+                request.body("{}")
+            } else {
+                request
+            };
+            assert_eq!(request.send().await.unwrap().status(), 502, "{format} {id}");
+            // The access line comes last.
+            let answered = proxy.wait_for_log(id, std::time::Duration::from_secs(5));
+            assert!(answered.is_some(), "{format} {id}: {:#?}", proxy.logs());
+            let lines: Vec<String> = proxy
+                .logs()
+                .into_iter()
+                .filter(|l| l.contains("request failed") && l.contains("unreachable"))
+                .collect();
+            assert!(
+                !lines.is_empty() && lines.iter().all(|l| l.contains("request_id")),
+                "{format}: {lines:#?}"
+            );
+            assert!(
+                lines.iter().any(|l| l.contains(id)),
+                "{format} {id}: {lines:#?}"
+            );
+        }
+    }
+}
