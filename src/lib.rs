@@ -1,8 +1,9 @@
 //! fhir-bulk-proxy: a reverse-proxy sidecar that adds FHIR Bulk Data `$export` and SMART Backend
 //! Services to an ordinary FHIR R4 server.
 //!
-//! - [`config`]: the typed configuration (defaults < `proxy.toml` < `BULK_PROXY_*` environment) and
-//!   its validation.
+//! - [`config`]: the typed configuration (defaults < `proxy.toml` < `BULK_PROXY_*` environment), its
+//!   validation, relative paths resolved against the file's directory, and the one list of
+//!   warnings that `run` logs and `check-config` prints.
 //! - [`server`]: the listener (plain or TLS), HTTP/1.1 + HTTP/2, graceful shutdown.
 //! - [`app`]: the state shared by all handlers.
 //! - [`routes`]: the route table, the one description of what the proxy answers itself, from which

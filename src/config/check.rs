@@ -240,7 +240,8 @@ mod tests {
 
     #[test]
     fn each_warning_names_its_key() {
-        let cases: [(&str, fn(&mut Config)); 6] = [
+        type Change = fn(&mut Config);
+        let cases: [(&str, Change); 6] = [
             ("auth.signing_secret is unset", |c| {
                 c.auth.signing_secret = None
             }),
