@@ -82,9 +82,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    // The same list `check-config` prints.
+    // The same list `check-config` prints, logged as the configuration's.
     for warning in config.warnings() {
-        tracing::warn!("{warning}");
+        tracing::warn!(target: "fhir_bulk_proxy::config", "{warning}");
     }
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let grace = config.shutdown_grace();
