@@ -19,8 +19,6 @@ use crate::proxy::{ClientContext, Upstream};
 use crate::routes::RouteTable;
 use crate::storage::Storage;
 use crate::store::JobStore;
-use crate::store::embedded::EmbeddedStore;
-use crate::store::redis::RedisStore;
 use crate::telemetry::metrics;
 
 pub type AppState = Arc<App>;
@@ -48,29 +46,7 @@ pub struct App {
 impl App {
     /// Builds the state: opens the job store and the file storage, connects nothing else yet.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let store: Arc<dyn JobStore> = match config.store.backend {
-            StoreBackend::Embedded => {
-                if let Some(dir) = config
-                    .store
-                    .path
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                {
-                    std::fs::create_dir_all(dir)?;
-                }
-                Arc::new(EmbeddedStore::open(&config.store.path)?)
-            }
-            StoreBackend::Redis => Arc::new(
-                RedisStore::connect(
-                    config
-                        .store
-                        .redis_url
-                        .as_ref()
-                        .map_or("", |url| url.expose()),
-                )
-                .await?,
-            ),
-        };
+        let store = crate::store::open(&config.store).await?;
         let storage = Storage::from_config(&config.storage)?;
         let mut upstream_headers = axum::http::HeaderMap::new();
         if let Some(value) = config.upstream.auth.authorization() {

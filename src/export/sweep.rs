@@ -38,9 +38,7 @@ impl Exporter {
             };
             if job.expires_at.is_some_and(|at| at <= now) {
                 tracing::info!(job = %id, "export expired; deleting it and its files");
-                let files = job_files(&job, self.store.units(&id).await.ok());
-                let _ = self.store.delete_job(&id).await;
-                let _ = self.storage.delete_job(&id, &files).await;
+                let _ = super::cancel::delete_job(&*self.store, &self.storage, &job).await;
             } else if job.state == JobState::Running {
                 // The store decides: only a job whose units are all finished, and whose
                 // finalisation claim is free, is taken.
