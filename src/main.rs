@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use fhir_bulk_proxy::auth::keygen;
+use fhir_bulk_proxy::ops::jobs::{self, JobsCommand};
 use fhir_bulk_proxy::{config::Config, server, telemetry};
 
 #[derive(Parser)]
@@ -25,6 +26,11 @@ enum Command {
     Run,
     /// Validate the configuration and exit.
     CheckConfig,
+    /// List, show or cancel export jobs in the configured job store.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
     /// Generate a key pair for a backend-services client and print its `[[auth.clients]]` entry.
     Keygen {
         #[arg(long)]
@@ -59,6 +65,10 @@ fn main() -> anyhow::Result<()> {
     let config = Config::load(cli.config.as_deref())?;
     if let Command::CheckConfig = command {
         println!("configuration is valid (upstream {})", config.upstream.url);
+        return Ok(());
+    }
+    if let Command::Jobs { command } = &command {
+        print!("{}", jobs::execute(&config, command)?);
         return Ok(());
     }
     telemetry::init(&config.log)?;

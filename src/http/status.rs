@@ -15,7 +15,7 @@ use super::extract::PathParams;
 use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
-use crate::job::{Job, JobState, UnitState, now_millis};
+use crate::job::{Job, JobState, Progress, now_millis};
 
 /// The job, if it exists and belongs to the token's client.
 pub async fn owned_job(app: &AppState, grant: &Grant, id: &str) -> Result<Job, ApiError> {
@@ -69,19 +69,12 @@ pub async fn get(
 
 async fn in_progress(app: &AppState, job: &Job, retry_after: u64) -> Result<Response, ApiError> {
     let units = app.store.units(&job.id).await?;
-    let done = units
-        .iter()
-        .filter(|u| matches!(u.state, UnitState::Done | UnitState::Failed))
-        .count();
-    let resources: u64 = units
-        .iter()
-        .flat_map(|u| u.checkpoint.files.iter())
-        .map(|f| f.count)
-        .sum();
-    let progress = format!(
-        "{done} of {} searches done, {resources} resources",
-        units.len()
-    );
+    let Progress {
+        done,
+        total,
+        resources,
+    } = Progress::of(&units);
+    let progress = format!("{done} of {total} searches done, {resources} resources");
     let mut response = StatusCode::ACCEPTED.into_response();
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
