@@ -13,6 +13,7 @@ mod finalize;
 mod fleet;
 mod gate;
 mod hostile_input;
+mod jobs_cli;
 mod logs;
 mod object_storage;
 mod operations;
