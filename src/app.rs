@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{Auth, JtiError, JtiStore};
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, StorageBackend, StoreBackend};
 use crate::export::Exporter;
 use crate::export::pager::Pager;
 use crate::http::error::ApiError;
@@ -48,6 +48,16 @@ impl App {
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let store = crate::store::open(&config.store).await?;
         let storage = Storage::from_config(&config.storage)?;
+        metrics::init_series(
+            match config.store.backend {
+                StoreBackend::Embedded => "embedded",
+                StoreBackend::Redis => "redis",
+            },
+            match config.storage.backend {
+                StorageBackend::Local => "local",
+                StorageBackend::S3 => "s3",
+            },
+        );
         let mut upstream_headers = axum::http::HeaderMap::new();
         if let Some(value) = config.upstream.auth.authorization() {
             upstream_headers.insert(header::AUTHORIZATION, value.parse()?);

@@ -29,6 +29,8 @@ impl Exporter {
         };
         let finisher = format!("{}-sweep", self.process_id);
         let now = now_unix();
+        // Stored jobs by state (running, completed, failed), for `bulk_proxy_jobs`.
+        let mut states = [0; 3];
         for id in ids {
             if shutdown.is_cancelled() {
                 return;
@@ -36,7 +38,15 @@ impl Exporter {
             let Ok(Some(job)) = self.store.get_job(&id).await else {
                 continue;
             };
-            if job.expires_at.is_some_and(|at| at <= now) {
+            let expired = job.expires_at.is_some_and(|at| at <= now);
+            if !expired {
+                states[match job.state {
+                    JobState::Running => 0,
+                    JobState::Completed => 1,
+                    JobState::Failed => 2,
+                }] += 1;
+            }
+            if expired {
                 tracing::info!(job = %id, "export expired; deleting it and its files");
                 let _ = super::cancel::delete_job(&*self.store, &self.storage, &job).await;
             } else if job.state == JobState::Running {
@@ -45,6 +55,8 @@ impl Exporter {
                 self.finalize(&id, &finisher, shutdown).await;
             }
         }
+        let [running, completed, failed] = states;
+        crate::telemetry::metrics::jobs(running, completed, failed);
     }
 }
 

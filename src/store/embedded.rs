@@ -88,6 +88,7 @@ macro_rules! redb_unavailable {
     ($($error:ty),* $(,)?) => {$(
         impl From<$error> for StoreError {
             fn from(error: $error) -> Self {
+                crate::telemetry::metrics::store_error("embedded");
                 StoreError::Unavailable(error.to_string())
             }
         }
