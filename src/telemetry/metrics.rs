@@ -3,7 +3,8 @@
 //! - `bulk_proxy_requests_total{route, status}`: responses by route class and status code;
 //! - `bulk_proxy_request_duration_seconds{route}`: time to response headers;
 //! - `bulk_proxy_requests_in_flight`: requests being handled;
-//! - `bulk_proxy_upstream_duration_seconds{route, outcome}`: upstream latency to response headers,
+//! - `bulk_proxy_upstream_duration_seconds{route, outcome}`: upstream latency to response headers
+//!   (export search pages under `route="export_page"`),
 //!   `outcome` = `ok` | `connect_error` | `timeout`;
 //! - `bulk_proxy_jobs{state}`: stored jobs by state (`running` | `completed` | `failed`), counted by
 //!   the sweeper every `export.sweep_interval_secs`. With Redis every replica reports the whole

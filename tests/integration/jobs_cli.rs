@@ -23,13 +23,13 @@ use crate::support::{RedisServer, client};
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 
 #[derive(Clone, Copy, PartialEq)]
-enum Store {
+pub(crate) enum Store {
     Embedded,
     Redis,
 }
 
-struct Setup {
-    fhir: RunningFhir,
+pub(crate) struct Setup {
+    pub(crate) fhir: RunningFhir,
     config: Config,
     config_path: PathBuf,
     files: PathBuf,
@@ -47,7 +47,7 @@ struct Jobs {
 }
 
 impl Setup {
-    async fn new(store: Store) -> Self {
+    pub(crate) async fn new(store: Store) -> Self {
         let fhir = MemoryFhir::new().synthetic(10, 3).start().await.unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut config = Config::default();
@@ -67,6 +67,7 @@ impl Setup {
             }
         };
         config.export.lease_secs = 2;
+        config.export.sweep_interval_secs = 1;
         config.export.poll_retry_after_secs = 1;
         config.export.retry_base_ms = 20;
         config.export.retry_max_attempts = 1;
@@ -85,11 +86,11 @@ impl Setup {
         }
     }
 
-    fn spawn(&self) -> ProxyProcess {
+    pub(crate) fn spawn(&self) -> ProxyProcess {
         ProxyProcess::spawn(&self.config_path, "info", &[])
     }
 
-    async fn token(&self, proxy: &ProxyProcess) -> String {
+    pub(crate) async fn token(&self, proxy: &ProxyProcess) -> String {
         let assertion = self
             .client
             .key
@@ -162,7 +163,7 @@ impl Setup {
     }
 }
 
-async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> String {
+pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> String {
     let response = client()
         .get(format!("{}{path}", proxy.base()))
         .header("accept", "application/fhir+json")
@@ -179,7 +180,7 @@ async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> String {
 }
 
 /// The status URL's answer once it is no longer 202 (or 429).
-async fn status(proxy: &ProxyProcess, token: &str, url: &str) -> u16 {
+pub(crate) async fn status(proxy: &ProxyProcess, token: &str, url: &str) -> u16 {
     for _ in 0..120 {
         let status = client()
             .get(url.replace(PUBLIC, &proxy.base()))
