@@ -38,18 +38,17 @@ impl Exporter {
             let Ok(Some(job)) = self.store.get_job(&id).await else {
                 continue;
             };
-            let expired = job.expires_at.is_some_and(|at| at <= now);
-            if !expired {
-                states[match job.state {
-                    JobState::Running => 0,
-                    JobState::Completed => 1,
-                    JobState::Failed => 2,
-                }] += 1;
-            }
-            if expired {
+            if job.expires_at.is_some_and(|at| at <= now) {
                 tracing::info!(job = %id, "export expired; deleting it and its files");
                 let _ = super::cancel::delete_job(&*self.store, &self.storage, &job).await;
-            } else if job.state == JobState::Running {
+                continue;
+            }
+            states[match job.state {
+                JobState::Running => 0,
+                JobState::Completed => 1,
+                JobState::Failed => 2,
+            }] += 1;
+            if job.state == JobState::Running {
                 // The store decides: only a job whose units are all finished, and whose
                 // finalisation claim is free, is taken.
                 self.finalize(&id, &finisher, shutdown).await;
