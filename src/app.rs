@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{Auth, JtiError, JtiStore};
-use crate::config::{Config, StoreBackend};
+use crate::config::{Config, StorageBackend, StoreBackend};
 use crate::export::Exporter;
 use crate::export::pager::Pager;
 use crate::http::error::ApiError;
@@ -20,8 +20,6 @@ use crate::proxy::{ClientContext, Upstream};
 use crate::routes::RouteTable;
 use crate::storage::Storage;
 use crate::store::JobStore;
-use crate::store::embedded::EmbeddedStore;
-use crate::store::redis::RedisStore;
 use crate::telemetry::metrics;
 
 pub type AppState = Arc<App>;
@@ -49,38 +47,30 @@ pub struct App {
 impl App {
     /// Builds the state: opens the job store and the file storage, connects nothing else yet.
     pub async fn new(config: Config) -> anyhow::Result<Self> {
-        let store: Arc<dyn JobStore> = match config.store.backend {
-            StoreBackend::Embedded => {
-                if let Some(dir) = config
-                    .store
-                    .path
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                {
-                    std::fs::create_dir_all(dir)?;
+        let store = crate::store::open(&config.store).await.with_context(|| {
+            match config.store.backend {
+                StoreBackend::Embedded => format!(
+                    "cannot open the embedded job store {} (store.path): one process at a time \
+                     can; is another fhir-bulk-proxy running with it? Several replicas need \
+                     store.backend = \"redis\"",
+                    config.store.path.display()
+                ),
+                StoreBackend::Redis => {
+                    "cannot connect to the Redis job store (store.redis_url)".into()
                 }
-                let path = &config.store.path;
-                Arc::new(EmbeddedStore::open(path).with_context(|| {
-                    format!(
-                        "cannot open the embedded job store {} (store.path): one process at a \
-                         time can; is another fhir-bulk-proxy running with it? Several replicas \
-                         need store.backend = \"redis\"",
-                        path.display()
-                    )
-                })?)
             }
-            StoreBackend::Redis => Arc::new(
-                RedisStore::connect(
-                    config
-                        .store
-                        .redis_url
-                        .as_ref()
-                        .map_or("", |url| url.expose()),
-                )
-                .await?,
-            ),
-        };
+        })?;
         let storage = Storage::from_config(&config.storage)?;
+        metrics::init_series(
+            match config.store.backend {
+                StoreBackend::Embedded => "embedded",
+                StoreBackend::Redis => "redis",
+            },
+            match config.storage.backend {
+                StorageBackend::Local => "local",
+                StorageBackend::S3 => "s3",
+            },
+        );
         let mut upstream_headers = axum::http::HeaderMap::new();
         if let Some(value) = config.upstream.auth.authorization() {
             upstream_headers.insert(header::AUTHORIZATION, value.parse()?);

@@ -198,3 +198,31 @@ impl Unit {
         matches!(self.state, UnitState::Done | UnitState::Failed)
     }
 }
+
+/// How far a job's units are: what `X-Progress` and the `jobs` command report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Progress {
+    /// Units finished (Done or Failed).
+    pub done: u32,
+    pub total: u32,
+    /// Resources the units have written so far (before finalisation removes duplicates across
+    /// searches).
+    pub resources: u64,
+}
+
+impl Progress {
+    pub fn of(units: &[Unit]) -> Self {
+        Self {
+            done: units.iter().filter(|u| u.is_finished()).count() as u32,
+            total: units.len() as u32,
+            resources: units.iter().map(Unit::resources).sum(),
+        }
+    }
+}
+
+impl Unit {
+    /// Resources written to the unit's part files so far.
+    pub fn resources(&self) -> u64 {
+        self.checkpoint.files.iter().map(|f| f.count).sum()
+    }
+}

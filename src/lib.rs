@@ -29,6 +29,7 @@
 //!   with; not used by the proxy itself.
 //! - [`memory_fhir`]: a small in-memory FHIR server (fixtures, fault injection): the upstream of the
 //!   demo, the export tests and the benchmarks; not used by the proxy itself.
+//! - [`ops`]: operator commands on the proxy's state: `jobs list | show | cancel`.
 //! - [`telemetry`]: logs (JSON or text) and Prometheus metrics.
 
 pub mod app;
@@ -40,6 +41,7 @@ pub mod fhir;
 pub mod http;
 pub mod job;
 pub mod memory_fhir;
+pub mod ops;
 pub mod proxy;
 pub mod routes;
 pub mod server;

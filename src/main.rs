@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 use fhir_bulk_proxy::auth::keygen;
+use fhir_bulk_proxy::ops::jobs::{self, JobsCommand};
 use fhir_bulk_proxy::{config::Config, server, telemetry};
 
 #[derive(Parser)]
@@ -28,6 +29,11 @@ enum Command {
         /// Exit non-zero when there are warnings too.
         #[arg(long)]
         strict: bool,
+    },
+    /// List, show or cancel export jobs in the configured job store.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
     },
     /// Generate a key pair for a backend-services client and print its `[[auth.clients]]` entry.
     Keygen {
@@ -67,6 +73,10 @@ fn main() -> anyhow::Result<()> {
         if strict && warnings > 0 {
             anyhow::bail!("check-config --strict: {warnings} warning(s)");
         }
+        return Ok(());
+    }
+    if let Command::Jobs { command } = &command {
+        print!("{}", jobs::execute(&config, command)?);
         return Ok(());
     }
     telemetry::init(&config.log)?;

@@ -33,6 +33,7 @@ use super::writer::UnitWriter;
 use crate::job::{Job, JobState, OutputFile, Unit, UnitState, now_unix};
 use crate::storage::StorageError;
 use crate::store::StoreError;
+use crate::telemetry::metrics;
 
 /// Attempts at finalising a job before it is Failed. Few: what fails here is local storage or the
 /// store, and a job waiting on them holds its client's export slot.
@@ -212,6 +213,10 @@ impl Exporter {
         self.set_finished(&mut job);
         if self.store.complete_job(&job, finisher).await? {
             tracing::info!(job = %job_id, state = ?job.state, resources = job.resources_written, "export finished");
+            metrics::job_finished(match job.state {
+                JobState::Failed => "failed",
+                _ => "completed",
+            });
             for part in &assembled.merged_parts {
                 if let Err(e) = self.storage.discard(job_id, part).await {
                     // Left for the job's deletion.
@@ -259,7 +264,10 @@ impl Exporter {
         job.error = Some(reason.to_owned());
         self.set_finished(&mut job);
         match self.store.complete_job(&job, finisher).await {
-            Ok(true) => tracing::error!(reason, "export failed"),
+            Ok(true) => {
+                metrics::job_finished("failed");
+                tracing::error!(reason, "export failed");
+            }
             Ok(false) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "cannot fail the job now; the sweeper tries again")

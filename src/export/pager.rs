@@ -233,15 +233,20 @@ impl Pager {
 
     /// One upstream GET, its body read up to the page limit.
     async fn request(&self, url: &str) -> Result<Bytes, Attempt> {
-        let response = self
-            .client
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| Attempt::Retry {
-                reason: e.to_string(),
-                retry_after: None,
-            })?;
+        let started = std::time::Instant::now();
+        let response = self.client.get(url).send().await;
+        // Latency to response headers, as for passthrough requests (route `export_page`).
+        let outcome = match &response {
+            Ok(_) => "ok",
+            Err(e) if e.is_timeout() => "timeout",
+            Err(e) if e.is_connect() => "connect_error",
+            Err(_) => "protocol_error",
+        };
+        crate::telemetry::metrics::upstream("export_page", outcome, started.elapsed());
+        let response = response.map_err(|e| Attempt::Retry {
+            reason: e.to_string(),
+            retry_after: None,
+        })?;
         let status = response.status();
         if status.is_server_error()
             || status == StatusCode::TOO_MANY_REQUESTS

@@ -29,37 +29,53 @@ impl Exporter {
         };
         let finisher = format!("{}-sweep", self.process_id);
         let now = now_unix();
+        // Stored jobs by state (running, completed, failed), for `bulk_proxy_jobs`.
+        let mut states = [0; 3];
         for id in ids {
             if shutdown.is_cancelled() {
                 return;
             }
             let span = tracing::info_span!("sweep", job = %id);
-            tracing::Instrument::instrument(self.sweep_job(&id, &finisher, now, shutdown), span)
-                .await;
+            let kept = tracing::Instrument::instrument(
+                self.sweep_job(&id, &finisher, now, shutdown),
+                span,
+            )
+            .await;
+            if let Some(state) = kept {
+                states[match state {
+                    JobState::Running => 0,
+                    JobState::Completed => 1,
+                    JobState::Failed => 2,
+                }] += 1;
+            }
         }
+        let [running, completed, failed] = states;
+        crate::telemetry::metrics::jobs(running, completed, failed);
     }
 
-    /// Deletes `id` if it expired, finalises it if its units are done and nobody has it.
+    /// Deletes `id` if it expired, finalises it if its units are done and nobody has it. Returns
+    /// the state of a job still stored (as it was read), for `bulk_proxy_jobs`.
     async fn sweep_job(
         &self,
         id: &str,
         finisher: &str,
         now: UnixSecs,
         shutdown: &CancellationToken,
-    ) {
+    ) -> Option<JobState> {
         let Ok(Some(job)) = self.store.get_job(id).await else {
-            return;
+            return None;
         };
         if job.expires_at.is_some_and(|at| at <= now) {
             tracing::info!("export expired; deleting it and its files");
-            let files = job_files(&job, self.store.units(id).await.ok());
-            let _ = self.store.delete_job(id).await;
-            let _ = self.storage.delete_job(id, &files).await;
-        } else if job.state == JobState::Running {
+            let _ = super::cancel::delete_job(&*self.store, &self.storage, &job).await;
+            return None;
+        }
+        if job.state == JobState::Running {
             // The store decides: only a job whose units are all finished, and whose
             // finalisation claim is free, is taken.
             self.finalize(id, finisher, shutdown).await;
         }
+        Some(job.state)
     }
 }
 

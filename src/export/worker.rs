@@ -24,6 +24,7 @@ use crate::config::ExportConfig;
 use crate::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, now_unix};
 use crate::storage::{Storage, StorageError};
 use crate::store::JobStore;
+use crate::telemetry::metrics;
 
 /// Ids tracked at the last `meta.lastUpdated`; past this a unit restarts from scratch when its
 /// cursor expires (bounded checkpoints even when an upstream stamps everything alike).
@@ -141,6 +142,7 @@ impl Exporter {
                 .await
             {
                 Ok(Some(unit)) => {
+                    let _active = metrics::unit_claimed();
                     let span = tracing::info_span!("unit", job = %unit.job_id, unit = unit.index, r#type = %unit.resource_type);
                     tracing::Instrument::instrument(self.run_unit(unit, &worker, &shutdown), span)
                         .await;
@@ -290,7 +292,7 @@ impl Exporter {
             // Saved after every page, durable or not, to keep the lease.
             unit.lease_until = now_unix() + self.config.lease_secs;
             match self.store.save_unit(&unit, worker).await {
-                Ok(true) => {}
+                Ok(true) => metrics::page_written(&unit.resource_type, lines.len()),
                 Ok(false) => return self.lost(&unit).await,
                 Err(e) => {
                     // Redis unreachable and the like: the lease will lapse and the unit resume
@@ -331,7 +333,14 @@ impl Exporter {
         if unit.state != UnitState::Failed {
             unit.state = UnitState::Done;
         }
-        match self.store.finish_unit(&unit, worker).await {
+        let finished = self.store.finish_unit(&unit, worker).await;
+        if let Ok(Some(_)) = finished {
+            metrics::unit_finished(match unit.state {
+                UnitState::Failed => "failed",
+                _ => "done",
+            });
+        }
+        match finished {
             Ok(Some(0)) => self.finalize(&unit.job_id, worker, shutdown).await,
             Ok(Some(_)) => {}
             Ok(None) => self.lost(&unit).await,
@@ -397,6 +406,7 @@ impl Exporter {
 
     /// The lease was lost: another worker has the unit, or the job was deleted.
     async fn lost(&self, unit: &Unit) {
+        metrics::lease_lost();
         match self.store.get_job(&unit.job_id).await {
             Ok(None) => {
                 tracing::debug!("job deleted; unit stopped");

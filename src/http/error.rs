@@ -140,7 +140,7 @@ impl ApiError {
             }
             Self::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "throttled"),
             Self::UpstreamFailed(_) => (StatusCode::BAD_GATEWAY, "transient"),
-            Self::Store(StoreError::Unavailable(_)) => {
+            Self::Store(StoreError::Unavailable(_) | StoreError::InUse(_)) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "transient")
             }
         }
@@ -173,7 +173,7 @@ impl IntoResponse for ApiError {
         }
         let retry_after = match &self {
             Self::TooManyRequests { retry_after, .. } => Some(*retry_after),
-            Self::Store(StoreError::Unavailable(_)) => Some(5),
+            Self::Store(StoreError::Unavailable(_) | StoreError::InUse(_)) => Some(5),
             _ => None,
         };
         if let Some(seconds) = retry_after {

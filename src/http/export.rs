@@ -160,7 +160,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         .create_job(&job, &units, e.max_active_jobs_per_client)
         .await?
     {
-        Created::Yes => {}
+        Created::Yes => crate::telemetry::metrics::job_started(),
         Created::TooManyActive => {
             return Err(ApiError::TooManyRequests {
                 retry_after: 30,

@@ -15,8 +15,7 @@ use super::extract::PathParams;
 use crate::app::AppState;
 use crate::auth::Grant;
 use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
-use crate::job::{Job, JobState, UnitState, now_millis};
-use crate::storage::StorageError;
+use crate::job::{Job, JobState, Progress, now_millis};
 
 /// The job, if it exists and belongs to the token's client.
 pub async fn owned_job(app: &AppState, grant: &Grant, id: &str) -> Result<Job, ApiError> {
@@ -70,19 +69,12 @@ pub async fn get(
 
 async fn in_progress(app: &AppState, job: &Job, retry_after: u64) -> Result<Response, ApiError> {
     let units = app.store.units(&job.id).await?;
-    let done = units
-        .iter()
-        .filter(|u| matches!(u.state, UnitState::Done | UnitState::Failed))
-        .count();
-    let resources: u64 = units
-        .iter()
-        .flat_map(|u| u.checkpoint.files.iter())
-        .map(|f| f.count)
-        .sum();
-    let progress = format!(
-        "{done} of {} searches done, {resources} resources",
-        units.len()
-    );
+    let Progress {
+        done,
+        total,
+        resources,
+    } = Progress::of(&units);
+    let progress = format!("{done} of {total} searches done, {resources} resources");
     let mut response = StatusCode::ACCEPTED.into_response();
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
@@ -171,24 +163,7 @@ pub async fn delete(
 ) -> Result<Response, ApiError> {
     let grant = app.auth.authorize(&headers)?;
     let job = owned_job(&app, &grant, &id).await?;
-    // The files the records know of (unfinished uploads among them are aborted).
-    let files = crate::export::sweep::job_files(&job, app.store.units(&job.id).await.ok());
-    // The job record goes first: workers notice at their next checkpoint and stop.
-    app.store.delete_job(&job.id).await?;
-    // The job is gone for the client from here on, whatever happens to its files.
-    match app.storage.delete_job(&job.id, &files).await {
-        Ok(()) => {}
-        // A worker wrote a page into the directory while it was removed: that worker removes the
-        // job's files itself when its next checkpoint finds the job gone.
-        Err(StorageError::Io { source, .. })
-            if source.kind() == std::io::ErrorKind::DirectoryNotEmpty =>
-        {
-            tracing::debug!(job = %job.id, "a cancelled unit is still writing; it removes the files");
-        }
-        Err(e) => {
-            tracing::warn!(job = %job.id, error = %e, "export deleted, but not all of its files")
-        }
-    }
+    crate::export::cancel::delete_job(&*app.store, &app.storage, &job).await?;
     tracing::info!(job = %job.id, "export deleted");
     let outcome = OperationOutcome {
         severity: IssueSeverity::Information,

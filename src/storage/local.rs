@@ -15,9 +15,15 @@ pub struct LocalDir {
 }
 
 pub(super) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StorageError + '_ {
-    move |source| StorageError::Io {
-        path: path.display().to_string(),
-        source,
+    move |source| {
+        // A missing file is an answer (404, nothing to delete), not a storage failure.
+        if source.kind() != std::io::ErrorKind::NotFound {
+            crate::telemetry::metrics::storage_error("local");
+        }
+        StorageError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
 }
 

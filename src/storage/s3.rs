@@ -38,10 +38,15 @@ fn s3<'a>(
     op: &'static str,
     key: &'a Path,
 ) -> impl FnOnce(object_store::Error) -> StorageError + 'a {
-    move |source| StorageError::ObjectStore {
-        op,
-        key: key.to_string(),
-        source: Box::new(source),
+    move |source| {
+        if !matches!(source, object_store::Error::NotFound { .. }) {
+            crate::telemetry::metrics::storage_error("s3");
+        }
+        StorageError::ObjectStore {
+            op,
+            key: key.to_string(),
+            source: Box::new(source),
+        }
     }
 }
 

@@ -88,6 +88,7 @@ macro_rules! redb_unavailable {
     ($($error:ty),* $(,)?) => {$(
         impl From<$error> for StoreError {
             fn from(error: $error) -> Self {
+                crate::telemetry::metrics::store_error("embedded");
                 StoreError::Unavailable(error.to_string())
             }
         }
@@ -111,14 +112,20 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
 }
 
 impl EmbeddedStore {
-    /// Opens the database at `path`, creating it (and its tables) if needed. Fails if another
-    /// process holds it open.
+    /// Opens the database at `path`, creating it (and its tables) if needed. Fails with
+    /// [`StoreError::InUse`] if another process holds it open.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         // redb's page cache defaults to 1 GiB; job records are small and each checkpoint a short
         // write, so a bounded cache keeps a long export's memory flat (bench: 98 MB RSS at 1M).
-        let db = redb::Builder::new()
+        let db = match redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
-            .create(path)?;
+            .create(path)
+        {
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(StoreError::InUse(path.to_owned()));
+            }
+            other => other?,
+        };
         // Create every table up front so that read-only operations never meet a missing table.
         let txn = db.begin_write()?;
         txn.open_table(JOBS)?;

@@ -10,8 +10,11 @@
 //! committing a job's finalisation, the per-client cap, first use of a `jti`, a job's first status
 //! poll) is atomic in both stores.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
+use crate::config::{StoreBackend, StoreConfig};
 use crate::job::{Job, Unit, UnixSecs};
 
 pub mod embedded;
@@ -26,6 +29,29 @@ pub enum StoreError {
     /// A record could not be decoded (written by an incompatible version, or corrupted).
     #[error("job store record is corrupt: {0}")]
     Corrupt(String),
+    /// The embedded store's file is open in another process (redb locks it exclusively): a
+    /// running proxy, or a second one configured with the same file.
+    #[error("the job store file {} is open in another process", .0.display())]
+    InUse(std::path::PathBuf),
+}
+
+/// Opens the configured store: the embedded file (created, with its directory, when missing) or
+/// a connection to Redis. What the proxy and the `jobs` command both use.
+pub async fn open(config: &StoreConfig) -> Result<Arc<dyn JobStore>, StoreError> {
+    Ok(match config.backend {
+        StoreBackend::Embedded => {
+            if let Some(dir) = config.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            Arc::new(embedded::EmbeddedStore::open(&config.path)?)
+        }
+        StoreBackend::Redis => Arc::new(
+            redis::RedisStore::connect(config.redis_url.as_ref().map_or("", |url| url.expose()))
+                .await?,
+        ),
+    })
 }
 
 /// Outcome of [`JobStore::create_job`].

@@ -58,6 +58,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 impl From<RedisError> for StoreError {
     fn from(error: RedisError) -> Self {
+        crate::telemetry::metrics::store_error("redis");
         StoreError::Unavailable(error.to_string())
     }
 }

@@ -3,8 +3,24 @@
 //! - `bulk_proxy_requests_total{route, status}`: responses by route class and status code;
 //! - `bulk_proxy_request_duration_seconds{route}`: time to response headers;
 //! - `bulk_proxy_requests_in_flight`: requests being handled;
-//! - `bulk_proxy_upstream_duration_seconds{route, outcome}`: upstream latency to response headers,
-//!   `outcome` = `ok` | `connect_error` | `timeout`.
+//! - `bulk_proxy_upstream_duration_seconds{route, outcome}`: upstream latency to response headers
+//!   (export search pages under `route="export_page"`),
+//!   `outcome` = `ok` | `connect_error` | `timeout`;
+//! - `bulk_proxy_jobs{state}`: stored jobs by state (`running` | `completed` | `failed`), counted by
+//!   the sweeper every `export.sweep_interval_secs`. With Redis every replica reports the whole
+//!   fleet's jobs: aggregate with `max`, not `sum`;
+//! - `bulk_proxy_jobs_started_total`, `bulk_proxy_jobs_finished_total{state}`: kick-offs accepted,
+//!   jobs finalised (`completed` | `failed`);
+//! - `bulk_proxy_export_pages_total`, `bulk_proxy_export_resources_total{type}`: upstream search
+//!   pages written, and their resources (before finalisation drops duplicates across searches);
+//! - `bulk_proxy_units_claimed_total`, `bulk_proxy_units_finished_total{state}` (`done` |
+//!   `failed`), `bulk_proxy_units_active` (units this replica works on now),
+//!   `bulk_proxy_leases_lost_total` (a unit taken over by another worker, or its job deleted);
+//! - `bulk_proxy_store_errors_total{backend}` (`embedded` | `redis`): job store failures;
+//! - `bulk_proxy_storage_errors_total{backend}` (`local` | `s3`): export file storage failures
+//!   (a missing file is not one).
+//!
+//! The counters a dashboard or an alert takes a `rate` of exist from start-up, at 0.
 //!
 //! The recorder is process-global (the `metrics` facade); it is installed once even when a test
 //! process starts several proxies.
@@ -19,6 +35,94 @@ pub const REQUESTS_TOTAL: &str = "bulk_proxy_requests_total";
 pub const REQUEST_DURATION: &str = "bulk_proxy_request_duration_seconds";
 pub const IN_FLIGHT: &str = "bulk_proxy_requests_in_flight";
 pub const UPSTREAM_DURATION: &str = "bulk_proxy_upstream_duration_seconds";
+pub const JOBS: &str = "bulk_proxy_jobs";
+pub const JOBS_STARTED: &str = "bulk_proxy_jobs_started_total";
+pub const JOBS_FINISHED: &str = "bulk_proxy_jobs_finished_total";
+pub const EXPORT_PAGES: &str = "bulk_proxy_export_pages_total";
+pub const EXPORT_RESOURCES: &str = "bulk_proxy_export_resources_total";
+pub const UNITS_CLAIMED: &str = "bulk_proxy_units_claimed_total";
+pub const UNITS_FINISHED: &str = "bulk_proxy_units_finished_total";
+pub const UNITS_ACTIVE: &str = "bulk_proxy_units_active";
+pub const LEASES_LOST: &str = "bulk_proxy_leases_lost_total";
+pub const STORE_ERRORS: &str = "bulk_proxy_store_errors_total";
+pub const STORAGE_ERRORS: &str = "bulk_proxy_storage_errors_total";
+
+/// Creates the export, store and storage series at 0, so that a `rate` over them (dashboards,
+/// alerts) has data before the first event. `store` and `storage` name the configured backends.
+pub fn init_series(store: &'static str, storage: &'static str) {
+    let _ = handle();
+    metrics::counter!(JOBS_STARTED).absolute(0);
+    for state in ["completed", "failed"] {
+        metrics::counter!(JOBS_FINISHED, "state" => state).absolute(0);
+    }
+    for state in ["done", "failed"] {
+        metrics::counter!(UNITS_FINISHED, "state" => state).absolute(0);
+    }
+    metrics::counter!(EXPORT_PAGES).absolute(0);
+    metrics::counter!(UNITS_CLAIMED).absolute(0);
+    metrics::counter!(LEASES_LOST).absolute(0);
+    metrics::gauge!(UNITS_ACTIVE).set(0.0);
+    metrics::counter!(STORE_ERRORS, "backend" => store).absolute(0);
+    metrics::counter!(STORAGE_ERRORS, "backend" => storage).absolute(0);
+}
+
+/// The stored jobs by state, as the sweeper counted them.
+pub fn jobs(running: usize, completed: usize, failed: usize) {
+    metrics::gauge!(JOBS, "state" => "running").set(running as f64);
+    metrics::gauge!(JOBS, "state" => "completed").set(completed as f64);
+    metrics::gauge!(JOBS, "state" => "failed").set(failed as f64);
+}
+
+pub fn job_started() {
+    metrics::counter!(JOBS_STARTED).increment(1);
+}
+
+/// A job's final state was committed (`completed` or `failed`).
+pub fn job_finished(state: &'static str) {
+    metrics::counter!(JOBS_FINISHED, "state" => state).increment(1);
+}
+
+/// One search page written and checkpointed, with `resources` resources of `resource_type`.
+pub fn page_written(resource_type: &str, resources: usize) {
+    metrics::counter!(EXPORT_PAGES).increment(1);
+    metrics::counter!(EXPORT_RESOURCES, "type" => resource_type.to_owned())
+        .increment(resources as u64);
+}
+
+/// A unit claimed; the returned guard counts it in `bulk_proxy_units_active` until dropped.
+pub fn unit_claimed() -> ActiveUnit {
+    metrics::counter!(UNITS_CLAIMED).increment(1);
+    metrics::gauge!(UNITS_ACTIVE).increment(1.0);
+    ActiveUnit(())
+}
+
+/// Counts a unit in `bulk_proxy_units_active` until dropped.
+pub struct ActiveUnit(());
+
+impl Drop for ActiveUnit {
+    fn drop(&mut self) {
+        metrics::gauge!(UNITS_ACTIVE).decrement(1.0);
+    }
+}
+
+/// A unit's final state was recorded (`done` or `failed`).
+pub fn unit_finished(state: &'static str) {
+    metrics::counter!(UNITS_FINISHED, "state" => state).increment(1);
+}
+
+pub fn lease_lost() {
+    metrics::counter!(LEASES_LOST).increment(1);
+}
+
+/// A job store operation failed (`embedded` or `redis`).
+pub fn store_error(backend: &'static str) {
+    metrics::counter!(STORE_ERRORS, "backend" => backend).increment(1);
+}
+
+/// An export file operation failed (`local` or `s3`).
+pub fn storage_error(backend: &'static str) {
+    metrics::counter!(STORAGE_ERRORS, "backend" => backend).increment(1);
+}
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,

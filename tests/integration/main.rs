@@ -5,6 +5,7 @@
 mod support;
 
 mod auth;
+mod dashboard;
 mod demo;
 mod differential;
 mod export;
@@ -13,6 +14,7 @@ mod finalize;
 mod fleet;
 mod gate;
 mod hostile_input;
+mod jobs_cli;
 mod logs;
 mod object_storage;
 mod operations;
