@@ -177,6 +177,10 @@ pub struct Unit {
     /// Why the unit failed (state `Failed`).
     #[serde(default)]
     pub error: Option<String>,
+    /// Attempts that failed to write the unit's files (not the upstream's fault); past
+    /// `export.retry_max_attempts` the unit fails.
+    #[serde(default)]
+    pub storage_failures: u32,
 }
 
 impl Unit {
@@ -191,6 +195,7 @@ impl Unit {
             lease_until: 0,
             checkpoint: Checkpoint::default(),
             error: None,
+            storage_failures: 0,
         }
     }
 

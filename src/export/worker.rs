@@ -186,7 +186,7 @@ impl Exporter {
         .await;
         let mut writer = match writer {
             Ok(writer) => writer,
-            Err(e) => return self.storage_failed(&unit, worker, &e).await,
+            Err(e) => return self.storage_failed(&unit, worker, shutdown, &e).await,
         };
         // `unit.checkpoint` is what is committed (durable and saved); `progress` runs ahead of it
         // while written pages are not durable yet (object storage buffers up to a part).
@@ -279,7 +279,7 @@ impl Exporter {
             let lines = skip_already_written(content.lines, &progress);
             let durable = match writer.write(&lines).await {
                 Ok(durable) => durable,
-                Err(e) => return self.storage_failed(&unit, worker, &e).await,
+                Err(e) => return self.storage_failed(&unit, worker, shutdown, &e).await,
             };
             track_last_updated(&mut progress, &lines);
             progress.issues.extend(content.issues);
@@ -303,7 +303,7 @@ impl Exporter {
             }
             if durable {
                 if let Err(e) = writer.settle().await {
-                    return self.storage_failed(&unit, worker, &e).await;
+                    return self.storage_failed(&unit, worker, shutdown, &e).await;
                 }
                 progress.files = writer.files().to_vec();
                 unit.checkpoint.files = progress.files.clone();
@@ -312,7 +312,7 @@ impl Exporter {
         // What was fetched is kept, also when the unit failed: seal the files, commit that, and
         // only then complete the uploads.
         if let Err(e) = writer.finish().await {
-            return self.storage_failed(&unit, worker, &e).await;
+            return self.storage_failed(&unit, worker, shutdown, &e).await;
         }
         progress.files = writer.files().to_vec();
         unit.checkpoint = progress;
@@ -326,14 +326,20 @@ impl Exporter {
                 }
             }
             if let Err(e) = writer.settle().await {
-                return self.storage_failed(&unit, worker, &e).await;
+                return self.storage_failed(&unit, worker, shutdown, &e).await;
             }
             unit.checkpoint.files = writer.files().to_vec();
         }
         if unit.state != UnitState::Failed {
             unit.state = UnitState::Done;
         }
-        let finished = self.store.finish_unit(&unit, worker).await;
+        self.finish(&unit, worker, shutdown).await;
+    }
+
+    /// Records `unit` as finished (Done or Failed); the worker that finishes a job's last unit
+    /// finalises the job.
+    async fn finish(&self, unit: &Unit, worker: &str, shutdown: &CancellationToken) {
+        let finished = self.store.finish_unit(unit, worker).await;
         if let Ok(Some(_)) = finished {
             metrics::unit_finished(match unit.state {
                 UnitState::Failed => "failed",
@@ -343,7 +349,7 @@ impl Exporter {
         match finished {
             Ok(Some(0)) => self.finalize(&unit.job_id, worker, shutdown).await,
             Ok(Some(_)) => {}
-            Ok(None) => self.lost(&unit).await,
+            Ok(None) => self.lost(unit).await,
             Err(e) => tracing::warn!(
                 error = %e,
                 "cannot record the finished unit; it is resumed, or the sweeper finalises the job"
@@ -351,17 +357,59 @@ impl Exporter {
         }
     }
 
-    /// A storage failure is not the unit's fault: give the unit back (with its committed
-    /// checkpoint) for another attempt. Unless the job was deleted meanwhile: removing its files
-    /// under a writer is what made the write fail, and the unit just stops.
-    async fn storage_failed(&self, unit: &Unit, worker: &str, error: &StorageError) {
+    /// A storage failure is not the unit's fault: the unit is given back (with its committed
+    /// checkpoint) for another attempt after a backoff, held meanwhile so that no worker retries
+    /// it at once. After `export.retry_max_attempts` failures, counted in the store across workers
+    /// and replicas, the unit fails with the storage's error, so that the job ends (DESIGN "Every
+    /// job ends": wrong S3 credentials or a full disk fail the export instead of retrying it for
+    /// ever). Unless the job was deleted meanwhile: removing its files under a writer is what made
+    /// the write fail, and the unit just stops.
+    async fn storage_failed(
+        &self,
+        unit: &Unit,
+        worker: &str,
+        shutdown: &CancellationToken,
+        error: &StorageError,
+    ) {
         if let Ok(None) = self.store.get_job(&unit.job_id).await {
             tracing::debug!(error = %error, "job deleted while its files were written; unit stopped");
             return self.discard_unit_files(unit).await;
         }
-        tracing::error!(error = %error, "cannot write export files; releasing the unit");
-        let _ = self.store.release_unit(unit, worker).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        let mut unit = unit.clone();
+        unit.storage_failures += 1;
+        if unit.storage_failures >= self.config.retry_max_attempts {
+            tracing::error!(error = %error, failures = unit.storage_failures, "cannot write export files; the unit fails");
+            unit.state = UnitState::Failed;
+            unit.error = Some(format!(
+                "search {} failed: the export files could not be written: {error}",
+                unit.search
+            ));
+            return self.finish(&unit, worker, shutdown).await;
+        }
+        let factor = 1u64 << (unit.storage_failures - 1).min(20);
+        let backoff = Duration::from_millis(
+            self.config
+                .retry_base_ms
+                .saturating_mul(factor)
+                .min(self.config.retry_max_ms),
+        )
+        // The unit stays this worker's while it waits: within its lease.
+        .min(Duration::from_secs(self.config.lease_secs / 2));
+        tracing::error!(error = %error, failures = unit.storage_failures, retry_in_ms = backoff.as_millis() as u64, "cannot write export files; retrying the unit");
+        unit.lease_until = now_unix() + self.config.lease_secs;
+        match self.store.save_unit(&unit, worker).await {
+            Ok(true) => {}
+            Ok(false) => return self.lost(&unit).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot save the unit; its lease lapses");
+                return;
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff) => {}
+            () = shutdown.cancelled() => {}
+        }
+        let _ = self.store.release_unit(&unit, worker).await;
     }
 
     /// The unit's next query after an expired cursor; false when the unit must stop.

@@ -276,6 +276,41 @@ async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
     assert_eq!(kick_off(&proxy, &token).await.status(), 202);
 }
 
+/// Storage that refuses every write (here the file directory replaced by a plain file; wrong S3
+/// credentials or a full disk alike) fails the export after `export.retry_max_attempts` tries per
+/// unit, with the reason on the status URL, instead of retrying it for ever.
+async fn unwritable_storage_fails_the_job(store: Store) {
+    let setup = Setup::with(store, |c| {
+        c.export.retry_max_attempts = 3;
+        c.export.retry_base_ms = 20;
+    })
+    .await;
+    let proxy = setup.spawn(None);
+    let token = setup.token(&proxy).await;
+    let files = setup.config_path.with_file_name("files");
+    std::fs::remove_dir_all(&files).unwrap();
+    std::fs::write(&files, b"not a directory").unwrap();
+
+    let status_url = started(&proxy, &token).await;
+    let response = poll_until_done(&proxy, &token, &status_url).await;
+    let diagnostics = outcome(response, 500).await;
+    assert!(
+        diagnostics.contains("could not be"),
+        "the reason is the storage's: {diagnostics}"
+    );
+    assert!(
+        proxy.count_logs("cannot write export files; the unit fails") > 0,
+        "units failed after their retries"
+    );
+    assert_eq!(
+        proxy.count_logs("cannot write export files; retrying the unit"),
+        2 * proxy.count_logs("cannot write export files; the unit fails"),
+        "each unit was tried retry_max_attempts times, and no more"
+    );
+    // The failed job no longer holds the client's only slot.
+    assert_eq!(kick_off(&proxy, &token).await.status(), 202);
+}
+
 /// DELETE while workers write: every DELETE answers 202, the races between a cancelled unit and
 /// the removal of its files are logged at debug (no WARN or ERROR line), and no file is left.
 async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
@@ -339,6 +374,11 @@ mod embedded {
     async fn deleting_running_exports_is_quiet_and_leaves_no_files() {
         super::deleting_running_exports_is_quiet_and_leaves_no_files(Store::Embedded).await;
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unwritable_storage_fails_the_job() {
+        super::unwritable_storage_fails_the_job(Store::Embedded).await;
+    }
 }
 
 mod redis {
@@ -357,5 +397,10 @@ mod redis {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn deleting_running_exports_is_quiet_and_leaves_no_files() {
         super::deleting_running_exports_is_quiet_and_leaves_no_files(Store::Redis).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unwritable_storage_fails_the_job() {
+        super::unwritable_storage_fails_the_job(Store::Redis).await;
     }
 }
