@@ -111,7 +111,10 @@ impl ClientKey {
                     other_prime_infos: None,
                 })
                 .map_err(|e| key_error(&e))?;
-                (Signer::Rs384(Box::new(rsa::pkcs1v15::SigningKey::new(key))), "RS384")
+                (
+                    Signer::Rs384(Box::new(rsa::pkcs1v15::SigningKey::new(key))),
+                    "RS384",
+                )
             }
             other => {
                 return Err(ClientError::Key(format!(

@@ -547,12 +547,24 @@ mod tests {
         let key = generated.signing_key.serialize_pem();
         assert!(acceptor(&cert, &key).is_ok());
         let no_cert = error("no PEM here", &key);
-        assert!(no_cert.contains("server.tls.cert: no certificate in"), "{no_cert}");
+        assert!(
+            no_cert.contains("server.tls.cert: no certificate in"),
+            "{no_cert}"
+        );
         let bad_cert = error("-----BEGIN CERTIFICATE-----\n!!!\n", &key);
-        assert!(bad_cert.contains("server.tls.cert: no PEM certificates in"), "{bad_cert}");
+        assert!(
+            bad_cert.contains("server.tls.cert: no PEM certificates in"),
+            "{bad_cert}"
+        );
         let no_key = error(&cert, &cert);
-        assert!(no_key.contains("server.tls.key: no private key in"), "{no_key}");
+        assert!(
+            no_key.contains("server.tls.key: no private key in"),
+            "{no_key}"
+        );
         let bad_key = error(&cert, "-----BEGIN PRIVATE KEY-----\n!!!\n");
-        assert!(bad_key.contains("server.tls.key: unreadable PEM in"), "{bad_key}");
+        assert!(
+            bad_key.contains("server.tls.key: unreadable PEM in"),
+            "{bad_key}"
+        );
     }
 }

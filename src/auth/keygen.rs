@@ -127,8 +127,7 @@ pub fn generate(algorithm: KeyAlgorithm) -> Result<GeneratedKey, KeygenError> {
 
 /// A new EC P-384 private JWK (RFC 7518 §6.2): `kty`, `crv`, `x`, `y`, `d`.
 pub fn ec_p384_jwk() -> Result<Map<String, Value>, KeygenError> {
-    let secret =
-        p384::SecretKey::try_generate().map_err(|e| KeygenError::Crypto(e.to_string()))?;
+    let secret = p384::SecretKey::try_generate().map_err(|e| KeygenError::Crypto(e.to_string()))?;
     let point = secret.public_key().as_affine().to_sec1_point(false);
     // Uncompressed SEC1: 0x04, then x and y, 48 bytes each.
     let (x, y) = point.as_bytes()[1..].split_at(48);

@@ -14,7 +14,11 @@ use crate::support::{FakeFhir, TestProxy};
 /// A self-signed certificate for 127.0.0.1 / localhost, written as PEM files; and its DER.
 fn certificate(
     dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, CertificateDer<'static>) {
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    CertificateDer<'static>,
+) {
     let key = rcgen::KeyPair::generate().unwrap();
     let params =
         rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
@@ -167,7 +171,11 @@ async fn tls_serves_https_and_refuses_versions_older_than_1_2() {
     .await
     .unwrap();
     // The hand-built hello is good enough: as TLS 1.2 it gets a ServerHello.
-    assert_eq!(v12, Some(HANDSHAKE), "a TLS 1.2 hello is answered by a handshake");
+    assert_eq!(
+        v12,
+        Some(HANDSHAKE),
+        "a TLS 1.2 hello is answered by a handshake"
+    );
     // As TLS 1.1 or 1.0 it gets an alert (protocol_version), or a close: never a ServerHello.
     for (name, answer) in [("TLS 1.1", v11), ("TLS 1.0", v10)] {
         assert!(

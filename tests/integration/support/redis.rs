@@ -186,8 +186,13 @@ fn cached_build() -> PathBuf {
         .unwrap_or_else(|e| panic!("cannot create a build directory in {}: {e}", dir.display()));
     let built = build(work.path());
     let staged = dir.join(format!(".redis-server.{}", std::process::id()));
-    std::fs::copy(&built, &staged)
-        .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", built.display(), staged.display()));
+    std::fs::copy(&built, &staged).unwrap_or_else(|e| {
+        panic!(
+            "cannot copy {} to {}: {e}",
+            built.display(),
+            staged.display()
+        )
+    });
     std::fs::rename(&staged, &binary)
         .unwrap_or_else(|e| panic!("cannot move {} into place: {e}", staged.display()));
     eprintln!(
@@ -201,7 +206,10 @@ fn cached_build() -> PathBuf {
 /// Downloads, checks, unpacks and builds the pinned source in `work`; returns the new binary.
 /// Panics, naming what is missing, when it cannot: the tests never skip Redis.
 fn build(work: &Path) -> PathBuf {
-    for (tool, package) in [("make", "make"), ("cc", "gcc (or another C compiler as cc)")] {
+    for (tool, package) in [
+        ("make", "make"),
+        ("cc", "gcc (or another C compiler as cc)"),
+    ] {
         if let Err(e) = Command::new(tool).arg("--version").output() {
             panic!(
                 "cannot build the test Redis: `{tool}` is not available ({e}); install {package}, \

@@ -20,8 +20,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use fhir_bulk_proxy::config::{ClientConfig, Config};
 use fhir_bulk_proxy::auth::keygen;
+use fhir_bulk_proxy::config::{ClientConfig, Config};
 use serde_json::{Value, json};
 
 use super::TestProxy;
