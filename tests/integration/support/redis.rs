@@ -169,8 +169,9 @@ fn cache_dir() -> PathBuf {
 }
 
 /// The cached `redis-server`, built first if missing. Other processes (another `cargo test`) may
-/// build at the same time: each builds in its own temporary directory and renames its binary into
-/// place, an atomic step, so a binary at the final path is always complete.
+/// want it at the same time: they take turns under a lock file, so one builds and the others find
+/// its binary; and the binary is built in a temporary directory and renamed into place, an atomic
+/// step, so a binary at the final path is always complete, even after a build was interrupted.
 fn cached_build() -> PathBuf {
     let dir = cache_dir().join(format!("redis-{REDIS_VERSION}"));
     let binary = dir.join("redis-server");
@@ -179,6 +180,13 @@ fn cached_build() -> PathBuf {
     }
     std::fs::create_dir_all(&dir)
         .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+    let lock = std::fs::File::create(dir.join(".lock"))
+        .unwrap_or_else(|e| panic!("cannot create {}/.lock: {e}", dir.display()));
+    lock.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {}/.lock: {e}", dir.display()));
+    if binary.is_file() {
+        return binary; // built by another process while this one waited
+    }
     let started = Instant::now();
     let work = tempfile::Builder::new()
         .prefix(".build-")
