@@ -1148,6 +1148,24 @@ async fn fleet_scaling(opts: &Opts, http: &reqwest::Client) -> Result<String> {
 }
 
 /// A private `redis-server` on a free port, killed when dropped.
+///
+/// Which one: `FBP_REDIS_SERVER`, else the Redis the integration tests build into
+/// `~/.cache/fhir-bulk-proxy/redis-6.2.14/` (`$XDG_CACHE_HOME` if set) when there, else the one on
+/// PATH.
+fn redis_server() -> std::path::PathBuf {
+    if let Some(path) = std::env::var_os("FBP_REDIS_SERVER") {
+        return path.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".cache")));
+    cache
+        .map(|c| c.join("fhir-bulk-proxy/redis-6.2.14/redis-server"))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "redis-server".into())
+}
+
 struct RedisProcess {
     child: Child,
     port: u16,
@@ -1158,12 +1176,18 @@ impl RedisProcess {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = Command::new("redis-server")
+        let binary = redis_server();
+        let child = Command::new(&binary)
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .stdout(Stdio::null())
             .spawn()
-            .context("redis-server (see .ci/setup)")?;
+            .with_context(|| {
+                format!(
+                    "{}: run `cargo test` once (it builds one) or set FBP_REDIS_SERVER",
+                    binary.display()
+                )
+            })?;
         for _ in 0..200 {
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
                 return Ok(Self { child, port });

@@ -12,8 +12,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use josekit::jwk::Jwk;
-use josekit::jws::JwsSigner;
+use p384::ecdsa::signature::{SignatureEncoding as _, Signer as _};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -42,34 +41,94 @@ pub enum ClientError {
 }
 
 /// A client's private key (EC P-384 or RSA), as `keygen` prints it.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ClientKey {
-    jwk: Jwk,
+    signer: Signer,
     alg: &'static str,
     kid: String,
 }
 
+#[derive(Clone)]
+enum Signer {
+    /// ES384: ECDSA over P-384 with SHA-384.
+    Es384(p384::ecdsa::SigningKey),
+    /// RS384: RSASSA-PKCS1-v1_5 with SHA-384.
+    Rs384(Box<rsa::pkcs1v15::SigningKey<rsa::sha2::Sha384>>),
+}
+
+/// The key itself stays out of logs and panics.
+impl std::fmt::Debug for ClientKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientKey")
+            .field("alg", &self.alg)
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ClientKey {
-    /// A private JWK (JSON object with `kid`).
+    /// A private JWK (JSON object with `kid`): EC (`crv` P-384, `d`) or RSA (`n`, `e`, `d`, `p`,
+    /// `q`).
     pub fn from_json(value: &Value) -> Result<Self, ClientError> {
-        let map = value
+        let jwk = value
             .as_object()
             .ok_or_else(|| ClientError::Key("a JWK is a JSON object".into()))?;
-        let jwk = Jwk::from_map(map.clone()).map_err(|e| ClientError::Key(e.to_string()))?;
-        let alg = match jwk.key_type() {
-            "EC" => "ES384",
-            "RSA" => "RS384",
+        let member = |name: &str| -> Result<Vec<u8>, ClientError> {
+            let text = jwk
+                .get(name)
+                .and_then(Value::as_str)
+                .ok_or_else(|| ClientError::Key(format!("the JWK has no {name:?}")))?;
+            URL_SAFE_NO_PAD
+                .decode(text)
+                .map_err(|e| ClientError::Key(format!("the JWK's {name:?} is not base64url: {e}")))
+        };
+        let key_error = |e: &dyn std::fmt::Display| ClientError::Key(e.to_string());
+        let (signer, alg) = match jwk.get("kty").and_then(Value::as_str) {
+            Some("EC") => {
+                let curve = jwk.get("crv").and_then(Value::as_str);
+                if curve != Some("P-384") {
+                    return Err(ClientError::Key(format!(
+                        "unsupported curve {curve:?}: use an EC P-384 or RSA key"
+                    )));
+                }
+                let key = p384::ecdsa::SigningKey::from_slice(&member("d")?)
+                    .map_err(|e| key_error(&e))?;
+                (Signer::Es384(key), "ES384")
+            }
+            Some("RSA") => {
+                let [n, e, d, p, q] = ["n", "e", "d", "p", "q"].map(member);
+                let (n, e, d, p, q) = (n?, e?, d?, p?, q?);
+                // dp, dq and qi are derived again from the primes.
+                let key = rsa::PrivateKey::try_from(rsa::pkcs1::RsaPrivateKey {
+                    modulus: uint(&n)?,
+                    public_exponent: uint(&e)?,
+                    private_exponent: uint(&d)?,
+                    prime1: uint(&p)?,
+                    prime2: uint(&q)?,
+                    exponent1: uint(&[1])?,
+                    exponent2: uint(&[1])?,
+                    coefficient: uint(&[1])?,
+                    other_prime_infos: None,
+                })
+                .map_err(|e| key_error(&e))?;
+                (
+                    Signer::Rs384(Box::new(rsa::pkcs1v15::SigningKey::new(key))),
+                    "RS384",
+                )
+            }
             other => {
                 return Err(ClientError::Key(format!(
-                    "unsupported key type {other}: use an EC P-384 or RSA key"
+                    "unsupported key type {}: use an EC P-384 or RSA key",
+                    other.unwrap_or("(none)")
                 )));
             }
         };
         let kid = jwk
-            .key_id()
+            .get("kid")
+            .and_then(Value::as_str)
             .ok_or_else(|| ClientError::Key("the JWK has no kid".into()))?
             .to_owned();
-        Ok(Self { jwk, alg, kid })
+        Ok(Self { signer, alg, kid })
     }
 
     /// A file holding a private JWK.
@@ -90,6 +149,19 @@ impl ClientKey {
         &self.kid
     }
 
+    /// The JWS signature of `input` (RFC 7518 §3): for ES384 the 96 bytes of `r` and `s`, for
+    /// RS384 the PKCS#1 v1.5 signature.
+    pub fn sign(&self, input: &[u8]) -> Result<Vec<u8>, ClientError> {
+        let failed = |e: p384::ecdsa::Error| ClientError::Key(format!("signing failed: {e}"));
+        Ok(match &self.signer {
+            Signer::Es384(key) => {
+                let signature: p384::ecdsa::Signature = key.try_sign(input).map_err(failed)?;
+                signature.to_bytes().to_vec()
+            }
+            Signer::Rs384(key) => key.try_sign(input).map_err(failed)?.to_vec(),
+        })
+    }
+
     /// The client assertion (SMART Backend Services "Authenticating to the token endpoint"):
     /// header `alg`/`typ`/`kid`; claims `iss` = `sub` = client id, `aud` = token URL, `exp` four
     /// minutes ahead (at most five are allowed), a unique `jti`.
@@ -108,20 +180,7 @@ impl ClientKey {
             URL_SAFE_NO_PAD.encode(header.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let crypto = |e: josekit::JoseError| ClientError::Key(e.to_string());
-        let signature = if self.alg == "ES384" {
-            josekit::jws::ES384
-                .signer_from_jwk(&self.jwk)
-                .map_err(crypto)?
-                .sign(input.as_bytes())
-                .map_err(crypto)?
-        } else {
-            josekit::jws::RS384
-                .signer_from_jwk(&self.jwk)
-                .map_err(crypto)?
-                .sign(input.as_bytes())
-                .map_err(crypto)?
-        };
+        let signature = self.sign(input.as_bytes())?;
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
     }
 }
@@ -350,6 +409,11 @@ async fn ok_json(response: reqwest::Response, step: &'static str) -> Result<Valu
     Ok(response.json().await?)
 }
 
+/// A JWK member as a DER integer.
+fn uint(bytes: &[u8]) -> Result<rsa::pkcs1::UintRef<'_>, ClientError> {
+    rsa::pkcs1::UintRef::new(bytes).map_err(|e| ClientError::Key(e.to_string()))
+}
+
 async fn refused(response: reqwest::Response, step: &'static str) -> ClientError {
     let status = response.status();
     let body = response.text().await.unwrap_or_default();
@@ -379,6 +443,28 @@ mod tests {
             assert_eq!(claims["iss"], "c1");
             assert_eq!(claims["sub"], "c1");
             assert_eq!(claims["aud"], "http://proxy/token");
+        }
+    }
+
+    #[test]
+    fn an_assertion_verifies_with_the_public_jwk_keygen_printed() {
+        for algorithm in [KeyAlgorithm::Es384, KeyAlgorithm::Rs384] {
+            let generated = keygen::generate(algorithm).unwrap();
+            let key = ClientKey::from_json(&generated.private_jwk).unwrap();
+            let jwt = key.assertion("c1", "http://proxy/token").unwrap();
+            let public: jsonwebtoken::jwk::Jwk =
+                serde_json::from_value(generated.public_jwks["keys"][0].clone()).unwrap();
+            let decoding = jsonwebtoken::DecodingKey::from_jwk(&public).unwrap();
+            let alg = algorithm.name().parse().unwrap();
+            let mut validation = jsonwebtoken::Validation::new(alg);
+            validation.set_audience(&["http://proxy/token"]);
+            let claims = jsonwebtoken::decode::<Value>(&jwt, &decoding, &validation).unwrap();
+            assert_eq!(claims.claims["iss"], "c1");
+            // Another key's signature does not verify.
+            let other = keygen::generate(algorithm).unwrap();
+            let other = ClientKey::from_json(&other.private_jwk).unwrap();
+            let forged = other.assertion("c1", "http://proxy/token").unwrap();
+            assert!(jsonwebtoken::decode::<Value>(&forged, &decoding, &validation).is_err());
         }
     }
 

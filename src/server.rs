@@ -23,6 +23,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::server::graceful::GracefulShutdown;
+use rustls::pki_types::pem::{self, PemObject as _};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -480,7 +482,7 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let certs = {
         let pem = std::fs::read(&tls.cert)
             .with_context(|| format!("server.tls.cert: cannot read {}", tls.cert.display()))?;
-        rustls_pemfile::certs(&mut pem.as_slice())
+        CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .with_context(|| {
                 format!(
@@ -497,9 +499,18 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let key = {
         let pem = std::fs::read(&tls.key)
             .with_context(|| format!("server.tls.key: cannot read {}", tls.key.display()))?;
-        rustls_pemfile::private_key(&mut pem.as_slice())
-            .with_context(|| format!("server.tls.key: unreadable PEM in {}", tls.key.display()))?
-            .with_context(|| format!("server.tls.key: no private key in {}", tls.key.display()))?
+        match PrivateKeyDer::from_pem_slice(&pem) {
+            Ok(key) => key,
+            Err(pem::Error::NoItemsFound) => {
+                anyhow::bail!("server.tls.key: no private key in {}", tls.key.display())
+            }
+            Err(e) => {
+                return Err(anyhow::Error::new(e).context(format!(
+                    "server.tls.key: unreadable PEM in {}",
+                    tls.key.display()
+                )));
+            }
+        }
     };
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -511,4 +522,53 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     .context("server.tls: the certificate and key do not form a usable pair")?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The acceptor for `cert` and `key` files with these contents.
+    fn acceptor(cert: &str, key: &str) -> anyhow::Result<TlsAcceptor> {
+        let dir = tempfile::tempdir().unwrap();
+        let tls = TlsConfig {
+            cert: dir.path().join("cert.pem"),
+            key: dir.path().join("key.pem"),
+        };
+        std::fs::write(&tls.cert, cert).unwrap();
+        std::fs::write(&tls.key, key).unwrap();
+        tls_acceptor(&tls)
+    }
+
+    fn error(cert: &str, key: &str) -> String {
+        format!("{:#}", acceptor(cert, key).err().unwrap())
+    }
+
+    #[test]
+    fn unusable_certificate_and_key_files_are_named_in_the_error() {
+        let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let cert = generated.cert.pem();
+        let key = generated.signing_key.serialize_pem();
+        assert!(acceptor(&cert, &key).is_ok());
+        let no_cert = error("no PEM here", &key);
+        assert!(
+            no_cert.contains("server.tls.cert: no certificate in"),
+            "{no_cert}"
+        );
+        let bad_cert = error("-----BEGIN CERTIFICATE-----\n!!!\n", &key);
+        assert!(
+            bad_cert.contains("server.tls.cert: no PEM certificates in"),
+            "{bad_cert}"
+        );
+        let no_key = error(&cert, &cert);
+        assert!(
+            no_key.contains("server.tls.key: no private key in"),
+            "{no_key}"
+        );
+        let bad_key = error(&cert, "-----BEGIN PRIVATE KEY-----\n!!!\n");
+        assert!(
+            bad_key.contains("server.tls.key: unreadable PEM in"),
+            "{bad_key}"
+        );
+    }
 }

@@ -5,9 +5,13 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use josekit::jwk::Jwk;
-use josekit::jwk::alg::ec::EcCurve;
-use serde_json::{Value, json};
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use p384::elliptic_curve::sec1::ToSec1Point as _;
+use rsa::Generate as _;
+use rsa::pkcs1::der::Decode as _;
+use rsa::pkcs1::{EncodeRsaPrivateKey as _, RsaPrivateKeyRef};
+use serde_json::{Map, Value, json};
 
 use crate::config::ClientConfig;
 
@@ -89,39 +93,76 @@ pub struct GeneratedKey {
 }
 
 /// RSA modulus size; 2048 bits is the floor SMART's examples use, 3072 lasts longer.
-const RSA_BITS: u32 = 3072;
+const RSA_BITS: usize = 3072;
 
 /// Generates a key pair with a fresh random `kid`.
 pub fn generate(algorithm: KeyAlgorithm) -> Result<GeneratedKey, KeygenError> {
-    let crypto = |e: josekit::JoseError| KeygenError::Crypto(e.to_string());
-    let mut jwk = match algorithm {
-        KeyAlgorithm::Es384 => Jwk::generate_ec_key(EcCurve::P384).map_err(crypto)?,
-        KeyAlgorithm::Rs384 => Jwk::generate_rsa_key(RSA_BITS).map_err(crypto)?,
+    let (mut private, public_members): (Map<String, Value>, &[&str]) = match algorithm {
+        KeyAlgorithm::Es384 => (ec_p384_jwk()?, &["kty", "crv", "x", "y"]),
+        KeyAlgorithm::Rs384 => (rsa_jwk(RSA_BITS)?, &["kty", "n", "e"]),
     };
     let kid = uuid::Uuid::new_v4().simple().to_string();
-    jwk.set_key_id(&kid);
-    jwk.set_algorithm(algorithm.name());
-    jwk.set_key_use("sig");
-    // Clients (smart-fetch among them) look for a key allowed to sign.
-    jwk.set_key_operations(vec!["sign"]);
-    let public = jwk.to_public_key().map_err(crypto)?;
-    let private_jwk = Value::Object(jwk.as_ref().clone());
-    let mut public_jwk = Value::Object(public.as_ref().clone());
-    // Keep the metadata on the public half too, whatever the library copies.
+    let mut public: Map<String, Value> = public_members
+        .iter()
+        .filter_map(|name| Some(((*name).to_owned(), private.get(*name)?.clone())))
+        .collect();
     for (name, value) in [
         ("kid", &kid as &str),
         ("alg", algorithm.name()),
         ("use", "sig"),
     ] {
-        public_jwk[name] = json!(value);
+        private.insert(name.into(), json!(value));
+        public.insert(name.into(), json!(value));
     }
-    public_jwk["key_ops"] = json!(["verify"]);
+    // Clients (smart-fetch among them) look for a key allowed to sign.
+    private.insert("key_ops".into(), json!(["sign"]));
+    public.insert("key_ops".into(), json!(["verify"]));
     Ok(GeneratedKey {
         kid,
         algorithm,
-        private_jwk,
-        public_jwks: json!({ "keys": [public_jwk] }),
+        private_jwk: Value::Object(private),
+        public_jwks: json!({ "keys": [public] }),
     })
+}
+
+/// A new EC P-384 private JWK (RFC 7518 §6.2): `kty`, `crv`, `x`, `y`, `d`.
+pub fn ec_p384_jwk() -> Result<Map<String, Value>, KeygenError> {
+    let secret = p384::SecretKey::try_generate().map_err(|e| KeygenError::Crypto(e.to_string()))?;
+    let point = secret.public_key().as_affine().to_sec1_point(false);
+    // Uncompressed SEC1: 0x04, then x and y, 48 bytes each.
+    let (x, y) = point.as_bytes()[1..].split_at(48);
+    let mut jwk = Map::new();
+    jwk.insert("kty".into(), json!("EC"));
+    jwk.insert("crv".into(), json!("P-384"));
+    jwk.insert("x".into(), json!(URL_SAFE_NO_PAD.encode(x)));
+    jwk.insert("y".into(), json!(URL_SAFE_NO_PAD.encode(y)));
+    jwk.insert("d".into(), json!(URL_SAFE_NO_PAD.encode(secret.to_bytes())));
+    Ok(jwk)
+}
+
+/// A new RSA private JWK of `bits` (RFC 7518 §6.3): `kty`, `n`, `e`, `d`, `p`, `q`, `dp`, `dq`,
+/// `qi`, each a minimal big-endian integer; the CRT members are read back from the key's PKCS#1
+/// form, which holds them all.
+pub fn rsa_jwk(bits: usize) -> Result<Map<String, Value>, KeygenError> {
+    let crypto = |e: &dyn fmt::Display| KeygenError::Crypto(e.to_string());
+    let key = rsa::PrivateKey::new(&mut getrandom::SysRng, bits).map_err(|e| crypto(&e))?;
+    let der = key.to_pkcs1_der().map_err(|e| crypto(&e))?;
+    let parts = RsaPrivateKeyRef::from_der(der.as_bytes()).map_err(|e| crypto(&e))?;
+    let mut jwk = Map::new();
+    jwk.insert("kty".into(), json!("RSA"));
+    for (name, value) in [
+        ("n", parts.modulus),
+        ("e", parts.public_exponent),
+        ("d", parts.private_exponent),
+        ("p", parts.prime1),
+        ("q", parts.prime2),
+        ("dp", parts.exponent1),
+        ("dq", parts.exponent2),
+        ("qi", parts.coefficient),
+    ] {
+        jwk.insert(name.into(), json!(URL_SAFE_NO_PAD.encode(value.as_bytes())));
+    }
+    Ok(jwk)
 }
 
 /// The client registration of `client_id` with this key's public JWK Set inline: what

@@ -805,11 +805,10 @@ async fn keygen_prints_a_key_and_a_registration_that_works() {
     config.auth.signing_secret = Some(TEST_SIGNING_SECRET.into());
     config.auth.clients = snippet.auth.clients;
     let proxy = TestProxy::start(config).await;
-    let jwk = josekit::jwk::Jwk::from_bytes(private_json.as_bytes()).unwrap();
     let key = ClientKey {
         alg: "RS384",
         kid: private["kid"].as_str().unwrap().to_owned(),
-        private: jwk,
+        private: private.clone(),
         public: Value::Null,
     };
     let response = token_with(&proxy, &key.assertion("cli-client", &token_url(&proxy))).await;

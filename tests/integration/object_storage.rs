@@ -1,4 +1,4 @@
-//! Exports into a real S3-compatible server (`s3s-fs`, see `support::s3`): exact output, cancel
+//! Exports into a real S3-compatible server (`s3s` + `s3s-fs` in process, see `support::s3`): exact output, cancel
 //! and expiry deleting the objects, downloads through the proxy (Range, gzip, token and scopes),
 //! presigned URLs in the manifest, and a process killed mid-unit whose multipart upload another
 //! process resumes without loss or duplicates.

@@ -1,13 +1,18 @@
-//! A private S3-compatible server for one test: `s3s-fs` (crates.io, a real S3 HTTP API over a
-//! directory, installed by `.ci/setup`) on its own port on 127.0.0.1, with one bucket, killed
-//! when dropped. Objects are files under [`S3Server::bucket_dir`], so tests can see what exists.
+//! A private S3-compatible server for one test: the `s3s` crate's S3 HTTP API over a directory
+//! (`s3s_fs::FileSystem`), served in this test process with hyper on its own port on 127.0.0.1,
+//! with one bucket and the access key / secret checked on every request, stopped when dropped.
+//! The proxy talks to it over a real socket with its real `object_store` client. The server runs
+//! on a thread and runtime of its own, so it outlives nothing and depends on no test's runtime.
+//! Objects are files under [`S3Server::bucket_dir`], so tests can see what exists.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::thread::JoinHandle;
 
 use fhir_bulk_proxy::config::{Config, StorageBackend};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+use s3s::auth::SimpleAuth;
+use s3s::service::S3ServiceBuilder;
 
 pub const BUCKET: &str = "exports";
 pub const ACCESS_KEY: &str = "test-access-key";
@@ -15,66 +20,72 @@ pub const SECRET_KEY: &str = "test-secret-key";
 
 pub struct S3Server {
     port: u16,
-    child: Option<Child>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
     root: tempfile::TempDir,
 }
 
-/// The server binary: on PATH, or where `cargo install` put it. A missing binary fails the test
-/// (never skips it): `.ci/setup` installs it.
-fn binary() -> PathBuf {
-    let home_bin = std::env::var_os("HOME")
-        .map(|home| PathBuf::from(home).join(".cargo/bin/s3s-fs"))
-        .filter(|p| p.is_file());
-    let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join("s3s-fs"))
-            .find(|p| p.is_file())
-    });
-    on_path.or(home_bin).unwrap_or_else(|| {
-        panic!(
-            "s3s-fs is not installed: the object-storage tests need a real S3-compatible server; \
-             run .ci/setup (cargo install --locked s3s-fs --version 0.14.0 --features binary)"
-        )
-    })
-}
-
 impl S3Server {
-    /// Starts a server on a free port with the bucket created, and waits until it accepts.
+    /// Starts a server on a free port with the bucket created; it accepts connections on return.
     pub fn start() -> Self {
         let root = tempfile::tempdir().expect("tempdir");
         std::fs::create_dir_all(root.path().join(BUCKET)).expect("bucket dir");
-        let binary = binary();
-        // A free port can be taken between probing and binding: try a few.
-        for _ in 0..5 {
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("free port")
-                .port();
-            let mut child = Command::new(&binary)
-                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-                .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                .arg(root.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("spawn s3s-fs");
-            if wait_ready(&mut child, port) {
-                return Self {
-                    port,
-                    child: Some(child),
-                    root,
-                };
-            }
-            let _ = child.kill();
-            let _ = child.wait();
+        let backend = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs over the temp dir");
+        let service = {
+            let mut builder = S3ServiceBuilder::new(backend);
+            builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+            builder.build()
+        };
+        // Bound before the thread starts: connections queue from now on.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let port = listener.local_addr().expect("local addr").port();
+        let (shutdown, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("s3-{port}"))
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .expect("S3 server runtime");
+                runtime.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+                    let http = ConnBuilder::new(TokioExecutor::new());
+                    loop {
+                        let socket = tokio::select! {
+                            accepted = listener.accept() => match accepted {
+                                Ok((socket, _)) => socket,
+                                Err(_) => continue,
+                            },
+                            _ = &mut stopped => break,
+                        };
+                        let connection = http
+                            .serve_connection(TokioIo::new(socket), service.clone())
+                            .into_owned();
+                        tokio::spawn(async move {
+                            let _ = connection.await;
+                        });
+                    }
+                });
+                // Dropping the runtime ends the connections still open.
+            })
+            .expect("spawn the S3 server thread");
+        Self {
+            port,
+            shutdown: Some(shutdown),
+            thread: Some(thread),
+            root,
         }
-        panic!("could not start s3s-fs");
     }
 
     fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
         }
     }
 
@@ -126,20 +137,6 @@ impl S3Server {
         s3.prefix = "bulk".into();
         s3.part_size_bytes = 5 * 1024 * 1024;
     }
-}
-
-fn wait_ready(child: &mut Child, port: u16) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if matches!(child.try_wait(), Ok(Some(_))) {
-            return false;
-        }
-        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
 }
 
 impl Drop for S3Server {

@@ -20,9 +20,8 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use fhir_bulk_proxy::auth::keygen;
 use fhir_bulk_proxy::config::{ClientConfig, Config};
-use josekit::jwk::Jwk;
-use josekit::jws::JwsSigner;
 use serde_json::{Value, json};
 
 use super::TestProxy;
@@ -38,7 +37,8 @@ pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-be
 pub struct ClientKey {
     pub alg: &'static str,
     pub kid: String,
-    pub private: Jwk,
+    /// The private JWK, as `keygen` prints it.
+    pub private: Value,
     pub public: Value,
 }
 
@@ -52,19 +52,21 @@ impl ClientKey {
     }
 
     pub fn generate(alg: &'static str, kid: &str) -> Self {
-        let mut private = match alg {
-            "ES384" => Jwk::generate_ec_key(josekit::jwk::alg::ec::EcCurve::P384).unwrap(),
-            "RS384" => Jwk::generate_rsa_key(2048).unwrap(),
+        let (mut private, public_members): (_, &[&str]) = match alg {
+            "ES384" => (keygen::ec_p384_jwk().unwrap(), &["kty", "crv", "x", "y"]),
+            "RS384" => (keygen::rsa_jwk(2048).unwrap(), &["kty", "n", "e"]),
             other => panic!("no key type for {other}"),
         };
-        private.set_key_id(kid);
-        let public_jwk = private.to_public_key().unwrap();
-        let mut public = Value::Object(public_jwk.as_ref().clone());
+        private.insert("kid".into(), json!(kid));
+        let mut public = json!({});
+        for name in public_members {
+            public[*name] = private[*name].clone();
+        }
         public["kid"] = json!(kid);
         Self {
             alg,
             kid: kid.to_owned(),
-            private,
+            private: Value::Object(private),
             public,
         }
     }
@@ -73,7 +75,7 @@ impl ClientKey {
     pub fn with_kid(&self, kid: &str) -> Self {
         let mut key = self.clone();
         key.kid = kid.to_owned();
-        key.private.set_key_id(kid);
+        key.private["kid"] = json!(kid);
         key.public["kid"] = json!(kid);
         key
     }
@@ -95,18 +97,11 @@ impl ClientKey {
             URL_SAFE_NO_PAD.encode(header.to_string()),
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
-        let signature = match self.alg {
-            "ES384" => josekit::jws::ES384
-                .signer_from_jwk(&self.private)
-                .unwrap()
-                .sign(input.as_bytes())
-                .unwrap(),
-            _ => josekit::jws::RS384
-                .signer_from_jwk(&self.private)
-                .unwrap()
-                .sign(input.as_bytes())
-                .unwrap(),
-        };
+        // The library's client signs with the key's own algorithm (ES384 or RS384).
+        let signature = fhir_bulk_proxy::client::ClientKey::from_json(&self.private)
+            .unwrap()
+            .sign(input.as_bytes())
+            .unwrap();
         format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature))
     }
 
