@@ -81,18 +81,26 @@ impl Auth {
         request: &TokenRequest,
         token_url: &str,
     ) -> Result<TokenResponse, OAuthError> {
+        // The assertion is verified (and its jti spent) before the request's other faults are
+        // reported: an assertion refused for any reason is never usable again, whatever the
+        // next request around it says (another grant_type, another scope).
+        let authenticated = if request.client_assertion_type == JWT_BEARER {
+            Some(self.authenticate(request, token_url).await)
+        } else {
+            None
+        };
         if request.grant_type != "client_credentials" {
             return Err(OAuthError::UnsupportedGrantType(format!(
                 "grant_type must be client_credentials, not {:?}",
                 request.grant_type
             )));
         }
-        if request.client_assertion_type != JWT_BEARER {
+        let Some(authenticated) = authenticated else {
             return Err(OAuthError::InvalidClient(format!(
                 "client_assertion_type must be {JWT_BEARER}"
             )));
-        }
-        let client = self.authenticate(request, token_url).await?;
+        };
+        let client = authenticated?;
         let granted = Scopes::grant(&request.scope, &client.scopes)
             .map_err(|e| OAuthError::InvalidScope(e.to_string()))?;
         let issued = self

@@ -423,6 +423,32 @@ async fn hostile_claims_are_refused_as_invalid_client() {
     assert!(description.contains("already used"), "{description}");
 }
 
+/// An assertion spends its `jti` as soon as it verifies, also when the request around it is
+/// refused: resent with a scope the client may have, or with the right grant_type, it is refused
+/// as already used (SPEC A4.12), so a refused request cannot be replayed into a token.
+#[tokio::test]
+async fn a_refused_request_spends_its_assertion() {
+    let (proxy, registered, _fake) = proxy_and_client().await;
+    let url = token_url(&proxy);
+
+    let assertion = registered.key.assertion(&registered.id, &url);
+    let refused = post_token(&proxy, &token_form(&assertion, "system/*.write")).await;
+    oauth_error(refused, "invalid_scope").await;
+    let replayed = oauth_error(token_with(&proxy, &assertion).await, "invalid_client").await;
+    assert!(replayed.contains("already used"), "{replayed}");
+
+    let assertion = registered.key.assertion(&registered.id, &url);
+    let mut form = token_form(&assertion, "system/*.read");
+    form[0].1 = "password".into();
+    oauth_error(post_token(&proxy, &form).await, "unsupported_grant_type").await;
+    let replayed = oauth_error(token_with(&proxy, &assertion).await, "invalid_client").await;
+    assert!(replayed.contains("already used"), "{replayed}");
+
+    // A fresh assertion still gets its token.
+    let fresh = registered.key.assertion(&registered.id, &url);
+    assert_eq!(token_with(&proxy, &fresh).await.status(), 200);
+}
+
 #[tokio::test]
 async fn a_jwks_url_is_cached_as_cache_control_allows() {
     let key = ClientKey::es384();
