@@ -293,22 +293,32 @@ fn parameters_body(body: &Value) -> Result<Vec<(String, ParamValue)>, KickOffErr
     Ok(out)
 }
 
+/// SPEC A5.6: the kick-off answers `application/fhir+json` only, so `Accept` must be that or a
+/// wildcard covering it (`*/*`, `application/*`), with any parameters, anywhere in a list, and
+/// not refused with `q=0`. `application/json` alone is not enough.
 fn check_accept(accept: Option<&str>) -> Result<(), KickOffError> {
     let accept =
         accept.ok_or_else(|| reject("Accept", "header is required (application/fhir+json)"))?;
-    let ok = accept.split(',').any(|media| {
-        let media = media.split(';').next().unwrap_or("").trim();
-        matches!(
-            media,
-            "application/fhir+json" | "application/json" | "*/*" | "application/*"
-        )
+    let ok = accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
+            })
+        });
+        !refused
+            && matches!(
+                media.as_str(),
+                "application/fhir+json" | "*/*" | "application/*"
+            )
     });
     if ok {
         Ok(())
     } else {
         Err(reject(
             "Accept",
-            format!("{accept:?} is not supported; use application/fhir+json"),
+            format!("header {accept:?} is not supported; use application/fhir+json"),
         ))
     }
 }
@@ -462,6 +472,32 @@ mod tests {
             "Accept"
         );
         assert_eq!(parse(&raw(ACCEPT, None)).unwrap_err().param, "Prefer");
+        for ok in [
+            "application/fhir+json",
+            "Application/FHIR+JSON",
+            "application/fhir+json; charset=utf-8",
+            "*/*",
+            "*/*;q=0.1",
+            "application/*",
+            "application/*; q=0.5",
+            "text/html, application/fhir+json;q=0.9",
+            "application/json, */*;q=0.1",
+        ] {
+            assert!(parse(&raw(Some(ok), PREFER)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/json, text/html",
+            "application/fhir+xml",
+            "text/*",
+            "application/fhir+json;q=0",
+            "",
+        ] {
+            let err = parse(&raw(Some(bad), PREFER)).unwrap_err();
+            assert_eq!(err.param, "Accept", "{bad}");
+            assert!(err.to_string().contains("Accept"), "{bad}");
+        }
         assert!(
             parse(&raw(ACCEPT, Some("respond-async, handling=lenient")))
                 .unwrap()

@@ -1074,3 +1074,38 @@ async fn files_are_split_at_the_configured_size_on(store: Store) {
     assert!(counts.iter().all(|c| *c <= 300), "{counts:?}");
     assert_eq!(ids(&files)["Observation"].len(), 1369);
 }
+
+/// SPEC A5.6: the kick-off answers `application/fhir+json` only; `application/json` alone is a
+/// 400 naming the Accept header, a wildcard covering FHIR JSON is fine.
+#[tokio::test]
+async fn kick_off_accept_must_cover_fhir_json() {
+    let s = Setup::new(Store::Embedded, |c| {
+        c.export.max_active_jobs_per_client = 10
+    })
+    .await;
+    let kick_off = |accept: &'static str| {
+        client()
+            .get(s.proxy.url("/$export?_type=Patient"))
+            .header("accept", accept)
+            .header("prefer", "respond-async")
+            .bearer_auth(&s.token)
+            .send()
+    };
+    for accept in [
+        "application/fhir+json",
+        "*/*",
+        "application/*;q=0.8",
+        "text/html, application/fhir+json;q=0.9",
+    ] {
+        let response = kick_off(accept).await.unwrap();
+        assert_eq!(response.status(), 202, "{accept}");
+    }
+    for accept in ["application/json", "application/fhir+xml", "text/html"] {
+        let response = kick_off(accept).await.unwrap();
+        assert_eq!(response.status(), 400, "{accept}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+        let diagnostics = body["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(diagnostics.contains("Accept"), "{accept}: {diagnostics}");
+    }
+}
