@@ -1109,3 +1109,54 @@ async fn kick_off_accept_must_cover_fhir_json() {
         assert!(diagnostics.contains("Accept"), "{accept}: {diagnostics}");
     }
 }
+
+/// The proxy's own OperationOutcome errors are sent as `application/json` to a client whose
+/// Accept prefers it, and as `application/fhir+json` otherwise; the body is the same outcome.
+#[tokio::test]
+async fn errors_honour_accept() {
+    let s = Setup::new(Store::Embedded, |_| {}).await;
+    let missing_status = s.proxy.url("/$export-status/no-such-job");
+    let cases = [
+        ("application/json", "application/json"),
+        (
+            "application/fhir+json;q=0.5, application/json",
+            "application/json",
+        ),
+        ("application/json, */*", "application/fhir+json"),
+        ("application/fhir+json", "application/fhir+json"),
+        ("*/*", "application/fhir+json"),
+    ];
+    for (accept, expected) in cases {
+        let not_found = client()
+            .get(&missing_status)
+            .header("accept", accept)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        let kick_off = client()
+            .get(s.proxy.url("/$export?_type=NotAType"))
+            .header("accept", accept)
+            .header("prefer", "respond-async")
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        for (response, status) in [(not_found, 404), (kick_off, 400)] {
+            assert_eq!(response.status(), status, "{accept}");
+            assert_eq!(response.headers()["content-type"], expected, "{accept}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+            assert!(body["issue"][0]["diagnostics"].is_string(), "{body}");
+        }
+    }
+    // A 401 without a token, too.
+    let unauthorized = client()
+        .get(&missing_status)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    assert_eq!(unauthorized.headers()["content-type"], "application/json");
+}
