@@ -121,7 +121,8 @@ async fn manifest_response(
     let manifest = json!({
         "transactionTime": job.transaction_time,
         "request": job.request,
-        "requiresAccessToken": !presigned,
+        // Files are behind a token only when the proxy asks for one (A9.2).
+        "requiresAccessToken": !presigned && app.auth.enabled(),
         "output": items,
         "deleted": [],
         "error": errors,

@@ -1160,3 +1160,66 @@ async fn errors_honour_accept() {
     assert_eq!(unauthorized.status(), 401);
     assert_eq!(unauthorized.headers()["content-type"], "application/json");
 }
+
+/// Without the proxy's authorization (`auth.enabled = false`) nothing claims a token is needed:
+/// the manifest says `requiresAccessToken: false`, metadata advertises no token endpoint and
+/// `.well-known/smart-configuration` is not the proxy's. With it, all three do.
+#[tokio::test]
+async fn metadata_and_manifest_tell_the_truth_about_tokens() {
+    for enabled in [false, true] {
+        let fhir = fixture_upstream().await;
+        let mut config = TestProxy::config(&fhir.url());
+        config.export.poll_retry_after_secs = 1;
+        let client_of_proxy = SmartClient::register(&mut config);
+        config.auth.enabled = enabled;
+        let proxy = TestProxy::start(config).await;
+        let token = match enabled {
+            true => client_of_proxy.token(&proxy).await,
+            false => "not-checked".to_owned(),
+        };
+        let s = Setup {
+            fhir,
+            proxy,
+            client: client_of_proxy,
+            token,
+            _redis: None,
+        };
+        let status_url = s.start("/$export?_type=Patient").await;
+        let manifest = s.manifest(&status_url).await;
+        assert_eq!(manifest["requiresAccessToken"], enabled, "{manifest}");
+        if !enabled {
+            let url = manifest["output"][0]["url"].as_str().unwrap();
+            let file = client().get(url).send().await.unwrap();
+            assert_eq!(file.status(), 200, "no token needed");
+        }
+
+        let cs: Value = client()
+            .get(s.proxy.url("/metadata"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = cs.to_string();
+        assert_eq!(text.contains("oauth-uris"), enabled, "{text}");
+        assert_eq!(
+            text.contains(s.proxy.url("/token").as_str()),
+            enabled,
+            "{text}"
+        );
+        let smart = client()
+            .get(s.proxy.url("/.well-known/smart-configuration"))
+            .send()
+            .await
+            .unwrap();
+        let status = smart.status();
+        let body = smart.text().await.unwrap();
+        if enabled {
+            assert_eq!(status, 200);
+            assert!(body.contains("token_endpoint"), "{body}");
+        } else {
+            assert!(!body.contains("token_endpoint"), "{status}: {body}");
+        }
+    }
+}
