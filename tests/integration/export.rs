@@ -1223,3 +1223,34 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
         }
     }
 }
+
+/// With `poll_retry_after_secs = 5` polls closer than 2.5 s apart are 429: a client honouring
+/// every `Retry-After`, the first poll's included (the job is done by then), never gets one.
+#[tokio::test]
+async fn a_client_honouring_retry_after_is_never_throttled() {
+    let s = Setup::new(Store::Embedded, |c| c.export.poll_retry_after_secs = 5).await;
+    let status_url = s.start("/$export?_type=Patient").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut waits = Vec::new();
+    for _ in 0..20 {
+        let response = s.get(&status_url).await;
+        match response.status() {
+            StatusCode::ACCEPTED => {
+                let wait: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                waits.push(wait);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            StatusCode::OK => {
+                assert!(!waits.is_empty(), "the first poll is a 202");
+                assert!(waits[0] >= 3, "{waits:?}");
+                return;
+            }
+            other => panic!("{other} after waiting {waits:?}"),
+        }
+    }
+    panic!("the export did not finish: {waits:?}");
+}
