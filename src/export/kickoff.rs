@@ -61,8 +61,22 @@ pub struct KickOff {
     pub patients: Vec<String>,
     pub include_associated_data: Vec<String>,
     pub lenient: bool,
+    /// The `Prefer` header named a `handling` (strict or lenient): the 202 says it was applied.
+    pub handling_asked: bool,
     /// Diagnostics for parameters ignored under lenient handling.
     pub ignored: Vec<String>,
+}
+
+impl KickOff {
+    /// The `Preference-Applied` of the 202 (RFC 7240 §3): `respond-async`, and the `handling`
+    /// used when the client asked for one.
+    pub fn preference_applied(&self) -> &'static str {
+        match (self.handling_asked, self.lenient) {
+            (false, _) => "respond-async",
+            (true, false) => "respond-async, handling=strict",
+            (true, true) => "respond-async, handling=lenient",
+        }
+    }
 }
 
 /// The raw request, as the HTTP layer saw it.
@@ -81,7 +95,7 @@ pub struct RawKickOff<'a> {
 /// Parses and validates a kick-off request.
 pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
     check_accept(raw.accept)?;
-    let lenient = check_prefer(raw.prefer)?;
+    let (lenient, handling_asked) = check_prefer(raw.prefer)?;
     let mut params: Vec<(String, ParamValue)> = url::form_urlencoded::parse(raw.query.as_bytes())
         .map(|(k, v)| (k.into_owned(), ParamValue::Text(v.into_owned())))
         .collect();
@@ -93,6 +107,7 @@ pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
 
     let mut out = KickOff {
         lenient,
+        handling_asked,
         ..KickOff::default()
     };
     // Under lenient handling an invalid optional parameter is reported, not fatal.
@@ -323,8 +338,9 @@ fn check_accept(accept: Option<&str>) -> Result<(), KickOffError> {
     }
 }
 
-/// Checks `Prefer: respond-async` and returns whether `handling=lenient` was asked for.
-fn check_prefer(prefer: Option<&str>) -> Result<bool, KickOffError> {
+/// Checks `Prefer: respond-async` and returns whether `handling=lenient` was asked for, and
+/// whether any `handling` (strict or lenient) was.
+fn check_prefer(prefer: Option<&str>) -> Result<(bool, bool), KickOffError> {
     let prefer = prefer.unwrap_or("");
     let tokens: Vec<String> = prefer
         .split([',', ';'])
@@ -333,7 +349,9 @@ fn check_prefer(prefer: Option<&str>) -> Result<bool, KickOffError> {
     if !tokens.iter().any(|t| t == "respond-async") {
         return Err(reject("Prefer", "header must include respond-async"));
     }
-    Ok(tokens.iter().any(|t| t == "handling=lenient"))
+    let lenient = tokens.iter().any(|t| t == "handling=lenient");
+    let asked = lenient || tokens.iter().any(|t| t == "handling=strict");
+    Ok((lenient, asked))
 }
 
 /// Parses a FHIR instant; `+` decoded as a space is restored (A5.12).
@@ -472,6 +490,24 @@ mod tests {
             "Accept"
         );
         assert_eq!(parse(&raw(ACCEPT, None)).unwrap_err().param, "Prefer");
+        for (prefer, applied) in [
+            ("respond-async", "respond-async"),
+            (
+                "respond-async, handling=strict",
+                "respond-async, handling=strict",
+            ),
+            (
+                "handling=lenient; respond-async",
+                "respond-async, handling=lenient",
+            ),
+            (
+                "respond-async,handling = lenient",
+                "respond-async, handling=lenient",
+            ),
+        ] {
+            let kickoff = parse(&raw(ACCEPT, Some(prefer))).unwrap();
+            assert_eq!(kickoff.preference_applied(), applied, "{prefer}");
+        }
         for ok in [
             "application/fhir+json",
             "Application/FHIR+JSON",

@@ -1254,3 +1254,39 @@ async fn a_client_honouring_retry_after_is_never_throttled() {
     }
     panic!("the export did not finish: {waits:?}");
 }
+
+/// The 202 says which preferences it applied (RFC 7240 §3): `respond-async`, and the `handling`
+/// the client asked for.
+#[tokio::test]
+async fn kick_off_reports_the_preferences_applied() {
+    let s = Setup::new(Store::Embedded, |c| {
+        c.export.max_active_jobs_per_client = 10
+    })
+    .await;
+    for (prefer, applied) in [
+        ("respond-async", "respond-async"),
+        (
+            "respond-async, handling=strict",
+            "respond-async, handling=strict",
+        ),
+        (
+            "respond-async; handling=lenient",
+            "respond-async, handling=lenient",
+        ),
+    ] {
+        let response = client()
+            .get(s.proxy.url("/$export?_type=Patient"))
+            .header("accept", "application/fhir+json")
+            .header("prefer", prefer)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202, "{prefer}");
+        assert_eq!(
+            response.headers()["preference-applied"],
+            applied,
+            "{prefer}"
+        );
+    }
+}
