@@ -267,9 +267,11 @@ fn service(
         let (body, stalled) = watch.body(body);
         let request = Request::from_parts(parts, body);
         async move {
+            let accept = request.headers().get(hyper::header::ACCEPT).cloned();
             let mut response = entry.serve(request, peer).await;
             if stalled.is_raised() {
                 response = request_timeout(&response, timeouts.body);
+                http::error::honour_accept(accept.as_ref(), &mut response);
             }
             Ok::<_, Infallible>(response.map(|body| Tracked::new(body, in_flight)))
         }

@@ -61,8 +61,22 @@ pub struct KickOff {
     pub patients: Vec<String>,
     pub include_associated_data: Vec<String>,
     pub lenient: bool,
+    /// The `Prefer` header named a `handling` (strict or lenient): the 202 says it was applied.
+    pub handling_asked: bool,
     /// Diagnostics for parameters ignored under lenient handling.
     pub ignored: Vec<String>,
+}
+
+impl KickOff {
+    /// The `Preference-Applied` of the 202 (RFC 7240 §3): `respond-async`, and the `handling`
+    /// used when the client asked for one.
+    pub fn preference_applied(&self) -> &'static str {
+        match (self.handling_asked, self.lenient) {
+            (false, _) => "respond-async",
+            (true, false) => "respond-async, handling=strict",
+            (true, true) => "respond-async, handling=lenient",
+        }
+    }
 }
 
 /// The raw request, as the HTTP layer saw it.
@@ -81,7 +95,7 @@ pub struct RawKickOff<'a> {
 /// Parses and validates a kick-off request.
 pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
     check_accept(raw.accept)?;
-    let lenient = check_prefer(raw.prefer)?;
+    let (lenient, handling_asked) = check_prefer(raw.prefer)?;
     let mut params: Vec<(String, ParamValue)> = url::form_urlencoded::parse(raw.query.as_bytes())
         .map(|(k, v)| (k.into_owned(), ParamValue::Text(v.into_owned())))
         .collect();
@@ -93,6 +107,7 @@ pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
 
     let mut out = KickOff {
         lenient,
+        handling_asked,
         ..KickOff::default()
     };
     // Under lenient handling an invalid optional parameter is reported, not fatal.
@@ -293,28 +308,39 @@ fn parameters_body(body: &Value) -> Result<Vec<(String, ParamValue)>, KickOffErr
     Ok(out)
 }
 
+/// SPEC A5.6: the kick-off answers `application/fhir+json` only, so `Accept` must be that or a
+/// wildcard covering it (`*/*`, `application/*`), with any parameters, anywhere in a list, and
+/// not refused with `q=0`. `application/json` alone is not enough.
 fn check_accept(accept: Option<&str>) -> Result<(), KickOffError> {
     let accept =
         accept.ok_or_else(|| reject("Accept", "header is required (application/fhir+json)"))?;
-    let ok = accept.split(',').any(|media| {
-        let media = media.split(';').next().unwrap_or("").trim();
-        matches!(
-            media,
-            "application/fhir+json" | "application/json" | "*/*" | "application/*"
-        )
+    let ok = accept.split(',').any(|range| {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.split_once('=').is_some_and(|(k, v)| {
+                k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>() == Ok(0.0)
+            })
+        });
+        !refused
+            && matches!(
+                media.as_str(),
+                "application/fhir+json" | "*/*" | "application/*"
+            )
     });
     if ok {
         Ok(())
     } else {
         Err(reject(
             "Accept",
-            format!("{accept:?} is not supported; use application/fhir+json"),
+            format!("header {accept:?} is not supported; use application/fhir+json"),
         ))
     }
 }
 
-/// Checks `Prefer: respond-async` and returns whether `handling=lenient` was asked for.
-fn check_prefer(prefer: Option<&str>) -> Result<bool, KickOffError> {
+/// Checks `Prefer: respond-async` and returns whether `handling=lenient` was asked for, and
+/// whether any `handling` (strict or lenient) was.
+fn check_prefer(prefer: Option<&str>) -> Result<(bool, bool), KickOffError> {
     let prefer = prefer.unwrap_or("");
     let tokens: Vec<String> = prefer
         .split([',', ';'])
@@ -323,7 +349,9 @@ fn check_prefer(prefer: Option<&str>) -> Result<bool, KickOffError> {
     if !tokens.iter().any(|t| t == "respond-async") {
         return Err(reject("Prefer", "header must include respond-async"));
     }
-    Ok(tokens.iter().any(|t| t == "handling=lenient"))
+    let lenient = tokens.iter().any(|t| t == "handling=lenient");
+    let asked = lenient || tokens.iter().any(|t| t == "handling=strict");
+    Ok((lenient, asked))
 }
 
 /// Parses a FHIR instant; `+` decoded as a space is restored (A5.12).
@@ -462,6 +490,50 @@ mod tests {
             "Accept"
         );
         assert_eq!(parse(&raw(ACCEPT, None)).unwrap_err().param, "Prefer");
+        for (prefer, applied) in [
+            ("respond-async", "respond-async"),
+            (
+                "respond-async, handling=strict",
+                "respond-async, handling=strict",
+            ),
+            (
+                "handling=lenient; respond-async",
+                "respond-async, handling=lenient",
+            ),
+            (
+                "respond-async,handling = lenient",
+                "respond-async, handling=lenient",
+            ),
+        ] {
+            let kickoff = parse(&raw(ACCEPT, Some(prefer))).unwrap();
+            assert_eq!(kickoff.preference_applied(), applied, "{prefer}");
+        }
+        for ok in [
+            "application/fhir+json",
+            "Application/FHIR+JSON",
+            "application/fhir+json; charset=utf-8",
+            "*/*",
+            "*/*;q=0.1",
+            "application/*",
+            "application/*; q=0.5",
+            "text/html, application/fhir+json;q=0.9",
+            "application/json, */*;q=0.1",
+        ] {
+            assert!(parse(&raw(Some(ok), PREFER)).is_ok(), "{ok}");
+        }
+        for bad in [
+            "application/json",
+            "application/json; charset=utf-8",
+            "application/json, text/html",
+            "application/fhir+xml",
+            "text/*",
+            "application/fhir+json;q=0",
+            "",
+        ] {
+            let err = parse(&raw(Some(bad), PREFER)).unwrap_err();
+            assert_eq!(err.param, "Accept", "{bad}");
+            assert!(err.to_string().contains("Accept"), "{bad}");
+        }
         assert!(
             parse(&raw(ACCEPT, Some("respond-async, handling=lenient")))
                 .unwrap()

@@ -19,8 +19,10 @@ pub fn is_capability_statement(value: &Value) -> bool {
     value.get("resourceType").and_then(Value::as_str) == Some("CapabilityStatement")
 }
 
-/// Adds the bulk-data and SMART entries. `token_url` is the proxy's absolute token endpoint.
-pub fn augment(cs: &mut Value, token_url: &str) {
+/// Adds the bulk-data and SMART entries. `token_url` is the proxy's absolute token endpoint, or
+/// `None` when the proxy serves none (`auth.enabled = false`): then no SMART security entries are
+/// added (the upstream's own are left as they are).
+pub fn augment(cs: &mut Value, token_url: Option<&str>) {
     let Some(root) = cs.as_object_mut() else {
         return;
     };
@@ -65,6 +67,9 @@ pub fn augment(cs: &mut Value, token_url: &str) {
         }
     }
 
+    let Some(token_url) = token_url else {
+        return;
+    };
     let security = server
         .entry("security")
         .or_insert_with(|| json!({}))
@@ -143,7 +148,7 @@ mod tests {
     #[test]
     fn adds_every_bulk_and_smart_entry() {
         let mut cs = upstream();
-        augment(&mut cs, "https://proxy/fhir/token");
+        augment(&mut cs, Some("https://proxy/fhir/token"));
         assert_eq!(cs["instantiates"][0], BULK_DATA_CAPABILITY);
         let rest = &cs["rest"][0];
         assert_eq!(op_names(rest), ["everything", "export"]);
@@ -172,11 +177,22 @@ mod tests {
     }
 
     #[test]
+    fn without_a_token_endpoint_no_smart_security_is_advertised() {
+        let mut cs = upstream();
+        augment(&mut cs, None);
+        let rest = &cs["rest"][0];
+        assert_eq!(op_names(rest), ["everything", "export"]);
+        assert!(rest.get("security").is_none(), "{cs}");
+        assert!(!cs.to_string().contains(OAUTH_URIS));
+        assert!(!cs.to_string().contains("SMART-on-FHIR"));
+    }
+
+    #[test]
     fn is_idempotent() {
         let mut once = upstream();
-        augment(&mut once, "https://p/token");
+        augment(&mut once, Some("https://p/token"));
         let mut twice = once.clone();
-        augment(&mut twice, "https://p/token");
+        augment(&mut twice, Some("https://p/token"));
         assert_eq!(once, twice);
     }
 
@@ -184,7 +200,7 @@ mod tests {
     fn creates_a_server_rest_entry_when_missing() {
         let mut cs =
             json!({ "resourceType": "CapabilityStatement", "rest": [{ "mode": "client" }] });
-        augment(&mut cs, "https://p/token");
+        augment(&mut cs, Some("https://p/token"));
         assert_eq!(cs["rest"][0]["mode"], "server");
         assert_eq!(cs["rest"][1]["mode"], "client");
     }

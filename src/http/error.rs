@@ -202,6 +202,59 @@ fn allowed_list(methods: &[Method]) -> String {
     names.join(", ")
 }
 
+/// The media type an error OperationOutcome is sent as: `application/json` when the request's
+/// `Accept` prefers it to `application/fhir+json` (or accepts only it), otherwise
+/// `application/fhir+json`. Each type's weight comes from the most specific range that covers it
+/// (`application/json` before `application/*` before `*/*`; RFC 9110 §12.5.1); a tie is FHIR's.
+pub fn error_media_type(accept: Option<&HeaderValue>) -> &'static str {
+    let Some(accept) = accept.and_then(|v| v.to_str().ok()) else {
+        return FHIR_JSON;
+    };
+    // (specificity, q) of the most specific range covering each type; specificity 0 = none.
+    let mut json = (0u8, 0.0f32);
+    let mut fhir = (0u8, 0.0f32);
+    for range in accept.split(',') {
+        let mut parts = range.split(';');
+        let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let q = parts
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+            .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+            .unwrap_or(1.0);
+        let (for_json, for_fhir) = match media.as_str() {
+            "application/json" => (3, 0),
+            "application/fhir+json" => (0, 3),
+            "application/*" => (2, 2),
+            "*/*" => (1, 1),
+            _ => (0, 0),
+        };
+        for (specificity, best) in [(for_json, &mut json), (for_fhir, &mut fhir)] {
+            if specificity > best.0 {
+                *best = (specificity, q);
+            }
+        }
+    }
+    if json.1 > fhir.1 { JSON } else { FHIR_JSON }
+}
+
+const JSON: &str = "application/json";
+
+/// Sends an OperationOutcome error of the proxy's own (a response [`ApiError`] made) as the
+/// request's `Accept` prefers ([`error_media_type`]); any other response is left alone.
+pub fn honour_accept(accept: Option<&HeaderValue>, response: &mut Response) {
+    let is_outcome_error = response.extensions().get::<ErrorSource>().is_some()
+        && response.headers().get(header::CONTENT_TYPE)
+            == Some(&HeaderValue::from_static(FHIR_JSON));
+    if is_outcome_error {
+        let media = error_media_type(accept);
+        if media != FHIR_JSON {
+            response
+                .headers_mut()
+                .insert(header::CONTENT_TYPE, HeaderValue::from_static(media));
+        }
+    }
+}
+
 /// A response whose body is `outcome`, as `application/fhir+json`.
 pub fn outcome_response(status: StatusCode, outcome: &OperationOutcome) -> Response {
     let mut response = (status, outcome.to_json().to_string()).into_response();
@@ -226,4 +279,55 @@ fn oauth_response(status: StatusCode, error: &OAuthError) -> Response {
 pub fn no_store(headers: &mut axum::http::HeaderMap) {
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     headers.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+}
+
+#[cfg(test)]
+mod accept_tests {
+    use super::*;
+
+    fn media(accept: &str) -> &'static str {
+        error_media_type(Some(&HeaderValue::from_str(accept).unwrap()))
+    }
+
+    #[test]
+    fn errors_are_plain_json_only_when_accept_prefers_it() {
+        assert_eq!(error_media_type(None), FHIR_JSON);
+        for fhir in [
+            "application/fhir+json",
+            "*/*",
+            "application/*",
+            "application/json, */*",
+            "application/json, application/fhir+json",
+            "application/json;q=0.5, application/fhir+json",
+            "application/json;q=0.5, */*",
+            "text/html",
+            "application/json;q=0, */*",
+        ] {
+            assert_eq!(media(fhir), FHIR_JSON, "{fhir}");
+        }
+        for json in [
+            "application/json",
+            "Application/JSON; charset=utf-8",
+            "application/json, text/html",
+            "application/fhir+json;q=0.5, application/json",
+            "application/json, */*;q=0.1",
+            "application/json, application/*;q=0.9",
+        ] {
+            assert_eq!(media(json), JSON, "{json}");
+        }
+    }
+
+    #[test]
+    fn only_outcome_errors_change_type() {
+        let accept = HeaderValue::from_static("application/json");
+        let mut error = ApiError::NotFound("no such export".into()).into_response();
+        honour_accept(Some(&accept), &mut error);
+        assert_eq!(error.headers()[header::CONTENT_TYPE], JSON);
+        let mut ok = outcome_response(
+            StatusCode::ACCEPTED,
+            &OperationOutcome::error("informational", "fine"),
+        );
+        honour_accept(Some(&accept), &mut ok);
+        assert_eq!(ok.headers()[header::CONTENT_TYPE], FHIR_JSON);
+    }
 }

@@ -75,6 +75,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         body: body.as_ref(),
         now,
     })?;
+    let preference_applied = kickoff.preference_applied();
 
     let mut warnings = kickoff.ignored.clone();
     let patients = match &level {
@@ -194,6 +195,10 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
     headers.insert(
         header::CONTENT_LOCATION,
         HeaderValue::from_str(&status_url).map_err(|e| ApiError::Internal(e.to_string()))?,
+    );
+    headers.insert(
+        header::HeaderName::from_static("preference-applied"),
+        HeaderValue::from_static(preference_applied),
     );
     Ok(response)
 }

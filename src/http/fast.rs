@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll};
 
+use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use bytes::{Buf, Bytes, BytesMut};
 use http_body_util::BodyExt;
@@ -184,9 +185,11 @@ async fn serve_one(
         Ok(answered) => (answered.status, answered.keep_alive),
         Err(error) => {
             // In the request's span: turning the error into a response logs it.
-            let response = observation
+            let mut response = observation
                 .span()
                 .in_scope(|| ApiError::from(error).into_response());
+            let accept = head.accept().and_then(|v| HeaderValue::from_bytes(v).ok());
+            super::error::honour_accept(accept.as_ref(), &mut response);
             let status = response.status().as_u16();
             let mut out = Vec::new();
             write_response(response, id.as_bytes(), head.close, &mut out).await;

@@ -74,7 +74,9 @@ pub async fn get(State(app): State<AppState>, request: Request) -> Result<Respon
     );
     match fetch(&app, Some(request.headers())).await? {
         Fetched::Statement(mut statement) => {
-            capability::augment(&mut statement, &token_url);
+            // No token endpoint is served with auth disabled: none is advertised.
+            let token_url = app.auth.enabled().then_some(token_url.as_str());
+            capability::augment(&mut statement, token_url);
             Ok(fhir_json(&statement))
         }
         Fetched::Other(mut parts, body) => {

@@ -64,7 +64,15 @@ impl Entry {
         B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
         B::Error: Into<axum::BoxError>,
     {
-        let mut request = request.map(Body::new);
+        let request = request.map(Body::new);
+        // Errors of the proxy's own are sent as the request's Accept prefers: the one place.
+        let accept = request.headers().get(axum::http::header::ACCEPT).cloned();
+        let mut response = self.answer(request, peer).await;
+        error::honour_accept(accept.as_ref(), &mut response);
+        response
+    }
+
+    async fn answer(&self, mut request: Request, peer: SocketAddr) -> Response {
         if let Err(why) = crate::proxy::headers::check_request_head(request.headers()) {
             return ApiError::BadRequest(why.into()).into_response();
         }

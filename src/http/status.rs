@@ -42,10 +42,11 @@ pub async fn get(
         )));
     }
     let retry_after = app.config.export.poll_retry_after_secs;
+    let min_interval_ms = min_poll_interval_ms(retry_after);
     let now_ms = now_millis();
     if !app
         .store
-        .record_poll(&job.id, now_ms, retry_after * 1000 / 2)
+        .record_poll(&job.id, now_ms, min_interval_ms)
         .await?
     {
         return Err(ApiError::TooManyRequests {
@@ -57,7 +58,8 @@ pub async fn get(
 
     match job.state {
         JobState::Running => in_progress(&app, &job, retry_after).await,
-        _ if first_poll => in_progress(&app, &job, 1).await,
+        // Soon, but never sooner than the rate limit allows.
+        _ if first_poll => in_progress(&app, &job, first_poll_retry_after(retry_after)).await,
         JobState::Completed => manifest_response(&app, &headers, &job).await,
         JobState::Failed => Err(ApiError::Internal(format!(
             "export {} failed: {}",
@@ -65,6 +67,18 @@ pub async fn get(
             job.error.as_deref().unwrap_or("unknown error")
         ))),
     }
+}
+
+/// Polls closer together than this answer 429: half the `Retry-After` told.
+fn min_poll_interval_ms(retry_after: u64) -> u64 {
+    retry_after.saturating_mul(1000) / 2
+}
+
+/// The `Retry-After` of the first poll of a job that is already done (BDT wants a 202 first):
+/// 1 s, or the rate limit's interval rounded up when that is longer, so that a client honouring
+/// it is never told 429.
+fn first_poll_retry_after(retry_after: u64) -> u64 {
+    min_poll_interval_ms(retry_after).div_ceil(1000).max(1)
 }
 
 async fn in_progress(app: &AppState, job: &Job, retry_after: u64) -> Result<Response, ApiError> {
@@ -121,7 +135,8 @@ async fn manifest_response(
     let manifest = json!({
         "transactionTime": job.transaction_time,
         "request": job.request,
-        "requiresAccessToken": !presigned,
+        // Files are behind a token only when the proxy asks for one (A9.2).
+        "requiresAccessToken": !presigned && app.auth.enabled(),
         "output": items,
         "deleted": [],
         "error": errors,
@@ -179,6 +194,21 @@ pub async fn delete(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_first_poll_is_never_told_to_come_back_before_the_rate_limit_allows() {
+        for retry_after in 0..=120 {
+            let first = super::first_poll_retry_after(retry_after);
+            assert!(first >= 1);
+            assert!(
+                first * 1000 >= super::min_poll_interval_ms(retry_after),
+                "{retry_after}"
+            );
+            assert!(first <= retry_after.max(1), "{retry_after}");
+        }
+        assert_eq!(super::first_poll_retry_after(2), 1);
+        assert_eq!(super::first_poll_retry_after(5), 3);
+    }
+
     #[test]
     fn http_dates_are_imf_fixdate() {
         assert_eq!(

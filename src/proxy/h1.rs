@@ -122,6 +122,15 @@ impl<'a> ClientHead<'a> {
         self.target.split('?').next().unwrap_or_default()
     }
 
+    /// The client's `Accept` header (the first), for an error of the proxy's own: looked up only
+    /// then.
+    pub fn accept(&self) -> Option<&'a [u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("accept"))
+            .map(|h| h.value)
+    }
+
     fn is_head(&self) -> bool {
         self.method == "HEAD"
     }

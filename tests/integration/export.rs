@@ -1074,3 +1074,219 @@ async fn files_are_split_at_the_configured_size_on(store: Store) {
     assert!(counts.iter().all(|c| *c <= 300), "{counts:?}");
     assert_eq!(ids(&files)["Observation"].len(), 1369);
 }
+
+/// SPEC A5.6: the kick-off answers `application/fhir+json` only; `application/json` alone is a
+/// 400 naming the Accept header, a wildcard covering FHIR JSON is fine.
+#[tokio::test]
+async fn kick_off_accept_must_cover_fhir_json() {
+    let s = Setup::new(Store::Embedded, |c| {
+        c.export.max_active_jobs_per_client = 10
+    })
+    .await;
+    let kick_off = |accept: &'static str| {
+        client()
+            .get(s.proxy.url("/$export?_type=Patient"))
+            .header("accept", accept)
+            .header("prefer", "respond-async")
+            .bearer_auth(&s.token)
+            .send()
+    };
+    for accept in [
+        "application/fhir+json",
+        "*/*",
+        "application/*;q=0.8",
+        "text/html, application/fhir+json;q=0.9",
+    ] {
+        let response = kick_off(accept).await.unwrap();
+        assert_eq!(response.status(), 202, "{accept}");
+    }
+    for accept in ["application/json", "application/fhir+xml", "text/html"] {
+        let response = kick_off(accept).await.unwrap();
+        assert_eq!(response.status(), 400, "{accept}");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+        let diagnostics = body["issue"][0]["diagnostics"].as_str().unwrap();
+        assert!(diagnostics.contains("Accept"), "{accept}: {diagnostics}");
+    }
+}
+
+/// The proxy's own OperationOutcome errors are sent as `application/json` to a client whose
+/// Accept prefers it, and as `application/fhir+json` otherwise; the body is the same outcome.
+#[tokio::test]
+async fn errors_honour_accept() {
+    let s = Setup::new(Store::Embedded, |_| {}).await;
+    let missing_status = s.proxy.url("/$export-status/no-such-job");
+    let cases = [
+        ("application/json", "application/json"),
+        (
+            "application/fhir+json;q=0.5, application/json",
+            "application/json",
+        ),
+        ("application/json, */*", "application/fhir+json"),
+        ("application/fhir+json", "application/fhir+json"),
+        ("*/*", "application/fhir+json"),
+    ];
+    for (accept, expected) in cases {
+        let not_found = client()
+            .get(&missing_status)
+            .header("accept", accept)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        let kick_off = client()
+            .get(s.proxy.url("/$export?_type=NotAType"))
+            .header("accept", accept)
+            .header("prefer", "respond-async")
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        for (response, status) in [(not_found, 404), (kick_off, 400)] {
+            assert_eq!(response.status(), status, "{accept}");
+            assert_eq!(response.headers()["content-type"], expected, "{accept}");
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["resourceType"], "OperationOutcome", "{body}");
+            assert!(body["issue"][0]["diagnostics"].is_string(), "{body}");
+        }
+    }
+    // A 401 without a token, too.
+    let unauthorized = client()
+        .get(&missing_status)
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+    assert_eq!(unauthorized.headers()["content-type"], "application/json");
+}
+
+/// Without the proxy's authorization (`auth.enabled = false`) nothing claims a token is needed:
+/// the manifest says `requiresAccessToken: false`, metadata advertises no token endpoint and
+/// `.well-known/smart-configuration` is not the proxy's. With it, all three do.
+#[tokio::test]
+async fn metadata_and_manifest_tell_the_truth_about_tokens() {
+    for enabled in [false, true] {
+        let fhir = fixture_upstream().await;
+        let mut config = TestProxy::config(&fhir.url());
+        config.export.poll_retry_after_secs = 1;
+        let client_of_proxy = SmartClient::register(&mut config);
+        config.auth.enabled = enabled;
+        let proxy = TestProxy::start(config).await;
+        let token = match enabled {
+            true => client_of_proxy.token(&proxy).await,
+            false => "not-checked".to_owned(),
+        };
+        let s = Setup {
+            fhir,
+            proxy,
+            client: client_of_proxy,
+            token,
+            _redis: None,
+        };
+        let status_url = s.start("/$export?_type=Patient").await;
+        let manifest = s.manifest(&status_url).await;
+        assert_eq!(manifest["requiresAccessToken"], enabled, "{manifest}");
+        if !enabled {
+            let url = manifest["output"][0]["url"].as_str().unwrap();
+            let file = client().get(url).send().await.unwrap();
+            assert_eq!(file.status(), 200, "no token needed");
+        }
+
+        let cs: Value = client()
+            .get(s.proxy.url("/metadata"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let text = cs.to_string();
+        assert_eq!(text.contains("oauth-uris"), enabled, "{text}");
+        assert_eq!(
+            text.contains(s.proxy.url("/token").as_str()),
+            enabled,
+            "{text}"
+        );
+        let smart = client()
+            .get(s.proxy.url("/.well-known/smart-configuration"))
+            .send()
+            .await
+            .unwrap();
+        let status = smart.status();
+        let body = smart.text().await.unwrap();
+        if enabled {
+            assert_eq!(status, 200);
+            assert!(body.contains("token_endpoint"), "{body}");
+        } else {
+            assert!(!body.contains("token_endpoint"), "{status}: {body}");
+        }
+    }
+}
+
+/// With `poll_retry_after_secs = 5` polls closer than 2.5 s apart are 429: a client honouring
+/// every `Retry-After`, the first poll's included (the job is done by then), never gets one.
+#[tokio::test]
+async fn a_client_honouring_retry_after_is_never_throttled() {
+    let s = Setup::new(Store::Embedded, |c| c.export.poll_retry_after_secs = 5).await;
+    let status_url = s.start("/$export?_type=Patient").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut waits = Vec::new();
+    for _ in 0..20 {
+        let response = s.get(&status_url).await;
+        match response.status() {
+            StatusCode::ACCEPTED => {
+                let wait: u64 = response.headers()["retry-after"]
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                waits.push(wait);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+            StatusCode::OK => {
+                assert!(!waits.is_empty(), "the first poll is a 202");
+                assert!(waits[0] >= 3, "{waits:?}");
+                return;
+            }
+            other => panic!("{other} after waiting {waits:?}"),
+        }
+    }
+    panic!("the export did not finish: {waits:?}");
+}
+
+/// The 202 says which preferences it applied (RFC 7240 §3): `respond-async`, and the `handling`
+/// the client asked for.
+#[tokio::test]
+async fn kick_off_reports_the_preferences_applied() {
+    let s = Setup::new(Store::Embedded, |c| {
+        c.export.max_active_jobs_per_client = 10
+    })
+    .await;
+    for (prefer, applied) in [
+        ("respond-async", "respond-async"),
+        (
+            "respond-async, handling=strict",
+            "respond-async, handling=strict",
+        ),
+        (
+            "respond-async; handling=lenient",
+            "respond-async, handling=lenient",
+        ),
+    ] {
+        let response = client()
+            .get(s.proxy.url("/$export?_type=Patient"))
+            .header("accept", "application/fhir+json")
+            .header("prefer", prefer)
+            .bearer_auth(&s.token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 202, "{prefer}");
+        assert_eq!(
+            response.headers()["preference-applied"],
+            applied,
+            "{prefer}"
+        );
+    }
+}

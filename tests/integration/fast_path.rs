@@ -385,6 +385,19 @@ async fn broken_upstream_answers_are_502_or_a_closed_connection() {
         let diagnostics = outcome(response, 502).await;
         assert!(!diagnostics.is_empty(), "{path}");
     }
+    // The proxy's own error honours Accept on the fast path too.
+    let raw = exchange_raw(
+        proxy.addr,
+        b"GET /fhir/garbage HTTP/1.1\r\nHost: p\r\nAccept: application/json\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(raw.starts_with("HTTP/1.1 502"), "{raw}");
+    assert!(
+        raw.to_ascii_lowercase()
+            .contains("content-type: application/json\r\n")
+            && raw.contains("OperationOutcome"),
+        "{raw}"
+    );
     // Cut short after the head was sent: the client sees its connection end early.
     let raw = exchange_raw(proxy.addr, b"GET /fhir/short HTTP/1.1\r\nHost: p\r\n\r\n").await;
     assert!(
