@@ -3,8 +3,6 @@
 //! complete with every upstream resource exactly once.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -12,104 +10,49 @@ use fhir_bulk_proxy::config::{Config, StoreBackend};
 use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
 
+use crate::support::process::ProxyProcess;
 use crate::support::redis::RedisServer;
 use crate::support::smart::{SmartClient, token_form};
 use crate::support::{client, outcome};
 
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 
-/// One proxy process.
+/// One proxy process; restarted, it listens on a new port of its own.
 struct Replica {
-    port: u16,
-    child: Option<Child>,
+    process: Option<ProxyProcess>,
     config_path: std::path::PathBuf,
 }
 
 impl Replica {
-    fn spawn(config_path: &std::path::Path, port: u16) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
-            .args(["--config", &config_path.display().to_string()])
-            .env("BULK_PROXY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("BULK_PROXY_LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the proxy binary");
-        let replica = Self {
-            port,
-            child: Some(child),
+    fn spawn(config_path: &std::path::Path) -> Self {
+        Self {
+            process: Some(ProxyProcess::spawn(config_path, "info", &[])),
             config_path: config_path.to_owned(),
-        };
-        replica.wait_ready();
-        replica
-    }
-
-    fn wait_ready(&self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("replica on {} did not start", self.port);
     }
 
     fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/fhir", self.port)
+        self.process.as_ref().expect("a live replica").base()
     }
 
     fn is_up(&self) -> bool {
-        self.child.is_some()
+        self.process.is_some()
     }
 
     /// SIGKILL: no checkpoint, no release; its leases must lapse.
     fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
+        self.process = None;
     }
 
     /// SIGTERM and wait; returns the exit status.
     fn terminate(&mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the replica did not stop after SIGTERM"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.process.take().expect("a live replica").terminate()
     }
 
     fn restart(&mut self) {
         self.kill9();
-        let fresh = Self::spawn(&self.config_path, self.port);
-        *self = fresh;
+        self.process = Some(ProxyProcess::spawn(&self.config_path, "info", &[]));
     }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 struct Fleet {
@@ -148,7 +91,7 @@ async fn fleet(replicas: usize, patients: usize, per_patient: usize) -> Fleet {
     let config_path = dir.path().join("proxy.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
     let replicas: Vec<Replica> = (0..replicas)
-        .map(|_| Replica::spawn(&config_path, free_port()))
+        .map(|_| Replica::spawn(&config_path))
         .collect();
 
     let assertion = client.key.assertion(&client.id, &format!("{PUBLIC}/token"));

@@ -4,7 +4,6 @@
 //! process resumes without loss or duplicates.
 
 use std::collections::BTreeSet;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -14,6 +13,7 @@ use serde_json::{Value, json};
 
 use crate::export::{GROUP, Setup, Store, assert_same, expected, group_members, ids};
 use crate::support::client;
+use crate::support::process::ProxyProcess;
 use crate::support::redis::RedisServer;
 use crate::support::s3::S3Server;
 use crate::support::smart::{SmartClient, token_form};
@@ -290,56 +290,6 @@ async fn presigned_urls_work_without_a_token_and_expire() {
     assert_eq!(again["error"], json!([]));
 }
 
-/// One proxy process (the binary).
-struct Process {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Process {
-    fn spawn(config: &std::path::Path) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
-            .args(["--config", &config.display().to_string()])
-            .env("BULK_PROXY_SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("BULK_PROXY_LOG__LEVEL", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn the proxy binary");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the proxy did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Self {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn base(&self) -> String {
-        format!("http://127.0.0.1:{}/fhir", self.port)
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.kill().unwrap();
-            child.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -373,7 +323,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
     let config_path = dir.path().join("proxy.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
 
-    let mut first = Process::spawn(&config_path);
+    let mut first = ProxyProcess::spawn(&config_path, "info", &[]);
     let assertion = client_reg
         .key
         .assertion(&client_reg.id, &format!("{PUBLIC}/token"));
@@ -414,7 +364,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
         "killed mid-unit ({pages_at_kill} pages)"
     );
 
-    let second = Process::spawn(&config_path);
+    let second = ProxyProcess::spawn(&config_path, "info", &[]);
     let status_url = status_url.replace(PUBLIC, &second.base());
     let mut manifest = Value::Null;
     for _ in 0..240 {

@@ -116,6 +116,28 @@ impl ProxyProcess {
     }
 }
 
+impl ProxyProcess {
+    /// SIGTERM, then waits (at most 20 s) for the process to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("the proxy is running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for the proxy") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
 impl Drop for ProxyProcess {
     fn drop(&mut self) {
         self.kill9();
