@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::jobs_cli::{Setup, Store, start, status};
+use crate::jobs_cli::{Setup, start, status};
 use crate::support::client;
+use crate::support::process::Store;
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/fhir-bulk-proxy.json");
 

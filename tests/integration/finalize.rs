@@ -8,24 +8,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fhir_bulk_proxy::config::{Config, StoreBackend};
+use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
 use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
 
-use crate::support::process::ProxyProcess;
-use crate::support::smart::{SmartClient, token_form};
+use crate::support::process::{ProxyProcess, Store};
+use crate::support::smart::SmartClient;
 use crate::support::{RedisServer, client, outcome};
 
 /// Clients and status URLs name this base; requests go to whichever process runs now.
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 const EXPORT: &str = "/Patient/$export?_type=Patient,Observation";
-
-#[derive(Clone, Copy)]
-enum Store {
-    Embedded,
-    Redis,
-}
 
 /// One upstream, one job store and one file directory, shared by the processes a test starts
 /// one after the other.
@@ -52,18 +46,7 @@ impl Setup {
         config.upstream.url = fhir.url();
         config.server.public_url = Some(PUBLIC.into());
         config.storage.path = dir.path().join("files");
-        let redis = match store {
-            Store::Embedded => {
-                config.store.path = dir.path().join("jobs.redb");
-                None
-            }
-            Store::Redis => {
-                let redis = RedisServer::start();
-                config.store.backend = StoreBackend::Redis;
-                config.store.redis_url = Some(redis.url().into());
-                Some(redis)
-            }
-        };
+        let redis = store.configure(&mut config, dir.path());
         config.export.page_size = 50;
         config.export.patient_batch_size = 10;
         config.export.lease_secs = 2;
@@ -90,21 +73,7 @@ impl Setup {
     }
 
     async fn token(&self, proxy: &ProxyProcess) -> String {
-        let assertion = self
-            .client
-            .key
-            .assertion(&self.client.id, &format!("{PUBLIC}/token"));
-        let response = client()
-            .post(format!("{}/token", proxy.base()))
-            .form(&token_form(&assertion, "system/*.read"))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = response.json().await.unwrap();
-        body["access_token"]
-            .as_str()
-            .unwrap_or_else(|| panic!("{body}"))
-            .to_owned()
+        crate::support::process::token(&self.client, proxy, PUBLIC).await
     }
 
     /// Ids per type in the manifest's files, asserting none twice and none missing or extra.

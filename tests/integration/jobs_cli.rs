@@ -10,23 +10,17 @@ use std::process::{Command, Output};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fhir_bulk_proxy::config::{Config, StoreBackend};
+use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use fhir_bulk_proxy::ops::jobs::{self, JobsCommand, JobsError};
 use serde_json::Value;
 
-use crate::support::process::ProxyProcess;
-use crate::support::smart::{SmartClient, TEST_CLIENT, token_form};
+use crate::support::process::{ProxyProcess, Store};
+use crate::support::smart::{SmartClient, TEST_CLIENT};
 use crate::support::{RedisServer, client};
 
 /// Clients and status URLs name this base; requests go to whichever process runs now.
 const PUBLIC: &str = "http://fhir.example.test/fhir";
-
-#[derive(Clone, Copy, PartialEq)]
-pub(crate) enum Store {
-    Embedded,
-    Redis,
-}
 
 pub(crate) struct Setup {
     pub(crate) fhir: RunningFhir,
@@ -54,18 +48,7 @@ impl Setup {
         config.upstream.url = fhir.url();
         config.server.public_url = Some(PUBLIC.into());
         config.storage.path = dir.path().join("files");
-        let redis = match store {
-            Store::Embedded => {
-                config.store.path = dir.path().join("jobs.redb");
-                None
-            }
-            Store::Redis => {
-                let redis = RedisServer::start();
-                config.store.backend = StoreBackend::Redis;
-                config.store.redis_url = Some(redis.url().into());
-                Some(redis)
-            }
-        };
+        let redis = store.configure(&mut config, dir.path());
         config.export.lease_secs = 2;
         config.export.sweep_interval_secs = 1;
         config.export.poll_retry_after_secs = 1;
@@ -91,18 +74,7 @@ impl Setup {
     }
 
     pub(crate) async fn token(&self, proxy: &ProxyProcess) -> String {
-        let assertion = self
-            .client
-            .key
-            .assertion(&self.client.id, &format!("{PUBLIC}/token"));
-        let response = client()
-            .post(format!("{}/token", proxy.base()))
-            .form(&token_form(&assertion, "system/*.read"))
-            .send()
-            .await
-            .unwrap();
-        let body: Value = response.json().await.unwrap();
-        body["access_token"].as_str().unwrap().to_owned()
+        crate::support::process::token(&self.client, proxy, PUBLIC).await
     }
 
     /// A completed Patient-level export, a failed system-level one (its only type's searches

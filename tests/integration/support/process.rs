@@ -143,3 +143,54 @@ impl Drop for ProxyProcess {
         self.kill9();
     }
 }
+
+/// The job store a test's proxy processes share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Store {
+    Embedded,
+    Redis,
+}
+
+impl Store {
+    /// Points `config` at this store: the embedded file in `dir`, or a Redis started for the
+    /// test (returned: it stops when dropped).
+    pub fn configure(
+        self,
+        config: &mut fhir_bulk_proxy::config::Config,
+        dir: &Path,
+    ) -> Option<super::RedisServer> {
+        match self {
+            Store::Embedded => {
+                config.store.path = dir.join("jobs.redb");
+                None
+            }
+            Store::Redis => {
+                let redis = super::RedisServer::start();
+                config.store.backend = fhir_bulk_proxy::config::StoreBackend::Redis;
+                config.store.redis_url = Some(redis.url().into());
+                Some(redis)
+            }
+        }
+    }
+}
+
+/// An access token for `client` from `proxy`, whose public base is `public` (the assertion's
+/// `aud` is `{public}/token`).
+pub async fn token(
+    client: &super::smart::SmartClient,
+    proxy: &ProxyProcess,
+    public: &str,
+) -> String {
+    let assertion = client.key.assertion(&client.id, &format!("{public}/token"));
+    let response = super::client()
+        .post(format!("{}/token", proxy.base()))
+        .form(&super::smart::token_form(&assertion, "system/*.read"))
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    body["access_token"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{body}"))
+        .to_owned()
+}
