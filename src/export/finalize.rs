@@ -118,7 +118,7 @@ impl Exporter {
                     .instrument(span)
                     .await;
             }
-            let delay = self.finalize_backoff(attempt);
+            let delay = self.retry_backoff(attempt);
             span.in_scope(|| {
                 tracing::warn!(error = %error, retry_in_ms = delay.as_millis() as u64, "finalisation failed; retrying");
             });
@@ -136,17 +136,6 @@ impl Exporter {
                 () = shutdown.cancelled() => return,
             }
         }
-    }
-
-    /// The delay before retrying after failed attempt `attempt` (1-based).
-    fn finalize_backoff(&self, attempt: u32) -> Duration {
-        let factor = 1u64 << attempt.saturating_sub(1).min(20);
-        Duration::from_millis(
-            self.config
-                .retry_base_ms
-                .saturating_mul(factor)
-                .min(self.config.retry_max_ms),
-        )
     }
 
     /// One attempt, with a heartbeat on the claim. `Ok` also when the claim was lost (the job

@@ -336,6 +336,19 @@ impl Exporter {
         self.finish(&unit, worker, shutdown).await;
     }
 
+    /// The delay before retrying after failed attempt `attempt` (1-based) of our own work
+    /// (finalising, writing files): `export.retry_base_ms` doubled per attempt, at most
+    /// `export.retry_max_ms`.
+    pub(super) fn retry_backoff(&self, attempt: u32) -> Duration {
+        let factor = 1u64 << attempt.saturating_sub(1).min(20);
+        Duration::from_millis(
+            self.config
+                .retry_base_ms
+                .saturating_mul(factor)
+                .min(self.config.retry_max_ms),
+        )
+    }
+
     /// Records `unit` as finished (Done or Failed); the worker that finishes a job's last unit
     /// finalises the job.
     async fn finish(&self, unit: &Unit, worker: &str, shutdown: &CancellationToken) {
@@ -386,15 +399,10 @@ impl Exporter {
             ));
             return self.finish(&unit, worker, shutdown).await;
         }
-        let factor = 1u64 << (unit.storage_failures - 1).min(20);
-        let backoff = Duration::from_millis(
-            self.config
-                .retry_base_ms
-                .saturating_mul(factor)
-                .min(self.config.retry_max_ms),
-        )
-        // The unit stays this worker's while it waits: within its lease.
-        .min(Duration::from_secs(self.config.lease_secs / 2));
+        let backoff = self
+            .retry_backoff(unit.storage_failures)
+            // The unit stays this worker's while it waits: within its lease.
+            .min(Duration::from_secs(self.config.lease_secs / 2));
         tracing::error!(error = %error, failures = unit.storage_failures, retry_in_ms = backoff.as_millis() as u64, "cannot write export files; retrying the unit");
         unit.lease_until = now_unix() + self.config.lease_secs;
         match self.store.save_unit(&unit, worker).await {
