@@ -3,7 +3,8 @@
 # 10-patient Synthea fixture, the proxy binary in front of it with a client registered by `keygen`,
 # then `backend_client` exports at system level (with and without _type), Patient level and Group
 # level, and .ci/e2e-hfs-compare.py checks every export, passthrough and metadata against what hfs
-# itself holds. Exits non-zero on any difference; skips (exit 0) when the tool is not there.
+# itself holds; smart-fetch (a third-party client from PyPI) exports too, checked by
+# .ci/e2e-smart-fetch.py against backend_client's exports. Exits non-zero on any difference; skips (exit 0) when the tool is not there.
 #
 #   .ci/e2e-hfs.sh            (CI calls it after the tests; about a minute once built)
 #
@@ -15,6 +16,7 @@ repo=$(pwd)
 tool=${REAL_UPSTREAM:-$repo/../shared/tools/real-upstream}
 fixture=${E2E_FIXTURE:-$repo/../shared/fixtures/synthea/bds-r4-10}
 group=synthea-10
+smart_fetch_version=1.0.3
 
 if [[ ! -x $tool || ! -d $fixture ]]; then
   echo "e2e-hfs: skipped ($tool or $fixture is missing)"
@@ -99,6 +101,31 @@ export_to system-types '$export' "$types"
 export_to system-all '$export'
 export_to patient 'Patient/$export'
 export_to group "Group/$group/\$export"
+
+# A third-party client: smart-fetch (PyPI, pinned), which makes its own choices (a `.jwks` key
+# file, 15 default types, an Observation `_typeFilter`, gzip downloads). Its output must be
+# exactly the matching part of backend_client's exports, which the comparison below checks against
+# hfs. Installed once into ~/.cache. Before the _since step, which changes a Patient in hfs.
+echo "== smart-fetch $smart_fetch_version (a third-party Bulk Data client)"
+smart_fetch_venv=$HOME/.cache/fhir-bulk-proxy/smart-fetch-$smart_fetch_version
+if [[ ! -x $smart_fetch_venv/bin/smart-fetch ]]; then
+  rm -rf "$smart_fetch_venv"
+  python3 -m venv "$smart_fetch_venv"
+  timeout 600 "$smart_fetch_venv/bin/pip" install --quiet "smart-fetch==$smart_fetch_version" \
+    || { rm -rf "$smart_fetch_venv"; fail "pip install smart-fetch==$smart_fetch_version"; }
+fi
+# smart-fetch reads private keys from a JWK Set (`.jwks`) or PEM file.
+python3 -c 'import json,sys; json.dump({"keys": [json.load(open(sys.argv[1]))]}, open(sys.argv[2], "w"))' \
+  "$work/keys/e2e.private.jwk.json" "$work/keys/e2e.private.jwks"
+smart_fetch() {
+  local name=$1 reference=$2; shift 2
+  timeout 300 "$smart_fetch_venv/bin/smart-fetch" bulk --fhir-url "$proxy" --smart-client-id e2e \
+    --smart-key "$work/keys/e2e.private.jwks" "$@" "$work/smart-fetch/$name" >"$work/smart-fetch-$name.log" 2>&1 \
+    || { tail -n 20 "$work/smart-fetch-$name.log" >&2; fail "smart-fetch $name"; }
+  python3 .ci/e2e-smart-fetch.py "$work/smart-fetch/$name" "$work/out/$reference" || fail "smart-fetch $name: output differs"
+}
+smart_fetch group group --group "$group" # its default types and Observation filter
+smart_fetch system system-types --type all --no-default-filters # every type it knows (the compartment types), unfiltered
 
 # _since: change one Patient in hfs after the first export; an export since that export's
 # transactionTime holds exactly that Patient (the snapshot boundary has neither gap nor overlap).
