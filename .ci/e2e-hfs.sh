@@ -102,7 +102,7 @@ export_to system-all '$export'
 export_to patient 'Patient/$export'
 export_to group "Group/$group/\$export"
 
-# A third-party client: smart-fetch (PyPI, pinned), which makes its own choices (a `.jwks` key
+# A third-party client: smart-fetch (PyPI, pinned), which makes its own choices (keygen's `.jwks` key
 # file, 15 default types, an Observation `_typeFilter`, gzip downloads). Its output must be
 # exactly the matching part of backend_client's exports, which the comparison below checks against
 # hfs. Installed once into ~/.cache. Before the _since step, which changes a Patient in hfs.
@@ -114,9 +114,8 @@ if [[ ! -x $smart_fetch_venv/bin/smart-fetch ]]; then
   timeout 600 "$smart_fetch_venv/bin/pip" install --quiet "smart-fetch==$smart_fetch_version" \
     || { rm -rf "$smart_fetch_venv"; fail "pip install smart-fetch==$smart_fetch_version"; }
 fi
-# smart-fetch reads private keys from a JWK Set (`.jwks`) or PEM file.
-python3 -c 'import json,sys; json.dump({"keys": [json.load(open(sys.argv[1]))]}, open(sys.argv[2], "w"))' \
-  "$work/keys/e2e.private.jwk.json" "$work/keys/e2e.private.jwks"
+# smart-fetch reads private keys only from a `.jwks` or `.pem` file: the key exactly as keygen
+# wrote it, as a JWK Set.
 smart_fetch() {
   local name=$1 reference=$2; shift 2
   timeout 300 "$smart_fetch_venv/bin/smart-fetch" bulk --fhir-url "$proxy" --smart-client-id e2e \

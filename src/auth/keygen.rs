@@ -73,9 +73,11 @@ pub fn run(
     let written = write_files(dir, client_id, scopes, &key)?;
     Ok(format!(
         "private key (give it to the client; readable by you only): {}\n\
+         the same, as a JWK Set (for clients that want one):        {}\n\
          public JWK Set (publish it, or keep it inline):           {}\n\
          registration (append it to proxy.toml):                    {}\n",
         written.private_key.display(),
+        written.private_jwks.display(),
         written.public_jwks.display(),
         written.registration.display()
     ))
@@ -206,6 +208,10 @@ pub fn config_snippet(client_id: &str, scopes: &[String], key: &GeneratedKey) ->
 pub struct Written {
     /// The private JWK, readable by its owner only (mode 0600 on Unix).
     pub private_key: PathBuf,
+    /// The same private key as a JWK Set (`{"keys": [...]}`, mode 0600), ending in `.jwks`: the
+    /// form some clients insist on (smart-fetch and the other cumulus tools read a `.jwks` or
+    /// `.pem` file and nothing else).
+    pub private_jwks: PathBuf,
     /// The public JWK Set.
     pub public_jwks: PathBuf,
     /// The `[[auth.clients]]` entry, to append to `proxy.toml`.
@@ -231,11 +237,14 @@ pub fn write_files(
     let stem = stem.trim_start_matches('.');
     let written = Written {
         private_key: dir.join(format!("{stem}.private.jwk.json")),
+        private_jwks: dir.join(format!("{stem}.private.jwks")),
         public_jwks: dir.join(format!("{stem}.jwks.json")),
         registration: dir.join(format!("{stem}.client.toml")),
     };
     let pretty = |v: &Value| serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string());
     write_new(&written.private_key, &pretty(&key.private_jwk), 0o600)?;
+    let private_set = json!({ "keys": [key.private_jwk] });
+    write_new(&written.private_jwks, &pretty(&private_set), 0o600)?;
     write_new(&written.public_jwks, &pretty(&key.public_jwks), 0o644)?;
     write_new(
         &written.registration,
@@ -343,6 +352,28 @@ mod tests {
         assert_eq!(built.client_id, client.client_id);
         assert_eq!(built.inline_keys().unwrap(), client.inline_keys().unwrap());
         assert_eq!(built.scopes, client.scopes);
+    }
+
+    #[test]
+    fn the_private_key_is_written_as_a_jwk_and_as_a_jwk_set_for_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate(KeyAlgorithm::Es384).unwrap();
+        let written = write_files(dir.path(), "c", &[], &key).unwrap();
+        let read = |path: &Path| -> Value {
+            serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+        };
+        assert_eq!(read(&written.private_key), key.private_jwk);
+        assert_eq!(
+            read(&written.private_jwks),
+            json!({ "keys": [key.private_jwk] })
+        );
+        assert!(written.private_jwks.to_string_lossy().ends_with(".jwks"));
+        #[cfg(unix)]
+        for path in [&written.private_key, &written.private_jwks] {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}: {mode:o}", path.display());
+        }
     }
 
     #[test]
