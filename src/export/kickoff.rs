@@ -215,7 +215,15 @@ pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
                 soft(&mut out, e)?;
             }
             "allowPartialManifests" => {
-                // Accepted; the proxy always answers with a complete manifest (A7.8 MAY).
+                // A boolean (SPEC A5.21). Either value is honoured by a complete manifest: partial
+                // manifests are something a server MAY return when asked (A6.4), never MUST.
+                let text = value.text(&name)?;
+                if text != "true" && text != "false" {
+                    soft(
+                        &mut out,
+                        reject(&name, format!("{text:?} is not a boolean (true or false)")),
+                    )?;
+                }
             }
             "organizeOutputBy" => soft(&mut out, reject(&name, "is not supported by this server"))?,
             other => soft(
@@ -678,6 +686,27 @@ mod tests {
             .unwrap();
             assert_eq!(lenient.ignored.len(), 1, "{query}");
         }
+    }
+
+    #[test]
+    fn allow_partial_manifests_is_a_boolean() {
+        for query in ["allowPartialManifests=true", "allowPartialManifests=false"] {
+            assert!(get(&Level::System, query).is_ok(), "{query}");
+        }
+        for value in ["banana", "", "TRUE", "1", "true,false"] {
+            let err = get(
+                &Level::Group("g".into()),
+                &format!("allowPartialManifests={value}"),
+            )
+            .unwrap_err();
+            assert_eq!(err.param, "allowPartialManifests", "{value:?}");
+        }
+        let body = |value: Value| {
+            json!({ "resourceType": "Parameters", "parameter": [
+                { "name": "allowPartialManifests", "valueBoolean": value } ]})
+        };
+        assert!(post(&Level::System, body(json!(true)), "respond-async").is_ok());
+        assert!(post(&Level::System, body(json!("yes")), "respond-async").is_err());
     }
 
     #[test]
