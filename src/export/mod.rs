@@ -12,6 +12,7 @@
 pub mod cancel;
 pub mod compartment;
 pub mod finalize;
+pub mod group;
 pub mod kickoff;
 pub mod ndjson;
 pub mod pager;

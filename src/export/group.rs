@@ -1,0 +1,326 @@
+//! Who a Group-level export is about (SPEC A5.2; FHIR R4 `Group.member`): the Patients a Group
+//! names, after the membership rules.
+//!
+//! - A member with `inactive = true`, or whose `period.end` is before the export's
+//!   `transactionTime`, is no longer a member and is not exported (`export.group_active_members_only`,
+//!   on by default). A `period.end` with a precision coarser than an instant (`2024`, `2024-05`,
+//!   `2024-05-31`) covers the whole year, month or day; one that is not a FHIR dateTime keeps the
+//!   member and is reported.
+//! - A member that is itself a Group is followed, to `export.group_max_depth` levels below the
+//!   Group asked for (a Group met twice is read once, so a cycle ends); deeper Groups are reported,
+//!   not followed. Members of other types (Device, Practitioner...) are not patients and are
+//!   skipped.
+//!
+//! The upstream read is a closure, so the rules are tested without a server.
+
+use std::collections::HashSet;
+use std::future::Future;
+
+use serde_json::Value;
+
+use super::kickoff::is_fhir_id;
+use crate::fhir::Instant;
+
+/// The membership rules (`export.group_active_members_only`, `export.group_max_depth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemberRules {
+    /// Leave out members that are inactive or whose period has ended.
+    pub active_only: bool,
+    /// How many levels of nested Groups are followed below the Group asked for (0: none).
+    pub max_depth: usize,
+}
+
+/// The Patients of a Group, in the order first met, each once; and what was left out on the way
+/// (for the error file).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Members {
+    pub patients: Vec<String>,
+    pub warnings: Vec<String>,
+}
+
+/// The id of a reference to a resource of `resource_type`: relative (`Patient/1`), absolute
+/// (`https://host/fhir/Patient/1`) or versioned (`Patient/1/_history/2`).
+pub fn reference_id<'a>(reference: &'a str, resource_type: &str) -> Option<&'a str> {
+    let unversioned = match reference.split_once("/_history/") {
+        Some((head, _)) => head,
+        None => reference,
+    };
+    let (head, id) = unversioned.rsplit_once('/')?;
+    let named = head.rsplit('/').next()?;
+    (named == resource_type && is_fhir_id(id)).then_some(id)
+}
+
+/// Whether a member still counts at `now` under `rules`; `Err` with a warning when its
+/// `period.end` cannot be read (it then counts).
+fn counts(member: &Value, now: Instant, rules: &MemberRules) -> Result<bool, String> {
+    if !rules.active_only {
+        return Ok(true);
+    }
+    if member["inactive"].as_bool() == Some(true) {
+        return Ok(false);
+    }
+    let Some(end) = member["period"]["end"].as_str() else {
+        return Ok(true);
+    };
+    ended(end, now)
+        .map(|ended| !ended)
+        .ok_or_else(|| format!("member period.end {end:?} is not a FHIR dateTime; kept"))
+}
+
+/// Whether a FHIR dateTime lies wholly before `now`; `None` when it is not one.
+fn ended(end: &str, now: Instant) -> Option<bool> {
+    if end.len() > 10 {
+        return Instant::parse(end).ok().map(|end| end < now);
+    }
+    // YYYY, YYYY-MM or YYYY-MM-DD: over when the same prefix of `now` (in UTC) is later.
+    let shape_ok = match end.len() {
+        4 | 7 | 10 => end.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        }),
+        _ => false,
+    };
+    if !shape_ok {
+        return None;
+    }
+    let now = now.to_string();
+    Some(end < &now[..end.len()])
+}
+
+/// The Patients and nested Groups directly in `group`, after the rules.
+fn direct_members(
+    group: &Value,
+    now: Instant,
+    rules: &MemberRules,
+    warnings: &mut Vec<String>,
+) -> (Vec<String>, Vec<String>) {
+    let (mut patients, mut groups) = (Vec::new(), Vec::new());
+    let label = group["id"].as_str().unwrap_or("?");
+    for member in group["member"].as_array().into_iter().flatten() {
+        let Some(reference) = member["entity"]["reference"].as_str() else {
+            continue;
+        };
+        match counts(member, now, rules) {
+            Ok(true) => {}
+            Ok(false) => continue,
+            Err(warning) => warnings.push(format!("Group/{label}: {warning}")),
+        }
+        if let Some(id) = reference_id(reference, "Patient") {
+            patients.push(id.to_owned());
+        } else if let Some(id) = reference_id(reference, "Group") {
+            groups.push(id.to_owned());
+        }
+    }
+    (patients, groups)
+}
+
+/// The Patients of Group `id`: reads it (and the Groups nested in it) with `read`, which returns
+/// the Group resource or the caller's error (which ends the resolution: a Group that cannot be
+/// read is not quietly left out).
+pub async fn resolve<F, Fut, E>(
+    id: &str,
+    now: Instant,
+    rules: &MemberRules,
+    mut read: F,
+) -> Result<Members, E>
+where
+    F: FnMut(String) -> Fut,
+    Fut: Future<Output = Result<Value, E>>,
+{
+    let mut out = Members::default();
+    let mut seen_patients = HashSet::new();
+    let mut seen_groups = HashSet::from([id.to_owned()]);
+    let mut level = vec![id.to_owned()];
+    for depth in 0.. {
+        let mut next = Vec::new();
+        for group_id in level {
+            let group = read(group_id).await?;
+            let (patients, groups) = direct_members(&group, now, rules, &mut out.warnings);
+            for patient in patients {
+                if seen_patients.insert(patient.clone()) {
+                    out.patients.push(patient);
+                }
+            }
+            next.extend(groups.into_iter().filter(|g| seen_groups.insert(g.clone())));
+        }
+        if next.is_empty() {
+            break;
+        }
+        if depth >= rules.max_depth {
+            out.warnings.extend(next.iter().map(|g| {
+                format!(
+                    "Group/{g} is nested more than {} levels deep (export.group_max_depth); \
+                     its members are not exported",
+                    rules.max_depth
+                )
+            }));
+            break;
+        }
+        level = next;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::HashMap;
+
+    const RULES: MemberRules = MemberRules {
+        active_only: true,
+        max_depth: 2,
+    };
+
+    fn now() -> Instant {
+        Instant::parse("2024-06-15T12:00:00Z").unwrap()
+    }
+
+    fn member(reference: &str) -> Value {
+        json!({ "entity": { "reference": reference } })
+    }
+
+    async fn run(
+        groups: &HashMap<&str, Value>,
+        id: &str,
+        rules: &MemberRules,
+    ) -> Result<Members, String> {
+        resolve(id, now(), rules, |g: String| {
+            let found = groups.get(g.as_str()).cloned();
+            async move { found.ok_or(format!("no Group/{g}")) }
+        })
+        .await
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn references_of_every_form_name_their_id() {
+        for (reference, want) in [
+            ("Patient/1", Some("1")),
+            ("https://h/fhir/Patient/a-b.c", Some("a-b.c")),
+            ("Patient/1/_history/7", Some("1")),
+            ("Group/1", None),
+            ("Patient/", None),
+            ("Patient/bad id", None),
+            ("urn:uuid:1", None),
+            ("MyPatient/1", None),
+        ] {
+            assert_eq!(reference_id(reference, "Patient"), want, "{reference}");
+        }
+    }
+
+    #[test]
+    fn inactive_and_ended_members_are_left_out_and_others_kept() {
+        let mut m = |reference: &str, extra: Value| {
+            let mut v = member(reference);
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            v
+        };
+        let group = json!({ "resourceType": "Group", "id": "g", "member": [
+            m("Patient/active", json!({})),
+            m("Patient/inactive", json!({ "inactive": true })),
+            m("Patient/explicitly-active", json!({ "inactive": false })),
+            m("Patient/ended", json!({ "period": { "end": "2024-06-15T11:59:59Z" } })),
+            m("Patient/ends-later", json!({ "period": { "end": "2024-06-15T12:00:01Z" } })),
+            m("Patient/ended-year", json!({ "period": { "end": "2023" } })),
+            m("Patient/this-year", json!({ "period": { "end": "2024" } })),
+            m("Patient/this-month", json!({ "period": { "end": "2024-06" } })),
+            m("Patient/ended-day", json!({ "period": { "end": "2024-06-14" } })),
+            m("Patient/today", json!({ "period": { "end": "2024-06-15" } })),
+            m("Patient/open", json!({ "period": { "start": "2020-01-01" } })),
+            m("Patient/garbled", json!({ "period": { "end": "June" } })),
+            m("Device/d1", json!({})),
+            json!({ "entity": { "display": "no reference" } }),
+        ]});
+        let groups = HashMap::from([("g", group)]);
+        let got = block_on(run(&groups, "g", &RULES)).unwrap();
+        assert_eq!(
+            got.patients,
+            [
+                "active",
+                "explicitly-active",
+                "ends-later",
+                "this-year",
+                "this-month",
+                "today",
+                "open",
+                "garbled"
+            ]
+        );
+        assert_eq!(got.warnings.len(), 1, "{:?}", got.warnings);
+        assert!(got.warnings[0].contains("\"June\""), "{:?}", got.warnings);
+
+        let all = MemberRules {
+            active_only: false,
+            ..RULES
+        };
+        assert_eq!(
+            block_on(run(&groups, "g", &all)).unwrap().patients.len(),
+            12
+        );
+    }
+
+    #[test]
+    fn nested_groups_are_followed_to_the_depth_bound_once_each() {
+        let groups = HashMap::from([
+            (
+                "top",
+                json!({ "id": "top", "member": [member("Patient/1"), member("Group/a"),
+                    member("Group/b"), member("Group/top")] }),
+            ),
+            (
+                "a",
+                json!({ "id": "a", "member": [member("Patient/2"), member("Patient/1"),
+                    member("Group/deep")] }),
+            ),
+            (
+                "b",
+                json!({ "id": "b", "member": [member("Patient/3"), member("Group/a")] }),
+            ),
+            (
+                "deep",
+                json!({ "id": "deep", "member": [member("Patient/4"), member("Group/deeper")] }),
+            ),
+            (
+                "deeper",
+                json!({ "id": "deeper", "member": [member("Patient/5")] }),
+            ),
+        ]);
+        let got = block_on(run(&groups, "top", &RULES)).unwrap();
+        assert_eq!(got.patients, ["1", "2", "3", "4"]);
+        assert_eq!(got.warnings.len(), 1, "{:?}", got.warnings);
+        assert!(
+            got.warnings[0].starts_with("Group/deeper"),
+            "{:?}",
+            got.warnings
+        );
+
+        let flat = MemberRules {
+            max_depth: 0,
+            ..RULES
+        };
+        let got = block_on(run(&groups, "top", &flat)).unwrap();
+        assert_eq!(got.patients, ["1"]);
+        assert_eq!(got.warnings.len(), 2, "Group/a and Group/b not followed");
+    }
+
+    #[test]
+    fn a_nested_group_that_cannot_be_read_fails_the_resolution() {
+        let groups = HashMap::from([(
+            "top",
+            json!({ "id": "top", "member": [member("Patient/1"), member("Group/missing")] }),
+        )]);
+        assert_eq!(
+            block_on(run(&groups, "top", &RULES)).unwrap_err(),
+            "no Group/missing"
+        );
+    }
+}
