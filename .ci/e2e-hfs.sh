@@ -63,6 +63,9 @@ hfs_port=$(free_port)
 timeout 300 "$tool" start "$hfs_port" "$work/hfs" "$fixture" | tail -n 2
 hfs=http://127.0.0.1:$hfs_port
 
+# The proxy's table of Patient-compartment reference expressions must be the R4 definitions hfs ships.
+timeout 120 python3 .ci/gen-compartment.py "$hfs" --check || fail "src/export/compartment.rs differs from hfs's SearchParameters"
+
 echo "== register a client and start the proxy in front of hfs"
 "$proxy_bin" keygen --client-id e2e --out "$work/keys"
 cp "$work/keys/e2e.client.toml" "$work/proxy.toml"

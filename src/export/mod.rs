@@ -14,6 +14,7 @@ pub mod compartment;
 pub mod finalize;
 pub mod group;
 pub mod kickoff;
+pub mod membership;
 pub mod ndjson;
 pub mod pager;
 pub mod plan;
