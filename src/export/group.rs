@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn inactive_and_ended_members_are_left_out_and_others_kept() {
-        let mut m = |reference: &str, extra: Value| {
+        let m = |reference: &str, extra: Value| {
             let mut v = member(reference);
             v.as_object_mut()
                 .unwrap()

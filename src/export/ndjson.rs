@@ -7,6 +7,8 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
+use crate::fhir::mandatory_elements;
+
 /// `meta.tag` added to resources reduced by `_elements` (Bulk Data IG, A5.15).
 const SUBSETTED: (&str, &str) = (
     "http://terminology.hl7.org/CodeSystem/v3-ObservationValue",
@@ -176,56 +178,13 @@ fn elements_for(resource_type: &str, elements: &[String]) -> Option<Vec<String>>
         .iter()
         .map(|s| (*s).to_owned())
         .collect();
-    keep.extend(mandatory(resource_type).iter().map(|s| (*s).to_owned()));
+    keep.extend(
+        mandatory_elements(resource_type)
+            .iter()
+            .map(|s| (*s).to_owned()),
+    );
     keep.extend(applicable);
     Some(keep)
-}
-
-/// Mandatory (min 1) top-level elements of common R4 types; `[x]` choices end with `*`.
-fn mandatory(resource_type: &str) -> &'static [&'static str] {
-    match resource_type {
-        "AllergyIntolerance" => &["patient"],
-        "CarePlan" => &["status", "intent", "subject"],
-        "CareTeam" | "Device" | "Location" | "Medication" | "Organization" | "Patient"
-        | "Practitioner" => &[],
-        "Claim" => &[
-            "status",
-            "type",
-            "use",
-            "patient",
-            "created",
-            "provider",
-            "priority",
-            "insurance",
-        ],
-        "Condition" => &["subject"],
-        "Coverage" => &["status", "beneficiary", "payor"],
-        "DiagnosticReport" => &["status", "code"],
-        "DocumentReference" => &["status", "content"],
-        "Encounter" => &["status", "class"],
-        "ExplanationOfBenefit" => &[
-            "status",
-            "type",
-            "use",
-            "patient",
-            "created",
-            "insurer",
-            "provider",
-            "outcome",
-            "insurance",
-        ],
-        "Goal" => &["lifecycleStatus", "description", "subject"],
-        "Group" => &["type", "actual"],
-        "ImagingStudy" => &["status", "subject"],
-        "Immunization" => &["status", "vaccineCode", "patient", "occurrence*"],
-        "MedicationAdministration" => &["status", "medication*", "subject", "effective*"],
-        "MedicationRequest" => &["status", "intent", "medication*", "subject"],
-        "Observation" => &["status", "code"],
-        "Procedure" => &["status", "subject"],
-        "Provenance" => &["target", "recorded", "agent"],
-        "ServiceRequest" => &["status", "intent", "subject"],
-        _ => &[],
-    }
 }
 
 /// Keeps the listed top-level elements and tags the resource SUBSETTED.
@@ -234,21 +193,22 @@ fn subset(raw: &str, keep: &[String]) -> String {
         return compact(raw);
     };
     let kept = |key: &str| {
-        keep.iter().any(|k| match k.strip_suffix('*') {
-            Some(prefix) => key.starts_with(prefix),
-            None => {
-                k == key
-                    || key.strip_prefix(k.as_str()).is_some_and(is_choice_suffix)
-                    || key == format!("_{k}")
-            }
-        })
+        let key = key.strip_prefix('_').unwrap_or(key);
+        keep.iter()
+            .any(|k| k == key || key.strip_prefix(k.as_str()).is_some_and(is_choice_suffix))
     };
     let mut out: Map<String, Value> = object.into_iter().filter(|(k, _)| kept(k)).collect();
     let meta = out.entry("meta").or_insert_with(|| json!({}));
     if let Some(meta) = meta.as_object_mut() {
         let tags = meta.entry("tag").or_insert_with(|| json!([]));
         if let Some(tags) = tags.as_array_mut() {
-            tags.push(json!({ "system": SUBSETTED.0, "code": SUBSETTED.1 }));
+            // Once, also when the upstream had already subsetted the resource.
+            let tagged = tags
+                .iter()
+                .any(|t| t["system"] == SUBSETTED.0 && t["code"] == SUBSETTED.1);
+            if !tagged {
+                tags.push(json!({ "system": SUBSETTED.0, "code": SUBSETTED.1 }));
+            }
         }
     }
     Value::Object(out).to_string()
@@ -320,6 +280,42 @@ mod tests {
         assert_eq!(content.lines.len(), 1);
         assert_eq!(content.issues.len(), 1);
         assert!(content.issues[0].contains("OperationOutcome"));
+    }
+
+    #[test]
+    fn elements_keep_every_r4_types_mandatory_elements_and_tag_once() {
+        // MedicationDispense was outside the old hand-written list: its status and medication[x]
+        // were dropped. The upstream had subsetted it already: one SUBSETTED tag, not two.
+        let body = page(
+            r#"{"resource":{"resourceType":"MedicationDispense","id":"m","meta":{"tag":[{"system":"http://terminology.hl7.org/CodeSystem/v3-ObservationValue","code":"SUBSETTED"}]},"status":"completed","_status":{"id":"s"},"medicationReference":{"reference":"Medication/1"},"subject":{"reference":"Patient/p"},"quantity":{"value":2}}}"#,
+            None,
+        );
+        let content = read_page(&body, "MedicationDispense", &["quantity".into()]).unwrap();
+        let value: Value = serde_json::from_slice(&content.lines[0].bytes).unwrap();
+        assert_eq!(value["status"], "completed");
+        assert_eq!(value["_status"]["id"], "s");
+        assert_eq!(value["medicationReference"]["reference"], "Medication/1");
+        assert_eq!(value["quantity"]["value"], 2);
+        assert!(value.get("subject").is_none(), "{value}");
+        assert_eq!(value["meta"]["tag"].as_array().unwrap().len(), 1, "{value}");
+    }
+
+    #[test]
+    fn every_r4_resource_type_has_its_mandatory_elements() {
+        use crate::fhir::mandatory_elements::MANDATORY_ELEMENTS;
+        use crate::fhir::resource_types::R4_RESOURCE_TYPES;
+        assert!(MANDATORY_ELEMENTS.windows(2).all(|w| w[0].0 < w[1].0));
+        for t in R4_RESOURCE_TYPES {
+            assert!(
+                MANDATORY_ELEMENTS.iter().any(|(m, _)| m == t),
+                "{t} has no entry"
+            );
+        }
+        assert_eq!(
+            crate::fhir::mandatory_elements("Observation"),
+            ["status", "code"]
+        );
+        assert!(crate::fhir::mandatory_elements("NoSuchType").is_empty());
     }
 
     #[test]

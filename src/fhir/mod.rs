@@ -5,11 +5,19 @@
 
 pub mod capability;
 pub mod instant;
+pub mod mandatory_elements;
 pub mod operation_outcome;
 pub mod resource_types;
 
 pub use instant::{Instant, InstantError};
 pub use operation_outcome::{IssueSeverity, OperationOutcome};
+
+/// The mandatory top-level elements of an R4 resource type (none for a type R4 does not define).
+pub fn mandatory_elements(resource_type: &str) -> &'static [&'static str] {
+    mandatory_elements::MANDATORY_ELEMENTS
+        .binary_search_by(|(t, _)| t.cmp(&resource_type))
+        .map_or(&[], |i| mandatory_elements::MANDATORY_ELEMENTS[i].1)
+}
 
 /// Media type of FHIR JSON resources.
 pub const FHIR_JSON: &str = "application/fhir+json";
