@@ -14,6 +14,7 @@ mod finalize;
 mod fleet;
 mod gate;
 mod hostile_input;
+mod layering;
 mod jobs_cli;
 mod logs;
 mod object_storage;
