@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{ConfigError, Secret, invalid};
-use crate::auth::scopes::Scopes;
+use crate::fhir::scopes::Scopes;
 
 /// Token endpoint, access tokens and the client registry.
 #[derive(Debug, Clone, Serialize, Deserialize)]

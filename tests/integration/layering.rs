@@ -22,7 +22,18 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("proxy", LOWER),
     ("auth", LOWER),
     ("export", LOWER),
-    ("ops", &["export", "store", "storage", "fhir", "job", "config", "telemetry"]),
+    (
+        "ops",
+        &[
+            "export",
+            "store",
+            "storage",
+            "fhir",
+            "job",
+            "config",
+            "telemetry",
+        ],
+    ),
     (
         "app",
         &[
@@ -102,7 +113,9 @@ fn top_level_modules_import_only_what_the_table_allows() {
         }
         let allowed = table.get(from).copied().unwrap_or_default();
         for import in &file.imports {
-            let Some(to) = crate_.absolute(file, &import.path).and_then(|p| p.first().cloned())
+            let Some(to) = crate_
+                .absolute(file, &import.path)
+                .and_then(|p| p.first().cloned())
             else {
                 continue;
             };
@@ -147,9 +160,18 @@ fn no_directory_module_has_a_file_level_import_cycle() {
                     continue;
                 };
                 if to != from {
-                    edges.entry(from.clone()).or_default().entry(to).or_insert_with(|| {
-                        format!("{}:{}: `{}`", file.display, import.line, import.path.join("::"))
-                    });
+                    edges
+                        .entry(from.clone())
+                        .or_default()
+                        .entry(to)
+                        .or_insert_with(|| {
+                            format!(
+                                "{}:{}: `{}`",
+                                file.display,
+                                import.line,
+                                import.path.join("::")
+                            )
+                        });
                 }
             }
         }
@@ -303,7 +325,10 @@ impl Crate {
     }
 
     fn top_level_modules(&self) -> BTreeSet<String> {
-        self.modules.iter().filter_map(|m| m.first().cloned()).collect()
+        self.modules
+            .iter()
+            .filter_map(|m| m.first().cloned())
+            .collect()
     }
 
     /// Modules with child files (`proxy` for `src/proxy/*.rs`).
@@ -415,7 +440,11 @@ fn cycles(edges: &BTreeMap<String, BTreeMap<String, String>>) -> Vec<Vec<String>
             let next = nexts
                 .clone()
                 .find(|n| *n == start)
-                .or_else(|| nexts.clone().find(|n| !visited.contains(*n) && reaches(n, start)))
+                .or_else(|| {
+                    nexts
+                        .clone()
+                        .find(|n| !visited.contains(*n) && reaches(n, start))
+                })
                 .unwrap()
                 .clone();
             cycle.push(next.clone());
@@ -472,7 +501,9 @@ fn extract(source: &str) -> (Vec<Import>, Vec<String>) {
                     if path.last().is_some_and(|s| s == "self") && path.len() > 1 {
                         path.pop();
                     }
-                    let reexport = public.then(|| alias.or_else(|| path.last().cloned())).flatten();
+                    let reexport = public
+                        .then(|| alias.or_else(|| path.last().cloned()))
+                        .flatten();
                     imports.push(Import {
                         path,
                         line,
@@ -591,9 +622,11 @@ fn drop_test_items(tokens: Vec<(Token, usize)>) -> Vec<(Token, usize)> {
                 j = skip_group(&tokens, j);
             }
         }
-        let item = ["mod", "use", "fn", "impl", "const", "static", "struct", "enum", "async"]
-            .iter()
-            .any(|w| word(j, w));
+        let item = [
+            "mod", "use", "fn", "impl", "const", "static", "struct", "enum", "async",
+        ]
+        .iter()
+        .any(|w| word(j, w));
         if !item {
             out.push(tokens[i].clone());
             i += 1;
@@ -718,13 +751,17 @@ fn lex(source: &str) -> Vec<(Token, usize)> {
                     line += usize::from(chars[i] == '\n');
                     i += 1;
                 }
-            } else if word == "r" && hashes == 1 && (at(i + 1).is_alphabetic() || at(i + 1) == '_') {
+            } else if word == "r" && hashes == 1 && (at(i + 1).is_alphabetic() || at(i + 1) == '_')
+            {
                 i += 1; // a raw identifier: `r#type` lexes as `type`
             } else {
                 tokens.push((Token::Ident(word), line));
             }
         } else if c.is_ascii_digit() {
-            while at(i).is_alphanumeric() || at(i) == '_' || (at(i) == '.' && at(i + 1).is_ascii_digit()) {
+            while at(i).is_alphanumeric()
+                || at(i) == '_'
+                || (at(i) == '.' && at(i + 1).is_ascii_digit())
+            {
                 i += 1;
             }
         } else if c == ':' && at(i + 1) == ':' {
