@@ -2,6 +2,11 @@
 //! server and the response streamed back. Bodies are never buffered (hyper bodies are passed
 //! through frame by frame), paths and queries are forwarded byte for byte, hop-by-hop headers are
 //! dropped, `X-Forwarded-*` added, and `Location` headers rebased on the proxy's public URL.
+//!
+//! What its files share (the client's context, the base paths, [`ProxyError`], the error chain)
+//! lives here, so `forward` (the general path), `h1` (the fast path) and `pool` depend on this
+//! root and not on each other. [`metadata`] caches the upstream's CapabilityStatement for the
+//! metadata endpoint and for export planning.
 
 use std::net::IpAddr;
 

@@ -119,7 +119,9 @@ fn top_level_modules_import_only_what_the_table_allows() {
             else {
                 continue;
             };
-            if to == from || NOT_LAYERED.contains(&to.as_str()) || !crate_.is_module(&[to.clone()])
+            if to == from
+                || NOT_LAYERED.contains(&to.as_str())
+                || !crate_.is_module(std::slice::from_ref(&to))
             {
                 continue;
             }
