@@ -7,9 +7,9 @@
 //! start, `check-config` prints it. `proxy.toml` at the repository root documents every key, its
 //! default and its environment name.
 //!
-//! Each section is one file holding its structs, their defaults and their validation: [`server`],
-//! [`upstream`] (with `[upstream.auth]`), [`log`], [`metadata`], [`auth`], [`export`], [`store`]
-//! and [`storage`]; [`secret`] is the one place secrets are kept out of `Debug` output.
+//! Each section is one file holding its structs, their defaults and their validation: `server`,
+//! `upstream` (with `[upstream.auth]`), `log`, `metadata`, `auth`, `export`, `store` and `storage`;
+//! [`Secret`] (`secret.rs`) is the one place secrets are kept out of `Debug` and `check-config`.
 //!
 //! Relative paths (see [`paths`]) resolve against the configuration file's directory when they come
 //! from the file, or are defaults and a file was read; against the working directory when they come
