@@ -5,18 +5,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, HeaderName, header};
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::auth::{Auth, JtiError, JtiStore};
 use crate::config::{Config, StorageBackend, StoreBackend};
 use crate::export::Exporter;
 use crate::export::pager::Pager;
-use crate::http::error::ApiError;
-use crate::http::metadata::MetadataCache;
 use crate::job::now_unix;
 use crate::proxy::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, first_forwarded};
-use crate::proxy::{ClientContext, Upstream};
+use crate::proxy::{ClientContext, Fetched, MetadataCache, ProxyError, Upstream};
 use crate::routes::RouteTable;
 use crate::storage::Storage;
 use crate::store::JobStore;
@@ -105,11 +103,39 @@ impl App {
         })
     }
 
+    /// The upstream's CapabilityStatement (cached), or what it answered instead. Forwards the
+    /// client's `X-Request-Id`, and its `Authorization` only where passthrough forwards it anyway:
+    /// behind the gate it is the proxy's token, which is not the upstream's to see. The proxy's own
+    /// upstream credentials stand in when the client sent none (planning an export needs them).
+    pub async fn upstream_metadata(
+        &self,
+        client_headers: Option<&HeaderMap>,
+    ) -> Result<Fetched, ProxyError> {
+        let mut headers = HeaderMap::new();
+        let mut forwarded = vec![HeaderName::from_static("x-request-id")];
+        if !self.auth.protects_passthrough() {
+            forwarded.push(header::AUTHORIZATION);
+        }
+        for name in forwarded {
+            if let Some(value) = client_headers.and_then(|h| h.get(&name)) {
+                headers.insert(name, value.clone());
+            }
+        }
+        if !headers.contains_key(header::AUTHORIZATION) {
+            if let Some(value) = self.config.upstream.auth.authorization() {
+                if let Ok(value) = value.parse() {
+                    headers.insert(header::AUTHORIZATION, value);
+                }
+            }
+        }
+        self.metadata.fetch(&self.upstream, headers).await
+    }
+
     /// Resource types the upstream's CapabilityStatement lists (`None` when it cannot tell).
     pub async fn upstream_types(&self) -> Option<Vec<String>> {
-        let statement = crate::http::metadata::capability_statement(self, None)
-            .await
-            .ok()??;
+        let Fetched::Statement(statement) = self.upstream_metadata(None).await.ok()? else {
+            return None;
+        };
         let types: Vec<String> = statement["rest"]
             .as_array()?
             .iter()
@@ -121,7 +147,7 @@ impl App {
     }
 
     /// The Patient ids that are members of `Group/{id}` on the upstream.
-    pub async fn group_members(&self, id: &str) -> Result<Vec<String>, ApiError> {
+    pub async fn group_members(&self, id: &str) -> Result<Vec<String>, UpstreamReadError> {
         let body = self
             .exporter
             .pager
@@ -131,12 +157,14 @@ impl App {
                 crate::export::pager::FetchError::Rejected { status, .. }
                     if status.as_u16() == 404 || status.as_u16() == 410 =>
                 {
-                    ApiError::NotFound(format!("Group/{id} does not exist on the upstream server"))
+                    UpstreamReadError::NotFound(format!(
+                        "Group/{id} does not exist on the upstream server"
+                    ))
                 }
-                other => ApiError::UpstreamFailed(format!("cannot read Group/{id}: {other}")),
+                other => UpstreamReadError::Failed(format!("cannot read Group/{id}: {other}")),
             })?;
         let group: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| ApiError::UpstreamFailed(format!("Group/{id} is not valid JSON: {e}")))?;
+            .map_err(|e| UpstreamReadError::Failed(format!("Group/{id} is not valid JSON: {e}")))?;
         let mut members = Vec::new();
         for member in group["member"].as_array().into_iter().flatten() {
             let Some(reference) = member["entity"]["reference"].as_str() else {
@@ -154,7 +182,7 @@ impl App {
     }
 
     /// Every Patient id on the upstream (Patient-level export).
-    pub async fn exporter_patients(&self) -> Result<Vec<String>, ApiError> {
+    pub async fn exporter_patients(&self) -> Result<Vec<String>, UpstreamReadError> {
         let pager = &self.exporter.pager;
         let mut url = pager.search_url(
             "Patient?_elements=id",
@@ -166,9 +194,9 @@ impl App {
             let body = pager
                 .fetch(&url, !ids.is_empty())
                 .await
-                .map_err(|e| ApiError::UpstreamFailed(format!("cannot list patients: {e}")))?;
+                .map_err(|e| UpstreamReadError::Failed(format!("cannot list patients: {e}")))?;
             let page = crate::export::ndjson::read_page(&body, "Patient", &[])
-                .map_err(|e| ApiError::UpstreamFailed(format!("cannot list patients: {e}")))?;
+                .map_err(|e| UpstreamReadError::Failed(format!("cannot list patients: {e}")))?;
             ids.extend(page.lines.into_iter().filter_map(|l| l.id));
             match page.next.and_then(|n| pager.resolve_next(&url, &n)) {
                 Some(next) => url = next,
@@ -206,6 +234,16 @@ impl App {
             base_path: &self.base_path,
         }
     }
+}
+
+/// Why an export's patients could not be listed from the upstream.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamReadError {
+    /// The group does not exist on the upstream.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// The job store as the token endpoint's replay cache, so replicas share `jti`s.

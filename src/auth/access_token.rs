@@ -6,8 +6,8 @@
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use super::scopes::Scopes;
 use super::{AuthError, Grant};
+use crate::fhir::scopes::Scopes;
 
 /// The `iss` of every token the proxy issues.
 pub const ISSUER: &str = "fhir-bulk-proxy";

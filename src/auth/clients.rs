@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::jwks::Keys;
-use super::scopes::Scopes;
 use crate::config::AuthConfig;
+use crate::fhir::scopes::Scopes;
 
 /// Where a client's public keys come from.
 #[derive(Debug, Clone)]

@@ -7,7 +7,7 @@
 //!   rotation, rate limit).
 //! - [`assertion`]: checks on client assertions (header, key choice, claims).
 //! - [`jti`]: single use of assertions, behind a trait so replicas can share it.
-//! - [`scopes`]: SMART v1/v2 scope grammar, the grant decision and read checks.
+//! - [`crate::fhir::scopes`]: SMART v1/v2 scope grammar, the grant decision and read checks.
 //! - [`access_token`]: the proxy's own short-lived tokens, verifiable by any replica.
 //! - [`token`]: the token request flow.
 //! - [`keygen`]: key pairs and configuration snippets for new clients.
@@ -24,7 +24,6 @@ pub mod jti;
 pub mod jwks;
 pub mod keygen;
 pub mod passthrough;
-pub mod scopes;
 pub mod token;
 
 use std::sync::Arc;
@@ -32,9 +31,9 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, header};
 
 use crate::config::{AuthConfig, Config};
+pub use crate::fhir::scopes::Scopes;
 use access_token::TokenSigner;
 pub use jti::{JtiError, JtiStore, MemoryJtiStore};
-pub use scopes::Scopes;
 pub use token::{TokenRequest, TokenResponse};
 
 /// What a valid access token allows: who the client is and which scopes it holds.

@@ -25,9 +25,9 @@ use std::borrow::Cow;
 use axum::http::Method;
 use percent_encoding::percent_decode_str;
 
-use super::scopes::Permissions;
 use super::{AuthError, Grant};
 use crate::fhir::resource_types::{is_fhir_id, is_resource_type};
+use crate::fhir::scopes::Permissions;
 
 /// Search parameters whose results are still resources of the searched type only.
 const NEUTRAL_PARAMETERS: &[&str] = &[

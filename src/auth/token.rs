@@ -12,8 +12,8 @@ use serde_json::Value;
 use super::assertion::{self, Expected, KeyChoice};
 use super::clients::{Client, KeySource};
 use super::jti::JtiError;
-use super::scopes::Scopes;
 use super::{Auth, OAuthError, now_unix};
+use crate::fhir::scopes::Scopes;
 
 /// The only `client_assertion_type` (RFC 7523 §2.2).
 pub const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";

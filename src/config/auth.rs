@@ -1,12 +1,11 @@
-//! The `[auth]` section (SMART Backend Services, SPEC A4) and `[upstream.auth]` (the credentials the
-//! proxy itself presents to the upstream). Kept beside `config.rs` so the auth keys, their defaults
-//! and their validation read as one unit.
+//! `[auth]`: SMART Backend Services (SPEC A4): the token endpoint, the proxy's access tokens,
+//! JWKS fetching and the registry of clients, with their defaults and validation.
 
 use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{ConfigError, Secret, invalid};
-use crate::auth::scopes::Scopes;
+use crate::fhir::scopes::Scopes;
 
 /// Token endpoint, access tokens and the client registry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -65,30 +64,6 @@ pub struct ClientConfig {
 
 fn enabled_by_default() -> bool {
     true
-}
-
-/// The credentials the proxy sends upstream on its own requests (export searches, metadata) and,
-/// with `auth.passthrough = true`, on passthrough requests instead of the client's.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
-#[serde(default, deny_unknown_fields)]
-pub struct UpstreamAuthConfig {
-    /// `none`, `bearer` (sends `token`) or `basic` (sends `username` and `password`). Default `none`.
-    pub scheme: UpstreamAuthScheme,
-    /// Bearer token for `scheme = "bearer"`. Default unset.
-    pub token: Option<Secret>,
-    /// User name for `scheme = "basic"`. Default unset.
-    pub username: Option<String>,
-    /// Password for `scheme = "basic"`. Default unset (empty).
-    pub password: Option<Secret>,
-}
-
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
-pub enum UpstreamAuthScheme {
-    #[default]
-    None,
-    Bearer,
-    Basic,
 }
 
 impl Default for AuthConfig {
@@ -296,77 +271,10 @@ impl ClientConfig {
     }
 }
 
-impl UpstreamAuthConfig {
-    pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        match self.scheme {
-            UpstreamAuthScheme::None => Ok(()),
-            UpstreamAuthScheme::Bearer => match &self.token {
-                Some(token) if is_header_safe(token.expose()) && !token.expose().is_empty() => {
-                    Ok(())
-                }
-                _ => Err(invalid(
-                    "upstream.auth.token",
-                    "(hidden)",
-                    "required with scheme = \"bearer\": a token without control characters",
-                )),
-            },
-            UpstreamAuthScheme::Basic => match &self.username {
-                Some(user) if !user.is_empty() && !user.contains(':') && is_header_safe(user) => {
-                    Ok(())
-                }
-                _ => Err(invalid(
-                    "upstream.auth.username",
-                    self.username.as_deref().unwrap_or(""),
-                    "required with scheme = \"basic\": a name without `:` or control characters",
-                )),
-            },
-        }
-    }
-
-    /// The `Authorization` header value to send upstream, if any.
-    pub fn authorization(&self) -> Option<String> {
-        use base64::Engine as _;
-        match self.scheme {
-            UpstreamAuthScheme::None => None,
-            UpstreamAuthScheme::Bearer => self
-                .token
-                .as_ref()
-                .map(|t| format!("Bearer {}", t.expose())),
-            UpstreamAuthScheme::Basic => {
-                let user = self.username.as_deref().unwrap_or("");
-                let password = self.password.as_ref().map_or("", |p| p.expose());
-                let encoded =
-                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-                Some(format!("Basic {encoded}"))
-            }
-        }
-    }
-}
-
-fn is_header_safe(value: &str) -> bool {
-    value
-        .bytes()
-        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
-}
-
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
-    use super::*;
-    use crate::config::Config;
-    use figment::Jail;
-
-    const UPSTREAM: &str = "[upstream]\nurl = \"http://fhir/fhir\"\n";
-
-    fn load(toml: &str) -> Result<Config, String> {
-        let mut result = Err(String::new());
-        Jail::expect_with(|jail| {
-            jail.create_file("proxy.toml", &format!("{UPSTREAM}{toml}"))?;
-            result = Config::load(None).map_err(|e| e.to_string());
-            Ok(())
-        });
-        result
-    }
+    use crate::config::tests::load_toml as load;
 
     #[test]
     fn auth_defaults_are_the_documented_ones() {
@@ -379,8 +287,6 @@ mod tests {
         assert!(auth.signing_secret.is_none());
         assert!(!auth.passthrough);
         assert!(auth.clients.is_empty());
-        assert_eq!(config.upstream.auth.scheme, UpstreamAuthScheme::None);
-        assert_eq!(config.upstream.auth.authorization(), None);
     }
 
     #[test]
@@ -479,35 +385,10 @@ jwks = '{"keys":[{"kty":"RSA","kid":"r1","n":"AQAB","e":"AQAB"}]}'
                 "[[auth.clients]]\nclient_id = \"a\"\nscopes = [\"system/*.read\"]\njwks_url = \"https://x/j\"\n[[auth.clients]]\nclient_id = \"a\"\nscopes = [\"system/*.read\"]\njwks_url = \"https://x/j\"\n",
                 "registered twice",
             ),
-            (
-                "[upstream.auth]\nscheme = \"bearer\"\n",
-                "upstream.auth.token",
-            ),
-            (
-                "[upstream.auth]\nscheme = \"basic\"\n",
-                "upstream.auth.username",
-            ),
-            ("[upstream.auth]\nscheme = \"digest\"\n", "digest"),
         ];
         for (toml, expected) in cases {
             let message = load(toml).expect_err(toml);
             assert!(message.contains(expected), "{toml}: {message}");
         }
-    }
-
-    #[test]
-    fn upstream_credentials_become_an_authorization_header() {
-        let bearer = load("[upstream.auth]\nscheme = \"bearer\"\ntoken = \"abc\"\n").unwrap();
-        assert_eq!(
-            bearer.upstream.auth.authorization().as_deref(),
-            Some("Bearer abc")
-        );
-        let basic =
-            load("[upstream.auth]\nscheme = \"basic\"\nusername = \"proxy\"\npassword = \"pw\"\n")
-                .unwrap();
-        assert_eq!(
-            basic.upstream.auth.authorization().as_deref(),
-            Some("Basic cHJveHk6cHc=")
-        );
     }
 }

@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use url::Url;
 
-use super::{Config, StorageBackend, StoreBackend};
+use super::secret::redact_url;
+use super::{Config, Secret, StorageBackend, StoreBackend};
 
 impl Config {
     /// Valid settings that leave the proxy less useful or less safe than it looks. `run` logs
@@ -89,7 +90,7 @@ impl Config {
             None => "defaults and the environment (no configuration file)".to_owned(),
         };
         let _ = writeln!(out, "configuration is valid ({source})");
-        let _ = writeln!(out, "  upstream   {}", self.upstream.url);
+        let _ = writeln!(out, "  upstream   {}", redact_url(&self.upstream.url));
         let scheme = if self.server.tls.is_some() {
             "https"
         } else {
@@ -135,7 +136,10 @@ impl Config {
             StoreBackend::Embedded => format!("embedded, {}", self.store.path.display()),
             StoreBackend::Redis => format!(
                 "redis, {}",
-                redact_password(self.store.redis_url.as_ref().map_or("", |u| u.expose()))
+                self.store
+                    .redis_url
+                    .as_ref()
+                    .map_or_else(|| redact_url(""), Secret::redacted_url)
             ),
         };
         let _ = writeln!(out, "  store      {store}");
@@ -145,8 +149,8 @@ impl Config {
                 let s3 = &self.storage.s3;
                 let endpoint = s3
                     .endpoint
-                    .clone()
-                    .unwrap_or_else(|| format!("AWS S3, region {}", s3.region));
+                    .as_deref()
+                    .map_or_else(|| format!("AWS S3, region {}", s3.region), redact_url);
                 let prefix = if s3.prefix.is_empty() {
                     String::new()
                 } else {
@@ -184,19 +188,6 @@ fn is_loopback(url: &Url) -> bool {
         Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
         Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
         None => false,
-    }
-}
-
-/// `url` with its password (if any) replaced by `***`; an unparsable URL is not shown at all.
-fn redact_password(url: &str) -> String {
-    match Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "(unparsable URL, not shown)".to_owned(),
     }
 }
 

@@ -1,8 +1,9 @@
 //! A configured secret: `auth.signing_secret`, `upstream.auth.token` and `password`,
 //! `storage.s3.secret_access_key`, and `store.redis_url` (which may carry a password). The one
-//! place secrets are kept from logs: `Debug` never prints one, so neither does `Debug` of the
-//! config or any struct holding it; the value is read through [`Secret::expose`] only where it is
-//! used.
+//! place secrets are kept from logs and from `check-config`: `Debug` never prints one, so neither
+//! does `Debug` of the config or any struct holding it; the value is read through
+//! [`Secret::expose`] only where it is used, and a URL is shown through [`redact_url`], which hides
+//! its password.
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,26 @@ impl Secret {
     /// The secret itself, for the one place that uses it.
     pub fn expose(&self) -> &str {
         &self.0
+    }
+}
+
+impl Secret {
+    /// The secret as a URL to show: its password (if any) replaced by `***`.
+    pub fn redacted_url(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+/// `url` with its password (if any) replaced by `***`; an unparsable URL is not shown at all,
+/// since it cannot be told where a password would be in it.
+pub(super) fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            let _ = parsed.set_password(Some("***"));
+            parsed.to_string()
+        }
+        Ok(_) => url.to_owned(),
+        Err(_) => "(unparsable URL, not shown)".to_owned(),
     }
 }
 
@@ -39,25 +60,52 @@ impl From<String> for Secret {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Config, UpstreamAuthScheme};
+    use super::super::{Config, StorageBackend, StoreBackend, UpstreamAuthScheme};
 
-    #[test]
-    fn no_secret_reaches_the_debug_output_of_the_config() {
+    const SECRETS: [&str; 6] = [
+        "signing-secret",
+        "upstream-bearer-token",
+        "upstream-password",
+        "s3-secret-key",
+        "redis-password",
+        "url-password",
+    ];
+
+    /// A configuration with every kind of secret set, each spelled so it can be found.
+    fn config_with_every_secret() -> Config {
         let mut config = Config::default();
+        config.upstream.url = "http://proxy:url-password@fhir.internal/fhir".into();
         config.auth.signing_secret = Some("signing-secret-0123456789abcdefghij".into());
         config.upstream.auth.scheme = UpstreamAuthScheme::Basic;
         config.upstream.auth.token = Some("upstream-bearer-token".into());
         config.upstream.auth.password = Some("upstream-password".into());
+        config.storage.backend = StorageBackend::S3;
+        config.storage.s3.endpoint = Some("https://minio:url-password@minio:9000".into());
         config.storage.s3.secret_access_key = Some("s3-secret-key".into());
+        config.store.backend = StoreBackend::Redis;
         config.store.redis_url = Some("redis://user:redis-password@redis:6379/0".into());
+        config
+    }
+
+    #[test]
+    fn no_secret_reaches_the_check_config_report() {
+        let report = config_with_every_secret().report();
+        for secret in SECRETS {
+            assert!(!report.contains(secret), "{secret} in {report}");
+        }
+        assert!(
+            report.contains("http://proxy:***@fhir.internal/fhir"),
+            "{report}"
+        );
+        assert!(report.contains("redis://user:***@redis:6379/0"), "{report}");
+    }
+
+    #[test]
+    fn no_secret_reaches_the_debug_output_of_the_config() {
+        let config = config_with_every_secret();
         let shown = format!("{config:?} {config:#?}");
-        for secret in [
-            "signing-secret",
-            "upstream-bearer-token",
-            "upstream-password",
-            "s3-secret-key",
-            "redis-password",
-        ] {
+        // URLs are plain strings in `Debug`: only the `Secret` fields are covered there.
+        for secret in SECRETS.iter().filter(|s| **s != "url-password") {
             assert!(!shown.contains(secret), "{secret} in {shown}");
         }
         assert!(shown.contains("<redacted>"));

@@ -1,13 +1,15 @@
 //! The few FHIR R4 wire types the proxy builds or edits itself: OperationOutcome (every error
 //! response, FHIR R4 §3.1.0 / Bulk Data IG "Response - Error Status") and the bulk-data and SMART
 //! entries added to the upstream's CapabilityStatement (Bulk Data IG "Server Capability Documentation"),
-//! and the checked `instant` every `_since`, `_until` and `transactionTime` goes through.
+//! the checked `instant` every `_since`, `_until` and `transactionTime` goes through, and the SMART
+//! scope grammar ([`scopes`]).
 
 pub mod capability;
 pub mod instant;
 pub mod mandatory_elements;
 pub mod operation_outcome;
 pub mod resource_types;
+pub mod scopes;
 
 pub use instant::{Instant, InstantError};
 pub use operation_outcome::{IssueSeverity, OperationOutcome};

@@ -7,6 +7,7 @@
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
+use crate::app::UpstreamReadError;
 use crate::auth::{AuthError, OAuthError};
 use crate::fhir::{FHIR_JSON, OperationOutcome};
 use crate::proxy::ProxyError;
@@ -87,6 +88,15 @@ impl From<AuthError> for ApiError {
             AuthError::Missing | AuthError::Invalid(_) | AuthError::Expired => {
                 Self::Unauthorized(error.to_string())
             }
+        }
+    }
+}
+
+impl From<UpstreamReadError> for ApiError {
+    fn from(error: UpstreamReadError) -> Self {
+        match error {
+            UpstreamReadError::NotFound(message) => Self::NotFound(message),
+            UpstreamReadError::Failed(message) => Self::UpstreamFailed(message),
         }
     }
 }

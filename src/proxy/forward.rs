@@ -1,7 +1,6 @@
 //! The upstream client: one connection pool (HTTP/1.1, plain or rustls; [`super::pool`]) shared by
 //! passthrough and by the proxy's own upstream calls (metadata, readiness).
 
-use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -16,25 +15,13 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use tokio::sync::Notify;
 use url::Url;
 
-use super::ProxyError;
 use super::h1::H1Target;
 use super::headers::{
     ResponseFraming, add_forwarded, public_base, rewrite_locations, strip_hop_by_hop,
 };
 use super::pool::{Pool, SendError};
+use super::{Bases, ClientContext, ProxyError, error_chain};
 use crate::config::Config;
-
-/// Who sent a request and how the proxy is seen from outside; needed to forward it.
-#[derive(Debug, Clone)]
-pub struct ClientContext<'a> {
-    pub addr: Option<IpAddr>,
-    /// `http` or `https`: the scheme of the connection to the proxy.
-    pub scheme: &'static str,
-    /// The public base `server.public_url` names; without one it is derived from the request.
-    pub configured_public_base: Option<&'a str>,
-    /// Path under which the proxy serves FHIR (`""` for the root).
-    pub base_path: &'a str,
-}
 
 /// The upstream FHIR server.
 pub struct Upstream {
@@ -43,41 +30,6 @@ pub struct Upstream {
     timeout: Duration,
     /// The HTTP/1.1 fast path's side of the upstream: plain-HTTP upstreams, when enabled.
     h1: Option<Arc<H1Target>>,
-}
-
-/// The upstream's FHIR base and how the proxy's paths map onto it; shared with the fast path.
-#[derive(Debug, Clone)]
-pub(super) struct Bases {
-    /// The configured base URL without a trailing slash, e.g. `http://fhir:8080/fhir`.
-    pub url: String,
-    /// Path of the upstream base (`""` for the root).
-    pub upstream_path: String,
-    /// Path under which the proxy serves FHIR (`""` for the root).
-    pub proxy_path: String,
-}
-
-impl Bases {
-    /// The proxy serves the upstream's own base path (the usual deployment): request targets are
-    /// forwarded as they came.
-    pub fn same_paths(&self) -> bool {
-        self.proxy_path == self.upstream_path
-    }
-
-    /// See [`Upstream::map_path_and_query`].
-    pub fn map_path_and_query(&self, path_and_query: &str) -> String {
-        let (path, query) = match path_and_query.find('?') {
-            Some(i) => path_and_query.split_at(i),
-            None => (path_and_query, ""),
-        };
-        let rest = path
-            .strip_prefix(self.proxy_path.as_str())
-            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
-        match rest {
-            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => format!("/{query}"),
-            Some(rest) => format!("{}{rest}{query}", self.upstream_path),
-            None => path_and_query.to_owned(),
-        }
-    }
 }
 
 impl Upstream {
@@ -280,18 +232,6 @@ impl From<SendError> for ProxyError {
             SendError::Request(e) => ProxyError::Protocol(error_chain(&e)),
         }
     }
-}
-
-/// The error and its causes on one line (hyper's top-level messages alone say little).
-pub(super) fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Notifies when the request body has been sent (or dropped).

@@ -19,13 +19,12 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use url::Url;
 
-use super::ProxyError;
-use super::forward::{Bases, ClientContext};
 use super::headers::{
     BodyEnd, Name, ResponseFraming, is_visible_text, public_base, put_date, put_header, rebase,
     write_ip,
 };
 use super::pool::IdleStack;
+use super::{Bases, ClientContext, ProxyError};
 use crate::config::Config;
 
 /// Headers a request or response may have on this path.

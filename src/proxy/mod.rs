@@ -2,18 +2,86 @@
 //! server and the response streamed back. Bodies are never buffered (hyper bodies are passed
 //! through frame by frame), paths and queries are forwarded byte for byte, hop-by-hop headers are
 //! dropped, `X-Forwarded-*` added, and `Location` headers rebased on the proxy's public URL.
+//!
+//! What its files share (the client's context, the base paths, [`ProxyError`], the error chain)
+//! lives here, so `forward` (the general path), `h1` (the fast path) and `pool` depend on this
+//! root and not on each other. [`metadata`] caches the upstream's CapabilityStatement for the
+//! metadata endpoint and for export planning.
+
+use std::net::IpAddr;
 
 mod forward;
 mod h1;
 pub mod headers;
+pub mod metadata;
 mod pool;
 #[cfg(target_os = "linux")]
 mod splice;
 
-pub use forward::{ClientContext, Upstream};
+pub use forward::Upstream;
 pub use h1::{
     Answered, Asked, ClientHead, H1Target, H1Upstream, Scratch, header_slots, put_status_line,
 };
+pub use metadata::{Fetched, MetadataCache};
+
+/// Who sent a request and how the proxy is seen from outside; needed to forward it.
+#[derive(Debug, Clone)]
+pub struct ClientContext<'a> {
+    pub addr: Option<IpAddr>,
+    /// `http` or `https`: the scheme of the connection to the proxy.
+    pub scheme: &'static str,
+    /// The public base `server.public_url` names; without one it is derived from the request.
+    pub configured_public_base: Option<&'a str>,
+    /// Path under which the proxy serves FHIR (`""` for the root).
+    pub base_path: &'a str,
+}
+
+/// The upstream's FHIR base and how the proxy's paths map onto it; shared with the fast path.
+#[derive(Debug, Clone)]
+struct Bases {
+    /// The configured base URL without a trailing slash, e.g. `http://fhir:8080/fhir`.
+    pub url: String,
+    /// Path of the upstream base (`""` for the root).
+    pub upstream_path: String,
+    /// Path under which the proxy serves FHIR (`""` for the root).
+    pub proxy_path: String,
+}
+
+impl Bases {
+    /// The proxy serves the upstream's own base path (the usual deployment): request targets are
+    /// forwarded as they came.
+    pub fn same_paths(&self) -> bool {
+        self.proxy_path == self.upstream_path
+    }
+
+    /// See [`Upstream::map_path_and_query`].
+    pub fn map_path_and_query(&self, path_and_query: &str) -> String {
+        let (path, query) = match path_and_query.find('?') {
+            Some(i) => path_and_query.split_at(i),
+            None => (path_and_query, ""),
+        };
+        let rest = path
+            .strip_prefix(self.proxy_path.as_str())
+            .filter(|rest| rest.is_empty() || rest.starts_with('/'));
+        match rest {
+            Some(rest) if rest.is_empty() && self.upstream_path.is_empty() => format!("/{query}"),
+            Some(rest) => format!("{}{rest}{query}", self.upstream_path),
+            None => path_and_query.to_owned(),
+        }
+    }
+}
+
+/// The error and its causes on one line (hyper's top-level messages alone say little).
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
 
 /// Why the upstream could not answer.
 #[derive(Debug, thiserror::Error)]

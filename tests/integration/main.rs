@@ -15,6 +15,7 @@ mod fleet;
 mod gate;
 mod hostile_input;
 mod jobs_cli;
+mod layering;
 mod logs;
 mod object_storage;
 mod operations;

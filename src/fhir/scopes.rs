@@ -7,10 +7,13 @@
 //! than was asked, when the client's registration allows it; and never more than the client's
 //! registration allows (a wildcard is narrowed to the types the client may read). Scopes are
 //! returned in the syntax they were asked in, so a v1 client gets v1 scopes back.
+//!
+//! Here, below both `auth` and `config`, because validating a client's registered scopes is part
+//! of checking the configuration.
 
 use std::fmt;
 
-use crate::fhir::resource_types::is_resource_type;
+use super::resource_types::is_resource_type;
 
 /// Why a scope string cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1,0 +1,226 @@
+//! `[upstream]`: the FHIR server behind the proxy (its URL, timeouts and connection pool) and
+//! `[upstream.auth]`, the credentials the proxy itself presents to it.
+
+use serde::{Deserialize, Serialize};
+use url::Url;
+
+use super::{ConfigError, Secret, invalid, parse_base_url};
+
+/// The FHIR server behind the proxy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// The upstream's FHIR base URL, e.g. `http://fhir:8080/fhir`. Required.
+    pub url: String,
+    /// TCP connect timeout, in milliseconds. Default 5000.
+    pub connect_timeout_ms: u64,
+    /// Time to wait for the upstream's response headers, in milliseconds; exceeding it answers 504.
+    /// Default 60000.
+    pub request_timeout_ms: u64,
+    /// Idle pooled connections are closed after this many seconds. Default 90.
+    pub pool_idle_timeout_secs: u64,
+    /// Idle connections kept per upstream host, by each fast-path lane and by the general path.
+    /// Default 64.
+    pub pool_max_idle_per_host: usize,
+    /// Credentials the proxy presents upstream on its own requests (`[upstream.auth]`).
+    /// Default: none.
+    pub auth: UpstreamAuthConfig,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            connect_timeout_ms: 5_000,
+            request_timeout_ms: 60_000,
+            pool_idle_timeout_secs: 90,
+            pool_max_idle_per_host: 64,
+            auth: UpstreamAuthConfig::default(),
+        }
+    }
+}
+
+/// The credentials the proxy sends upstream on its own requests (export searches, metadata) and,
+/// with `auth.passthrough = true`, on passthrough requests instead of the client's.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamAuthConfig {
+    /// `none`, `bearer` (sends `token`) or `basic` (sends `username` and `password`). Default `none`.
+    pub scheme: UpstreamAuthScheme,
+    /// Bearer token for `scheme = "bearer"`. Default unset.
+    pub token: Option<Secret>,
+    /// User name for `scheme = "basic"`. Default unset.
+    pub username: Option<String>,
+    /// Password for `scheme = "basic"`. Default unset (empty).
+    pub password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamAuthScheme {
+    #[default]
+    None,
+    Bearer,
+    Basic,
+}
+
+impl UpstreamConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        self.url()?;
+        for (key, value) in [
+            ("upstream.connect_timeout_ms", self.connect_timeout_ms),
+            ("upstream.request_timeout_ms", self.request_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "0", "must be greater than 0"));
+            }
+        }
+        self.auth.validate()
+    }
+
+    /// The upstream base URL, without a trailing slash on its path.
+    pub fn url(&self) -> Result<Url, ConfigError> {
+        if self.url.is_empty() {
+            return Err(ConfigError::Missing {
+                key: "upstream.url",
+                reason: "the FHIR base URL of the server to put the proxy in front of, e.g. \
+                         url = \"http://fhir.internal:8080/fhir\" under [upstream] in proxy.toml, \
+                         or BULK_PROXY_UPSTREAM__URL=http://fhir.internal:8080/fhir"
+                    .into(),
+            });
+        }
+        parse_base_url("upstream.url", &self.url)
+    }
+}
+
+impl UpstreamAuthConfig {
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        match self.scheme {
+            UpstreamAuthScheme::None => Ok(()),
+            UpstreamAuthScheme::Bearer => match &self.token {
+                Some(token) if is_header_safe(token.expose()) && !token.expose().is_empty() => {
+                    Ok(())
+                }
+                _ => Err(invalid(
+                    "upstream.auth.token",
+                    "(hidden)",
+                    "required with scheme = \"bearer\": a token without control characters",
+                )),
+            },
+            UpstreamAuthScheme::Basic => match &self.username {
+                Some(user) if !user.is_empty() && !user.contains(':') && is_header_safe(user) => {
+                    Ok(())
+                }
+                _ => Err(invalid(
+                    "upstream.auth.username",
+                    self.username.as_deref().unwrap_or(""),
+                    "required with scheme = \"basic\": a name without `:` or control characters",
+                )),
+            },
+        }
+    }
+
+    /// The `Authorization` header value to send upstream, if any.
+    pub fn authorization(&self) -> Option<String> {
+        use base64::Engine as _;
+        match self.scheme {
+            UpstreamAuthScheme::None => None,
+            UpstreamAuthScheme::Bearer => self
+                .token
+                .as_ref()
+                .map(|t| format!("Bearer {}", t.expose())),
+            UpstreamAuthScheme::Basic => {
+                let user = self.username.as_deref().unwrap_or("");
+                let password = self.password.as_ref().map_or("", |p| p.expose());
+                let encoded =
+                    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+                Some(format!("Basic {encoded}"))
+            }
+        }
+    }
+}
+
+fn is_header_safe(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (0x20..0x7f).contains(&b))
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use figment::Jail;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::config::tests::{assert_each_bad_value_named, load_toml};
+
+    #[test]
+    fn missing_upstream_is_an_error() {
+        Jail::expect_with(|_jail| {
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(
+                err.contains("upstream.url") && err.contains("required"),
+                "{err}"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn each_bad_upstream_value_names_key_value_and_reason() {
+        assert_each_bad_value_named(&[
+            (
+                "BULK_PROXY_UPSTREAM__URL",
+                "ftp://x/fhir",
+                "scheme must be http",
+            ),
+            ("BULK_PROXY_UPSTREAM__URL", "not a url", "upstream.url"),
+            ("BULK_PROXY_UPSTREAM__URL", "http://x/fhir?a=b", "query"),
+            (
+                "BULK_PROXY_UPSTREAM__REQUEST_TIMEOUT_MS",
+                "0",
+                "upstream.request_timeout_ms",
+            ),
+        ]);
+        let cases = [
+            (
+                "[upstream.auth]\nscheme = \"bearer\"\n",
+                "upstream.auth.token",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"basic\"\n",
+                "upstream.auth.username",
+            ),
+            ("[upstream.auth]\nscheme = \"digest\"\n", "digest"),
+        ];
+        for (toml, expected) in cases {
+            let message = load_toml(toml).expect_err(toml);
+            assert!(message.contains(expected), "{toml}: {message}");
+        }
+    }
+
+    #[test]
+    fn no_upstream_credentials_by_default() {
+        let config = load_toml("").unwrap();
+        assert_eq!(config.upstream.auth.scheme, UpstreamAuthScheme::None);
+        assert_eq!(config.upstream.auth.authorization(), None);
+    }
+
+    #[test]
+    fn upstream_credentials_become_an_authorization_header() {
+        let bearer = load_toml("[upstream.auth]\nscheme = \"bearer\"\ntoken = \"abc\"\n").unwrap();
+        assert_eq!(
+            bearer.upstream.auth.authorization().as_deref(),
+            Some("Bearer abc")
+        );
+        let basic = load_toml(
+            "[upstream.auth]\nscheme = \"basic\"\nusername = \"proxy\"\npassword = \"pw\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            basic.upstream.auth.authorization().as_deref(),
+            Some("Basic cHJveHk6cHc=")
+        );
+    }
+}
