@@ -11,6 +11,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::auth::{Auth, JtiError, JtiStore};
 use crate::config::{Config, StorageBackend, StoreBackend};
 use crate::export::Exporter;
+use crate::export::group::{MemberRules, Members};
 use crate::export::pager::Pager;
 use crate::job::now_unix;
 use crate::proxy::headers::{X_FORWARDED_HOST, X_FORWARDED_PROTO, first_forwarded};
@@ -146,39 +147,45 @@ impl App {
         (!types.is_empty()).then_some(types)
     }
 
-    /// The Patient ids that are members of `Group/{id}` on the upstream.
-    pub async fn group_members(&self, id: &str) -> Result<Vec<String>, UpstreamReadError> {
-        let body = self
-            .exporter
-            .pager
-            .read(&format!("Group/{id}"))
-            .await
-            .map_err(|e| match e {
-                crate::export::pager::FetchError::Rejected { status, .. }
-                    if status.as_u16() == 404 || status.as_u16() == 410 =>
-                {
-                    UpstreamReadError::NotFound(format!(
-                        "Group/{id} does not exist on the upstream server"
-                    ))
-                }
-                other => UpstreamReadError::Failed(format!("cannot read Group/{id}: {other}")),
-            })?;
-        let group: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|e| UpstreamReadError::Failed(format!("Group/{id} is not valid JSON: {e}")))?;
-        let mut members = Vec::new();
-        for member in group["member"].as_array().into_iter().flatten() {
-            let Some(reference) = member["entity"]["reference"].as_str() else {
-                continue;
-            };
-            // Relative (`Patient/1`) or absolute (`http://up/fhir/Patient/1`) references.
-            let tail = reference.rsplit_once("Patient/").map(|(_, id)| id);
-            if let Some(pid) = tail.filter(|p| crate::export::kickoff::is_fhir_id(p)) {
-                if !members.iter().any(|m| m == pid) {
-                    members.push(pid.to_owned());
-                }
+    /// The Patients of `Group/{id}` on the upstream at `now`, after the membership rules
+    /// (`export.group_active_members_only`, nested Groups to `export.group_max_depth`:
+    /// [`crate::export::group`]), and what those rules left out.
+    pub async fn group_members(
+        &self,
+        id: &str,
+        now: crate::fhir::Instant,
+    ) -> Result<Members, UpstreamReadError> {
+        let rules = MemberRules {
+            active_only: self.config.export.group_active_members_only,
+            max_depth: self.config.export.group_max_depth,
+        };
+        crate::export::group::resolve(id, now, &rules, |group| self.read_group(group))
+            .await?
+            .ok_or_else(|| {
+                UpstreamReadError::NotFound(format!(
+                    "Group/{id} does not exist on the upstream server"
+                ))
+            })
+    }
+
+    /// `Group/{id}` from the upstream; `None` when it has none.
+    async fn read_group(&self, id: String) -> Result<Option<serde_json::Value>, UpstreamReadError> {
+        let body = match self.exporter.pager.read(&format!("Group/{id}")).await {
+            Ok(body) => body,
+            Err(crate::export::pager::FetchError::Rejected { status, .. })
+                if status.as_u16() == 404 || status.as_u16() == 410 =>
+            {
+                return Ok(None);
             }
-        }
-        Ok(members)
+            Err(other) => {
+                return Err(UpstreamReadError::Failed(format!(
+                    "cannot read Group/{id}: {other}"
+                )));
+            }
+        };
+        serde_json::from_slice(&body)
+            .map(Some)
+            .map_err(|e| UpstreamReadError::Failed(format!("Group/{id} is not valid JSON: {e}")))
     }
 
     /// Every Patient id on the upstream (Patient-level export).

@@ -20,6 +20,12 @@ pub struct ExportConfig {
     pub patient_batch_size: usize,
     /// Longest search URL the proxy sends; patient batches are cut to stay below it. Default 4096.
     pub max_search_url_bytes: usize,
+    /// Group-level export leaves out members with `inactive = true` or a `period.end` before the
+    /// export's `transactionTime`. Default true.
+    pub group_active_members_only: bool,
+    /// Levels of nested Groups (a member that is a Group) followed below the Group exported; 0
+    /// follows none. Deeper ones are named in the error file. Default 3, at most 10.
+    pub group_max_depth: usize,
     /// A new output file is started past this many bytes. Default 256 MiB.
     pub max_file_bytes: u64,
     /// A new output file is started past this many resources. Default 100000.
@@ -60,6 +66,8 @@ impl Default for ExportConfig {
             max_upstream_concurrency: 8,
             patient_batch_size: 100,
             max_search_url_bytes: 4096,
+            group_active_members_only: true,
+            group_max_depth: 3,
             max_file_bytes: 256 * 1024 * 1024,
             max_file_resources: 100_000,
             retry_max_attempts: 5,
@@ -111,6 +119,13 @@ impl ExportConfig {
                 "must be at least 256",
             ));
         }
+        if e.group_max_depth > 10 {
+            return Err(invalid(
+                "export.group_max_depth",
+                e.group_max_depth.to_string(),
+                "must be at most 10",
+            ));
+        }
         if e.max_file_bytes < 1024 {
             return Err(invalid(
                 "export.max_file_bytes",
@@ -138,6 +153,11 @@ mod tests {
     fn each_bad_export_value_names_key_value_and_reason() {
         assert_each_bad_value_named(&[
             ("BULK_PROXY_EXPORT__WORKERS", "0", "export.workers"),
+            (
+                "BULK_PROXY_EXPORT__GROUP_MAX_DEPTH",
+                "11",
+                "export.group_max_depth",
+            ),
             (
                 "BULK_PROXY_EXPORT__RETRY_BASE_MS",
                 "999999",

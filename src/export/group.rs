@@ -115,17 +115,18 @@ fn direct_members(
 }
 
 /// The Patients of Group `id`: reads it (and the Groups nested in it) with `read`, which returns
-/// the Group resource or the caller's error (which ends the resolution: a Group that cannot be
-/// read is not quietly left out).
+/// the Group resource, `None` when the upstream has no such Group, or the caller's error, which
+/// ends the resolution (a Group that cannot be read is not quietly left out). A nested Group that
+/// does not exist is reported and skipped; the Group asked for not existing is `Ok(None)`.
 pub async fn resolve<F, Fut, E>(
     id: &str,
     now: Instant,
     rules: &MemberRules,
     mut read: F,
-) -> Result<Members, E>
+) -> Result<Option<Members>, E>
 where
     F: FnMut(String) -> Fut,
-    Fut: Future<Output = Result<Value, E>>,
+    Fut: Future<Output = Result<Option<Value>, E>>,
 {
     let mut out = Members::default();
     let mut seen_patients = HashSet::new();
@@ -134,7 +135,15 @@ where
     for depth in 0.. {
         let mut next = Vec::new();
         for group_id in level {
-            let group = read(group_id).await?;
+            let Some(group) = read(group_id.clone()).await? else {
+                if depth == 0 {
+                    return Ok(None);
+                }
+                out.warnings.push(format!(
+                    "Group/{group_id}, a member of a Group exported, does not exist; skipped"
+                ));
+                continue;
+            };
             let (patients, groups) = direct_members(&group, now, rules, &mut out.warnings);
             for patient in patients {
                 if seen_patients.insert(patient.clone()) {
@@ -158,7 +167,7 @@ where
         }
         level = next;
     }
-    Ok(out)
+    Ok(Some(out))
 }
 
 #[cfg(test)]
@@ -184,10 +193,15 @@ mod tests {
         groups: &HashMap<&str, Value>,
         id: &str,
         rules: &MemberRules,
-    ) -> Result<Members, String> {
+    ) -> Result<Option<Members>, String> {
         resolve(id, now(), rules, |g: String| {
             let found = groups.get(g.as_str()).cloned();
-            async move { found.ok_or(format!("no Group/{g}")) }
+            async move {
+                match g.as_str() {
+                    "broken" => Err(format!("cannot read Group/{g}")),
+                    _ => Ok(found),
+                }
+            }
         })
         .await
     }
@@ -241,7 +255,7 @@ mod tests {
             json!({ "entity": { "display": "no reference" } }),
         ]});
         let groups = HashMap::from([("g", group)]);
-        let got = block_on(run(&groups, "g", &RULES)).unwrap();
+        let got = block_on(run(&groups, "g", &RULES)).unwrap().unwrap();
         assert_eq!(
             got.patients,
             [
@@ -263,7 +277,11 @@ mod tests {
             ..RULES
         };
         assert_eq!(
-            block_on(run(&groups, "g", &all)).unwrap().patients.len(),
+            block_on(run(&groups, "g", &all))
+                .unwrap()
+                .unwrap()
+                .patients
+                .len(),
             12
         );
     }
@@ -294,7 +312,7 @@ mod tests {
                 json!({ "id": "deeper", "member": [member("Patient/5")] }),
             ),
         ]);
-        let got = block_on(run(&groups, "top", &RULES)).unwrap();
+        let got = block_on(run(&groups, "top", &RULES)).unwrap().unwrap();
         assert_eq!(got.patients, ["1", "2", "3", "4"]);
         assert_eq!(got.warnings.len(), 1, "{:?}", got.warnings);
         assert!(
@@ -307,20 +325,34 @@ mod tests {
             max_depth: 0,
             ..RULES
         };
-        let got = block_on(run(&groups, "top", &flat)).unwrap();
+        let got = block_on(run(&groups, "top", &flat)).unwrap().unwrap();
         assert_eq!(got.patients, ["1"]);
         assert_eq!(got.warnings.len(), 2, "Group/a and Group/b not followed");
     }
 
     #[test]
-    fn a_nested_group_that_cannot_be_read_fails_the_resolution() {
-        let groups = HashMap::from([(
-            "top",
-            json!({ "id": "top", "member": [member("Patient/1"), member("Group/missing")] }),
-        )]);
+    fn a_missing_nested_group_is_reported_and_an_unreadable_one_fails() {
+        let groups = HashMap::from([
+            (
+                "top",
+                json!({ "id": "top", "member": [member("Patient/1"), member("Group/missing")] }),
+            ),
+            (
+                "shaky",
+                json!({ "id": "shaky", "member": [member("Patient/1"), member("Group/broken")] }),
+            ),
+        ]);
+        let got = block_on(run(&groups, "top", &RULES)).unwrap().unwrap();
+        assert_eq!(got.patients, ["1"]);
+        assert!(
+            got.warnings[0].starts_with("Group/missing"),
+            "{:?}",
+            got.warnings
+        );
+        assert_eq!(block_on(run(&groups, "nowhere", &RULES)).unwrap(), None);
         assert_eq!(
-            block_on(run(&groups, "top", &RULES)).unwrap_err(),
-            "no Group/missing"
+            block_on(run(&groups, "shaky", &RULES)).unwrap_err(),
+            "cannot read Group/broken"
         );
     }
 }

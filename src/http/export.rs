@@ -83,7 +83,9 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         Level::Patient if !kickoff.patients.is_empty() => kickoff.patients.clone(),
         Level::Patient => app.exporter_patients().await?,
         Level::Group(id) => {
-            let members = app.group_members(id).await?;
+            let resolved = app.group_members(id, now).await?;
+            warnings.extend(resolved.warnings);
+            let members = resolved.patients;
             if kickoff.patients.is_empty() {
                 members
             } else {
