@@ -28,9 +28,10 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::ndjson::{Line, issue_json};
+use super::ndjson::Line;
 use super::exporter::{Exporter, Fault};
 use super::writer::UnitWriter;
+use crate::fhir::OperationOutcome;
 use crate::job::{Job, JobState, OutputFile, Unit, UnitState, now_unix};
 use crate::storage::StorageError;
 use crate::store::StoreError;
@@ -328,11 +329,15 @@ impl Exporter {
                 merged_parts.extend(files);
             }
         }
-        let mut issues: Vec<String> = job.warnings.iter().map(|w| warning_json(w)).collect();
+        let mut issues: Vec<String> = job
+            .warnings
+            .iter()
+            .map(|w| OperationOutcome::warning(w.as_str()).to_line())
+            .collect();
         for unit in units {
             issues.extend(unit.checkpoint.issues.iter().cloned());
             if let Some(error) = &unit.error {
-                issues.push(issue_json(error));
+                issues.push(OperationOutcome::error("processing", error.as_str()).to_line());
             }
         }
         let mut errors = Vec::new();
@@ -445,14 +450,6 @@ impl IdHasher {
         let one = |state: &std::collections::hash_map::RandomState| state.hash_one(id);
         (u128::from(one(&self.0)) << 64) | u128::from(one(&self.1))
     }
-}
-
-fn warning_json(diagnostics: &str) -> String {
-    serde_json::json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{ "severity": "warning", "code": "informational", "diagnostics": diagnostics }]
-    })
-    .to_string()
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ pub mod operation_outcome;
 pub mod resource_types;
 
 pub use instant::{Instant, InstantError};
-pub use operation_outcome::{IssueSeverity, OperationOutcome};
+pub use operation_outcome::{Issue, IssueSeverity, OperationOutcome, oauth_error};
 
 /// Media type of FHIR JSON resources.
 pub const FHIR_JSON: &str = "application/fhir+json";

@@ -14,7 +14,7 @@ use super::extract::PathParams;
 use crate::app::AppState;
 use crate::export::kickoff::{self, KickOffError, RawKickOff, is_fhir_id};
 use crate::export::plan::{self, PlanError, PlanInput};
-use crate::fhir::{FHIR_JSON, Instant, IssueSeverity, OperationOutcome};
+use crate::fhir::{FHIR_JSON, Instant, OperationOutcome};
 use crate::job::{Job, JobState, Level, Unit, now_unix};
 use crate::store::Created;
 
@@ -177,11 +177,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
     tracing::info!(job = %id, client = %grant.client_id, level = ?job.level, units = job.units_total, "export started");
 
     let status_url = format!("{public_base}/$export-status/{id}");
-    let outcome = OperationOutcome {
-        severity: IssueSeverity::Information,
-        code: "informational",
-        diagnostics: format!("export {id} accepted; poll {status_url}"),
-    };
+    let outcome = OperationOutcome::information(format!("export {id} accepted; poll {status_url}"));
     let mut response = (StatusCode::ACCEPTED, outcome.to_json().to_string()).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));
