@@ -165,3 +165,89 @@ impl Exporter {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderMap;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::job::{JobState, Level};
+    use crate::store::embedded::EmbeddedStore;
+
+    fn job(id: &str, warnings: &[&str]) -> Job {
+        Job {
+            id: id.into(),
+            client_id: "client".into(),
+            level: Level::Patient,
+            request: "http://proxy/fhir/Patient/$export".into(),
+            transaction_time: "2026-01-01T00:00:00Z".into(),
+            since: None,
+            until: None,
+            types: vec!["Patient".into()],
+            elements: Vec::new(),
+            state: JobState::Running,
+            created_at: 0,
+            completed_at: None,
+            expires_at: None,
+            units_total: 0,
+            units_done: 0,
+            resources_written: 0,
+            warnings: warnings.iter().map(|w| (*w).into()).collect(),
+            output: Vec::new(),
+            error_files: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// Nothing but the exporter finalises it: no sweep runs during the test, and no request
+    /// handler is involved.
+    #[tokio::test]
+    async fn a_job_submitted_without_units_is_finalised_by_the_exporter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn JobStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("jobs.redb")).unwrap());
+        let mut config = Config::default();
+        config.upstream.url = "http://127.0.0.1:9/fhir".into();
+        config.export.sweep_interval_secs = 3600;
+        let exporter = Arc::new(Exporter::new(
+            store.clone(),
+            Storage::local(dir.path().join("files")).unwrap(),
+            Pager::new(&config, HeaderMap::new()).unwrap(),
+            config.export.clone(),
+        ));
+        let shutdown = CancellationToken::new();
+        let tasks = exporter.spawn(shutdown.clone());
+
+        let submitted = job(
+            "unitless",
+            &["Patient/x is not a member of Group/g; not exported"],
+        );
+        let created = exporter.submit(&submitted, &[], 1).await.unwrap();
+        assert_eq!(created, Created::Yes);
+        let mut finished = None;
+        for _ in 0..500 {
+            let job = store.get_job("unitless").await.unwrap().unwrap();
+            if job.state != JobState::Running {
+                finished = Some(job);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let finished = finished.expect("the unitless job is finalised within 5 s");
+        assert_eq!(finished.state, JobState::Completed);
+        assert!(finished.output.is_empty());
+        // Its kick-off warning is in the error file.
+        assert_eq!(finished.error_files.len(), 1);
+        assert_eq!(finished.error_files[0].count, 1);
+
+        // The cap counts it no longer: another job of the client is accepted.
+        let again = exporter.submit(&job("next", &[]), &[], 1).await.unwrap();
+        assert_eq!(again, Created::Yes);
+
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+}

@@ -28,8 +28,8 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::ndjson::Line;
 use super::exporter::{Exporter, Fault};
+use super::ndjson::Line;
 use super::writer::UnitWriter;
 use crate::fhir::OperationOutcome;
 use crate::job::{Job, JobState, OutputFile, Unit, UnitState, now_unix};

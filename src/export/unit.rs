@@ -270,7 +270,11 @@ impl Exporter {
                 .await
             {
                 Ok(written) => written,
-                Err(e) => return self.storage_failed(progress.unit(), worker, shutdown, &e).await,
+                Err(e) => {
+                    return self
+                        .storage_failed(progress.unit(), worker, shutdown, &e)
+                        .await;
+                }
             };
             // Saved after every page, durable or not, to keep the lease.
             progress.extend_lease(self.config.lease_secs);
@@ -286,14 +290,18 @@ impl Exporter {
             }
             if durable {
                 if let Err(e) = progress.settle().await {
-                    return self.storage_failed(progress.unit(), worker, shutdown, &e).await;
+                    return self
+                        .storage_failed(progress.unit(), worker, shutdown, &e)
+                        .await;
                 }
             }
         }
         // What was fetched is kept, also when the unit failed: seal the files, commit that, and
         // only then complete the uploads.
         if let Err(e) = progress.finish().await {
-            return self.storage_failed(progress.unit(), worker, shutdown, &e).await;
+            return self
+                .storage_failed(progress.unit(), worker, shutdown, &e)
+                .await;
         }
         if self.storage.part_size().is_some() {
             match self.store.save_unit(progress.unit(), worker).await {
@@ -305,7 +313,9 @@ impl Exporter {
                 }
             }
             if let Err(e) = progress.settle().await {
-                return self.storage_failed(progress.unit(), worker, shutdown, &e).await;
+                return self
+                    .storage_failed(progress.unit(), worker, shutdown, &e)
+                    .await;
             }
         }
         let mut unit = progress.into_unit();

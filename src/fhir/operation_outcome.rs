@@ -27,7 +27,11 @@ pub struct Issue {
 }
 
 impl Issue {
-    pub fn new(severity: IssueSeverity, code: &'static str, diagnostics: impl Into<String>) -> Self {
+    pub fn new(
+        severity: IssueSeverity,
+        code: &'static str,
+        diagnostics: impl Into<String>,
+    ) -> Self {
         Self {
             severity,
             code,
