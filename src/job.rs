@@ -102,11 +102,14 @@ pub struct Job {
     /// When the job and its files are deleted (set at completion).
     #[serde(default)]
     pub expires_at: Option<UnixSecs>,
-    /// Number of units, and how many are finished (for `X-Progress`).
+    /// Number of units.
     pub units_total: u32,
+    /// Units finished, and resources in the manifest's output files (after duplicates across
+    /// searches are removed): set when the finaliser commits the job's files, 0 before (and for a
+    /// job it gave up on). `X-Progress` counts from the units instead ([`Progress`]), as the `jobs`
+    /// command does while the units are there.
     #[serde(default)]
     pub units_done: u32,
-    /// Resources written so far (for `X-Progress`).
     #[serde(default)]
     pub resources_written: u64,
     /// OperationOutcome diagnostics known at kick-off (ignored parameters under lenient handling,

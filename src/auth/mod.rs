@@ -101,6 +101,9 @@ pub enum OAuthError {
     UnsupportedGrantType(String),
     #[error("{0}")]
     InvalidScope(String),
+    /// The authorization endpoint's answer to every request (app launch is not offered).
+    #[error("{0}")]
+    UnsupportedResponseType(String),
     /// The server could not decide (e.g. the replay cache is down); the client may retry.
     #[error("{0}")]
     Unavailable(String),
@@ -114,6 +117,7 @@ impl OAuthError {
             Self::InvalidClient(_) => "invalid_client",
             Self::UnsupportedGrantType(_) => "unsupported_grant_type",
             Self::InvalidScope(_) => "invalid_scope",
+            Self::UnsupportedResponseType(_) => "unsupported_response_type",
             Self::Unavailable(_) => "temporarily_unavailable",
         }
     }

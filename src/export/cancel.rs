@@ -1,7 +1,10 @@
 //! Deleting a job and its files: what a client's `DELETE` on the status URL does (SPEC A7), what
 //! the operator's `jobs cancel` does, and what the sweeper does to an expired job — one code path.
+//! And the other side of it: a worker or finisher that finds its job deleted under it removes what
+//! it wrote meanwhile ([`Exporter::remove_if_deleted`]).
 
-use crate::job::Job;
+use super::exporter::Exporter;
+use crate::job::{Job, OutputFile, Unit};
 use crate::storage::{Storage, StorageError};
 use crate::store::{JobStore, StoreError};
 
@@ -17,7 +20,7 @@ pub async fn delete_job(
     job: &Job,
 ) -> Result<bool, StoreError> {
     // The files the records know of (unfinished uploads among them are aborted).
-    let files = super::sweep::job_files(job, store.units(&job.id).await.ok());
+    let files = job_files(job, store.units(&job.id).await.ok());
     let existed = store.delete_job(&job.id).await?;
     match storage.delete_job(&job.id, &files).await {
         Ok(()) => {}
@@ -33,4 +36,40 @@ pub async fn delete_job(
         }
     }
     Ok(existed)
+}
+
+/// Every file a job's records know of (manifest files and units' part files), so that deleting
+/// the job aborts unfinished uploads too.
+pub fn job_files(job: &Job, units: Option<Vec<Unit>>) -> Vec<OutputFile> {
+    let mut files: Vec<OutputFile> = job.output.iter().chain(&job.error_files).cloned().collect();
+    for unit in units.into_iter().flatten() {
+        files.extend(unit.checkpoint.files);
+    }
+    files
+}
+
+impl Exporter {
+    /// Removes a stopped unit's part files, and the job's if it is gone.
+    pub(super) async fn discard_unit_files(&self, unit: &Unit) {
+        for file in &unit.checkpoint.files {
+            let _ = self.storage.discard(&unit.job_id, file).await;
+        }
+        self.remove_if_deleted(&unit.job_id, &unit.checkpoint.files)
+            .await;
+    }
+
+    /// Removes every file of `job_id` if the job is gone. A DELETE removes the job's files once,
+    /// but a worker or finisher writing at that moment may create them again; whoever finds the
+    /// job gone after writing calls this, so the last writer leaves nothing behind. `files` are
+    /// the ones this caller knows of (their unfinished uploads are aborted). True when the job
+    /// is gone.
+    pub(super) async fn remove_if_deleted(&self, job_id: &str, files: &[OutputFile]) -> bool {
+        if !matches!(self.store.get_job(job_id).await, Ok(None)) {
+            return false;
+        }
+        if let Err(e) = self.storage.delete_job(job_id, files).await {
+            tracing::debug!(job = %job_id, error = %e, "files of a deleted job not all removed yet; their writer removes them");
+        }
+        true
+    }
 }

@@ -4,9 +4,10 @@
 //!
 //! - **One finisher at a time.** Finalising needs a claim in the store
 //!   ([`JobStore::claim_finalize`]) with a lease kept alive by a heartbeat. The worker that
-//!   finishes the last unit claims it at once; every replica's sweeper also tries every Running
-//!   job, so a job whose finisher died, or whose last unit's finish was recorded but not answered,
-//!   is finalised once that lease lapses.
+//!   finishes the last unit claims it at once; a job submitted without units is claimed by the
+//!   submitting process's finaliser task ([`Exporter::submit`]); every replica's sweeper also
+//!   tries every Running job, so a job whose finisher died, or whose last unit's finish was
+//!   recorded but not answered, is finalised once that lease lapses.
 //! - **Repeatable.** An attempt only reads the units' part files, which stay until the job's final
 //!   state is committed, and writes its own files (`{type}.f{attempt}.{n}.ndjson`,
 //!   `errors.f{attempt}.0.ndjson`): an attempt cut short anywhere leaves its successor's inputs
@@ -27,9 +28,10 @@ use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::ndjson::{Line, issue_json};
-use super::worker::{Exporter, Fault};
+use super::exporter::{Exporter, Fault};
+use super::ndjson::Line;
 use super::writer::UnitWriter;
+use crate::fhir::OperationOutcome;
 use crate::job::{Job, JobState, OutputFile, Unit, UnitState, now_unix};
 use crate::storage::StorageError;
 use crate::store::StoreError;
@@ -57,6 +59,22 @@ struct Assembled {
 }
 
 impl Exporter {
+    /// The finaliser task: finalises the jobs [`Exporter::submit`] queued because they have no
+    /// units, as soon as they are queued, until `shutdown`.
+    pub(super) async fn finalize_unitless_forever(&self, shutdown: CancellationToken) {
+        let finisher = format!("{}-unitless", self.process_id);
+        while !shutdown.is_cancelled() {
+            let next = self.lock_unitless().pop_front();
+            match next {
+                Some(job_id) => self.finalize(&job_id, &finisher, &shutdown).await,
+                None => tokio::select! {
+                    () = self.unitless_added.notified() => {}
+                    () = shutdown.cancelled() => {}
+                },
+            }
+        }
+    }
+
     /// Finalises `job_id` if its units are all finished and no other finisher holds it; retries a
     /// failed attempt after a backoff, and fails the job after [`FINALIZE_ATTEMPTS`]. `finisher`
     /// names the caller (unique per process and task kind: the store lets a finisher take its own
@@ -311,11 +329,15 @@ impl Exporter {
                 merged_parts.extend(files);
             }
         }
-        let mut issues: Vec<String> = job.warnings.iter().map(|w| warning_json(w)).collect();
+        let mut issues: Vec<String> = job
+            .warnings
+            .iter()
+            .map(|w| OperationOutcome::warning(w.as_str()).to_line())
+            .collect();
         for unit in units {
             issues.extend(unit.checkpoint.issues.iter().cloned());
             if let Some(error) = &unit.error {
-                issues.push(issue_json(error));
+                issues.push(OperationOutcome::error("processing", error.as_str()).to_line());
             }
         }
         let mut errors = Vec::new();
@@ -428,14 +450,6 @@ impl IdHasher {
         let one = |state: &std::collections::hash_map::RandomState| state.hash_one(id);
         (u128::from(one(&self.0)) << 64) | u128::from(one(&self.1))
     }
-}
-
-fn warning_json(diagnostics: &str) -> String {
-    serde_json::json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{ "severity": "warning", "code": "informational", "diagnostics": diagnostics }]
-    })
-    .to_string()
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
-use crate::fhir::mandatory_elements;
+use crate::fhir::{OperationOutcome, mandatory_elements};
 
 /// `meta.tag` added to resources reduced by `_elements` (Bulk Data IG, A5.15).
 const SUBSETTED: (&str, &str) = (
@@ -112,9 +112,13 @@ pub fn read_page(
         let head: Head = match serde_json::from_str(raw.get()) {
             Ok(head) => head,
             Err(e) => {
-                content.issues.push(issue_json(&format!(
-                    "an entry's resource is not valid FHIR JSON: {e}"
-                )));
+                content.issues.push(
+                    OperationOutcome::error(
+                        "processing",
+                        format!("an entry's resource is not valid FHIR JSON: {e}"),
+                    )
+                    .to_line(),
+                );
                 continue;
             }
         };
@@ -150,15 +154,6 @@ fn compact(raw: &str) -> String {
     } else {
         raw.to_owned()
     }
-}
-
-/// An OperationOutcome (one line of JSON) with one error issue.
-pub fn issue_json(diagnostics: &str) -> String {
-    json!({
-        "resourceType": "OperationOutcome",
-        "issue": [{ "severity": "error", "code": "processing", "diagnostics": diagnostics }]
-    })
-    .to_string()
 }
 
 /// The elements kept for `resource_type`, or `None` when `_elements` does not apply to it.

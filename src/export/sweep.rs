@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use super::worker::Exporter;
-use crate::job::{Job, JobState, OutputFile, Unit, UnixSecs, now_unix};
+use super::exporter::Exporter;
+use crate::job::{JobState, UnixSecs, now_unix};
 
 impl Exporter {
     pub(super) async fn sweep_forever(&self, shutdown: CancellationToken) {
@@ -79,12 +79,5 @@ impl Exporter {
     }
 }
 
-/// Every file a job's records know of (manifest files and units' part files), so that deleting
-/// the job aborts unfinished uploads too.
-pub fn job_files(job: &Job, units: Option<Vec<Unit>>) -> Vec<OutputFile> {
-    let mut files: Vec<OutputFile> = job.output.iter().chain(&job.error_files).cloned().collect();
-    for unit in units.into_iter().flatten() {
-        files.extend(unit.checkpoint.files);
-    }
-    files
-}
+// Where it was before deletion had all its code in `cancel`.
+pub use super::cancel::job_files;

@@ -12,7 +12,7 @@ pub mod resource_types;
 pub mod scopes;
 
 pub use instant::{Instant, InstantError};
-pub use operation_outcome::{IssueSeverity, OperationOutcome};
+pub use operation_outcome::{Issue, IssueSeverity, OperationOutcome, oauth_error};
 
 /// The mandatory top-level elements of an R4 resource type (none for a type R4 does not define).
 pub fn mandatory_elements(resource_type: &str) -> &'static [&'static str] {

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::app::UpstreamReadError;
 use crate::auth::{AuthError, OAuthError};
-use crate::fhir::{FHIR_JSON, OperationOutcome};
+use crate::fhir::{FHIR_JSON, OperationOutcome, oauth_error};
 use crate::proxy::ProxyError;
 use crate::storage::StorageError;
 use crate::store::StoreError;
@@ -276,10 +276,7 @@ pub fn outcome_response(status: StatusCode, outcome: &OperationOutcome) -> Respo
 
 /// RFC 6749 §5.2 error JSON, never cached (§5.1's headers apply to errors as well: SPEC A4.25).
 fn oauth_response(status: StatusCode, error: &OAuthError) -> Response {
-    let body = serde_json::json!({
-        "error": error.code(),
-        "error_description": error.to_string(),
-    });
+    let body = oauth_error(error.code(), &error.to_string());
     let mut response = (status, axum::Json(body)).into_response();
     no_store(response.headers_mut());
     response

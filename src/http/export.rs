@@ -14,7 +14,7 @@ use super::extract::PathParams;
 use crate::app::AppState;
 use crate::export::kickoff::{self, KickOffError, RawKickOff, is_fhir_id};
 use crate::export::plan::{self, PlanError, PlanInput};
-use crate::fhir::{FHIR_JSON, Instant, IssueSeverity, OperationOutcome};
+use crate::fhir::{FHIR_JSON, Instant, OperationOutcome};
 use crate::job::{Job, JobState, Level, Unit, now_unix};
 use crate::store::Created;
 
@@ -157,13 +157,13 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         .enumerate()
         .map(|(i, (t, search))| Unit::new(&id, i as u32, &t, search))
         .collect();
-    let no_units = units.is_empty();
+    // Stored and handed to the workers; a job with no units is finalised by the exporter too.
     match app
-        .store
-        .create_job(&job, &units, e.max_active_jobs_per_client)
+        .exporter
+        .submit(&job, &units, e.max_active_jobs_per_client)
         .await?
     {
-        Created::Yes => crate::telemetry::metrics::job_started(),
+        Created::Yes => {}
         Created::TooManyActive => {
             return Err(ApiError::TooManyRequests {
                 retry_after: 30,
@@ -176,21 +176,10 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
             });
         }
     }
-    if no_units {
-        // Nothing to fetch (no matching types or patients): no worker will finish a unit of it,
-        // so it is finalised now (in the background: a failing attempt backs off and retries).
-        app.exporter.finalize_soon(id.clone());
-    } else {
-        app.exporter.wake();
-    }
     tracing::info!(job = %id, client = %grant.client_id, level = ?job.level, units = job.units_total, "export started");
 
     let status_url = format!("{public_base}/$export-status/{id}");
-    let outcome = OperationOutcome {
-        severity: IssueSeverity::Information,
-        code: "informational",
-        diagnostics: format!("export {id} accepted; poll {status_url}"),
-    };
+    let outcome = OperationOutcome::information(format!("export {id} accepted; poll {status_url}"));
     let mut response = (StatusCode::ACCEPTED, outcome.to_json().to_string()).into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(FHIR_JSON));

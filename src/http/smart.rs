@@ -8,12 +8,13 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
-use super::error::no_store;
+use super::error::ApiError;
 use crate::app::AppState;
+use crate::auth::OAuthError;
 use crate::auth::assertion::ALGORITHMS;
 
 /// Path of the (refusing) authorization endpoint under the base.
@@ -35,17 +36,13 @@ pub async fn configuration(State(app): State<AppState>, headers: HeaderMap) -> R
     .into_response()
 }
 
-/// The advertised authorization endpoint: app launch is not offered (RFC 6749 §4.1.2.1).
+/// The advertised authorization endpoint: app launch is not offered (RFC 6749 §4.1.2.1). The
+/// answer is the OAuth error every token endpoint error gets: 400, never cached.
 pub async fn authorize() -> Response {
-    let mut response = (
-        StatusCode::BAD_REQUEST,
-        Json(json!({
-            "error": "unsupported_response_type",
-            "error_description": "this server supports SMART Backend Services only: \
-                POST a client_credentials request with a private_key_jwt assertion to the token endpoint",
-        })),
-    )
-        .into_response();
-    no_store(response.headers_mut());
-    response
+    ApiError::OAuth(OAuthError::UnsupportedResponseType(
+        "this server supports SMART Backend Services only: \
+         POST a client_credentials request with a private_key_jwt assertion to the token endpoint"
+            .into(),
+    ))
+    .into_response()
 }

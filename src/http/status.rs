@@ -14,7 +14,7 @@ use super::error::ApiError;
 use super::extract::PathParams;
 use crate::app::AppState;
 use crate::auth::Grant;
-use crate::fhir::{FHIR_JSON, IssueSeverity, OperationOutcome};
+use crate::fhir::{FHIR_JSON, OperationOutcome};
 use crate::job::{Job, JobState, Progress, now_millis};
 
 /// The job, if it exists and belongs to the token's client.
@@ -180,11 +180,7 @@ pub async fn delete(
     let job = owned_job(&app, &grant, &id).await?;
     crate::export::cancel::delete_job(&*app.store, &app.storage, &job).await?;
     tracing::info!(job = %job.id, "export deleted");
-    let outcome = OperationOutcome {
-        severity: IssueSeverity::Information,
-        code: "informational",
-        diagnostics: format!("export {} deleted", job.id),
-    };
+    let outcome = OperationOutcome::information(format!("export {} deleted", job.id));
     let mut response = (StatusCode::ACCEPTED, outcome.to_json().to_string()).into_response();
     response
         .headers_mut()
