@@ -24,6 +24,8 @@ pub struct Client {
     /// What the client may be granted at most.
     pub scopes: Scopes,
     pub enabled: bool,
+    /// The Groups it may export; `None`: any.
+    pub groups: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default)]
@@ -44,6 +46,7 @@ impl Registry {
                 keys,
                 scopes: entry.allowed_scopes()?,
                 enabled: entry.enabled,
+                groups: entry.groups.clone(),
             };
             clients.insert(client.id.clone(), client);
         }

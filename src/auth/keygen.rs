@@ -177,6 +177,7 @@ pub fn client_config(client_id: &str, scopes: &[String], key: &GeneratedKey) -> 
         jwks_url: None,
         scopes: scopes.to_vec(),
         enabled: true,
+        groups: None,
     }
 }
 

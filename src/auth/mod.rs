@@ -177,6 +177,17 @@ impl Auth {
         self.passthrough
     }
 
+    /// Whether `client_id` may export `Group/{group_id}` (`[[auth.clients]] groups`): always
+    /// with `auth.enabled = false`, and for a client registered without a list.
+    pub fn may_export_group(&self, client_id: &str, group_id: &str) -> bool {
+        !self.enabled
+            || self
+                .registry
+                .get(client_id)
+                .and_then(|client| client.groups.as_ref())
+                .is_none_or(|groups| groups.iter().any(|g| g == group_id))
+    }
+
     /// The token endpoint's path under the FHIR base, e.g. `/token`.
     pub fn token_path(&self) -> &str {
         &self.token_path

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use url::Url;
 
 use super::{ConfigError, Secret, invalid};
+use crate::fhir::resource_types::is_fhir_id;
 use crate::fhir::scopes::Scopes;
 
 /// Token endpoint, access tokens and the client registry.
@@ -60,6 +61,10 @@ pub struct ClientConfig {
     /// A disabled client gets no tokens. Default true.
     #[serde(default = "enabled_by_default")]
     pub enabled: bool,
+    /// The Groups (ids) this client may export with `Group/{id}/$export`; any other is a 403.
+    /// Unset: any Group. Nested Groups count as part of the Group asked for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<String>>,
 }
 
 fn enabled_by_default() -> bool {
@@ -203,6 +208,15 @@ impl ClientConfig {
             ));
         }
         self.allowed_scopes()?;
+        for group in self.groups.iter().flatten() {
+            if !is_fhir_id(group) {
+                return Err(invalid(
+                    "auth.clients.groups",
+                    group,
+                    "must be Group ids (1 to 64 of A-Z a-z 0-9 - .)",
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -376,6 +390,10 @@ jwks = '{"keys":[{"kty":"RSA","kid":"r1","n":"AQAB","e":"AQAB"}]}'
             (
                 "[[auth.clients]]\nclient_id = \"a\"\nscopes = [\"patient/*.read\"]\njwks_url = \"https://x/j\"\n",
                 "only be granted system/",
+            ),
+            (
+                "[[auth.clients]]\nclient_id = \"a\"\nscopes = [\"system/*.read\"]\njwks_url = \"https://x/j\"\ngroups = [\"ok\", \"Group/x\"]\n",
+                "auth.clients.groups",
             ),
             (
                 "[[auth.clients]]\nclient_id = \"a\"\njwks_url = \"https://x/j\"\n",

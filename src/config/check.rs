@@ -206,6 +206,7 @@ mod tests {
             jwks_url: Some("https://c/jwks.json".into()),
             scopes: vec!["system/*.read".into()],
             enabled: true,
+            groups: None,
         });
         config.store.path = "/var/lib/p/jobs.redb".into();
         config.storage.path = "/var/lib/p/files".into();

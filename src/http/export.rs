@@ -83,6 +83,12 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         Level::Patient if !kickoff.patients.is_empty() => kickoff.patients.clone(),
         Level::Patient => app.exporter_patients().await?,
         Level::Group(id) => {
+            if !app.auth.may_export_group(&grant.client_id, id) {
+                return Err(ApiError::Forbidden(format!(
+                    "client {} may not export Group/{id} (auth.clients.groups)",
+                    grant.client_id
+                )));
+            }
             let resolved = app.group_members(id, now).await?;
             warnings.extend(resolved.warnings);
             let members = resolved.patients;
