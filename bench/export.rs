@@ -40,10 +40,10 @@ use fhir_bulk_proxy::export::kickoff::{self, RawKickOff};
 use fhir_bulk_proxy::export::pager::Pager;
 use fhir_bulk_proxy::export::plan::{self, PlanInput};
 use fhir_bulk_proxy::job::Level;
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
+use testkit::memory_fhir::MemoryFhir;
 
 mod child;
 mod procfs;

@@ -24,23 +24,16 @@
 //! - [`export`]: kick-off parsing, planning into units, upstream paging, NDJSON writing, the workers
 //!   that run units with checkpoints, and job finalisation.
 //! - [`storage`]: where export files live (a local directory, shared by replicas as a volume).
-//! - [`client`]: a small Bulk Data client (SMART Backend Services token, kick-off, polling,
-//!   downloads): what the examples, the demo's test and the end-to-end checks drive the proxy
-//!   with; not used by the proxy itself.
-//! - [`memory_fhir`]: a small in-memory FHIR server (fixtures, fault injection): the upstream of the
-//!   demo, the export tests and the benchmarks; not used by the proxy itself.
 //! - [`ops`]: operator commands on the proxy's state: `jobs list | show | cancel`.
 //! - [`telemetry`]: logs (JSON or text) and Prometheus metrics.
 
 pub mod app;
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod export;
 pub mod fhir;
 pub mod http;
 pub mod job;
-pub mod memory_fhir;
 pub mod ops;
 pub mod proxy;
 pub mod routes;

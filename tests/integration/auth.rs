@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use fhir_bulk_proxy::config::Config;
 use serde_json::{Value, json};
 
-use crate::support::smart::{
+use testkit::smart::{
     ClientKey, JwksServer, SmartClient, TEST_CLIENT, TEST_SIGNING_SECRET, claims, now, post_token,
     register_url, token_form, token_url, unsigned,
 };
-use crate::support::{FakeFhir, TestProxy, client, outcome};
+use testkit::{FakeFhir, TestProxy, outcome, plain_client};
 
 async fn proxy_with(configure: impl FnOnce(&mut Config)) -> (TestProxy, FakeFhirGuard) {
     let fake = FakeFhir::new().start().await;
@@ -21,7 +21,7 @@ async fn proxy_with(configure: impl FnOnce(&mut Config)) -> (TestProxy, FakeFhir
 }
 
 /// Keeps the fake upstream alive as long as the test holds it.
-struct FakeFhirGuard(#[allow(dead_code)] crate::support::fake_fhir::RunningFake);
+struct FakeFhirGuard(#[allow(dead_code)] testkit::fake_fhir::RunningFake);
 
 /// A proxy with the test client registered; returns the client too.
 async fn proxy_and_client() -> (TestProxy, SmartClient, FakeFhirGuard) {
@@ -53,7 +53,7 @@ async fn token_with(proxy: &TestProxy, assertion: &str) -> reqwest::Response {
 #[tokio::test]
 async fn discovery_advertises_absolute_endpoints_without_authentication() {
     let (proxy, _client, _fake) = proxy_and_client().await;
-    let response = client()
+    let response = plain_client()
         .get(proxy.url("/.well-known/smart-configuration"))
         .header("accept", "text/html")
         .send()
@@ -94,7 +94,7 @@ async fn discovery_advertises_absolute_endpoints_without_authentication() {
         "no issuer without sso-openid-connect"
     );
 
-    let forwarded = client()
+    let forwarded = plain_client()
         .get(proxy.url("/.well-known/smart-configuration"))
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "fhir.example.org")
@@ -109,7 +109,11 @@ async fn discovery_advertises_absolute_endpoints_without_authentication() {
         "https://fhir.example.org/fhir/token"
     );
 
-    let authorize = client().get(proxy.url("/authorize")).send().await.unwrap();
+    let authorize = plain_client()
+        .get(proxy.url("/authorize"))
+        .send()
+        .await
+        .unwrap();
     oauth_error(authorize, "unsupported_response_type").await;
 }
 
@@ -227,7 +231,7 @@ async fn malformed_requests_get_the_right_oauth_errors() {
     let good = || registered.key.assertion(&registered.id, &token_url(&proxy));
 
     // A JSON body instead of a form.
-    let json_body = client()
+    let json_body = plain_client()
         .post(token_url(&proxy))
         .json(&json!({"grant_type": "client_credentials", "client_assertion": good()}))
         .send()
@@ -567,7 +571,7 @@ async fn unknown_kids_cannot_make_the_proxy_hammer_a_jwks_url() {
                 .assertion("remote", &url);
             let proxy_url = url.clone();
             async move {
-                client()
+                plain_client()
                     .post(proxy_url)
                     .form(&token_form(&jwt, "system/*.read"))
                     .send()
@@ -667,9 +671,9 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     let (proxy, registered, _fake) = protected_proxy().await;
     let patient = proxy.url("/Patient/1");
 
-    outcome_401(client().get(&patient).send().await.unwrap()).await;
+    outcome_401(plain_client().get(&patient).send().await.unwrap()).await;
     outcome_401(
-        client()
+        plain_client()
             .get(&patient)
             .bearer_auth("invalidToken")
             .send()
@@ -679,7 +683,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     .await;
 
     let token = registered.token(&proxy).await; // system/*.read, narrowed to Patient
-    let response = client()
+    let response = plain_client()
         .get(&patient)
         .bearer_auth(&token)
         .send()
@@ -705,7 +709,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
         ("DELETE", "/Patient/1"),
         ("GET", "/"),
     ] {
-        let response = client()
+        let response = plain_client()
             .request(method.parse().unwrap(), proxy.url(path))
             .bearer_auth(&token)
             .send()
@@ -716,7 +720,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     }
 
     // Discovery and metadata stay public.
-    let discovery = client()
+    let discovery = plain_client()
         .get(proxy.url("/.well-known/smart-configuration"))
         .send()
         .await
@@ -744,7 +748,7 @@ async fn expired_and_foreign_access_tokens_are_refused() {
     let patient = proxy.url("/Patient/1");
     let valid = sign(TEST_SIGNING_SECRET, now() + 60);
     assert_eq!(
-        client()
+        plain_client()
             .get(&patient)
             .bearer_auth(&valid)
             .send()
@@ -756,7 +760,7 @@ async fn expired_and_foreign_access_tokens_are_refused() {
     );
     let expired = sign(TEST_SIGNING_SECRET, now() - 3600);
     let diagnostics = outcome_401(
-        client()
+        plain_client()
             .get(&patient)
             .bearer_auth(&expired)
             .send()
@@ -767,7 +771,7 @@ async fn expired_and_foreign_access_tokens_are_refused() {
     assert!(diagnostics.contains("expired"), "{diagnostics}");
     let foreign = sign("another-proxy-secret-of-at-least-32-bytes", now() + 60);
     let diagnostics = outcome_401(
-        client()
+        plain_client()
             .get(&patient)
             .bearer_auth(&foreign)
             .send()
@@ -781,7 +785,7 @@ async fn expired_and_foreign_access_tokens_are_refused() {
 #[tokio::test]
 async fn default_passthrough_forwards_the_clients_own_authorization() {
     let (proxy, _registered, _fake) = proxy_and_client().await;
-    let report: Value = client()
+    let report: Value = plain_client()
         .get(proxy.url("/Patient/1"))
         .header("authorization", "Bearer the-upstreams-own-token")
         .send()
@@ -891,8 +895,8 @@ async fn keygen_out_writes_a_key_only_its_owner_reads_and_a_registration_that_wo
     config.auth.signing_secret = Some(TEST_SIGNING_SECRET.into());
     config.auth.clients = entry.auth.clients;
     let proxy = TestProxy::start(config).await;
-    let key = fhir_bulk_proxy::client::ClientKey::from_file(&private).unwrap();
-    let connected = fhir_bulk_proxy::client::BulkClient::connect(
+    let key = testkit::client::ClientKey::from_file(&private).unwrap();
+    let connected = testkit::client::BulkClient::connect(
         &proxy.url(""),
         "team/analytics",
         &key,

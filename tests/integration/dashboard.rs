@@ -10,8 +10,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::jobs_cli::{Setup, start, status};
-use crate::support::client;
-use crate::support::process::Store;
+use testkit::plain_client;
+use testkit::process::Store;
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/fhir-bulk-proxy.json");
 
@@ -271,7 +271,7 @@ async fn every_dashboard_query_names_metrics_the_proxy_exports() {
     let token = setup.token(&proxy).await;
     let url = start(&proxy, &token, "/$export?_type=Patient,Observation").await;
     assert_eq!(status(&proxy, &token, &url).await, 200);
-    let passthrough = client()
+    let passthrough = plain_client()
         .get(format!("{}/Patient?_count=1", proxy.base()))
         .bearer_auth(&token)
         .send()
@@ -282,7 +282,7 @@ async fn every_dashboard_query_names_metrics_the_proxy_exports() {
     // The sweeper counts jobs by state every second.
     let mut text = String::new();
     for _ in 0..50 {
-        text = client()
+        text = plain_client()
             .get(format!("http://{}/metrics", proxy.addr))
             .send()
             .await

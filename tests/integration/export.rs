@@ -5,315 +5,18 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use fhir_bulk_proxy::config::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::memory_fhir::MemoryFhir;
 
-use crate::support::redis::RedisServer;
-use crate::support::smart::{ClientKey, SmartClient};
-use crate::support::{TestProxy, client, outcome, raw_get};
-
-pub const GROUP: &str = "synthea-10";
-
-/// The in-memory FHIR server loaded with the 10-patient fixture, on a new port.
-pub async fn fixture_upstream() -> RunningFhir {
-    MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap()
-}
-
-pub fn fixture_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10")
-}
-
-/// Which job store a scenario runs on.
-#[derive(Clone, Copy, Debug)]
-pub enum Store {
-    Embedded,
-    Redis,
-}
-
-/// Runs a scenario once per store: `both!(name, scenario)` makes `name::embedded` and
-/// `name::redis`, so every export behaviour is checked through both `JobStore`s.
-macro_rules! both {
-    ($name:ident, $scenario:ident) => {
-        mod $name {
-            #[tokio::test]
-            async fn embedded() {
-                super::$scenario(super::Store::Embedded).await;
-            }
-            #[tokio::test]
-            async fn redis() {
-                super::$scenario(super::Store::Redis).await;
-            }
-        }
-    };
-}
-
-/// The fixture upstream, a proxy in front of it, a registered client and its token.
-pub struct Setup {
-    pub fhir: RunningFhir,
-    pub proxy: TestProxy,
-    pub client: SmartClient,
-    pub token: String,
-    /// The Redis server of a Redis-backed setup (stopped when dropped).
-    pub _redis: Option<RedisServer>,
-}
-
-impl Setup {
-    pub async fn new(store: Store, configure: impl FnOnce(&mut Config)) -> Self {
-        let fhir = fixture_upstream().await;
-        Self::with_upstream(store, fhir, configure).await
-    }
-
-    pub async fn with_upstream(
-        store: Store,
-        fhir: RunningFhir,
-        configure: impl FnOnce(&mut Config),
-    ) -> Self {
-        let redis = match store {
-            Store::Embedded => None,
-            Store::Redis => Some(RedisServer::start()),
-        };
-        let mut config = TestProxy::config(&fhir.url());
-        if let Some(redis) = &redis {
-            config.store.backend = StoreBackend::Redis;
-            config.store.redis_url = Some(redis.url().into());
-        }
-        config.export.page_size = 100;
-        config.export.poll_retry_after_secs = 1;
-        config.export.retry_base_ms = 10;
-        config.export.patient_batch_size = 4;
-        let client = SmartClient::register(&mut config);
-        configure(&mut config);
-        let proxy = TestProxy::start(config).await;
-        let token = client.token(&proxy).await;
-        Self {
-            fhir,
-            proxy,
-            client,
-            token,
-            _redis: redis,
-        }
-    }
-
-    /// GET `url` with the client's token.
-    pub async fn get(&self, url: &str) -> reqwest::Response {
-        client()
-            .get(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// DELETE `url` with the client's token.
-    pub async fn delete(&self, url: &str) -> reqwest::Response {
-        client()
-            .delete(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// GET kick-off with the headers the IG asks for.
-    pub async fn kick_off(&self, path_and_query: &str) -> reqwest::Response {
-        client()
-            .get(self.proxy.url(path_and_query))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Kicks off and returns the status URL, asserting 202.
-    pub async fn start(&self, path_and_query: &str) -> String {
-        let response = self.kick_off(path_and_query).await;
-        let status = response.status();
-        let location = response
-            .headers()
-            .get("content-location")
-            .map(|v| v.to_str().unwrap().to_owned());
-        assert_eq!(
-            status,
-            202,
-            "{path_and_query}: {}",
-            response.text().await.unwrap()
-        );
-        location.unwrap()
-    }
-
-    /// Polls (as told by Retry-After) until the manifest arrives.
-    pub async fn manifest(&self, status_url: &str) -> Value {
-        for _ in 0..300 {
-            let response = client()
-                .get(status_url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
-            match response.status() {
-                StatusCode::ACCEPTED => {
-                    let wait: u64 = response.headers()["retry-after"]
-                        .to_str()
-                        .unwrap()
-                        .parse()
-                        .unwrap();
-                    assert!(wait > 0);
-                    tokio::time::sleep(Duration::from_millis(wait * 1000)).await;
-                }
-                StatusCode::OK => {
-                    assert_eq!(response.headers()["content-type"], "application/json");
-                    assert!(response.headers().contains_key("expires"));
-                    return response.json().await.unwrap();
-                }
-                other => panic!("status {other}: {}", response.text().await.unwrap()),
-            }
-        }
-        panic!("the export did not finish");
-    }
-
-    /// Every resource of the manifest's output, by type.
-    pub async fn download(&self, manifest: &Value) -> BTreeMap<String, Vec<Value>> {
-        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for item in manifest["output"].as_array().unwrap() {
-            let url = item["url"].as_str().unwrap();
-            assert!(url.starts_with("http://"), "absolute url");
-            let response = client()
-                .get(url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            assert_eq!(
-                response.headers()["content-type"],
-                "application/fhir+ndjson"
-            );
-            let text = response.text().await.unwrap();
-            let lines: Vec<Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            assert_eq!(
-                lines.len() as u64,
-                item["count"].as_u64().unwrap(),
-                "count of {url}"
-            );
-            let t = item["type"].as_str().unwrap();
-            assert!(
-                lines.iter().all(|r| r["resourceType"] == t),
-                "one type per file"
-            );
-            out.entry(t.to_owned()).or_default().extend(lines);
-        }
-        out
-    }
-
-    pub async fn export(&self, path_and_query: &str) -> (Value, BTreeMap<String, Vec<Value>>) {
-        let status_url = self.start(path_and_query).await;
-        let manifest = self.manifest(&status_url).await;
-        let files = self.download(&manifest).await;
-        (manifest, files)
-    }
-
-    /// The error file's OperationOutcomes.
-    pub async fn errors(&self, manifest: &Value) -> Vec<Value> {
-        let mut out = Vec::new();
-        for item in manifest["error"].as_array().unwrap() {
-            assert_eq!(item["type"], "OperationOutcome");
-            let text = client()
-                .get(item["url"].as_str().unwrap())
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            out.extend(
-                text.lines()
-                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
-            );
-        }
-        out
-    }
-}
-
-/// Ids per type, asserting none appears twice.
-pub fn ids(files: &BTreeMap<String, Vec<Value>>) -> BTreeMap<String, BTreeSet<String>> {
-    files
-        .iter()
-        .map(|(t, resources)| {
-            let ids: BTreeSet<String> = resources
-                .iter()
-                .map(|r| r["id"].as_str().unwrap().to_owned())
-                .collect();
-            assert_eq!(ids.len(), resources.len(), "an id appears twice in {t}");
-            (t.clone(), ids)
-        })
-        .collect()
-}
-
-/// Asserts equal id sets per type, printing only what differs.
-pub fn assert_same(
-    got: &BTreeMap<String, BTreeSet<String>>,
-    want: &BTreeMap<String, BTreeSet<String>>,
-) {
-    let types = |m: &BTreeMap<String, BTreeSet<String>>| m.keys().cloned().collect::<Vec<_>>();
-    assert_eq!(types(got), types(want), "exported types");
-    for (t, ids) in want {
-        let missing: Vec<_> = ids.difference(&got[t]).take(3).collect();
-        let extra: Vec<_> = got[t].difference(ids).take(3).collect();
-        assert!(
-            missing.is_empty() && extra.is_empty(),
-            "{t}: {} exported, {} expected; missing {missing:?}, extra {extra:?}",
-            got[t].len(),
-            ids.len()
-        );
-    }
-}
-
-pub fn expected(
-    fhir: &RunningFhir,
-    patients: Option<&[String]>,
-) -> BTreeMap<String, BTreeSet<String>> {
-    fhir.types()
-        .into_iter()
-        .map(|t| {
-            let ids = match patients {
-                None => fhir.ids(&t),
-                Some(p) => fhir.ids_for_patients(&t, p),
-            };
-            (t, ids.into_iter().collect::<BTreeSet<_>>())
-        })
-        .filter(|(_, ids)| !ids.is_empty())
-        .collect()
-}
-
-pub fn group_members() -> Vec<String> {
-    let text = std::fs::read_to_string(fixture_dir().join("Group.ndjson")).unwrap();
-    let group: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    group["member"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            m["entity"]["reference"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("Patient/")
-                .to_owned()
-        })
-        .collect()
-}
+use testkit::both;
+use testkit::process::Store;
+use testkit::setup::{
+    GROUP, Setup, assert_same, expected, fixture_dir, fixture_upstream, group_members, ids,
+};
+use testkit::smart::{ClientKey, SmartClient};
+use testkit::{TestProxy, outcome, plain_client, raw_get};
 
 both!(
     system_export_returns_every_resource_exactly_once,
@@ -397,7 +100,7 @@ async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
         {"name": "_type", "valueString": "Patient,Condition"},
         {"name": "patient", "valueReference": {"reference": format!("Patient/{}", members[0])}},
     ]});
-    let response = client()
+    let response = plain_client()
         .post(s.proxy.url(&format!("/Group/{GROUP}/$export")))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -489,7 +192,7 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
     assert_eq!(no_prefer, 400, "Prefer: respond-async is required");
     let unknown_group = s.kick_off("/Group/nope/$export").await;
     assert_eq!(unknown_group.status(), 404);
-    let system_patient = client()
+    let system_patient = plain_client()
         .post(s.proxy.url("/$export"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -500,7 +203,7 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
         .await
         .unwrap();
     assert_eq!(system_patient.status(), 400);
-    let garbage = client()
+    let garbage = plain_client()
         .post(s.proxy.url("/$export"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -511,7 +214,7 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
         .await
         .unwrap();
     assert_eq!(garbage.status(), 400);
-    let huge = client()
+    let huge = plain_client()
         .post(s.proxy.url("/$export"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -531,7 +234,7 @@ both!(
 async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let response =
-        client()
+        plain_client()
             .get(s.proxy.url(
                 "/$export?_type=Patient&includeAssociatedData=LatestProvenanceResources&_bogus=1",
             ))
@@ -561,7 +264,7 @@ both!(
 );
 async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
     let s = Setup::new(store, |_| {}).await;
-    let no_token = client()
+    let no_token = plain_client()
         .get(s.proxy.url("/$export"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -589,16 +292,26 @@ async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
         .unwrap()
         .to_owned();
     assert_eq!(
-        client().get(&patient_file).send().await.unwrap().status(),
+        plain_client()
+            .get(&patient_file)
+            .send()
+            .await
+            .unwrap()
+            .status(),
         401,
         "file without a token"
     );
     assert_eq!(
-        client().get(&status_url).send().await.unwrap().status(),
+        plain_client()
+            .get(&status_url)
+            .send()
+            .await
+            .unwrap()
+            .status(),
         401,
         "status without a token"
     );
-    let bad = client()
+    let bad = plain_client()
         .get(&status_url)
         .bearer_auth("invalidToken")
         .send()
@@ -633,7 +346,7 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     let manifest = s.manifest(&status_url).await;
 
     let other = observer.token(&s.proxy).await;
-    let response = client()
+    let response = plain_client()
         .get(&status_url)
         .bearer_auth(&other)
         .send()
@@ -646,7 +359,7 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     );
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     assert_eq!(
-        client()
+        plain_client()
             .get(&file)
             .bearer_auth(&other)
             .send()
@@ -670,14 +383,14 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
         .as_str()
         .unwrap()
         .to_owned();
-    let response = client()
+    let response = plain_client()
         .get(&patient_file)
         .bearer_auth(&narrow)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 403);
-    let response = client()
+    let response = plain_client()
         .get(s.proxy.url("/$export?_type=Patient"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -706,7 +419,7 @@ async fn downloads_support_gzip_and_range_on(store: Store) {
         files["Patient"].len()
     );
 
-    let gz = client()
+    let gz = plain_client()
         .get(&url)
         .bearer_auth(&s.token)
         .header("accept-encoding", "gzip")
@@ -724,7 +437,7 @@ async fn downloads_support_gzip_and_range_on(store: Store) {
     .unwrap();
     assert_eq!(decoded, plain);
 
-    let ranged = client()
+    let ranged = plain_client()
         .get(&url)
         .bearer_auth(&s.token)
         .header("range", "bytes=10-19")
@@ -1084,7 +797,7 @@ async fn kick_off_accept_must_cover_fhir_json() {
     })
     .await;
     let kick_off = |accept: &'static str| {
-        client()
+        plain_client()
             .get(s.proxy.url("/$export?_type=Patient"))
             .header("accept", accept)
             .header("prefer", "respond-async")
@@ -1127,14 +840,14 @@ async fn errors_honour_accept() {
         ("*/*", "application/fhir+json"),
     ];
     for (accept, expected) in cases {
-        let not_found = client()
+        let not_found = plain_client()
             .get(&missing_status)
             .header("accept", accept)
             .bearer_auth(&s.token)
             .send()
             .await
             .unwrap();
-        let kick_off = client()
+        let kick_off = plain_client()
             .get(s.proxy.url("/$export?_type=NotAType"))
             .header("accept", accept)
             .header("prefer", "respond-async")
@@ -1151,7 +864,7 @@ async fn errors_honour_accept() {
         }
     }
     // A 401 without a token, too.
-    let unauthorized = client()
+    let unauthorized = plain_client()
         .get(&missing_status)
         .header("accept", "application/json")
         .send()
@@ -1189,11 +902,11 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
         assert_eq!(manifest["requiresAccessToken"], enabled, "{manifest}");
         if !enabled {
             let url = manifest["output"][0]["url"].as_str().unwrap();
-            let file = client().get(url).send().await.unwrap();
+            let file = plain_client().get(url).send().await.unwrap();
             assert_eq!(file.status(), 200, "no token needed");
         }
 
-        let cs: Value = client()
+        let cs: Value = plain_client()
             .get(s.proxy.url("/metadata"))
             .send()
             .await
@@ -1208,7 +921,7 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
             enabled,
             "{text}"
         );
-        let smart = client()
+        let smart = plain_client()
             .get(s.proxy.url("/.well-known/smart-configuration"))
             .send()
             .await
@@ -1274,7 +987,7 @@ async fn kick_off_reports_the_preferences_applied() {
             "respond-async, handling=lenient",
         ),
     ] {
-        let response = client()
+        let response = plain_client()
             .get(s.proxy.url("/$export?_type=Patient"))
             .header("accept", "application/fhir+json")
             .header("prefer", prefer)

@@ -10,8 +10,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::support::scripted::{Part, ScriptedUpstream, find};
-use crate::support::{FakeFhir, TestProxy, client, outcome};
+use testkit::scripted::{Part, ScriptedUpstream, find};
+use testkit::{FakeFhir, TestProxy, outcome, plain_client};
 
 /// The scripted upstream of these tests (answers by path) and a proxy (default configuration) in
 /// front of it.
@@ -189,7 +189,11 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_extensions_or_trai
     assert!(!raw.contains("Trailer:"), "{raw}");
     // reqwest decodes the same answer; the upstream connection went back to the pool each time.
     for _ in 0..3 {
-        let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+        let response = plain_client()
+            .get(proxy.url("/chunked"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(response.text().await.unwrap(), "hello world");
     }
     assert_eq!(upstream.connections(), 1);
@@ -200,7 +204,11 @@ async fn large_answers_arrive_whole_and_their_connection_is_reused() {
     for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         for _ in 0..3 {
-            let response = client().get(proxy.url("/large")).send().await.unwrap();
+            let response = plain_client()
+                .get(proxy.url("/large"))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.headers()["content-length"], LARGE.to_string());
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
@@ -215,10 +223,10 @@ async fn large_answers_arrive_whole_and_their_connection_is_reused() {
 async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
     let (_upstream, proxy, resume) = behind_a_proxy_splicing(Splice::Auto).await;
     let paused = proxy.url("/large-paused");
-    let first = tokio::spawn(async move { client().get(paused).send().await?.bytes().await });
+    let first = tokio::spawn(async move { plain_client().get(paused).send().await?.bytes().await });
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     let others: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(client().get(proxy.url("/large")).send()))
+        .map(|_| tokio::spawn(plain_client().get(proxy.url("/large")).send()))
         .collect();
     for other in others {
         let body = other.await.unwrap().unwrap().bytes().await.unwrap();
@@ -236,7 +244,7 @@ async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
 async fn large_answers_delimited_by_close_arrive_whole_and_chunked() {
     for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
-        let client = client();
+        let client = plain_client();
         for _ in 0..2 {
             let response = client
                 .get(proxy.url("/large-until-close"))
@@ -281,7 +289,11 @@ async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
             "splice {splice:?}"
         );
         // The proxy carries on.
-        let response = client().get(proxy.url("/large")).send().await.unwrap();
+        let response = plain_client()
+            .get(proxy.url("/large"))
+            .send()
+            .await
+            .unwrap();
         assert_eq!(
             response.bytes().await.unwrap().len(),
             LARGE,
@@ -303,7 +315,11 @@ async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
         stream.read_exact(&mut start).await.unwrap();
         drop(stream);
         for _ in 0..2 {
-            let response = client().get(proxy.url("/large")).send().await.unwrap();
+            let response = plain_client()
+                .get(proxy.url("/large"))
+                .send()
+                .await
+                .unwrap();
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
@@ -337,7 +353,7 @@ async fn answers_delimited_by_close_reach_the_client_chunked() {
         "{raw}"
     );
     for _ in 0..2 {
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/until-close"))
             .send()
             .await
@@ -381,7 +397,7 @@ async fn informational_head_and_no_content_answers_are_framed_right() {
 async fn broken_upstream_answers_are_502_or_a_closed_connection() {
     let (_upstream, proxy, _) = behind_a_proxy().await;
     for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
-        let response = client().get(proxy.url(path)).send().await.unwrap();
+        let response = plain_client().get(proxy.url(path)).send().await.unwrap();
         let diagnostics = outcome(response, 502).await;
         assert!(!diagnostics.is_empty(), "{path}");
     }
@@ -405,7 +421,11 @@ async fn broken_upstream_answers_are_502_or_a_closed_connection() {
         "{raw}"
     );
     // And the proxy carries on.
-    let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+    let response = plain_client()
+        .get(proxy.url("/chunked"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.text().await.unwrap(), "hello world");
 }
 
@@ -510,6 +530,10 @@ async fn the_fast_path_can_be_turned_off() {
     .await;
     // hyper decodes and re-encodes: the chunk extension does not survive, the body does.
     assert!(!raw.contains("note=1"), "{raw}");
-    let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+    let response = plain_client()
+        .get(proxy.url("/chunked"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.text().await.unwrap(), "hello world");
 }

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
-use crate::support::process::{ProxyProcess, Store};
-use crate::support::smart::SmartClient;
-use crate::support::{RedisServer, client, outcome};
+use testkit::process::{ProxyProcess, Store};
+use testkit::smart::SmartClient;
+use testkit::{RedisServer, outcome, plain_client};
 
 /// Clients and status URLs name this base; requests go to whichever process runs now.
 const PUBLIC: &str = "http://fhir.example.test/fhir";
@@ -73,14 +73,14 @@ impl Setup {
     }
 
     async fn token(&self, proxy: &ProxyProcess) -> String {
-        crate::support::process::token(&self.client, proxy, PUBLIC).await
+        testkit::process::token(&self.client, proxy, PUBLIC).await
     }
 
     /// Ids per type in the manifest's files, asserting none twice and none missing or extra.
     async fn assert_exact(&self, proxy: &ProxyProcess, token: &str, manifest: &Value) {
         let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for item in manifest["output"].as_array().unwrap() {
-            let text = client()
+            let text = plain_client()
                 .get(on(proxy, item["url"].as_str().unwrap()))
                 .bearer_auth(token)
                 .send()
@@ -113,7 +113,7 @@ fn on(proxy: &ProxyProcess, url: &str) -> String {
 }
 
 async fn kick_off(proxy: &ProxyProcess, token: &str) -> reqwest::Response {
-    client()
+    plain_client()
         .get(format!("{}{EXPORT}", proxy.base()))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -135,7 +135,7 @@ async fn started(proxy: &ProxyProcess, token: &str) -> String {
 /// Polls until the status is no longer 202, honouring `Retry-After`.
 async fn poll_until_done(proxy: &ProxyProcess, token: &str, status_url: &str) -> reqwest::Response {
     for _ in 0..120 {
-        let response = client()
+        let response = plain_client()
             .get(on(proxy, status_url))
             .bearer_auth(token)
             .send()
@@ -174,7 +174,7 @@ async fn killed_during_finalisation_completes_after_a_restart(store: Store) {
         )
         .unwrap_or_else(|| panic!("no finalisation:\n{}", proxy.logs().join("\n")));
     // Every unit is done and the merged files are written; nothing is committed.
-    let response = client()
+    let response = plain_client()
         .get(on(&proxy, &status_url))
         .bearer_auth(&token)
         .send()
@@ -234,7 +234,7 @@ async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
     );
     // Failed stays failed: a second poll says so again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let again = client()
+    let again = plain_client()
         .get(on(&proxy, &status_url))
         .bearer_auth(&token)
         .send()
@@ -296,7 +296,7 @@ async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
     for round in 0..8 {
         let status_url = started(&proxy, &token).await;
         tokio::time::sleep(Duration::from_millis(100 + 60 * round)).await;
-        let deleted = client()
+        let deleted = plain_client()
             .delete(on(&proxy, &status_url))
             .bearer_auth(&token)
             .send()

@@ -7,13 +7,13 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
-use crate::support::process::ProxyProcess;
-use crate::support::redis::RedisServer;
-use crate::support::smart::{SmartClient, token_form};
-use crate::support::{client, outcome};
+use testkit::process::ProxyProcess;
+use testkit::redis::RedisServer;
+use testkit::smart::{SmartClient, token_form};
+use testkit::{outcome, plain_client};
 
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 
@@ -111,7 +111,7 @@ async fn fleet(replicas: usize, patients: usize, per_patient: usize) -> Fleet {
 }
 
 async fn client_post_token(replica: &Replica, assertion: &str) -> reqwest::Response {
-    client()
+    plain_client()
         .post(format!("{}/token", replica.base()))
         .form(&token_form(assertion, "system/*.read"))
         .send()
@@ -121,7 +121,7 @@ async fn client_post_token(replica: &Replica, assertion: &str) -> reqwest::Respo
 
 impl Fleet {
     async fn kick_off(&self, path: &str) -> String {
-        let response = client()
+        let response = plain_client()
             .get(format!("{}{path}", self.replicas[0].base()))
             .header("accept", "application/fhir+json")
             .header("prefer", "respond-async")
@@ -145,7 +145,7 @@ impl Fleet {
     /// Polls round-robin across the live replicas until the manifest arrives.
     async fn manifest(&self, status_url: &str) -> Value {
         for turn in 0..400 {
-            let response = client()
+            let response = plain_client()
                 .get(self.on(status_url, turn))
                 .bearer_auth(&self.token)
                 .send()
@@ -167,7 +167,7 @@ impl Fleet {
     async fn ids(&self, manifest: &Value) -> BTreeMap<String, BTreeSet<String>> {
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (turn, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
-            let text = client()
+            let text = plain_client()
                 .get(self.on(item["url"].as_str().unwrap(), turn))
                 .bearer_auth(&self.token)
                 .send()
@@ -258,7 +258,7 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
     tokio::time::sleep(Duration::from_millis(800)).await;
     fleet.redis.pause();
     let started = Instant::now();
-    let response = client()
+    let response = plain_client()
         .get(fleet.on(&status_url, 0))
         .bearer_auth(&fleet.token)
         .timeout(Duration::from_secs(15))
@@ -267,7 +267,7 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
         .unwrap();
     assert!(response.headers().contains_key("retry-after"));
     outcome(response, 503).await;
-    let kick_off = client()
+    let kick_off = plain_client()
         .get(format!(
             "{}/$export?_type=Patient",
             fleet.replicas[1].base()
@@ -303,7 +303,7 @@ async fn jobs_lost_with_an_emptied_redis_answer_404() {
     // The replica reconnects; the job is gone, and says so.
     let mut last = 0;
     for _ in 0..40 {
-        let response = client()
+        let response = plain_client()
             .get(fleet.on(&status_url, 0))
             .bearer_auth(&fleet.token)
             .send()

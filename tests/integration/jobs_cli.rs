@@ -11,13 +11,13 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fhir_bulk_proxy::config::Config;
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use fhir_bulk_proxy::ops::jobs::{self, JobsCommand, JobsError};
 use serde_json::Value;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
-use crate::support::process::{ProxyProcess, Store};
-use crate::support::smart::{SmartClient, TEST_CLIENT};
-use crate::support::{RedisServer, client};
+use testkit::process::{ProxyProcess, Store};
+use testkit::smart::{SmartClient, TEST_CLIENT};
+use testkit::{RedisServer, plain_client};
 
 /// Clients and status URLs name this base; requests go to whichever process runs now.
 const PUBLIC: &str = "http://fhir.example.test/fhir";
@@ -74,7 +74,7 @@ impl Setup {
     }
 
     pub(crate) async fn token(&self, proxy: &ProxyProcess) -> String {
-        crate::support::process::token(&self.client, proxy, PUBLIC).await
+        testkit::process::token(&self.client, proxy, PUBLIC).await
     }
 
     /// A completed Patient-level export, a failed system-level one (its only type's searches
@@ -136,7 +136,7 @@ impl Setup {
 }
 
 pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> String {
-    let response = client()
+    let response = plain_client()
         .get(format!("{}{path}", proxy.base()))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -154,7 +154,7 @@ pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> Stri
 /// The status URL's answer once it is no longer 202 (or 429).
 pub(crate) async fn status(proxy: &ProxyProcess, token: &str, url: &str) -> u16 {
     for _ in 0..120 {
-        let status = client()
+        let status = plain_client()
             .get(url.replace(PUBLIC, &proxy.base()))
             .bearer_auth(token)
             .send()
@@ -296,7 +296,7 @@ async fn status_urls_after_cancel(proxy: &ProxyProcess, token: &str, jobs: &Jobs
         (&jobs.failed, 500),
     ] {
         let url = jobs.urls[id].replace(PUBLIC, &proxy.base());
-        let got = client()
+        let got = plain_client()
             .get(&url)
             .bearer_auth(token)
             .send()

@@ -7,13 +7,13 @@
 use std::path::Path;
 
 use fhir_bulk_proxy::auth::keygen::{self, KeyAlgorithm};
-use fhir_bulk_proxy::client::{BulkClient, ClientKey};
 use fhir_bulk_proxy::config::{Config, UpstreamAuthScheme};
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde_json::Value;
+use testkit::client::{BulkClient, ClientKey};
+use testkit::memory_fhir::MemoryFhir;
 
-use crate::support::client;
-use crate::support::process::ProxyProcess;
+use testkit::plain_client;
+use testkit::process::ProxyProcess;
 
 const SIGNING_SECRET: &str = "signing-secret-that-must-never-be-logged-0123";
 const UPSTREAM_TOKEN: &str = "upstream-token-that-must-never-be-logged";
@@ -66,7 +66,7 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
     assert!(lines > 1000, "{lines} resources exported");
 
     // Protected passthrough, with the proxy's token (replaced upstream by the upstream's).
-    let patients = client()
+    let patients = plain_client()
         .get(format!("{}/Patient?_count=1", proxy.base()))
         .bearer_auth(&access_token)
         .send()
@@ -78,7 +78,7 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
     let token_url = bulk.token().token_url.clone();
     let refused = client_key.assertion(CLIENT_ID, &token_url).unwrap();
     for scope in ["system/Patient.write", "system/*.read"] {
-        let response = client()
+        let response = plain_client()
             .post(&token_url)
             .form(&[
                 ("grant_type", "client_credentials"),
@@ -165,14 +165,14 @@ async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job(
     bulk.download(file, |_| Ok(())).await.unwrap();
     // A second export, deleted: its lines too name it.
     let deleted = bulk.kick_off("/$export?_type=Patient").await.unwrap();
-    let response = client()
+    let response = plain_client()
         .delete(&deleted)
         .bearer_auth(&bulk.token().access_token)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let passthrough = client()
+    let passthrough = plain_client()
         .get(format!("{}/Patient?_count=1", proxy.base()))
         .header("x-request-id", "client-chosen-id-1")
         .send()
@@ -245,7 +245,7 @@ async fn a_failed_request_is_logged_with_its_request_id() {
             ("/Patient?_count=1", "fast-path-1"),
             ("/Patient", "general-1"),
         ] {
-            let request = client()
+            let request = plain_client()
                 .request(
                     // A body takes the general path, a bodiless GET the fast path.
                     if id == "general-1" {

@@ -2,9 +2,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 mod auth;
+mod client;
 mod dashboard;
 mod demo;
 mod differential;

@@ -8,15 +8,16 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde_json::{Value, json};
+use testkit::memory_fhir::MemoryFhir;
 
-use crate::export::{GROUP, Setup, Store, assert_same, expected, group_members, ids};
-use crate::support::client;
-use crate::support::process::ProxyProcess;
-use crate::support::redis::RedisServer;
-use crate::support::s3::S3Server;
-use crate::support::smart::{SmartClient, token_form};
+use testkit::plain_client;
+use testkit::process::ProxyProcess;
+use testkit::process::Store;
+use testkit::redis::RedisServer;
+use testkit::s3::S3Server;
+use testkit::setup::{GROUP, Setup, assert_same, expected, group_members, ids};
+use testkit::smart::{SmartClient, token_form};
 
 /// A proxy storing its files in a fresh bucket.
 async fn on_s3(store: Store, configure: impl FnOnce(&mut Config)) -> (S3Server, Setup) {
@@ -103,7 +104,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         files["Patient"].len()
     );
 
-    let gz = client()
+    let gz = plain_client()
         .get(&url)
         .bearer_auth(&s.token)
         .header("accept-encoding", "gzip")
@@ -128,7 +129,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
             &plain[plain.len() - 3..],
         ),
     ] {
-        let ranged = client()
+        let ranged = plain_client()
             .get(&url)
             .bearer_auth(&s.token)
             .header("range", range)
@@ -141,7 +142,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         assert!(ranged.headers().contains_key("content-range"));
         assert_eq!(ranged.bytes().await.unwrap(), want, "{range}");
     }
-    let beyond = client()
+    let beyond = plain_client()
         .get(&url)
         .bearer_auth(&s.token)
         .header("range", format!("bytes={}-", plain.len()))
@@ -151,7 +152,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
     assert_eq!(beyond.status(), 416);
 
     assert_eq!(
-        client().get(&url).send().await.unwrap().status(),
+        plain_client().get(&url).send().await.unwrap().status(),
         401,
         "no token"
     );
@@ -159,14 +160,14 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         .client
         .token_for(&s.proxy, "system/Observation.read")
         .await;
-    let forbidden = client()
+    let forbidden = plain_client()
         .get(&url)
         .bearer_auth(&narrow)
         .send()
         .await
         .unwrap();
     assert_eq!(forbidden.status(), 403, "a token without Patient scope");
-    let allowed = client()
+    let allowed = plain_client()
         .get(url_of("Observation"))
         .bearer_auth(&narrow)
         .send()
@@ -194,7 +195,7 @@ async fn delete_removes_the_objects() {
 async fn cancelling_a_running_export_leaves_no_objects() {
     let s3 = S3Server::start();
     let fhir = MemoryFhir::new()
-        .load_dir(&crate::export::fixture_dir())
+        .load_dir(&testkit::setup::fixture_dir())
         .unwrap()
         .start()
         .await
@@ -251,7 +252,7 @@ async fn presigned_urls_work_without_a_token_and_expire() {
         .parse()
         .unwrap();
     assert!(expires <= 3, "no longer than an access token: {expires}");
-    let response = client().get(&url).send().await.unwrap();
+    let response = plain_client().get(&url).send().await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"],
@@ -267,16 +268,19 @@ async fn presigned_urls_work_without_a_token_and_expire() {
             .all(|l| serde_json::from_str::<Value>(l).unwrap()["resourceType"] == "Patient")
     );
     let tampered = url.replace("X-Amz-Expires=", "X-Amz-Expires=9");
-    assert_ne!(client().get(&tampered).send().await.unwrap().status(), 200);
+    assert_ne!(
+        plain_client().get(&tampered).send().await.unwrap().status(),
+        200
+    );
     tokio::time::sleep(Duration::from_millis(4500)).await;
     assert_eq!(
-        client().get(&url).send().await.unwrap().status(),
+        plain_client().get(&url).send().await.unwrap().status(),
         403,
         "expired"
     );
     // A new manifest request signs anew (SPEC A9.8). The token may have expired too.
     let token = s.client.token(&s.proxy).await;
-    let again: Value = client()
+    let again: Value = plain_client()
         .get(&status_url)
         .bearer_auth(&token)
         .send()
@@ -286,7 +290,10 @@ async fn presigned_urls_work_without_a_token_and_expire() {
         .await
         .unwrap();
     let fresh = again["output"][0]["url"].as_str().unwrap();
-    assert_eq!(client().get(fresh).send().await.unwrap().status(), 200);
+    assert_eq!(
+        plain_client().get(fresh).send().await.unwrap().status(),
+        200
+    );
     assert_eq!(again["error"], json!([]));
 }
 
@@ -327,7 +334,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
     let assertion = client_reg
         .key
         .assertion(&client_reg.id, &format!("{PUBLIC}/token"));
-    let token: Value = client()
+    let token: Value = plain_client()
         .post(format!("{}/token", first.base()))
         .form(&token_form(&assertion, "system/*.read"))
         .send()
@@ -337,7 +344,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
         .await
         .unwrap();
     let token = token["access_token"].as_str().unwrap().to_owned();
-    let kick_off = client()
+    let kick_off = plain_client()
         .get(format!("{}/$export?_type=Observation", first.base()))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -368,7 +375,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
     let status_url = status_url.replace(PUBLIC, &second.base());
     let mut manifest = Value::Null;
     for _ in 0..240 {
-        let response = client()
+        let response = plain_client()
             .get(&status_url)
             .bearer_auth(&token)
             .send()
@@ -387,7 +394,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
             .as_str()
             .unwrap()
             .replace(PUBLIC, &second.base());
-        let text = client()
+        let text = plain_client()
             .get(&url)
             .bearer_auth(&token)
             .send()

@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{FakeFhir, TestProxy, client};
+use testkit::{FakeFhir, TestProxy, plain_client};
 
 #[tokio::test]
 async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = client().get(proxy.url("/metadata")).send().await.unwrap();
+    let response = plain_client()
+        .get(proxy.url("/metadata"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/fhir+json");
     let cs: Value = response.json().await.unwrap();
@@ -47,7 +51,11 @@ async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
         proxy.url("/token").as_str()
     );
 
-    client().get(proxy.url("/metadata")).send().await.unwrap();
+    plain_client()
+        .get(proxy.url("/metadata"))
+        .send()
+        .await
+        .unwrap();
     let fetches = fake
         .received()
         .iter()
@@ -60,7 +68,7 @@ async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
 async fn xml_metadata_passes_through_untouched() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = client()
+    let response = plain_client()
         .get(proxy.url("/metadata"))
         .header("accept", "application/fhir+xml")
         .send()
@@ -77,7 +85,11 @@ async fn xml_metadata_passes_through_untouched() {
 async fn metadata_errors_pass_through_unchanged() {
     let fake = FakeFhir::new().capability(None).start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = client().get(proxy.url("/metadata")).send().await.unwrap();
+    let response = plain_client()
+        .get(proxy.url("/metadata"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 500);
     assert_eq!(response.text().await.unwrap(), "metadata broke");
 }
@@ -87,7 +99,7 @@ async fn health_readiness_and_metrics() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
     assert_eq!(
-        client()
+        plain_client()
             .get(proxy.root("/healthz"))
             .send()
             .await
@@ -96,7 +108,7 @@ async fn health_readiness_and_metrics() {
         200
     );
     assert_eq!(
-        client()
+        plain_client()
             .get(proxy.root("/readyz"))
             .send()
             .await
@@ -104,8 +116,12 @@ async fn health_readiness_and_metrics() {
             .status(),
         200
     );
-    client().get(proxy.url("/Patient")).send().await.unwrap();
-    let metrics = client()
+    plain_client()
+        .get(proxy.url("/Patient"))
+        .send()
+        .await
+        .unwrap();
+    let metrics = plain_client()
         .get(proxy.root("/metrics"))
         .send()
         .await
@@ -130,10 +146,14 @@ async fn health_readiness_and_metrics() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let down = TestProxy::start(TestProxy::config(&format!("http://127.0.0.1:{port}"))).await;
-    let response = client().get(down.root("/readyz")).send().await.unwrap();
+    let response = plain_client()
+        .get(down.root("/readyz"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 503);
     assert_eq!(
-        client()
+        plain_client()
             .get(down.root("/healthz"))
             .send()
             .await
@@ -149,7 +169,7 @@ async fn shutdown_lets_a_slow_request_finish_then_stops_accepting() {
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
     let addr = proxy.addr;
     let slow = tokio::spawn(
-        client()
+        plain_client()
             .get(proxy.url("/Patient"))
             .header("x-fake-delay-ms", "1000")
             .send(),
@@ -215,14 +235,18 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
 
 #[tokio::test]
 async fn readiness_follows_the_job_store() {
-    let mut redis = crate::support::RedisServer::start();
+    let mut redis = testkit::RedisServer::start();
     let fake = FakeFhir::new().start().await;
     let mut config = TestProxy::config(&fake.url());
     config.store.backend = fhir_bulk_proxy::config::StoreBackend::Redis;
     config.store.redis_url = Some(redis.url().into());
     let proxy = TestProxy::start(config).await;
     let ready = || async {
-        let response = client().get(proxy.root("/readyz")).send().await.unwrap();
+        let response = plain_client()
+            .get(proxy.root("/readyz"))
+            .send()
+            .await
+            .unwrap();
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap();
         (status, body)

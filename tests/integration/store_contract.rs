@@ -12,7 +12,7 @@ use fhir_bulk_proxy::store::embedded::EmbeddedStore;
 use fhir_bulk_proxy::store::redis::RedisStore;
 use fhir_bulk_proxy::store::{Created, JobStore, StoreError};
 
-use crate::support::RedisServer;
+use testkit::RedisServer;
 
 const NOW: u64 = 1_700_000_000;
 
@@ -726,7 +726,7 @@ macro_rules! contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $check() {
-                    let server = crate::support::RedisServer::start();
+                    let server = testkit::RedisServer::start();
                     super::$check(super::redis(&server).await).await;
                 }
             )*

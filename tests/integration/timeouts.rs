@@ -9,8 +9,8 @@ use fhir_bulk_proxy::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::fake_fhir::RunningFake;
-use crate::support::{FakeFhir, TestProxy, client, raw_get};
+use testkit::fake_fhir::RunningFake;
+use testkit::{FakeFhir, TestProxy, plain_client, raw_get};
 
 /// The short timeouts of these tests, seconds.
 const HEAD: u64 = 2;
@@ -118,7 +118,7 @@ async fn slow_and_silent_heads_are_closed_on_time_while_others_are_served() {
             }));
         }
         // Meanwhile, new connections and a keep-alive client are answered at once.
-        let http = client();
+        let http = plain_client();
         let mut served = 0;
         let until = Instant::now() + Duration::from_millis(HEAD * 1000 - 300);
         while Instant::now() < until {

@@ -1,20 +1,41 @@
-//! Test support: a fake FHIR upstream that reports exactly what it received, and a real proxy
-//! started on `127.0.0.1:0` in front of it.
+//! fhir-bulk-proxy's test tooling, shared by the integration tests, the examples and the
+//! benchmarks, and never shipped (`publish = false`; the library does not depend on it):
+//!
+//! - [`memory_fhir`]: a small in-memory FHIR server (fixtures, fault injection, page counts): the
+//!   upstream of the demo, the export tests and the benchmarks;
+//! - [`client`]: a small Bulk Data client (SMART Backend Services token, kick-off, polling,
+//!   downloads): what the examples and the end-to-end checks drive the proxy with;
+//! - [`fake_fhir`], [`scripted`]: fake upstreams that report what they received, or answer
+//!   scripted bytes;
+//! - [`proxy`]: a real proxy (`server::run`) in this process on `127.0.0.1:0`; [`setup`]: that
+//!   proxy in front of a [`memory_fhir`] upstream with a registered client and its token, plus
+//!   polling and downloading an export;
+//! - [`process`]: the proxy binary as a child process that binds port 0 and reports the port;
+//! - [`redis`], [`s3`]: a private Redis and S3 server for one test;
+//! - [`smart`]: SMART Backend Services from the client's side (keys, assertions, tokens, a JWKS
+//!   URL server);
+//! - [`eventually`]: waiting for a condition instead of sleeping a fixed time.
 
+pub mod client;
+pub mod eventually;
 pub mod fake_fhir;
+pub mod memory_fhir;
 pub mod process;
 pub mod proxy;
 pub mod redis;
 pub mod s3;
 pub mod scripted;
+pub mod setup;
 pub mod smart;
 
+pub use eventually::eventually;
 pub use fake_fhir::FakeFhir;
 pub use proxy::TestProxy;
 pub use redis::RedisServer;
+pub use setup::Setup;
 
 /// A reqwest client that neither follows redirects nor decompresses.
-pub fn client() -> reqwest::Client {
+pub fn plain_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()

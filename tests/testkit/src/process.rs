@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ impl ProxyProcess {
     /// Starts the binary with `config` (a TOML file) and the extra environment `env`, at log level
     /// `level`, and waits until it listens.
     pub fn spawn(config: &Path, level: &str, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        let mut command = Command::new(binary());
         command
             .args(["--config", &config.display().to_string()])
             .env("BULK_PROXY_SERVER__LISTEN", "127.0.0.1:0")
@@ -116,6 +116,27 @@ impl ProxyProcess {
     }
 }
 
+/// The proxy binary Cargo built beside the running test or benchmark: `target/PROFILE/deps/TEST`
+/// runs, `target/PROFILE/fhir-bulk-proxy` is the binary (Cargo builds a package's binaries before
+/// its integration tests and benchmarks). `FBP_PROXY_BIN` names another one.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FBP_PROXY_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("the running test's path");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/PROFILE/deps");
+    let binary = profile.join("fhir-bulk-proxy");
+    assert!(
+        binary.exists(),
+        "{} does not exist: build the proxy first (cargo build), or set FBP_PROXY_BIN",
+        binary.display()
+    );
+    binary
+}
+
 impl ProxyProcess {
     /// SIGTERM, then waits (at most 20 s) for the process to exit; returns its exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
@@ -158,14 +179,14 @@ impl Store {
         self,
         config: &mut fhir_bulk_proxy::config::Config,
         dir: &Path,
-    ) -> Option<super::RedisServer> {
+    ) -> Option<crate::RedisServer> {
         match self {
             Store::Embedded => {
                 config.store.path = dir.join("jobs.redb");
                 None
             }
             Store::Redis => {
-                let redis = super::RedisServer::start();
+                let redis = crate::RedisServer::start();
                 config.store.backend = fhir_bulk_proxy::config::StoreBackend::Redis;
                 config.store.redis_url = Some(redis.url().into());
                 Some(redis)
@@ -177,14 +198,14 @@ impl Store {
 /// An access token for `client` from `proxy`, whose public base is `public` (the assertion's
 /// `aud` is `{public}/token`).
 pub async fn token(
-    client: &super::smart::SmartClient,
+    client: &crate::smart::SmartClient,
     proxy: &ProxyProcess,
     public: &str,
 ) -> String {
     let assertion = client.key.assertion(&client.id, &format!("{public}/token"));
-    let response = super::client()
+    let response = crate::plain_client()
         .post(format!("{}/token", proxy.base()))
-        .form(&super::smart::token_form(&assertion, "system/*.read"))
+        .form(&crate::smart::token_form(&assertion, "system/*.read"))
         .send()
         .await
         .unwrap();
