@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use fhir_bulk_proxy::config::Config;
 use serde_json::{Value, json};
 
+use testkit::get_with_token;
 use testkit::smart::{
     ClientKey, JwksServer, SmartClient, TEST_CLIENT, TEST_SIGNING_SECRET, claims, now, post_token,
     register_url, token_form, token_url, unsigned,
@@ -672,23 +673,10 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     let patient = proxy.url("/Patient/1");
 
     outcome_401(plain_client().get(&patient).send().await.unwrap()).await;
-    outcome_401(
-        plain_client()
-            .get(&patient)
-            .bearer_auth("invalidToken")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    outcome_401(get_with_token(&patient, "invalidToken").await).await;
 
     let token = registered.token(&proxy).await; // system/*.read, narrowed to Patient
-    let response = plain_client()
-        .get(&patient)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(&patient, &token).await;
     assert_eq!(response.status(), 200);
     let report: Value = response.json().await.unwrap();
     let authorization = report["headers"]
@@ -748,37 +736,15 @@ async fn expired_and_foreign_access_tokens_are_refused() {
     let patient = proxy.url("/Patient/1");
     let valid = sign(TEST_SIGNING_SECRET, now() + 60);
     assert_eq!(
-        plain_client()
-            .get(&patient)
-            .bearer_auth(&valid)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_with_token(&patient, &valid).await.status(),
         200,
         "a token signed with the shared secret works on any replica"
     );
     let expired = sign(TEST_SIGNING_SECRET, now() - 3600);
-    let diagnostics = outcome_401(
-        plain_client()
-            .get(&patient)
-            .bearer_auth(&expired)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let diagnostics = outcome_401(get_with_token(&patient, &expired).await).await;
     assert!(diagnostics.contains("expired"), "{diagnostics}");
     let foreign = sign("another-proxy-secret-of-at-least-32-bytes", now() + 60);
-    let diagnostics = outcome_401(
-        plain_client()
-            .get(&patient)
-            .bearer_auth(&foreign)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let diagnostics = outcome_401(get_with_token(&patient, &foreign).await).await;
     assert!(diagnostics.contains("signature"), "{diagnostics}");
 }
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::jobs_cli::{Setup, start, status};
+use testkit::get_with_token;
 use testkit::plain_client;
 use testkit::process::Store;
 
@@ -271,12 +272,7 @@ async fn every_dashboard_query_names_metrics_the_proxy_exports() {
     let token = setup.token(&proxy).await;
     let url = start(&proxy, &token, "/$export?_type=Patient,Observation").await;
     assert_eq!(status(&proxy, &token, &url).await, 200);
-    let passthrough = plain_client()
-        .get(format!("{}/Patient?_count=1", proxy.base()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let passthrough = get_with_token(format!("{}/Patient?_count=1", proxy.base()), &token).await;
     assert_eq!(passthrough.status(), 200);
 
     // The sweeper counts jobs by state every second.

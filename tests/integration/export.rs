@@ -8,15 +8,16 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::get_with_token;
 use testkit::memory_fhir::MemoryFhir;
 
-use testkit::both;
 use testkit::process::Store;
 use testkit::setup::{
     GROUP, Setup, assert_same, expected, fixture_dir, fixture_upstream, group_members, ids,
 };
 use testkit::smart::{ClientKey, SmartClient};
 use testkit::{TestProxy, outcome, plain_client, raw_get};
+use testkit::{both, eventually};
 
 both!(
     system_export_returns_every_resource_exactly_once,
@@ -311,12 +312,7 @@ async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
         401,
         "status without a token"
     );
-    let bad = plain_client()
-        .get(&status_url)
-        .bearer_auth("invalidToken")
-        .send()
-        .await
-        .unwrap();
+    let bad = get_with_token(&status_url, "invalidToken").await;
     assert_eq!(bad.status(), 401);
 }
 
@@ -346,28 +342,14 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     let manifest = s.manifest(&status_url).await;
 
     let other = observer.token(&s.proxy).await;
-    let response = plain_client()
-        .get(&status_url)
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(&status_url, &other).await;
     assert_eq!(
         response.status(),
         404,
         "another client's job does not exist for it"
     );
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    assert_eq!(
-        plain_client()
-            .get(&file)
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(get_with_token(&file, &other).await.status(), 404);
 
     // The owner with a token narrowed to Observation cannot download the Patient file.
     let narrow = s
@@ -383,12 +365,7 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
         .as_str()
         .unwrap()
         .to_owned();
-    let response = plain_client()
-        .get(&patient_file)
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(&patient_file, &narrow).await;
     assert_eq!(response.status(), 403);
     let response = plain_client()
         .get(s.proxy.url("/$export?_type=Patient"))
@@ -499,11 +476,19 @@ async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
     fhir.faults.latency_ms.store(200, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 20).await;
     let status_url = s.start("/$export?_type=Observation").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let counters = s.fhir.counters.clone();
+    eventually("the export to page", Duration::from_secs(20), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
     let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    eventually("the searches to stop", Duration::from_secs(10), || async {
+        (counters.in_flight.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
     let pages = s.fhir.counters.pages.load(Ordering::SeqCst);
+    // Part of the scenario: time for paging to go on (seven 200 ms pages), had it not stopped.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         s.fhir.counters.pages.load(Ordering::SeqCst) <= pages + 1,
@@ -561,17 +546,15 @@ async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: St
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 1).await;
     let status_url = s.start("/$export?_type=Observation").await;
-    let mut last = StatusCode::ACCEPTED;
-    for _ in 0..30 {
+    let (last, body) = eventually("the job to fail", Duration::from_secs(30), || async {
         let response = s.get(&status_url).await;
-        last = response.status();
-        if last != StatusCode::ACCEPTED {
-            let body: Value = response.json().await.unwrap();
-            assert_eq!(body["resourceType"], "OperationOutcome");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
+        let status = response.status();
+        let running = [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS];
+        (!running.contains(&status)).then_some((status, response))
+    })
+    .await;
+    let body: Value = body.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
     assert!(last.is_server_error(), "{last}");
 }
 
@@ -664,7 +647,9 @@ async fn the_per_client_export_cap_answers_429_on(store: Store) {
 
 #[tokio::test]
 async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
+    use fhir_bulk_proxy::store::JobStore as _;
     let fhir = fixture_upstream().await;
+    // Slow pages (part of the scenario): the restart must fall in the middle of the export.
     fhir.faults.latency_ms.store(100, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let paths = |c: &mut Config| {
@@ -674,7 +659,12 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
     };
     let first = Setup::with_upstream(Store::Embedded, fhir, paths).await;
     let status_url = first.start("/$export?_type=Observation,Patient").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let job = status_url.rsplit('/').next().unwrap().to_owned();
+    let counters = first.fhir.counters.clone();
+    eventually("a few pages fetched", Duration::from_secs(20), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 4).then_some(())
+    })
+    .await;
     let Setup {
         fhir,
         proxy,
@@ -682,6 +672,30 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
         ..
     } = first;
     proxy.shutdown().await.unwrap();
+    let served_before = fhir.counters.served.lock().unwrap().len();
+
+    // What the first process checkpointed: per type, the offset its next page starts at.
+    let store =
+        fhir_bulk_proxy::store::embedded::EmbeddedStore::open(&dir.path().join("jobs.redb"))
+            .unwrap();
+    let mut resume_at = BTreeMap::new();
+    for unit in store.units(&job).await.unwrap() {
+        let offset = unit.checkpoint.next.as_deref().map(|next| {
+            let query = next.split_once('?').map_or("", |(_, q)| q);
+            url_offset(query)
+        });
+        assert!(
+            resume_at
+                .insert(unit.resource_type.clone(), (unit.checkpoint.pages, offset))
+                .is_none(),
+            "one unit per type"
+        );
+    }
+    drop(store);
+    assert!(
+        resume_at.values().any(|(pages, _)| *pages > 0),
+        "the first process checkpointed nothing: {resume_at:?}"
+    );
     fhir.faults.latency_ms.store(0, Ordering::SeqCst);
 
     // Same store and files, new process (new port: the status URL's port changes with it).
@@ -703,19 +717,42 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
         token,
         _redis: None,
     };
-    let job = status_url.rsplit('/').next().unwrap();
     let manifest = s
         .manifest(&s.proxy.url(&format!("/$export-status/{job}")))
         .await;
+    // Each resource exactly once (ids() refuses duplicates), none missing.
     let got = ids(&s.download(&manifest).await);
-    assert!(
-        got["Observation"]
-            == s.fhir
-                .ids("Observation")
-                .into_iter()
-                .collect::<BTreeSet<_>>()
+    assert_same(
+        &got,
+        &expected(&s.fhir, None)
+            .into_iter()
+            .filter(|(t, _)| t == "Observation" || t == "Patient")
+            .collect(),
     );
-    assert_eq!(got["Patient"].len(), 10);
+    // The second process went on from the checkpoints: no page before one was fetched again, and
+    // a finished unit was not searched at all.
+    let served = s.fhir.counters.served.lock().unwrap().clone();
+    for (resource_type, offset) in &served[served_before..] {
+        match resume_at.get(resource_type) {
+            Some((pages, Some(next))) if *pages > 0 => assert!(
+                offset >= next,
+                "{resource_type} page at {offset} fetched again (checkpointed up to {next})"
+            ),
+            Some((pages, None)) if *pages > 0 => {
+                panic!("{resource_type} was finished, yet its page at {offset} was fetched again")
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The `_offset` of a memory_fhir `next` link's query (0 when absent).
+fn url_offset(query: &str) -> usize {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("_offset="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 both!(
@@ -734,9 +771,11 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     assert!(s.proxy.config.storage.path.join(&job_id).exists());
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(6500)).await;
-    let response = s.get(&status_url).await;
-    assert_eq!(response.status(), 404, "the job expired");
+    let expired = eventually("the job to expire", Duration::from_secs(15), || async {
+        let response = s.get(&status_url).await;
+        (response.status() == 404).then_some(())
+    });
+    expired.await;
     let response = s.get(&file).await;
     assert_eq!(response.status(), 404);
     assert!(
@@ -943,6 +982,7 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
 async fn a_client_honouring_retry_after_is_never_throttled() {
     let s = Setup::new(Store::Embedded, |c| c.export.poll_retry_after_secs = 5).await;
     let status_url = s.start("/$export?_type=Patient").await;
+    // Part of the scenario: a client waits before its first poll (the first Retry-After is 5 s).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut waits = Vec::new();
     for _ in 0..20 {

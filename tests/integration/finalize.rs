@@ -11,6 +11,7 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
 use serde_json::Value;
+use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use testkit::process::{ProxyProcess, Store};
@@ -135,12 +136,7 @@ async fn started(proxy: &ProxyProcess, token: &str) -> String {
 /// Polls until the status is no longer 202, honouring `Retry-After`.
 async fn poll_until_done(proxy: &ProxyProcess, token: &str, status_url: &str) -> reqwest::Response {
     for _ in 0..120 {
-        let response = plain_client()
-            .get(on(proxy, status_url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
+        let response = get_with_token(on(proxy, status_url), token).await;
         if !matches!(response.status().as_u16(), 202 | 429) {
             return response;
         }
@@ -174,12 +170,7 @@ async fn killed_during_finalisation_completes_after_a_restart(store: Store) {
         )
         .unwrap_or_else(|| panic!("no finalisation:\n{}", proxy.logs().join("\n")));
     // Every unit is done and the merged files are written; nothing is committed.
-    let response = plain_client()
-        .get(on(&proxy, &status_url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(on(&proxy, &status_url), &token).await;
     assert_eq!(response.status(), 202);
     let pages = setup.fhir.counters.pages.load(Ordering::SeqCst);
     proxy.kill9();
@@ -234,12 +225,7 @@ async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
     );
     // Failed stays failed: a second poll says so again.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let again = plain_client()
-        .get(on(&proxy, &status_url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let again = get_with_token(on(&proxy, &status_url), &token).await;
     outcome(again, 500).await;
     // The failed job no longer holds the client's only slot.
     assert_eq!(kick_off(&proxy, &token).await.status(), 202);

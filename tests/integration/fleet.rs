@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::Value;
+use testkit::eventually;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use testkit::process::ProxyProcess;
@@ -214,10 +215,16 @@ async fn replicas_killed_mid_export_lose_and_duplicate_nothing() {
     // Kill a replica mid-export, several times over, bringing each back.
     let mut pages_at_last_kill = 0;
     for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let counters = fleet.fhir.counters.clone();
+        let progressed = pages_at_last_kill + 20;
+        eventually("the fleet to page on", Duration::from_secs(30), || async {
+            (counters.pages.load(Ordering::SeqCst) >= progressed).then_some(())
+        })
+        .await;
         let victim = round % fleet.replicas.len();
         pages_at_last_kill = fleet.fhir.counters.pages.load(Ordering::SeqCst);
         fleet.replicas[victim].kill9();
+        // Part of the scenario: the replica stays down a while, its leases still held.
         tokio::time::sleep(Duration::from_millis(500)).await;
         fleet.replicas[victim].restart();
     }
@@ -237,7 +244,11 @@ async fn a_replica_stopped_with_sigterm_hands_its_work_over_and_exits_zero() {
     let mut fleet = fleet(2, 100, 100).await;
     fleet.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
     let status_url = fleet.kick_off("/$export?_type=Patient,Observation").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counters = fleet.fhir.counters.clone();
+    eventually("the fleet to page", Duration::from_secs(30), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
     let started = Instant::now();
     let status = fleet.replicas[0].terminate();
     assert!(status.success(), "exit status {status}");
@@ -255,7 +266,11 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
     let fleet = fleet(2, 100, 50).await;
     fleet.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
     let status_url = fleet.kick_off("/$export?_type=Patient,Observation").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let counters = fleet.fhir.counters.clone();
+    eventually("the fleet to page", Duration::from_secs(30), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 10).then_some(())
+    })
+    .await;
     fleet.redis.pause();
     let started = Instant::now();
     let response = plain_client()
@@ -286,6 +301,7 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
     );
     let elapsed = started.elapsed();
     if elapsed < Duration::from_secs(10) {
+        // Part of the scenario: Redis stays frozen for ten seconds in all.
         tokio::time::sleep(Duration::from_secs(10) - elapsed).await;
     }
     fleet.redis.resume();
@@ -301,22 +317,17 @@ async fn jobs_lost_with_an_emptied_redis_answer_404() {
     let _ = fleet.manifest(&status_url).await;
     fleet.redis.restart();
     // The replica reconnects; the job is gone, and says so.
-    let mut last = 0;
-    for _ in 0..40 {
+    let gone = eventually("the job to be gone", Duration::from_secs(10), || async {
         let response = plain_client()
             .get(fleet.on(&status_url, 0))
             .bearer_auth(&fleet.token)
             .send()
             .await
-            .unwrap();
-        last = response.status().as_u16();
-        if last == 404 {
-            assert!(outcome(response, 404).await.contains("no export job"));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(last, 404);
+            .ok()?;
+        (response.status() == 404).then_some(response)
+    })
+    .await;
+    assert!(outcome(gone, 404).await.contains("no export job"));
 }
 
 /// A fetch cancelled while it holds a fleet-wide upstream slot (a prefetch dropped because its
@@ -350,14 +361,12 @@ async fn a_cancelled_fetch_gives_its_fleet_slot_back() {
         let (pager, url) = (pager.clone(), url.clone());
         tokio::spawn(async move { pager.fetch(&url, false).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fhir.counters.in_flight.load(Ordering::SeqCst) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow page was never asked for"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the slow page to be asked for",
+        Duration::from_secs(10),
+        || async { (fhir.counters.in_flight.load(Ordering::SeqCst) > 0).then_some(()) },
+    )
+    .await;
     slow.abort();
     fhir.faults.latency_ms.store(0, Ordering::SeqCst);
 

@@ -11,6 +11,7 @@ use fhir_bulk_proxy::routes::{Access, RouteTable};
 use serde_json::Value;
 
 use testkit::fake_fhir::RunningFake;
+use testkit::get_with_token;
 use testkit::smart::{ClientKey, SmartClient};
 use testkit::{FakeFhir, TestProxy, outcome, plain_client, raw_request};
 
@@ -683,12 +684,7 @@ async fn a_read_only_v2_token_may_read_but_not_search() {
     );
     let proxy = TestProxy::start(config).await;
     let token = reader.token_for(&proxy, "system/Patient.r").await;
-    let read = plain_client()
-        .get(proxy.url("/Patient/1"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let read = get_with_token(proxy.url("/Patient/1"), &token).await;
     assert_eq!(read.status(), 200, "`r` allows a read");
     for (method, rest) in [
         (Method::GET, "/Patient?name=x"),

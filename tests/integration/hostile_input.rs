@@ -21,6 +21,7 @@ use fhir_bulk_proxy::config::Config;
 use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
+use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use corpus::{Hostile, Target, Verdict};
@@ -193,12 +194,7 @@ async fn finished_export(proxy: &TestProxy, bearer: &str) -> (String, String, Ve
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     let manifest: Value = loop {
         tokio::time::sleep(Duration::from_millis(1100)).await;
-        let status = plain_client()
-            .get(&status_url)
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .unwrap();
+        let status = get_with_token(&status_url, bearer).await;
         if status.status() == 200 {
             break status.json().await.unwrap();
         }
@@ -206,15 +202,7 @@ async fn finished_export(proxy: &TestProxy, bearer: &str) -> (String, String, Ve
     };
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     let file_name = url.rsplit('/').next().unwrap().to_owned();
-    let body = plain_client()
-        .get(&url)
-        .bearer_auth(bearer)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_with_token(&url, bearer).await.bytes().await.unwrap();
     assert!(!body.is_empty());
     (job_id, file_name, body.to_vec())
 }

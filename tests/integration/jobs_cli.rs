@@ -13,6 +13,7 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::ops::jobs::{self, JobsCommand, JobsError};
 use serde_json::Value;
+use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use testkit::process::{ProxyProcess, Store};
@@ -154,12 +155,8 @@ pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> Stri
 /// The status URL's answer once it is no longer 202 (or 429).
 pub(crate) async fn status(proxy: &ProxyProcess, token: &str, url: &str) -> u16 {
     for _ in 0..120 {
-        let status = plain_client()
-            .get(url.replace(PUBLIC, &proxy.base()))
-            .bearer_auth(token)
-            .send()
+        let status = get_with_token(url.replace(PUBLIC, &proxy.base()), token)
             .await
-            .unwrap()
             .status()
             .as_u16();
         if !matches!(status, 202 | 429) {
@@ -296,13 +293,7 @@ async fn status_urls_after_cancel(proxy: &ProxyProcess, token: &str, jobs: &Jobs
         (&jobs.failed, 500),
     ] {
         let url = jobs.urls[id].replace(PUBLIC, &proxy.base());
-        let got = plain_client()
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let got = get_with_token(&url, token).await.status();
         assert_eq!(got.as_u16(), want, "{id}");
     }
 }

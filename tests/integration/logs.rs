@@ -10,6 +10,7 @@ use fhir_bulk_proxy::auth::keygen::{self, KeyAlgorithm};
 use fhir_bulk_proxy::config::{Config, UpstreamAuthScheme};
 use serde_json::Value;
 use testkit::client::{BulkClient, ClientKey};
+use testkit::get_with_token;
 use testkit::memory_fhir::MemoryFhir;
 
 use testkit::plain_client;
@@ -66,12 +67,8 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
     assert!(lines > 1000, "{lines} resources exported");
 
     // Protected passthrough, with the proxy's token (replaced upstream by the upstream's).
-    let patients = plain_client()
-        .get(format!("{}/Patient?_count=1", proxy.base()))
-        .bearer_auth(&access_token)
-        .send()
-        .await
-        .unwrap();
+    let patients =
+        get_with_token(format!("{}/Patient?_count=1", proxy.base()), &access_token).await;
     assert_eq!(patients.status(), 200);
 
     // A refused assertion (a scope the client is not registered for) and a replayed one.

@@ -14,6 +14,7 @@ mod fleet;
 mod gate;
 mod hostile_input;
 mod jobs_cli;
+mod kickoff_fuzz;
 mod logs;
 mod object_storage;
 mod operations;

@@ -5,10 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::{Value, json};
+use testkit::eventually;
+use testkit::get_with_token;
 use testkit::memory_fhir::MemoryFhir;
 
 use testkit::plain_client;
@@ -160,19 +162,9 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         .client
         .token_for(&s.proxy, "system/Observation.read")
         .await;
-    let forbidden = plain_client()
-        .get(&url)
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let forbidden = get_with_token(&url, &narrow).await;
     assert_eq!(forbidden.status(), 403, "a token without Patient scope");
-    let allowed = plain_client()
-        .get(url_of("Observation"))
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let allowed = get_with_token(url_of("Observation"), &narrow).await;
     assert_eq!(allowed.status(), 200);
 }
 
@@ -207,13 +199,21 @@ async fn cancelling_a_running_export_leaves_no_objects() {
     })
     .await;
     let status_url = s.start("/$export?_type=Observation,Patient").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let counters = s.fhir.counters.clone();
+    eventually("the export to page", Duration::from_secs(20), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
     let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
     // Workers notice at their next page and drop what they hold.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let prefix = format!("bulk/{}", job_id(&status_url));
-    assert_eq!(s3.keys(&prefix), Vec::<String>::new(), "objects deleted");
+    eventually(
+        "the objects to be deleted",
+        Duration::from_secs(15),
+        || async { s3.keys(&prefix).is_empty().then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -227,8 +227,12 @@ async fn expired_jobs_lose_their_objects() {
     s.manifest(&status_url).await;
     let prefix = format!("bulk/{}", job_id(&status_url));
     assert!(!s3.keys(&prefix).is_empty());
-    tokio::time::sleep(Duration::from_millis(6500)).await;
-    assert_eq!(s3.keys(&prefix), Vec::<String>::new(), "objects swept");
+    eventually(
+        "the objects to be swept",
+        Duration::from_secs(20),
+        || async { s3.keys(&prefix).is_empty().then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -272,7 +276,15 @@ async fn presigned_urls_work_without_a_token_and_expire() {
         plain_client().get(&tampered).send().await.unwrap().status(),
         200
     );
-    tokio::time::sleep(Duration::from_millis(4500)).await;
+    eventually(
+        "the presigned URL to expire",
+        Duration::from_secs(20),
+        || async {
+            let status = plain_client().get(&url).send().await.unwrap().status();
+            (status == 403).then_some(())
+        },
+    )
+    .await;
     assert_eq!(
         plain_client().get(&url).send().await.unwrap().status(),
         403,
@@ -280,12 +292,8 @@ async fn presigned_urls_work_without_a_token_and_expire() {
     );
     // A new manifest request signs anew (SPEC A9.8). The token may have expired too.
     let token = s.client.token(&s.proxy).await;
-    let again: Value = plain_client()
-        .get(&status_url)
-        .bearer_auth(&token)
-        .send()
+    let again: Value = get_with_token(&status_url, &token)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
@@ -359,11 +367,10 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
         .to_owned();
 
     // Past the first part (about 26 pages), well before the end: SIGKILL, no release.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fhir.counters.pages.load(Ordering::SeqCst) < 45 {
-        assert!(Instant::now() < deadline, "the export did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("45 pages fetched", Duration::from_secs(60), || async {
+        (fhir.counters.pages.load(Ordering::SeqCst) >= 45).then_some(())
+    })
+    .await;
     first.kill9();
     let pages_at_kill = fhir.counters.pages.load(Ordering::SeqCst);
     assert!(
@@ -373,36 +380,21 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
 
     let second = ProxyProcess::spawn(&config_path, "info", &[]);
     let status_url = status_url.replace(PUBLIC, &second.base());
-    let mut manifest = Value::Null;
-    for _ in 0..240 {
-        let response = plain_client()
-            .get(&status_url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 200 {
-            manifest = response.json().await.unwrap();
-            break;
+    let manifest: Value = eventually("the export to finish", Duration::from_secs(120), || async {
+        let response = get_with_token(&status_url, &token).await;
+        match response.status().as_u16() {
+            200 => Some(response.json().await.unwrap()),
+            _ => None,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(manifest.is_object(), "the export did not finish");
+    })
+    .await;
     let mut got = BTreeSet::new();
     for item in manifest["output"].as_array().unwrap() {
         let url = item["url"]
             .as_str()
             .unwrap()
             .replace(PUBLIC, &second.base());
-        let text = plain_client()
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_with_token(&url, &token).await.text().await.unwrap();
         for line in text.lines() {
             let resource: Value = serde_json::from_str(line).unwrap();
             let id = resource["id"].as_str().unwrap().to_owned();

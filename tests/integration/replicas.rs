@@ -6,6 +6,7 @@ use std::sync::atomic::Ordering;
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::Value;
+use testkit::get_with_token;
 use testkit::memory_fhir::RunningFhir;
 
 use testkit::redis::RedisServer;
@@ -120,12 +121,7 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     let mut manifest = None;
     for round in 0..120 {
         let proxy = &fleet.proxies[round % 3];
-        let response = plain_client()
-            .get(on(proxy, &status_url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = get_with_token(on(proxy, &status_url), &token).await;
         match response.status().as_u16() {
             202 | 429 => tokio::time::sleep(std::time::Duration::from_millis(400)).await,
             200 => {
@@ -140,12 +136,7 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     let mut observations = 0;
     for (i, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
         let url = on(&fleet.proxies[i % 3], item["url"].as_str().unwrap());
-        let response = plain_client()
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = get_with_token(&url, &token).await;
         assert_eq!(response.status(), 200, "{url}");
         let text = response.text().await.unwrap();
         for line in text.lines() {
@@ -169,12 +160,7 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
         .unwrap();
     assert_eq!(deleted.status(), 202);
     for proxy in &fleet.proxies {
-        let gone = plain_client()
-            .get(on(proxy, &status_url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let gone = get_with_token(on(proxy, &status_url), &token).await;
         assert_eq!(gone.status(), 404);
     }
     assert!(fleet.fhir.counters.searches.load(Ordering::SeqCst) > 0);
@@ -211,12 +197,7 @@ async fn the_upstream_concurrency_cap_holds_for_the_whole_fleet() {
     }
     for status_url in &status_urls {
         for _ in 0..300 {
-            let response = plain_client()
-                .get(on(&fleet.proxies[0], status_url))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+            let response = get_with_token(on(&fleet.proxies[0], status_url), &token).await;
             if response.status() == 200 {
                 break;
             }

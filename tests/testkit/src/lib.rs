@@ -42,6 +42,19 @@ pub fn plain_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// GET `url` with the bearer `token`, from [`plain_client`]: what most tests send.
+pub async fn get_with_token(
+    url: impl reqwest::IntoUrl,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    plain_client()
+        .get(url)
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the proxy answers")
+}
+
 /// Asserts that `response` is a FHIR OperationOutcome (`application/fhir+json`) with `status`, and
 /// returns its first issue's diagnostics.
 pub async fn outcome(response: reqwest::Response, status: u16) -> String {

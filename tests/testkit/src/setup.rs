@@ -97,12 +97,7 @@ impl Setup {
 
     /// GET `url` with the client's token.
     pub async fn get(&self, url: &str) -> reqwest::Response {
-        client()
-            .get(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
+        crate::get_with_token(url, &self.token).await
     }
 
     /// DELETE `url` with the client's token.
@@ -147,12 +142,7 @@ impl Setup {
     /// Polls (as told by Retry-After) until the manifest arrives.
     pub async fn manifest(&self, status_url: &str) -> Value {
         for _ in 0..300 {
-            let response = client()
-                .get(status_url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
+            let response = crate::get_with_token(status_url, &self.token).await;
             match response.status() {
                 StatusCode::ACCEPTED => {
                     let wait: u64 = response.headers()["retry-after"]
@@ -180,12 +170,7 @@ impl Setup {
         for item in manifest["output"].as_array().unwrap() {
             let url = item["url"].as_str().unwrap();
             assert!(url.starts_with("http://"), "absolute url");
-            let response = client()
-                .get(url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
+            let response = crate::get_with_token(url, &self.token).await;
             assert_eq!(response.status(), 200);
             assert_eq!(
                 response.headers()["content-type"],
@@ -223,12 +208,8 @@ impl Setup {
         let mut out = Vec::new();
         for item in manifest["error"].as_array().unwrap() {
             assert_eq!(item["type"], "OperationOutcome");
-            let text = client()
-                .get(item["url"].as_str().unwrap())
-                .bearer_auth(&self.token)
-                .send()
+            let text = crate::get_with_token(item["url"].as_str().unwrap(), &self.token)
                 .await
-                .unwrap()
                 .text()
                 .await
                 .unwrap();
