@@ -11,7 +11,8 @@ use serde_json::Value;
 
 use crate::jobs_cli::{Setup, start, status};
 use testkit::get_with_token;
-use testkit::plain_client;
+use testkit::metrics;
+
 use testkit::process::Store;
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/fhir-bulk-proxy.json");
@@ -278,14 +279,7 @@ async fn every_dashboard_query_names_metrics_the_proxy_exports() {
     // The sweeper counts jobs by state every second.
     let mut text = String::new();
     for _ in 0..50 {
-        text = plain_client()
-            .get(format!("http://{}/metrics", proxy.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        text = metrics(proxy.addr).await;
         if text.contains("bulk_proxy_jobs{state=\"completed\"} 1") {
             break;
         }

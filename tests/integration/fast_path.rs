@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use testkit::metrics;
 use testkit::scripted::{Part, ScriptedUpstream, find};
 use testkit::{FakeFhir, TestProxy, outcome, plain_client};
 
@@ -30,14 +31,7 @@ fn assert_spliced(spliced: u64, bodies: u64, what: &str) {
 
 /// The bytes moved with splice(2) so far, as `/metrics` reports them.
 async fn spliced_bytes(proxy: &TestProxy) -> u64 {
-    let text = plain_client()
-        .get(proxy.root("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics(proxy.addr).await;
     text.lines()
         .find_map(|line| line.strip_prefix("bulk_proxy_spliced_bytes_total "))
         .unwrap_or_else(|| panic!("no spliced bytes counter in\n{text}"))

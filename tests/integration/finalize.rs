@@ -11,25 +11,24 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
 use serde_json::Value;
+use testkit::add_ids;
 use testkit::get_with_token;
-use testkit::memory_fhir::{MemoryFhir, RunningFhir};
+use testkit::memory_fhir::MemoryFhir;
 
-use testkit::process::{ProxyProcess, Store};
-use testkit::smart::SmartClient;
-use testkit::{RedisServer, outcome, plain_client};
+use testkit::process::{Processes, ProxyProcess, Store};
 
-/// Clients and status URLs name this base; requests go to whichever process runs now.
-const PUBLIC: &str = "http://fhir.example.test/fhir";
+use testkit::{outcome, plain_client};
+
 const EXPORT: &str = "/Patient/$export?_type=Patient,Observation";
 
-/// One upstream, one job store and one file directory, shared by the processes a test starts
-/// one after the other.
-struct Setup {
-    fhir: RunningFhir,
-    config_path: std::path::PathBuf,
-    client: SmartClient,
-    _redis: Option<RedisServer>,
-    _dir: tempfile::TempDir,
+/// The processes' shared upstream, store and files ([`Processes`]).
+struct Setup(Processes);
+
+impl std::ops::Deref for Setup {
+    type Target = Processes;
+    fn deref(&self) -> &Processes {
+        &self.0
+    }
 }
 
 impl Setup {
@@ -42,63 +41,30 @@ impl Setup {
     /// As [`Setup::new`], with `tweak` applied to the configuration.
     async fn with(store: Store, tweak: impl FnOnce(&mut Config)) -> Self {
         let fhir = MemoryFhir::new().synthetic(40, 10).start().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.upstream.url = fhir.url();
-        config.server.public_url = Some(PUBLIC.into());
-        config.storage.path = dir.path().join("files");
-        let redis = store.configure(&mut config, dir.path());
-        config.export.page_size = 50;
-        config.export.patient_batch_size = 10;
-        config.export.lease_secs = 2;
-        config.export.sweep_interval_secs = 1;
-        config.export.poll_retry_after_secs = 1;
-        config.export.retry_base_ms = 50;
-        config.export.max_active_jobs_per_client = 1;
-        let client = SmartClient::register(&mut config);
-        tweak(&mut config);
-        let config_path = dir.path().join("proxy.toml");
-        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-        Self {
-            fhir,
-            config_path,
-            client,
-            _redis: redis,
-            _dir: dir,
-        }
+        Self(Processes::new(store, fhir, |config| {
+            config.export.page_size = 50;
+            config.export.patient_batch_size = 10;
+            config.export.retry_base_ms = 50;
+            config.export.max_active_jobs_per_client = 1;
+            tweak(config);
+        }))
     }
 
     fn spawn(&self, fault: Option<&str>) -> ProxyProcess {
         let env: Vec<(&str, &str)> = fault.map(|f| ("FBP_TEST_FAULT", f)).into_iter().collect();
-        ProxyProcess::spawn(&self.config_path, "info", &env)
-    }
-
-    async fn token(&self, proxy: &ProxyProcess) -> String {
-        testkit::process::token(&self.client, proxy, PUBLIC).await
+        self.0.spawn(&env)
     }
 
     /// Ids per type in the manifest's files, asserting none twice and none missing or extra.
     async fn assert_exact(&self, proxy: &ProxyProcess, token: &str, manifest: &Value) {
         let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for item in manifest["output"].as_array().unwrap() {
-            let text = plain_client()
-                .get(on(proxy, item["url"].as_str().unwrap()))
-                .bearer_auth(token)
-                .send()
+            let text = get_with_token(on(proxy, item["url"].as_str().unwrap()), token)
                 .await
-                .unwrap()
                 .text()
                 .await
                 .unwrap();
-            for line in text.lines() {
-                let resource: Value = serde_json::from_str(line).unwrap();
-                let t = resource["resourceType"].as_str().unwrap().to_owned();
-                let id = resource["id"].as_str().unwrap().to_owned();
-                assert!(
-                    got.entry(t.clone()).or_default().insert(id.clone()),
-                    "{t}/{id} twice"
-                );
-            }
+            add_ids(&mut got, &text);
         }
         for t in ["Patient", "Observation"] {
             let want: BTreeSet<String> = self.fhir.ids(t).into_iter().collect();
@@ -108,9 +74,9 @@ impl Setup {
     }
 }
 
-/// `url` (under [`PUBLIC`]) on the running process.
+/// `url` (under [`Processes::PUBLIC`]) on the running process.
 fn on(proxy: &ProxyProcess, url: &str) -> String {
-    url.replace(PUBLIC, &proxy.base())
+    Processes::on(proxy, url)
 }
 
 async fn kick_off(proxy: &ProxyProcess, token: &str) -> reqwest::Response {

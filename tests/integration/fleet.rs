@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::Value;
+use testkit::add_ids;
 use testkit::eventually;
+use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use testkit::process::ProxyProcess;
@@ -168,24 +170,12 @@ impl Fleet {
     async fn ids(&self, manifest: &Value) -> BTreeMap<String, BTreeSet<String>> {
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (turn, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
-            let text = plain_client()
-                .get(self.on(item["url"].as_str().unwrap(), turn))
-                .bearer_auth(&self.token)
-                .send()
+            let text = get_with_token(self.on(item["url"].as_str().unwrap(), turn), &self.token)
                 .await
-                .unwrap()
                 .text()
                 .await
                 .unwrap();
-            for line in text.lines() {
-                let resource: Value = serde_json::from_str(line).unwrap();
-                let t = resource["resourceType"].as_str().unwrap().to_owned();
-                let id = resource["id"].as_str().unwrap().to_owned();
-                assert!(
-                    out.entry(t.clone()).or_default().insert(id.clone()),
-                    "{t}/{id} twice"
-                );
-            }
+            add_ids(&mut out, &text);
         }
         out
     }

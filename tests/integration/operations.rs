@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use testkit::metrics;
 use testkit::{FakeFhir, TestProxy, plain_client};
 
 #[tokio::test]
@@ -121,14 +122,7 @@ async fn health_readiness_and_metrics() {
         .send()
         .await
         .unwrap();
-    let metrics = plain_client()
-        .get(proxy.root("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics(proxy.addr).await;
     assert!(
         metrics.contains("bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}"),
         "{metrics}"

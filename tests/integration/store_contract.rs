@@ -85,6 +85,20 @@ async fn create_round_trip_and_delete(store: Arc<dyn JobStore>) {
     store.ping().await.unwrap();
 }
 
+/// Creates job `id` of `client` with `n` units, under the per-client `cap`.
+async fn create_capped(
+    store: &Arc<dyn JobStore>,
+    id: &str,
+    client: &str,
+    n: u32,
+    cap: usize,
+) -> Created {
+    store
+        .create_job(&job(id, client, n), &units(id, n), cap)
+        .await
+        .unwrap()
+}
+
 async fn units_are_ordered_by_index(store: Arc<dyn JobStore>) {
     // More than ten, handed over out of order: catches keys that sort as text ("10" < "2").
     let mut shuffled = units("j1", 25);
@@ -106,25 +120,10 @@ async fn units_are_ordered_by_index(store: Arc<dyn JobStore>) {
 
 async fn per_client_cap(store: Arc<dyn JobStore>) {
     let cap = 2;
+    assert_eq!(create_capped(&store, "a1", "a", 1, cap).await, Created::Yes);
+    assert_eq!(create_capped(&store, "a2", "a", 1, cap).await, Created::Yes);
     assert_eq!(
-        store
-            .create_job(&job("a1", "a", 1), &units("a1", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .create_job(&job("a2", "a", 1), &units("a2", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .create_job(&job("a3", "a", 1), &units("a3", 1), cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "a3", "a", 1, cap).await,
         Created::TooManyActive
     );
     assert_eq!(
@@ -134,10 +133,7 @@ async fn per_client_cap(store: Arc<dyn JobStore>) {
     );
     assert!(store.units("a3").await.unwrap().is_empty());
     assert_eq!(
-        store
-            .create_job(&job("b1", "b", 1), &units("b1", 1), cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "b1", "b", 1, cap).await,
         Created::Yes,
         "the cap is per client"
     );
@@ -146,27 +142,12 @@ async fn per_client_cap(store: Arc<dyn JobStore>) {
     let mut a1 = store.get_job("a1").await.unwrap().unwrap();
     a1.state = JobState::Completed;
     assert!(store.put_job(&a1).await.unwrap());
-    assert_eq!(
-        store
-            .create_job(&job("a3", "a", 1), &units("a3", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
+    assert_eq!(create_capped(&store, "a3", "a", 1, cap).await, Created::Yes);
     // ...nor does a deleted one.
     assert!(store.delete_job("a2").await.unwrap());
+    assert_eq!(create_capped(&store, "a4", "a", 1, cap).await, Created::Yes);
     assert_eq!(
-        store
-            .create_job(&job("a4", "a", 1), &units("a4", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .create_job(&job("a5", "a", 1), &units("a5", 1), cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "a5", "a", 1, cap).await,
         Created::TooManyActive
     );
 }
@@ -559,10 +540,7 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
 
 async fn a_finalised_job_frees_its_clients_slot(store: Arc<dyn JobStore>) {
     let cap = 1;
-    store
-        .create_job(&job("a1", "a", 1), &units("a1", 1), cap)
-        .await
-        .unwrap();
+    create_capped(&store, "a1", "a", 1, cap).await;
     assert_eq!(
         store
             .create_job(&job("a2", "a", 0), &[], cap)

@@ -55,6 +55,37 @@ pub async fn get_with_token(
         .expect("the proxy answers")
 }
 
+/// The Prometheus scrape of the proxy listening on `addr`.
+pub async fn metrics(addr: std::net::SocketAddr) -> String {
+    plain_client()
+        .get(format!("http://{addr}/metrics"))
+        .send()
+        .await
+        .expect("the proxy answers")
+        .text()
+        .await
+        .expect("a metrics body")
+}
+
+/// Adds each resource of an NDJSON file to `got` (ids by type), asserting none appears twice.
+pub fn add_ids(
+    got: &mut std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    ndjson: &str,
+) {
+    for line in ndjson.lines() {
+        let resource: serde_json::Value = serde_json::from_str(line).expect("an NDJSON line");
+        let t = resource["resourceType"]
+            .as_str()
+            .expect("a type")
+            .to_owned();
+        let id = resource["id"].as_str().expect("an id").to_owned();
+        assert!(
+            got.entry(t.clone()).or_default().insert(id.clone()),
+            "{t}/{id} twice"
+        );
+    }
+}
+
 /// Asserts that `response` is a FHIR OperationOutcome (`application/fhir+json`) with `status`, and
 /// returns its first issue's diagnostics.
 pub async fn outcome(response: reqwest::Response, status: u16) -> String {

@@ -215,3 +215,66 @@ pub async fn token(
         .unwrap_or_else(|| panic!("{body}"))
         .to_owned()
 }
+
+/// One upstream, one job store and one file directory, written to a configuration file, shared
+/// by the proxy processes a test starts one after the other (or side by side). Clients and status
+/// URLs name [`Processes::PUBLIC`]; [`Processes::on`] points them at a running process.
+pub struct Processes {
+    pub fhir: crate::memory_fhir::RunningFhir,
+    pub config: fhir_bulk_proxy::config::Config,
+    pub config_path: PathBuf,
+    pub client: crate::smart::SmartClient,
+    _redis: Option<crate::RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Processes {
+    /// The public base every process names.
+    pub const PUBLIC: &str = "http://fhir.example.test/fhir";
+
+    /// `fhir` upstream, `store`, short leases and sweeps, 1 s polls and a registered client;
+    /// then `configure`.
+    pub fn new(
+        store: Store,
+        fhir: crate::memory_fhir::RunningFhir,
+        configure: impl FnOnce(&mut fhir_bulk_proxy::config::Config),
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = fhir_bulk_proxy::config::Config::default();
+        config.upstream.url = fhir.url();
+        config.server.public_url = Some(Self::PUBLIC.into());
+        config.storage.path = dir.path().join("files");
+        let redis = store.configure(&mut config, dir.path());
+        config.export.lease_secs = 2;
+        config.export.sweep_interval_secs = 1;
+        config.export.poll_retry_after_secs = 1;
+        let client = crate::smart::SmartClient::register(&mut config);
+        configure(&mut config);
+        let config_path = dir.path().join("proxy.toml");
+        let text = toml::to_string(&config).expect("the configuration as TOML");
+        std::fs::write(&config_path, text).expect("write proxy.toml");
+        Self {
+            fhir,
+            config,
+            config_path,
+            client,
+            _redis: redis,
+            _dir: dir,
+        }
+    }
+
+    /// A process with the extra environment `env`.
+    pub fn spawn(&self, env: &[(&str, &str)]) -> ProxyProcess {
+        ProxyProcess::spawn(&self.config_path, "info", env)
+    }
+
+    /// An access token from `proxy` for the registered client.
+    pub async fn token(&self, proxy: &ProxyProcess) -> String {
+        token(&self.client, proxy, Self::PUBLIC).await
+    }
+
+    /// `url` (under [`Processes::PUBLIC`]) on `proxy`.
+    pub fn on(proxy: &ProxyProcess, url: &str) -> String {
+        url.replace(Self::PUBLIC, &proxy.base())
+    }
+}
