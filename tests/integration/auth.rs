@@ -454,25 +454,37 @@ async fn a_refused_request_spends_its_assertion() {
     assert_eq!(token_with(&proxy, &fresh).await.status(), 200);
 }
 
+/// A proxy whose client `remote` has its keys at a JWKS URL serving `key` with `cache_control`,
+/// refetched at most every `min_refetch_secs`.
+async fn at_a_jwks_url(
+    key: &ClientKey,
+    cache_control: &str,
+    min_refetch_secs: u64,
+) -> (JwksServer, TestProxy, FakeFhirGuard) {
+    let jwks = JwksServer::start(&key.jwks()).await;
+    jwks.cache_control(Some(cache_control));
+    let (proxy, fake) = proxy_with(|config| {
+        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
+        config.auth.jwks_min_refetch_secs = min_refetch_secs;
+    })
+    .await;
+    (jwks, proxy, fake)
+}
+
+/// Three token requests by `remote` with `key`, each answered 200.
+async fn three_tokens(proxy: &TestProxy, key: &ClientKey, url: &str) {
+    for _ in 0..3 {
+        let response = token_with(proxy, &key.assertion("remote", url)).await;
+        assert_eq!(response.status(), 200);
+    }
+}
+
 #[tokio::test]
 async fn a_jwks_url_is_cached_as_cache_control_allows() {
     let key = ClientKey::es384();
-    let jwks = JwksServer::start(&key.jwks()).await;
-    jwks.cache_control(Some("max-age=60"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 0;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "max-age=60", 0).await;
     let url = token_url(&proxy);
-    for _ in 0..3 {
-        assert_eq!(
-            token_with(&proxy, &key.assertion("remote", &url))
-                .await
-                .status(),
-            200
-        );
-    }
+    three_tokens(&proxy, &key, &url).await;
     assert_eq!(jwks.fetches(), 1, "served from the cache within max-age");
 
     // With jku equal to the registered URL it works; any other jku is refused.
@@ -489,35 +501,16 @@ async fn a_jwks_url_is_cached_as_cache_control_allows() {
 #[tokio::test]
 async fn a_jwks_url_with_no_store_is_fetched_every_time() {
     let key = ClientKey::rs384();
-    let jwks = JwksServer::start(&key.jwks()).await;
-    jwks.cache_control(Some("no-store"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 0;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "no-store", 0).await;
     let url = token_url(&proxy);
-    for _ in 0..3 {
-        assert_eq!(
-            token_with(&proxy, &key.assertion("remote", &url))
-                .await
-                .status(),
-            200
-        );
-    }
+    three_tokens(&proxy, &key, &url).await;
     assert_eq!(jwks.fetches(), 3);
 }
 
 #[tokio::test]
 async fn a_rotated_key_is_found_by_refetching_on_an_unknown_kid() {
     let old = ClientKey::es384();
-    let jwks = JwksServer::start(&old.jwks()).await;
-    jwks.cache_control(Some("max-age=3600"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 1;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&old, "max-age=3600", 1).await;
     let url = token_url(&proxy);
     assert_eq!(
         token_with(&proxy, &old.assertion("remote", &url))
@@ -556,13 +549,7 @@ async fn a_rotated_key_is_found_by_refetching_on_an_unknown_kid() {
 #[tokio::test]
 async fn unknown_kids_cannot_make_the_proxy_hammer_a_jwks_url() {
     let key = ClientKey::es384();
-    let jwks = JwksServer::start(&key.jwks()).await;
-    jwks.cache_control(Some("max-age=3600"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 2;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "max-age=3600", 2).await;
     let url = token_url(&proxy);
     let started = Instant::now();
     let attempts: Vec<_> = (0..10)

@@ -193,39 +193,22 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
     assert_eq!(no_prefer, 400, "Prefer: respond-async is required");
     let unknown_group = s.kick_off("/Group/nope/$export").await;
     assert_eq!(unknown_group.status(), 404);
-    let system_patient = plain_client()
-        .post(s.proxy.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .bearer_auth(&s.token)
-        .body(json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/1"}}]}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(system_patient.status(), 400);
-    let garbage = plain_client()
-        .post(s.proxy.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .bearer_auth(&s.token)
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(garbage.status(), 400);
-    let huge = plain_client()
-        .post(s.proxy.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .bearer_auth(&s.token)
-        .body(vec![b' '; 2 * 1024 * 1024])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(huge.status(), 413);
+    let patient_at_system_level = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/1"}}
+    ]});
+    let bodies: [(&str, Vec<u8>, u16); 3] = [
+        (
+            "patient at system level",
+            patient_at_system_level.to_string().into(),
+            400,
+        ),
+        ("not JSON", b"{not json".to_vec(), 400),
+        ("2 MiB", vec![b' '; 2 * 1024 * 1024], 413),
+    ];
+    for (what, body, status) in bodies {
+        let response = s.kick_off_post("/$export", body).await;
+        assert_eq!(response.status(), status, "{what}");
+    }
 }
 
 both!(

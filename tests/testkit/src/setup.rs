@@ -122,6 +122,24 @@ impl Setup {
             .unwrap()
     }
 
+    /// POST kick-off with a Parameters `body` and the headers the IG asks for.
+    pub async fn kick_off_post(
+        &self,
+        path: &str,
+        body: impl Into<reqwest::Body>,
+    ) -> reqwest::Response {
+        client()
+            .post(self.proxy.url(path))
+            .header("accept", "application/fhir+json")
+            .header("prefer", "respond-async")
+            .header("content-type", "application/fhir+json")
+            .bearer_auth(&self.token)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
     /// Kicks off and returns the status URL, asserting 202.
     pub async fn start(&self, path_and_query: &str) -> String {
         let response = self.kick_off(path_and_query).await;
