@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::jobs_cli::{Setup, start, status};
+use testkit::eventually;
 use testkit::get_with_token;
 use testkit::metrics;
 
@@ -277,14 +278,16 @@ async fn every_dashboard_query_names_metrics_the_proxy_exports() {
     assert_eq!(passthrough.status(), 200);
 
     // The sweeper counts jobs by state every second.
-    let mut text = String::new();
-    for _ in 0..50 {
-        text = metrics(proxy.addr).await;
-        if text.contains("bulk_proxy_jobs{state=\"completed\"} 1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let text = eventually(
+        "the sweeper to count the job",
+        Duration::from_secs(10),
+        || async {
+            let text = metrics(proxy.addr).await;
+            text.contains("bulk_proxy_jobs{state=\"completed\"} 1")
+                .then_some(text)
+        },
+    )
+    .await;
     let scrape = parse_scrape(&text);
 
     let mut problems = Vec::new();

@@ -12,6 +12,7 @@ use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
 use serde_json::Value;
 use testkit::add_ids;
+use testkit::eventually;
 use testkit::get_with_token;
 use testkit::memory_fhir::MemoryFhir;
 
@@ -101,14 +102,11 @@ async fn started(proxy: &ProxyProcess, token: &str) -> String {
 
 /// Polls until the status is no longer 202, honouring `Retry-After`.
 async fn poll_until_done(proxy: &ProxyProcess, token: &str, status_url: &str) -> reqwest::Response {
-    for _ in 0..120 {
+    eventually("the export to end", Duration::from_secs(60), || async {
         let response = get_with_token(on(proxy, status_url), token).await;
-        if !matches!(response.status().as_u16(), 202 | 429) {
-            return response;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("the export is still running after 60 s");
+        (!matches!(response.status().as_u16(), 202 | 429)).then_some(response)
+    })
+    .await
 }
 
 fn debug_build() -> bool {
@@ -189,7 +187,8 @@ async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
         proxy.count_logs("finalisation failed; retrying"),
         FINALIZE_ATTEMPTS as usize - 1
     );
-    // Failed stays failed: a second poll says so again.
+    // Failed stays failed: a second poll says so again (after the 1 s between polls, or it is
+    // a 429: part of the scenario).
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let again = get_with_token(on(&proxy, &status_url), &token).await;
     outcome(again, 500).await;
@@ -247,6 +246,7 @@ async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
     let token = setup.token(&proxy).await;
     for round in 0..8 {
         let status_url = started(&proxy, &token).await;
+        // Part of the scenario: each round deletes at another stage of the export.
         tokio::time::sleep(Duration::from_millis(100 + 60 * round)).await;
         let deleted = plain_client()
             .delete(on(&proxy, &status_url))
@@ -257,17 +257,13 @@ async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
         assert_eq!(deleted.status(), 202, "round {round}");
     }
     let files = setup.config_path.with_file_name("files");
-    let mut left = Vec::new();
-    for _ in 0..100 {
-        left = std::fs::read_dir(&files)
+    eventually("no files left behind", Duration::from_secs(10), || async {
+        let left: Vec<_> = std::fs::read_dir(&files)
             .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(left.is_empty(), "left behind: {left:?}");
+        if left.is_empty() { Ok(()) } else { Err(left) }
+    })
+    .await;
     let loud: Vec<String> = proxy
         .logs()
         .into_iter()

@@ -21,6 +21,7 @@ use fhir_bulk_proxy::config::Config;
 use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
+use testkit::eventually;
 use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
@@ -192,14 +193,15 @@ async fn finished_export(proxy: &TestProxy, bearer: &str) -> (String, String, Ve
         .unwrap()
         .to_owned();
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
-    let manifest: Value = loop {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+    let manifest: Value = eventually("the export to finish", Duration::from_secs(60), || async {
         let status = get_with_token(&status_url, bearer).await;
-        if status.status() == 200 {
-            break status.json().await.unwrap();
+        match status.status().as_u16() {
+            200 => Some(status.json().await.unwrap()),
+            202 | 429 => None,
+            other => panic!("status {other}"),
         }
-        assert_eq!(status.status(), 202);
-    };
+    })
+    .await;
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     let file_name = url.rsplit('/').next().unwrap().to_owned();
     let body = get_with_token(&url, bearer).await.bytes().await.unwrap();

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use testkit::eventually;
 use testkit::metrics;
 use testkit::{FakeFhir, TestProxy, plain_client};
 
@@ -170,16 +171,12 @@ async fn shutdown_lets_a_slow_request_finish_then_stops_accepting() {
     );
     // Shut down only once the request is in flight (the upstream has it), however loaded the
     // machine is.
-    for _ in 0..200 {
-        if !fake.received().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        !fake.received().is_empty(),
-        "the slow request reached the upstream"
-    );
+    eventually(
+        "the slow request to reach the upstream",
+        Duration::from_secs(5),
+        || async { (!fake.received().is_empty()).then_some(()) },
+    )
+    .await;
     let stopped = tokio::spawn(proxy.shutdown());
     let response = slow
         .await
