@@ -379,35 +379,7 @@ async fn downloads_support_gzip_and_range_on(store: Store) {
         files["Patient"].len()
     );
 
-    let gz = plain_client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gz.headers()["content-encoding"], "gzip");
-    assert_eq!(gz.headers()["content-type"], "application/fhir+ndjson");
-    let compressed = gz.bytes().await.unwrap();
-    let mut decoded = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(&compressed[..]),
-        &mut decoded,
-    )
-    .unwrap();
-    assert_eq!(decoded, plain);
-
-    let ranged = plain_client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .header("range", "bytes=10-19")
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ranged.status(), 206);
-    assert!(ranged.headers().get("content-encoding").is_none());
-    assert_eq!(ranged.bytes().await.unwrap(), plain[10..20]);
+    s.assert_gzip_and_range(&url, &plain).await;
 }
 
 both!(

@@ -106,22 +106,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         files["Patient"].len()
     );
 
-    let gz = plain_client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gz.headers()["content-encoding"], "gzip");
-    let compressed = gz.bytes().await.unwrap();
-    let mut decoded = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(&compressed[..]),
-        &mut decoded,
-    )
-    .unwrap();
-    assert_eq!(decoded, plain);
+    s.assert_gzip_and_range(&url, &plain).await;
 
     for (range, want) in [
         ("bytes=10-19", &plain[10..20]),
@@ -131,14 +116,8 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
             &plain[plain.len() - 3..],
         ),
     ] {
-        let ranged = plain_client()
-            .get(&url)
-            .bearer_auth(&s.token)
-            .header("range", range)
-            .header("accept-encoding", "gzip")
-            .send()
-            .await
-            .unwrap();
+        let ranged = [("range", range), ("accept-encoding", "gzip")];
+        let ranged = s.get_with(&url, &ranged).await;
         assert_eq!(ranged.status(), 206, "{range}");
         assert!(ranged.headers().get("content-encoding").is_none());
         assert!(ranged.headers().contains_key("content-range"));

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhir_bulk_proxy::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState};
+use fhir_bulk_proxy::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, UnixSecs};
 use fhir_bulk_proxy::store::embedded::EmbeddedStore;
 use fhir_bulk_proxy::store::redis::RedisStore;
 use fhir_bulk_proxy::store::{Created, JobStore, StoreError};
@@ -95,6 +95,20 @@ async fn create_capped(
 ) -> Created {
     store
         .create_job(&job(id, client, n), &units(id, n), cap)
+        .await
+        .unwrap()
+}
+
+/// `finisher`'s claim on finalising `job_id` at `now`, held until `until`: the attempt number.
+async fn claim(
+    store: &Arc<dyn JobStore>,
+    job_id: &str,
+    finisher: &str,
+    now: UnixSecs,
+    until: UnixSecs,
+) -> Option<u32> {
+    store
+        .claim_finalize(job_id, finisher, now, until)
         .await
         .unwrap()
 }
@@ -434,18 +448,12 @@ async fn finish_all(store: &Arc<dyn JobStore>, job_id: &str) {
 async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
     create(&store, "j1", 2).await;
     assert_eq!(
-        store
-            .claim_finalize("nope", "f0", NOW, NOW + 60)
-            .await
-            .unwrap(),
+        claim(&store, "nope", "f0", NOW, NOW + 60).await,
         None,
         "no such job"
     );
     assert_eq!(
-        store
-            .claim_finalize("j1", "f0", NOW, NOW + 60)
-            .await
-            .unwrap(),
+        claim(&store, "j1", "f0", NOW, NOW + 60).await,
         None,
         "units are unfinished"
     );
@@ -457,10 +465,7 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
             let store = Arc::clone(&store);
             tokio::spawn(async move {
                 let finisher = format!("f{f}");
-                let claim = store
-                    .claim_finalize("j1", &finisher, NOW, NOW + 60)
-                    .await
-                    .unwrap();
+                let claim = claim(&store, "j1", &finisher, NOW, NOW + 60).await;
                 claim.map(|attempt| (finisher, attempt))
             })
         })
@@ -476,18 +481,9 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
 
     // The claim is the holder's while its lease lasts; the holder itself may claim again (a
     // retry), which counts as the next attempt.
+    assert_eq!(claim(&store, "j1", other, NOW + 60, NOW + 120).await, None);
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 60, NOW + 120)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .claim_finalize("j1", &holder, NOW + 10, NOW + 70)
-            .await
-            .unwrap(),
+        claim(&store, "j1", &holder, NOW + 10, NOW + 70).await,
         Some(2)
     );
     assert!(!store.extend_finalize("j1", other, NOW + 500).await.unwrap());
@@ -498,20 +494,14 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
             .unwrap()
     );
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 100, NOW + 160)
-            .await
-            .unwrap(),
+        claim(&store, "j1", other, NOW + 100, NOW + 160).await,
         None,
         "the extended lease holds"
     );
 
     // The holder dies: after its lease another finisher takes over, and only it may commit.
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 101, NOW + 160)
-            .await
-            .unwrap(),
+        claim(&store, "j1", other, NOW + 101, NOW + 160).await,
         Some(3)
     );
     let mut done = store.get_job("j1").await.unwrap().unwrap();
@@ -530,10 +520,7 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
     assert!(!store.complete_job(&done, other).await.unwrap());
     assert!(!store.extend_finalize("j1", other, NOW + 500).await.unwrap());
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 1_000, NOW + 1_060)
-            .await
-            .unwrap(),
+        claim(&store, "j1", other, NOW + 1_000, NOW + 1_060).await,
         None
     );
 }
@@ -542,20 +529,11 @@ async fn a_finalised_job_frees_its_clients_slot(store: Arc<dyn JobStore>) {
     let cap = 1;
     create_capped(&store, "a1", "a", 1, cap).await;
     assert_eq!(
-        store
-            .create_job(&job("a2", "a", 0), &[], cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "a2", "a", 0, cap).await,
         Created::TooManyActive
     );
     finish_all(&store, "a1").await;
-    assert_eq!(
-        store
-            .claim_finalize("a1", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "a1", "f", NOW, NOW + 60).await, Some(1));
     let mut failed = store.get_job("a1").await.unwrap().unwrap();
     failed.state = JobState::Failed;
     failed.error = Some("the export files could not be assembled".to_owned());
@@ -563,32 +541,14 @@ async fn a_finalised_job_frees_its_clients_slot(store: Arc<dyn JobStore>) {
     assert_eq!(store.get_job("a1").await.unwrap(), Some(failed));
 
     // A job with no units at all is ready to finalise from the start.
-    assert_eq!(
-        store
-            .create_job(&job("a2", "a", 0), &[], cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .claim_finalize("a2", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(create_capped(&store, "a2", "a", 0, cap).await, Created::Yes);
+    assert_eq!(claim(&store, "a2", "f", NOW, NOW + 60).await, Some(1));
 }
 
 async fn a_deleted_job_cannot_be_finalised(store: Arc<dyn JobStore>) {
     create(&store, "j1", 1).await;
     finish_all(&store, "j1").await;
-    assert_eq!(
-        store
-            .claim_finalize("j1", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "j1", "f", NOW, NOW + 60).await, Some(1));
     let mut done = store.get_job("j1").await.unwrap().unwrap();
     assert!(store.delete_job("j1").await.unwrap());
     done.state = JobState::Completed;
@@ -598,13 +558,7 @@ async fn a_deleted_job_cannot_be_finalised(store: Arc<dyn JobStore>) {
 
     // A job created again under the id starts with a fresh claim and attempt count.
     create(&store, "j1", 0).await;
-    assert_eq!(
-        store
-            .claim_finalize("j1", "g", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "j1", "g", NOW, NOW + 60).await, Some(1));
 }
 
 async fn first_poll_marks_go_with_their_job(store: Arc<dyn JobStore>) {
@@ -854,13 +808,7 @@ async fn redis_delete_leaves_no_keys_behind() {
     assert!(store.record_poll("j1", 1_000, 60_000).await.unwrap());
     assert!(store.first_poll("j1").await.unwrap());
     create(&store, "j2", 0).await;
-    assert_eq!(
-        store
-            .claim_finalize("j2", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "j2", "f", NOW, NOW + 60).await, Some(1));
     assert!(store.first_poll("j2").await.unwrap());
     assert!(store.delete_job("j1").await.unwrap());
     assert!(store.delete_job("j2").await.unwrap());

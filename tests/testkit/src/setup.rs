@@ -100,6 +100,33 @@ impl Setup {
         crate::get_with_token(url, &self.token).await
     }
 
+    /// GET `url` with the client's token and `headers`.
+    pub async fn get_with(&self, url: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut request = client().get(url).bearer_auth(&self.token);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.unwrap()
+    }
+
+    /// Asserts that the file at `url`, asked for gzip-coded, comes gzip-coded and decodes to
+    /// `plain`; and that a range of it (`bytes=10-19`) comes as is, not coded.
+    pub async fn assert_gzip_and_range(&self, url: &str, plain: &[u8]) {
+        let gz = self.get_with(url, &[("accept-encoding", "gzip")]).await;
+        assert_eq!(gz.headers()["content-encoding"], "gzip");
+        assert_eq!(gz.headers()["content-type"], "application/fhir+ndjson");
+        let compressed = gz.bytes().await.unwrap();
+        let mut decoded = Vec::new();
+        let mut decoder = flate2::read::GzDecoder::new(&compressed[..]);
+        std::io::Read::read_to_end(&mut decoder, &mut decoded).unwrap();
+        assert_eq!(decoded, plain);
+        let ranged = [("range", "bytes=10-19"), ("accept-encoding", "gzip")];
+        let ranged = self.get_with(url, &ranged).await;
+        assert_eq!(ranged.status(), 206);
+        assert!(ranged.headers().get("content-encoding").is_none());
+        assert_eq!(ranged.bytes().await.unwrap(), plain[10..20]);
+    }
+
     /// DELETE `url` with the client's token.
     pub async fn delete(&self, url: &str) -> reqwest::Response {
         client()
