@@ -24,6 +24,7 @@ use serde_json::{Value, json};
 use testkit::eventually;
 use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
+use testkit::start_export;
 
 use corpus::{Hostile, Target, Verdict};
 use testkit::smart::{SmartClient, TEST_CLIENT, token_url};
@@ -179,19 +180,7 @@ async fn upstream() -> RunningFhir {
 
 /// Runs a system export to completion: its id, its first file's name and bytes.
 async fn finished_export(proxy: &TestProxy, bearer: &str) -> (String, String, Vec<u8>) {
-    let kick_off = plain_client()
-        .get(proxy.url("/$export?_type=Patient"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(bearer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = start_export(proxy.url("/$export?_type=Patient"), bearer).await;
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     let manifest: Value = eventually("the export to finish", Duration::from_secs(60), || async {
         let status = get_with_token(&status_url, bearer).await;

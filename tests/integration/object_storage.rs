@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 use testkit::eventually;
 use testkit::get_with_token;
 use testkit::memory_fhir::MemoryFhir;
+use testkit::start_export;
 
 use testkit::plain_client;
 use testkit::process::ProxyProcess;
@@ -331,19 +332,11 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
         .await
         .unwrap();
     let token = token["access_token"].as_str().unwrap().to_owned();
-    let kick_off = plain_client()
-        .get(format!("{}/$export?_type=Observation", first.base()))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = start_export(
+        format!("{}/$export?_type=Observation", first.base()),
+        &token,
+    )
+    .await;
 
     // Past the first part (about 26 pages), well before the end: SIGKILL, no release.
     eventually("45 pages fetched", Duration::from_secs(60), || async {

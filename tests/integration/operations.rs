@@ -100,42 +100,23 @@ async fn metadata_errors_pass_through_unchanged() {
 async fn health_readiness_and_metrics() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    assert_eq!(
-        plain_client()
-            .get(proxy.root("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        plain_client()
-            .get(proxy.root("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    for path in ["/healthz", "/readyz"] {
+        let response = plain_client().get(proxy.root(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+    }
     plain_client()
         .get(proxy.url("/Patient"))
         .send()
         .await
         .unwrap();
     let metrics = metrics(proxy.addr).await;
-    assert!(
-        metrics.contains("bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("bulk_proxy_upstream_duration_seconds_bucket"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("bulk_proxy_requests_in_flight"),
-        "{metrics}"
-    );
+    for series in [
+        "bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}",
+        "bulk_proxy_upstream_duration_seconds_bucket",
+        "bulk_proxy_requests_in_flight",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();

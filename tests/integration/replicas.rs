@@ -8,6 +8,7 @@ use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::Value;
 use testkit::get_with_token;
 use testkit::memory_fhir::RunningFhir;
+use testkit::start_export;
 
 use testkit::redis::RedisServer;
 use testkit::setup::fixture_upstream;
@@ -102,19 +103,11 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     let fleet = fleet(3, |_| {}).await;
     let token = token(&fleet, 0).await;
     // A token issued by one replica works on every other (shared signing secret).
-    let kick_off = plain_client()
-        .get(fleet.proxies[1].url("/Group/synthea-10/$export?_type=Patient,Observation"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = start_export(
+        fleet.proxies[1].url("/Group/synthea-10/$export?_type=Patient,Observation"),
+        &token,
+    )
+    .await;
     assert!(status_url.starts_with(PUBLIC), "{status_url}");
 
     // Poll round-robin across the replicas.

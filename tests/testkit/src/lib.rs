@@ -55,6 +55,25 @@ pub async fn get_with_token(
         .expect("the proxy answers")
 }
 
+/// Kicks off an export at `url` with the bearer `token` and the headers the IG asks for,
+/// asserts 202 and returns the status URL (`Content-Location`).
+pub async fn start_export(url: impl reqwest::IntoUrl, token: impl std::fmt::Display) -> String {
+    let response = plain_client()
+        .get(url)
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("the proxy answers");
+    let status = response.status();
+    let location = response.headers().get("content-location").cloned();
+    assert_eq!(status, 202, "{}", response.text().await.unwrap_or_default());
+    location
+        .and_then(|v| v.to_str().ok().map(str::to_owned))
+        .expect("a Content-Location")
+}
+
 /// The Prometheus scrape of the proxy listening on `addr`.
 pub async fn metrics(addr: std::net::SocketAddr) -> String {
     plain_client()
