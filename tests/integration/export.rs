@@ -9,6 +9,7 @@ use fhir_bulk_proxy::config::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use testkit::get_with_token;
+use testkit::kick_off;
 use testkit::memory_fhir::MemoryFhir;
 
 use testkit::process::Store;
@@ -275,26 +276,10 @@ async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(
-        plain_client()
-            .get(&patient_file)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401,
-        "file without a token"
-    );
-    assert_eq!(
-        plain_client()
-            .get(&status_url)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401,
-        "status without a token"
-    );
+    for (what, url) in [("file", &patient_file), ("status", &status_url)] {
+        let response = plain_client().get(url).send().await.unwrap();
+        assert_eq!(response.status(), 401, "{what} without a token");
+    }
     let bad = get_with_token(&status_url, "invalidToken").await;
     assert_eq!(bad.status(), 401);
 }
@@ -350,14 +335,7 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
         .to_owned();
     let response = get_with_token(&patient_file, &narrow).await;
     assert_eq!(response.status(), 403);
-    let response = plain_client()
-        .get(s.proxy.url("/$export?_type=Patient"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let response = kick_off(s.proxy.url("/$export?_type=Patient"), &narrow).await;
     assert_eq!(
         response.status(),
         403,

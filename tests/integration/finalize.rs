@@ -80,24 +80,13 @@ fn on(proxy: &ProxyProcess, url: &str) -> String {
     Processes::on(proxy, url)
 }
 
+/// This file's export, kicked off on `proxy`.
 async fn kick_off(proxy: &ProxyProcess, token: &str) -> reqwest::Response {
-    plain_client()
-        .get(format!("{}{EXPORT}", proxy.base()))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    testkit::kick_off(format!("{}{EXPORT}", proxy.base()), token).await
 }
 
 async fn started(proxy: &ProxyProcess, token: &str) -> String {
-    let response = kick_off(proxy, token).await;
-    assert_eq!(response.status(), 202);
-    response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned()
+    testkit::start_export(format!("{}{EXPORT}", proxy.base()), token).await
 }
 
 /// Polls until the status is no longer 202, honouring `Retry-After`.

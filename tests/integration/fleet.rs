@@ -11,6 +11,7 @@ use serde_json::Value;
 use testkit::add_ids;
 use testkit::eventually;
 use testkit::get_with_token;
+use testkit::kick_off;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use testkit::process::ProxyProcess;
@@ -124,14 +125,7 @@ async fn client_post_token(replica: &Replica, assertion: &str) -> reqwest::Respo
 
 impl Fleet {
     async fn kick_off(&self, path: &str) -> String {
-        let response = plain_client()
-            .get(format!("{}{path}", self.replicas[0].base()))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
+        let response = kick_off(format!("{}{path}", self.replicas[0].base()), &self.token).await;
         assert_eq!(response.status(), 202);
         response.headers()["content-location"]
             .to_str()

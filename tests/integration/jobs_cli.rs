@@ -14,9 +14,9 @@ use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::ops::jobs::{self, JobsCommand, JobsError};
 use serde_json::Value;
 use testkit::get_with_token;
+use testkit::kick_off;
 use testkit::memory_fhir::MemoryFhir;
 
-use testkit::plain_client;
 use testkit::process::{Processes, ProxyProcess, Store};
 use testkit::smart::TEST_CLIENT;
 
@@ -118,14 +118,7 @@ impl Setup {
 }
 
 pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> String {
-    let response = plain_client()
-        .get(format!("{}{path}", proxy.base()))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+    let response = kick_off(format!("{}{path}", proxy.base()), token).await;
     assert_eq!(response.status(), 202, "{path}");
     response.headers()["content-location"]
         .to_str()

@@ -43,11 +43,7 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
         &["system/*.read".into()],
         &key,
     ));
-    let dir = tempfile::tempdir().unwrap();
-    config.store.path = dir.path().join("jobs.redb");
-    config.storage.path = dir.path().join("files");
-    let config_path = dir.path().join("proxy.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let (_dir, config_path) = written(config);
     let proxy = ProxyProcess::spawn(&config_path, "debug", &[]);
 
     let client_key = ClientKey::from_json(&key.private_jwk).unwrap();
@@ -141,11 +137,7 @@ async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job(
         &["system/*.read".into()],
         &key,
     ));
-    let dir = tempfile::tempdir().unwrap();
-    config.store.path = dir.path().join("jobs.redb");
-    config.storage.path = dir.path().join("files");
-    let config_path = dir.path().join("proxy.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let (_dir, config_path) = written(config);
     let proxy = ProxyProcess::spawn(
         &config_path,
         "fhir_bulk_proxy=debug,info",
@@ -277,4 +269,15 @@ async fn a_failed_request_is_logged_with_its_request_id() {
             );
         }
     }
+}
+
+/// `config` with its store and files in a new directory, written there as `proxy.toml`; the
+/// directory lives as long as the returned guard.
+fn written(mut config: Config) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    config.store.path = dir.path().join("jobs.redb");
+    config.storage.path = dir.path().join("files");
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    (dir, config_path)
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::Value;
 use testkit::get_with_token;
+use testkit::kick_off;
 use testkit::memory_fhir::RunningFhir;
 use testkit::start_export;
 
@@ -172,14 +173,11 @@ async fn the_upstream_concurrency_cap_holds_for_the_whole_fleet() {
     let mut status_urls = Vec::new();
     // Two exports, one through each replica, so both replicas' workers page at once.
     for proxy in &fleet.proxies {
-        let response = plain_client()
-            .get(proxy.url("/$export?_type=Observation,Encounter,Claim,ExplanationOfBenefit"))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = kick_off(
+            proxy.url("/$export?_type=Observation,Encounter,Claim,ExplanationOfBenefit"),
+            &token,
+        )
+        .await;
         assert_eq!(response.status(), 202);
         status_urls.push(
             response.headers()["content-location"]

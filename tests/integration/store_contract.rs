@@ -12,7 +12,7 @@ use fhir_bulk_proxy::store::embedded::EmbeddedStore;
 use fhir_bulk_proxy::store::redis::RedisStore;
 use fhir_bulk_proxy::store::{Created, JobStore, StoreError};
 
-use testkit::RedisServer;
+use testkit::{RedisServer, eventually};
 
 const NOW: u64 = 1_700_000_000;
 
@@ -97,6 +97,16 @@ async fn create_capped(
         .create_job(&job(id, client, n), &units(id, n), cap)
         .await
         .unwrap()
+}
+
+/// `worker`'s claim on a unit at `now`, leased until `until`.
+async fn lease(
+    store: &Arc<dyn JobStore>,
+    worker: &str,
+    now: UnixSecs,
+    until: UnixSecs,
+) -> Option<Unit> {
+    store.claim_unit(worker, now, until).await.unwrap()
 }
 
 /// `finisher`'s claim on finalising `job_id` at `now`, held until `until`: the attempt number.
@@ -199,7 +209,7 @@ async fn claims_are_exclusive(store: Arc<dyn JobStore>) {
             tokio::spawn(async move {
                 let worker = format!("w{w}");
                 let mut claimed = Vec::new();
-                while let Some(unit) = store.claim_unit(&worker, NOW, NOW + 60).await.unwrap() {
+                while let Some(unit) = lease(&store, &worker, NOW, NOW + 60).await {
                     assert_eq!(unit.owner.as_deref(), Some(worker.as_str()));
                     assert_eq!(unit.state, UnitState::Running);
                     assert_eq!(unit.lease_until, NOW + 60);
@@ -217,23 +227,13 @@ async fn claims_are_exclusive(store: Arc<dyn JobStore>) {
     }
     assert_eq!(seen.len(), 80, "every unit is claimed once");
     // Every lease is live: nothing more to claim.
-    assert_eq!(
-        store.claim_unit("late", NOW + 59, NOW + 120).await.unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "late", NOW + 59, NOW + 120).await, None);
 }
 
 async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
     create(&store, "j1", 1).await;
-    let mut unit = store
-        .claim_unit("w1", NOW, NOW + 10)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        store.claim_unit("w2", NOW + 5, NOW + 15).await.unwrap(),
-        None
-    );
+    let mut unit = lease(&store, "w1", NOW, NOW + 10).await.unwrap();
+    assert_eq!(lease(&store, "w2", NOW + 5, NOW + 15).await, None);
 
     // A save extends the lease and keeps the checkpoint.
     unit.lease_until = NOW + 30;
@@ -252,17 +252,10 @@ async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
         issues: Vec::new(),
     };
     assert!(store.save_unit(&unit, "w1").await.unwrap());
-    assert_eq!(
-        store.claim_unit("w2", NOW + 20, NOW + 40).await.unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "w2", NOW + 20, NOW + 40).await, None);
 
     // The worker dies; after its lease, another takes the unit over, checkpoint included.
-    let taken = store
-        .claim_unit("w2", NOW + 31, NOW + 90)
-        .await
-        .unwrap()
-        .unwrap();
+    let taken = lease(&store, "w2", NOW + 31, NOW + 90).await.unwrap();
     assert_eq!((taken.job_id.as_str(), taken.index), ("j1", 0));
     assert_eq!(taken.owner.as_deref(), Some("w2"));
     assert_eq!(taken.checkpoint, unit.checkpoint);
@@ -282,14 +275,10 @@ async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
 
 async fn released_units_are_claimable_at_once(store: Arc<dyn JobStore>) {
     create(&store, "j1", 1).await;
-    let unit = store
-        .claim_unit("w1", NOW, NOW + 600)
-        .await
-        .unwrap()
-        .unwrap();
+    let unit = lease(&store, "w1", NOW, NOW + 600).await.unwrap();
     store.release_unit(&unit, "someone-else").await.unwrap();
     assert_eq!(
-        store.claim_unit("w2", NOW, NOW + 600).await.unwrap(),
+        lease(&store, "w2", NOW, NOW + 600).await,
         None,
         "only the owner releases"
     );
@@ -298,11 +287,7 @@ async fn released_units_are_claimable_at_once(store: Arc<dyn JobStore>) {
     let stored = store.units("j1").await.unwrap().remove(0);
     assert_eq!(stored.state, UnitState::Pending);
     assert_eq!(stored.owner, None);
-    let again = store
-        .claim_unit("w2", NOW, NOW + 600)
-        .await
-        .unwrap()
-        .unwrap();
+    let again = lease(&store, "w2", NOW, NOW + 600).await.unwrap();
     assert_eq!(again.owner.as_deref(), Some("w2"));
     assert!(
         !store.save_unit(&unit, "w1").await.unwrap(),
@@ -317,29 +302,23 @@ async fn only_units_of_running_jobs_are_claimable(store: Arc<dyn JobStore>) {
         .create_job(&finished, &units("done", 2), 1)
         .await
         .unwrap();
-    assert_eq!(store.claim_unit("w", NOW, NOW + 60).await.unwrap(), None);
+    assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
 
     let mut running = create(&store, "j1", 2).await;
     running.state = JobState::Failed;
     running.error = Some("upstream gone".to_owned());
     assert!(store.put_job(&running).await.unwrap());
-    assert_eq!(store.claim_unit("w", NOW, NOW + 60).await.unwrap(), None);
+    assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
 
     running.state = JobState::Running;
     assert!(store.put_job(&running).await.unwrap());
-    assert!(
-        store
-            .claim_unit("w", NOW, NOW + 60)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(lease(&store, "w", NOW, NOW + 60).await.is_some());
 }
 
 async fn finishing_counts_down(store: Arc<dyn JobStore>) {
     create(&store, "j1", 3).await;
     let mut claimed = Vec::new();
-    while let Some(unit) = store.claim_unit("w", NOW, NOW + 60).await.unwrap() {
+    while let Some(unit) = lease(&store, "w", NOW, NOW + 60).await {
         claimed.push(unit);
     }
     assert_eq!(claimed.len(), 3);
@@ -374,13 +353,7 @@ async fn finishing_counts_down(store: Arc<dyn JobStore>) {
         Some("410 Gone")
     );
     // Finished units are never claimed again, even long after their leases.
-    assert_eq!(
-        store
-            .claim_unit("w2", NOW + 10_000, NOW + 10_060)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "w2", NOW + 10_000, NOW + 10_060).await, None);
 }
 
 async fn exactly_one_concurrent_finisher_sees_zero(store: Arc<dyn JobStore>) {
@@ -389,11 +362,7 @@ async fn exactly_one_concurrent_finisher_sees_zero(store: Arc<dyn JobStore>) {
     let mut claimed = Vec::new();
     for w in 0..n {
         let worker = format!("w{w}");
-        let unit = store
-            .claim_unit(&worker, NOW, NOW + 60)
-            .await
-            .unwrap()
-            .unwrap();
+        let unit = lease(&store, &worker, NOW, NOW + 60).await.unwrap();
         claimed.push((worker, unit));
     }
     let finishers: Vec<_> = claimed
@@ -420,25 +389,19 @@ async fn exactly_one_concurrent_finisher_sees_zero(store: Arc<dyn JobStore>) {
 
 async fn deleted_jobs_refuse_unit_writes(store: Arc<dyn JobStore>) {
     create(&store, "j1", 2).await;
-    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    let mut unit = lease(&store, "w", NOW, NOW + 60).await.unwrap();
     assert!(store.delete_job("j1").await.unwrap());
     assert!(!store.save_unit(&unit, "w").await.unwrap());
     unit.state = UnitState::Done;
     assert_eq!(store.finish_unit(&unit, "w").await.unwrap(), None);
     store.release_unit(&unit, "w").await.unwrap();
-    assert_eq!(
-        store
-            .claim_unit("w", NOW + 1_000, NOW + 1_060)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "w", NOW + 1_000, NOW + 1_060).await, None);
     assert!(store.units("j1").await.unwrap().is_empty());
 }
 
 /// Finishes every unit of `job_id` (claimed by worker "w").
 async fn finish_all(store: &Arc<dyn JobStore>, job_id: &str) {
-    while let Some(mut unit) = store.claim_unit("w", NOW, NOW + 60).await.unwrap() {
+    while let Some(mut unit) = lease(&store, "w", NOW, NOW + 60).await {
         assert_eq!(unit.job_id, job_id);
         unit.state = UnitState::Done;
         store.finish_unit(&unit, "w").await.unwrap().unwrap();
@@ -700,7 +663,7 @@ async fn embedded_store_survives_a_reopen() {
     let path = dir.path().join("jobs.redb");
     let store = embedded(&dir);
     let job = create(&store, "j1", 3).await;
-    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    let mut unit = lease(&store, "w", NOW, NOW + 60).await.unwrap();
     unit.checkpoint.pages = 7;
     assert!(store.save_unit(&unit, "w").await.unwrap());
     assert!(store.first_use("iss", "jti", NOW, NOW + 60).await.unwrap());
@@ -714,11 +677,7 @@ async fn embedded_store_survives_a_reopen() {
     assert_eq!(units[0].owner.as_deref(), Some("w"));
     // Leases and the claimable index survive too.
     assert!(store.save_unit(&units[0], "w").await.unwrap());
-    let next = store
-        .claim_unit("w2", NOW, NOW + 60)
-        .await
-        .unwrap()
-        .unwrap();
+    let next = lease(&store, "w2", NOW, NOW + 60).await.unwrap();
     assert_eq!(next.index, 1);
     assert!(
         !store
@@ -736,29 +695,22 @@ async fn redis_restarted_empty_forgets_jobs_without_failing() {
     server.restart();
 
     // The first call may meet the dead connection; within a few seconds the manager reconnects.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match store.get_job("j1").await {
-            Ok(job) => {
-                assert_eq!(job, None);
-                break;
+    let job = eventually(
+        "Redis to be reconnected",
+        Duration::from_secs(10),
+        || async {
+            match store.get_job("j1").await {
+                Err(StoreError::Unavailable(e)) => Err(e),
+                other => Ok(other),
             }
-            Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("no recovery after a restart: {e}"),
-        }
-    }
-    assert_eq!(store.claim_unit("w", NOW, NOW + 60).await.unwrap(), None);
+        },
+    )
+    .await;
+    assert_eq!(job.expect("no recovery after a restart"), None);
+    assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
     // Scripts are loaded again after the restart emptied the script cache.
     create(&store, "j2", 1).await;
-    assert!(
-        store
-            .claim_unit("w", NOW, NOW + 60)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(lease(&store, "w", NOW, NOW + 60).await.is_some());
 }
 
 #[tokio::test]
@@ -801,10 +753,10 @@ async fn redis_delete_leaves_no_keys_behind() {
     let server = RedisServer::start();
     let store = redis(&server).await;
     create(&store, "j1", 5).await;
-    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    let mut unit = lease(&store, "w", NOW, NOW + 60).await.unwrap();
     unit.state = UnitState::Done;
     store.finish_unit(&unit, "w").await.unwrap();
-    store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    lease(&store, "w", NOW, NOW + 60).await.unwrap();
     assert!(store.record_poll("j1", 1_000, 60_000).await.unwrap());
     assert!(store.first_poll("j1").await.unwrap());
     create(&store, "j2", 0).await;

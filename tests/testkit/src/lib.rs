@@ -55,17 +55,24 @@ pub async fn get_with_token(
         .expect("the proxy answers")
 }
 
-/// Kicks off an export at `url` with the bearer `token` and the headers the IG asks for,
-/// asserts 202 and returns the status URL (`Content-Location`).
-pub async fn start_export(url: impl reqwest::IntoUrl, token: impl std::fmt::Display) -> String {
-    let response = plain_client()
+/// GET kick-off at `url` with the bearer `token` and the headers the IG asks for.
+pub async fn kick_off(
+    url: impl reqwest::IntoUrl,
+    token: impl std::fmt::Display,
+) -> reqwest::Response {
+    plain_client()
         .get(url)
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
         .bearer_auth(token)
         .send()
         .await
-        .expect("the proxy answers");
+        .expect("the proxy answers")
+}
+
+/// [`kick_off`], asserting 202; returns the status URL (`Content-Location`).
+pub async fn start_export(url: impl reqwest::IntoUrl, token: impl std::fmt::Display) -> String {
+    let response = kick_off(url, token).await;
     let status = response.status();
     let location = response.headers().get("content-location").cloned();
     assert_eq!(status, 202, "{}", response.text().await.unwrap_or_default());

@@ -139,14 +139,7 @@ impl Setup {
 
     /// GET kick-off with the headers the IG asks for.
     pub async fn kick_off(&self, path_and_query: &str) -> reqwest::Response {
-        client()
-            .get(self.proxy.url(path_and_query))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
+        crate::kick_off(self.proxy.url(path_and_query), &self.token).await
     }
 
     /// POST kick-off with a Parameters `body` and the headers the IG asks for.
