@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use fhir_bulk_proxy::config::Config;
 use serde_json::{Value, json};
 
+use testkit::get_anonymous;
 use testkit::get_with_token;
 use testkit::smart::{
     ClientKey, JwksServer, SmartClient, TEST_CLIENT, TEST_SIGNING_SECRET, claims, now, post_token,
@@ -110,11 +111,7 @@ async fn discovery_advertises_absolute_endpoints_without_authentication() {
         "https://fhir.example.org/fhir/token"
     );
 
-    let authorize = plain_client()
-        .get(proxy.url("/authorize"))
-        .send()
-        .await
-        .unwrap();
+    let authorize = get_anonymous(proxy.url("/authorize")).await;
     oauth_error(authorize, "unsupported_response_type").await;
 }
 
@@ -629,7 +626,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     let (proxy, registered, _fake) = protected_proxy().await;
     let patient = proxy.url("/Patient/1");
 
-    outcome_401(plain_client().get(&patient).send().await.unwrap()).await;
+    outcome_401(get_anonymous(&patient).await).await;
     outcome_401(get_with_token(&patient, "invalidToken").await).await;
 
     let token = registered.token(&proxy).await; // system/*.read, narrowed to Patient
@@ -665,11 +662,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     }
 
     // Discovery and metadata stay public.
-    let discovery = plain_client()
-        .get(proxy.url("/.well-known/smart-configuration"))
-        .send()
-        .await
-        .unwrap();
+    let discovery = get_anonymous(proxy.url("/.well-known/smart-configuration")).await;
     assert_eq!(discovery.status(), 200);
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::get_anonymous;
 use testkit::get_with_token;
 use testkit::kick_off;
 use testkit::memory_fhir::MemoryFhir;
@@ -277,7 +278,7 @@ async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
         .unwrap()
         .to_owned();
     for (what, url) in [("file", &patient_file), ("status", &status_url)] {
-        let response = plain_client().get(url).send().await.unwrap();
+        let response = get_anonymous(url).await;
         assert_eq!(response.status(), 401, "{what} without a token");
     }
     let bad = get_with_token(&status_url, "invalidToken").await;
@@ -874,15 +875,12 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
         assert_eq!(manifest["requiresAccessToken"], enabled, "{manifest}");
         if !enabled {
             let url = manifest["output"][0]["url"].as_str().unwrap();
-            let file = plain_client().get(url).send().await.unwrap();
+            let file = get_anonymous(url).await;
             assert_eq!(file.status(), 200, "no token needed");
         }
 
-        let cs: Value = plain_client()
-            .get(s.proxy.url("/metadata"))
-            .send()
+        let cs: Value = get_anonymous(s.proxy.url("/metadata"))
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -893,11 +891,7 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
             enabled,
             "{text}"
         );
-        let smart = plain_client()
-            .get(s.proxy.url("/.well-known/smart-configuration"))
-            .send()
-            .await
-            .unwrap();
+        let smart = get_anonymous(s.proxy.url("/.well-known/smart-configuration")).await;
         let status = smart.status();
         let body = smart.text().await.unwrap();
         if enabled {

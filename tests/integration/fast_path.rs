@@ -10,6 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
+use testkit::get_anonymous;
 use testkit::metrics;
 use testkit::scripted::{Part, ScriptedUpstream, find};
 use testkit::{FakeFhir, TestProxy, outcome, plain_client};
@@ -225,11 +226,7 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_extensions_or_trai
     assert!(!raw.contains("Trailer:"), "{raw}");
     // reqwest decodes the same answer; the upstream connection went back to the pool each time.
     for _ in 0..3 {
-        let response = plain_client()
-            .get(proxy.url("/chunked"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.url("/chunked")).await;
         assert_eq!(response.text().await.unwrap(), "hello world");
     }
     assert_eq!(upstream.connections(), 1);
@@ -269,11 +266,7 @@ async fn large_answers_arrive_whole_and_their_connection_is_reused() {
     for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         for _ in 0..3 {
-            let response = plain_client()
-                .get(proxy.url("/large"))
-                .send()
-                .await
-                .unwrap();
+            let response = get_anonymous(proxy.url("/large")).await;
             assert_eq!(response.headers()["content-length"], LARGE.to_string());
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
@@ -289,11 +282,7 @@ async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
     let _alone = SPLICING.lock().await;
     let (_upstream, proxy, resume) = behind_a_proxy_splicing(Splice::Auto).await;
     let before = spliced_bytes(&proxy).await;
-    let mut first = plain_client()
-        .get(proxy.url("/large-paused"))
-        .send()
-        .await
-        .unwrap();
+    let mut first = get_anonymous(proxy.url("/large-paused")).await;
     // Its body has begun: from here on the lane counts it as streaming.
     let mut copied = first.chunk().await.unwrap().unwrap().to_vec();
     let others: Vec<_> = (0..3)
@@ -377,11 +366,7 @@ async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
             "splice {splice:?}"
         );
         // The proxy carries on.
-        let response = plain_client()
-            .get(proxy.url("/large"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.url("/large")).await;
         assert_eq!(
             response.bytes().await.unwrap().len(),
             LARGE,
@@ -404,11 +389,7 @@ async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
         stream.read_exact(&mut start).await.unwrap();
         drop(stream);
         for _ in 0..2 {
-            let response = plain_client()
-                .get(proxy.url("/large"))
-                .send()
-                .await
-                .unwrap();
+            let response = get_anonymous(proxy.url("/large")).await;
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
@@ -442,11 +423,7 @@ async fn answers_delimited_by_close_reach_the_client_chunked() {
         "{raw}"
     );
     for _ in 0..2 {
-        let response = plain_client()
-            .get(proxy.url("/until-close"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.url("/until-close")).await;
         assert_eq!(response.text().await.unwrap(), "read until the end");
     }
     assert_eq!(
@@ -486,7 +463,7 @@ async fn informational_head_and_no_content_answers_are_framed_right() {
 async fn broken_upstream_answers_are_502_or_a_closed_connection() {
     let (_upstream, proxy, _) = behind_a_proxy().await;
     for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
-        let response = plain_client().get(proxy.url(path)).send().await.unwrap();
+        let response = get_anonymous(proxy.url(path)).await;
         let diagnostics = outcome(response, 502).await;
         assert!(!diagnostics.is_empty(), "{path}");
     }
@@ -510,11 +487,7 @@ async fn broken_upstream_answers_are_502_or_a_closed_connection() {
         "{raw}"
     );
     // And the proxy carries on.
-    let response = plain_client()
-        .get(proxy.url("/chunked"))
-        .send()
-        .await
-        .unwrap();
+    let response = get_anonymous(proxy.url("/chunked")).await;
     assert_eq!(response.text().await.unwrap(), "hello world");
 }
 
@@ -619,10 +592,6 @@ async fn the_fast_path_can_be_turned_off() {
     .await;
     // hyper decodes and re-encodes: the chunk extension does not survive, the body does.
     assert!(!raw.contains("note=1"), "{raw}");
-    let response = plain_client()
-        .get(proxy.url("/chunked"))
-        .send()
-        .await
-        .unwrap();
+    let response = get_anonymous(proxy.url("/chunked")).await;
     assert_eq!(response.text().await.unwrap(), "hello world");
 }

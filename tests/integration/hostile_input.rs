@@ -22,6 +22,7 @@ use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
 use testkit::eventually;
+use testkit::get_anonymous;
 use testkit::get_with_token;
 use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 use testkit::start_export;
@@ -155,11 +156,7 @@ impl Harness {
     fn finish(self) {
         let Harness { proxy, _fhir, .. } = self;
         runtime().block_on(async {
-            let health = plain_client()
-                .get(proxy.root("/healthz"))
-                .send()
-                .await
-                .unwrap();
+            let health = get_anonymous(proxy.root("/healthz")).await;
             assert_eq!(health.status(), 200);
             proxy.shutdown().await.unwrap();
         });

@@ -10,6 +10,7 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::{Config, StoreBackend};
 use serde_json::{Value, json};
 use testkit::eventually;
+use testkit::get_anonymous;
 use testkit::get_with_token;
 use testkit::memory_fhir::MemoryFhir;
 use testkit::start_export;
@@ -133,11 +134,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         .unwrap();
     assert_eq!(beyond.status(), 416);
 
-    assert_eq!(
-        plain_client().get(&url).send().await.unwrap().status(),
-        401,
-        "no token"
-    );
+    assert_eq!(get_anonymous(&url).await.status(), 401, "no token");
     let narrow = s
         .client
         .token_for(&s.proxy, "system/Observation.read")
@@ -236,7 +233,7 @@ async fn presigned_urls_work_without_a_token_and_expire() {
         .parse()
         .unwrap();
     assert!(expires <= 3, "no longer than an access token: {expires}");
-    let response = plain_client().get(&url).send().await.unwrap();
+    let response = get_anonymous(&url).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"],
@@ -252,24 +249,17 @@ async fn presigned_urls_work_without_a_token_and_expire() {
             .all(|l| serde_json::from_str::<Value>(l).unwrap()["resourceType"] == "Patient")
     );
     let tampered = url.replace("X-Amz-Expires=", "X-Amz-Expires=9");
-    assert_ne!(
-        plain_client().get(&tampered).send().await.unwrap().status(),
-        200
-    );
+    assert_ne!(get_anonymous(&tampered).await.status(), 200);
     eventually(
         "the presigned URL to expire",
         Duration::from_secs(20),
         || async {
-            let status = plain_client().get(&url).send().await.unwrap().status();
+            let status = get_anonymous(&url).await.status();
             (status == 403).then_some(())
         },
     )
     .await;
-    assert_eq!(
-        plain_client().get(&url).send().await.unwrap().status(),
-        403,
-        "expired"
-    );
+    assert_eq!(get_anonymous(&url).await.status(), 403, "expired");
     // A new manifest request signs anew (SPEC A9.8). The token may have expired too.
     let token = s.client.token(&s.proxy).await;
     let again: Value = get_with_token(&status_url, &token)
@@ -278,10 +268,7 @@ async fn presigned_urls_work_without_a_token_and_expire() {
         .await
         .unwrap();
     let fresh = again["output"][0]["url"].as_str().unwrap();
-    assert_eq!(
-        plain_client().get(fresh).send().await.unwrap().status(),
-        200
-    );
+    assert_eq!(get_anonymous(fresh).await.status(), 200);
     assert_eq!(again["error"], json!([]));
 }
 

@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use testkit::eventually;
+use testkit::get_anonymous;
 use testkit::metrics;
 use testkit::{FakeFhir, TestProxy, plain_client};
 
@@ -13,11 +14,7 @@ use testkit::{FakeFhir, TestProxy, plain_client};
 async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = plain_client()
-        .get(proxy.url("/metadata"))
-        .send()
-        .await
-        .unwrap();
+    let response = get_anonymous(proxy.url("/metadata")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/fhir+json");
     let cs: Value = response.json().await.unwrap();
@@ -53,11 +50,7 @@ async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
         proxy.url("/token").as_str()
     );
 
-    plain_client()
-        .get(proxy.url("/metadata"))
-        .send()
-        .await
-        .unwrap();
+    get_anonymous(proxy.url("/metadata")).await;
     let fetches = fake
         .received()
         .iter()
@@ -87,11 +80,7 @@ async fn xml_metadata_passes_through_untouched() {
 async fn metadata_errors_pass_through_unchanged() {
     let fake = FakeFhir::new().capability(None).start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = plain_client()
-        .get(proxy.url("/metadata"))
-        .send()
-        .await
-        .unwrap();
+    let response = get_anonymous(proxy.url("/metadata")).await;
     assert_eq!(response.status(), 500);
     assert_eq!(response.text().await.unwrap(), "metadata broke");
 }
@@ -101,14 +90,10 @@ async fn health_readiness_and_metrics() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
     for path in ["/healthz", "/readyz"] {
-        let response = plain_client().get(proxy.root(path)).send().await.unwrap();
+        let response = get_anonymous(proxy.root(path)).await;
         assert_eq!(response.status(), 200, "{path}");
     }
-    plain_client()
-        .get(proxy.url("/Patient"))
-        .send()
-        .await
-        .unwrap();
+    get_anonymous(proxy.url("/Patient")).await;
     let metrics = metrics(proxy.addr).await;
     for series in [
         "bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}",
@@ -122,21 +107,9 @@ async fn health_readiness_and_metrics() {
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let down = TestProxy::start(TestProxy::config(&format!("http://127.0.0.1:{port}"))).await;
-    let response = plain_client()
-        .get(down.root("/readyz"))
-        .send()
-        .await
-        .unwrap();
+    let response = get_anonymous(down.root("/readyz")).await;
     assert_eq!(response.status(), 503);
-    assert_eq!(
-        plain_client()
-            .get(down.root("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_anonymous(down.root("/healthz")).await.status(), 200);
 }
 
 #[tokio::test]
@@ -214,11 +187,7 @@ async fn readiness_follows_the_job_store() {
     config.store.redis_url = Some(redis.url().into());
     let proxy = TestProxy::start(config).await;
     let ready = || async {
-        let response = plain_client()
-            .get(proxy.root("/readyz"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.root("/readyz")).await;
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap();
         (status, body)

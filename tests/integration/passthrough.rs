@@ -5,6 +5,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
+use testkit::get_anonymous;
 use testkit::{FakeFhir, TestProxy, outcome, plain_client};
 
 /// A proxy in front of a fresh fake; `fast`: with the HTTP/1.1 fast path on (the default), or
@@ -202,11 +203,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 async fn forwarded_headers_are_added_and_extended() {
     for fast in BOTH {
         let (fake, proxy) = setup(fast).await;
-        plain_client()
-            .get(proxy.url("/Patient"))
-            .send()
-            .await
-            .unwrap();
+        get_anonymous(proxy.url("/Patient")).await;
         let seen = fake.received().pop().unwrap();
         assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
         assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
@@ -309,11 +306,7 @@ async fn unreachable_upstream_is_502_with_operation_outcome() {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let proxy = TestProxy::start(config(&format!("http://127.0.0.1:{port}/fhir"), fast)).await;
-        let response = plain_client()
-            .get(proxy.url("/Patient"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.url("/Patient")).await;
         assert!(outcome(response, 502).await.contains("unreachable"));
     }
 }
@@ -355,11 +348,7 @@ async fn request_ids_are_kept_or_made_and_forwarded() {
             Some("req-42")
         );
 
-        let response = plain_client()
-            .get(proxy.url("/Patient"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.url("/Patient")).await;
         let made = response.headers()["x-request-id"]
             .to_str()
             .unwrap()
@@ -369,11 +358,7 @@ async fn request_ids_are_kept_or_made_and_forwarded() {
             fake.received().pop().unwrap().header("x-request-id"),
             Some(made.as_str())
         );
-        let again = plain_client()
-            .get(proxy.url("/Patient"))
-            .send()
-            .await
-            .unwrap();
+        let again = get_anonymous(proxy.url("/Patient")).await;
         assert_ne!(
             again.headers()["x-request-id"].to_str().unwrap(),
             made,
@@ -420,11 +405,7 @@ async fn request_bodies_are_streamed_not_buffered() {
 async fn response_bodies_are_streamed_not_buffered() {
     for fast in BOTH {
         let (fake, proxy) = setup(fast).await;
-        let mut response = plain_client()
-            .get(proxy.url("/probe-download"))
-            .send()
-            .await
-            .unwrap();
+        let mut response = get_anonymous(proxy.url("/probe-download")).await;
         let first = tokio::time::timeout(Duration::from_secs(10), response.chunk())
             .await
             .expect("the first chunk was held back by the proxy")
@@ -494,11 +475,7 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
         let proxy = TestProxy::start(config).await;
         // One client request at a time: every one goes on the same pooled upstream connection.
         for i in 0..20 {
-            let response = plain_client()
-                .get(proxy.url(&format!("/Patient/{i}")))
-                .send()
-                .await
-                .unwrap();
+            let response = get_anonymous(proxy.url(&format!("/Patient/{i}"))).await;
             assert_eq!(response.status(), 200);
             response.bytes().await.unwrap();
         }
@@ -542,11 +519,7 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
             .unwrap();
         drop(stream);
         for i in 0..3 {
-            let response = plain_client()
-                .get(proxy.url(&format!("/Patient/after{i}")))
-                .send()
-                .await
-                .unwrap();
+            let response = get_anonymous(proxy.url(&format!("/Patient/after{i}"))).await;
             assert_eq!(response.status(), 200);
             assert!(!response.bytes().await.unwrap().is_empty());
         }

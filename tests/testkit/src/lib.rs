@@ -42,6 +42,15 @@ pub fn plain_client() -> reqwest::Client {
         .expect("client")
 }
 
+/// GET `url` without a token, from [`plain_client`].
+pub async fn get_anonymous(url: impl reqwest::IntoUrl) -> reqwest::Response {
+    plain_client()
+        .get(url)
+        .send()
+        .await
+        .expect("the proxy answers")
+}
+
 /// GET `url` with the bearer `token`, from [`plain_client`]: what most tests send.
 pub async fn get_with_token(
     url: impl reqwest::IntoUrl,
