@@ -140,11 +140,7 @@ async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
     assert_eq!(first.status(), 202, "the first poll is always 202");
     let progress = first.headers()["x-progress"].to_str().unwrap().to_owned();
     assert!(progress.len() < 100, "{progress}");
-    let retry: u64 = first.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = testkit::retry_after(&first);
     assert!(retry >= 1);
     let second = s.get(&status_url).await;
     assert!(second.headers().contains_key("retry-after"));
@@ -916,11 +912,7 @@ async fn a_client_honouring_retry_after_is_never_throttled() {
         let response = s.get(&status_url).await;
         match response.status() {
             StatusCode::ACCEPTED => {
-                let wait: u64 = response.headers()["retry-after"]
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let wait: u64 = testkit::retry_after(&response);
                 waits.push(wait);
                 tokio::time::sleep(Duration::from_secs(wait)).await;
             }

@@ -189,12 +189,7 @@ fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String, String)> {
                 String::from_utf8_lossy(bytes)
             );
         };
-        let length: usize = response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-            .expect("content-length");
+        let length: usize = testkit::scripted::content_length(response.headers);
         let head = String::from_utf8_lossy(&bytes[..head_len]).into_owned();
         let body = String::from_utf8_lossy(&bytes[head_len..head_len + length]).into_owned();
         responses.push((response.code.unwrap(), head, body));

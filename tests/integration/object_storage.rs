@@ -21,7 +21,7 @@ use testkit::process::Store;
 use testkit::redis::RedisServer;
 use testkit::s3::S3Server;
 use testkit::setup::{GROUP, Setup, assert_same, expected, group_members, ids};
-use testkit::smart::{SmartClient, token_form};
+use testkit::smart::SmartClient;
 
 /// A proxy storing its files in a fresh bucket.
 async fn on_s3(store: Store, configure: impl FnOnce(&mut Config)) -> (S3Server, Setup) {
@@ -306,19 +306,7 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
 
     let mut first = ProxyProcess::spawn(&config_path, "info", &[]);
-    let assertion = client_reg
-        .key
-        .assertion(&client_reg.id, &format!("{PUBLIC}/token"));
-    let token: Value = plain_client()
-        .post(format!("{}/token", first.base()))
-        .form(&token_form(&assertion, "system/*.read"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
+    let token = testkit::process::token(&client_reg, &first, PUBLIC).await;
     let status_url = start_export(
         format!("{}/$export?_type=Observation", first.base()),
         &token,

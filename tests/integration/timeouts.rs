@@ -40,12 +40,7 @@ async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(head) = response.parse(buffer).unwrap() {
-            let length: usize = response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-                .expect("content-length");
+            let length: usize = testkit::scripted::content_length(response.headers);
             if buffer.len() >= head + length {
                 let status = response.code.unwrap();
                 let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();

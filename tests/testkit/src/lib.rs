@@ -90,6 +90,19 @@ pub async fn start_export(url: impl reqwest::IntoUrl, token: impl std::fmt::Disp
         .expect("a Content-Location")
 }
 
+/// The seconds a 202 or 429 answer's `Retry-After` asks for.
+pub fn retry_after(response: &reqwest::Response) -> u64 {
+    let value = response
+        .headers()
+        .get("retry-after")
+        .expect("a Retry-After");
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .expect("Retry-After in seconds")
+}
+
 /// The Prometheus scrape of the proxy listening on `addr`.
 pub async fn metrics(addr: std::net::SocketAddr) -> String {
     plain_client()

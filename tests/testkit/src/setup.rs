@@ -183,11 +183,7 @@ impl Setup {
             let response = crate::get_with_token(status_url, &self.token).await;
             match response.status() {
                 StatusCode::ACCEPTED => {
-                    let wait: u64 = response.headers()["retry-after"]
-                        .to_str()
-                        .unwrap()
-                        .parse()
-                        .unwrap();
+                    let wait: u64 = crate::retry_after(&response);
                     assert!(wait > 0);
                     tokio::time::sleep(Duration::from_millis(wait * 1000)).await;
                 }
