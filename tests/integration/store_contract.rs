@@ -401,7 +401,7 @@ async fn deleted_jobs_refuse_unit_writes(store: Arc<dyn JobStore>) {
 
 /// Finishes every unit of `job_id` (claimed by worker "w").
 async fn finish_all(store: &Arc<dyn JobStore>, job_id: &str) {
-    while let Some(mut unit) = lease(&store, "w", NOW, NOW + 60).await {
+    while let Some(mut unit) = lease(store, "w", NOW, NOW + 60).await {
         assert_eq!(unit.job_id, job_id);
         unit.state = UnitState::Done;
         store.finish_unit(&unit, "w").await.unwrap().unwrap();
