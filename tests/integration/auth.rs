@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use fhir_bulk_proxy::config::Config;
 use serde_json::{Value, json};
 
+use testkit::get_accepting;
 use testkit::get_anonymous;
 use testkit::get_with_token;
 use testkit::smart::{
@@ -55,12 +56,7 @@ async fn token_with(proxy: &TestProxy, assertion: &str) -> reqwest::Response {
 #[tokio::test]
 async fn discovery_advertises_absolute_endpoints_without_authentication() {
     let (proxy, _client, _fake) = proxy_and_client().await;
-    let response = plain_client()
-        .get(proxy.url("/.well-known/smart-configuration"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap();
+    let response = get_accepting(proxy.url("/.well-known/smart-configuration"), "text/html").await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]

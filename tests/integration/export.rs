@@ -8,6 +8,7 @@ use std::time::Duration;
 use fhir_bulk_proxy::config::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::get_accepting;
 use testkit::get_anonymous;
 use testkit::get_with_token;
 use testkit::kick_off;
@@ -833,12 +834,7 @@ async fn errors_honour_accept() {
         }
     }
     // A 401 without a token, too.
-    let unauthorized = plain_client()
-        .get(&missing_status)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let unauthorized = get_accepting(&missing_status, "application/json").await;
     assert_eq!(unauthorized.status(), 401);
     assert_eq!(unauthorized.headers()["content-type"], "application/json");
 }

@@ -4,14 +4,12 @@
 //! written to a pipe have no colour codes; each request's lines carry its request id, each job's
 //! lines its job id.
 
-use std::path::Path;
-
 use fhir_bulk_proxy::auth::keygen::{self, KeyAlgorithm};
 use fhir_bulk_proxy::config::{Config, UpstreamAuthScheme};
 use serde_json::Value;
 use testkit::client::{BulkClient, ClientKey};
 use testkit::get_with_token;
-use testkit::memory_fhir::MemoryFhir;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 use testkit::plain_client;
 use testkit::process::ProxyProcess;
@@ -22,7 +20,7 @@ const CLIENT_ID: &str = "log-test-client";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_whole_export_at_debug_level_logs_no_secret() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10");
+    let fixtures = testkit::setup::fixture_dir();
     let fhir = MemoryFhir::new()
         .load_dir(&fixtures)
         .unwrap()
@@ -30,20 +28,11 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
         .start()
         .await
         .unwrap();
-    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
-    let mut config = Config::default();
-    config.upstream.url = fhir.url();
-    config.upstream.auth.scheme = UpstreamAuthScheme::Bearer;
-    config.upstream.auth.token = Some(UPSTREAM_TOKEN.into());
-    config.auth.signing_secret = Some(SIGNING_SECRET.into());
-    config.auth.passthrough = true;
-    config.export.poll_retry_after_secs = 1;
-    config.auth.clients.push(keygen::client_config(
-        CLIENT_ID,
-        &["system/*.read".into()],
-        &key,
-    ));
-    let (_dir, config_path) = written(config);
+    let (key, _dir, config_path) = written(&fhir, |config| {
+        config.upstream.auth.scheme = UpstreamAuthScheme::Bearer;
+        config.upstream.auth.token = Some(UPSTREAM_TOKEN.into());
+        config.auth.passthrough = true;
+    });
     let proxy = ProxyProcess::spawn(&config_path, "debug", &[]);
 
     let client_key = ClientKey::from_json(&key.private_jwk).unwrap();
@@ -120,24 +109,14 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10");
+    let fixtures = testkit::setup::fixture_dir();
     let fhir = MemoryFhir::new()
         .load_dir(&fixtures)
         .unwrap()
         .start()
         .await
         .unwrap();
-    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
-    let mut config = Config::default();
-    config.upstream.url = fhir.url();
-    config.auth.signing_secret = Some(SIGNING_SECRET.into());
-    config.export.poll_retry_after_secs = 1;
-    config.auth.clients.push(keygen::client_config(
-        CLIENT_ID,
-        &["system/*.read".into()],
-        &key,
-    ));
-    let (_dir, config_path) = written(config);
+    let (key, _dir, config_path) = written(&fhir, |_| {});
     let proxy = ProxyProcess::spawn(
         &config_path,
         "fhir_bulk_proxy=debug,info",
@@ -271,13 +250,28 @@ async fn a_failed_request_is_logged_with_its_request_id() {
     }
 }
 
-/// `config` with its store and files in a new directory, written there as `proxy.toml`; the
+/// A configuration for `fhir` with a registered ES384 client (its key returned), then
+/// `configure`; its store and files in a new directory, where it is written as `proxy.toml`. The
 /// directory lives as long as the returned guard.
-fn written(mut config: Config) -> (tempfile::TempDir, std::path::PathBuf) {
+fn written(
+    fhir: &RunningFhir,
+    configure: impl FnOnce(&mut Config),
+) -> (keygen::GeneratedKey, tempfile::TempDir, std::path::PathBuf) {
+    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
+    let mut config = Config::default();
+    config.upstream.url = fhir.url();
+    config.auth.signing_secret = Some(SIGNING_SECRET.into());
+    config.export.poll_retry_after_secs = 1;
+    let scopes = ["system/*.read".into()];
+    config
+        .auth
+        .clients
+        .push(keygen::client_config(CLIENT_ID, &scopes, &key));
+    configure(&mut config);
     let dir = tempfile::tempdir().unwrap();
     config.store.path = dir.path().join("jobs.redb");
     config.storage.path = dir.path().join("files");
     let config_path = dir.path().join("proxy.toml");
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-    (dir, config_path)
+    (key, dir, config_path)
 }

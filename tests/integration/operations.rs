@@ -6,6 +6,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use testkit::eventually;
+use testkit::get_accepting;
 use testkit::get_anonymous;
 use testkit::metrics;
 use testkit::{FakeFhir, TestProxy, plain_client};
@@ -63,12 +64,7 @@ async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
 async fn xml_metadata_passes_through_untouched() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = plain_client()
-        .get(proxy.url("/metadata"))
-        .header("accept", "application/fhir+xml")
-        .send()
-        .await
-        .unwrap();
+    let response = get_accepting(proxy.url("/metadata"), "application/fhir+xml").await;
     assert_eq!(response.headers()["content-type"], "application/fhir+xml");
     assert_eq!(
         response.text().await.unwrap(),

@@ -51,6 +51,16 @@ pub async fn get_anonymous(url: impl reqwest::IntoUrl) -> reqwest::Response {
         .expect("the proxy answers")
 }
 
+/// GET `url` without a token, accepting `accept`.
+pub async fn get_accepting(url: impl reqwest::IntoUrl, accept: &str) -> reqwest::Response {
+    plain_client()
+        .get(url)
+        .header("accept", accept)
+        .send()
+        .await
+        .expect("the proxy answers")
+}
+
 /// GET `url` with the bearer `token`, from [`plain_client`]: what most tests send.
 pub async fn get_with_token(
     url: impl reqwest::IntoUrl,
