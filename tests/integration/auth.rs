@@ -721,11 +721,7 @@ async fn keygen_prints_a_key_and_a_registration_that_works() {
         .args(["keygen", "--client-id", "cli-client", "--alg", "RS384"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::process::assert_succeeded(&output);
     let text = String::from_utf8(output.stdout).unwrap();
     let snippet = &text[text.find("[[auth.clients]]").unwrap()..];
     let private_json = &text[text.find('{').unwrap()..text.find("\n}\n").unwrap() + 2];
@@ -769,11 +765,7 @@ async fn keygen_out_writes_a_key_only_its_owner_reads_and_a_registration_that_wo
             .unwrap()
     };
     let output = keygen();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::process::assert_succeeded(&output);
     let private = out.join("team_analytics.private.jwk.json");
     let registration = out.join("team_analytics.client.toml");
     let public: Value =

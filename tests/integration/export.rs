@@ -22,11 +22,8 @@ use testkit::smart::{ClientKey, SmartClient};
 use testkit::{TestProxy, outcome, plain_client, raw_get};
 use testkit::{both, eventually};
 
-both!(
-    system_export_returns_every_resource_exactly_once,
-    system_export_returns_every_resource_exactly_once_on
-);
-async fn system_export_returns_every_resource_exactly_once_on(store: Store) {
+both!(system_export_returns_every_resource_exactly_once);
+async fn system_export_returns_every_resource_exactly_once(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export").await;
     assert_same(&ids(&files), &expected(&s.fhir, None));
@@ -36,11 +33,8 @@ async fn system_export_returns_every_resource_exactly_once_on(store: Store) {
     assert_eq!(manifest["error"], json!([]));
 }
 
-both!(
-    patient_export_returns_the_patient_compartment_exactly,
-    patient_export_returns_the_patient_compartment_exactly_on
-);
-async fn patient_export_returns_the_patient_compartment_exactly_on(store: Store) {
+both!(patient_export_returns_the_patient_compartment_exactly);
+async fn patient_export_returns_the_patient_compartment_exactly(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (_, files) = s.export("/Patient/$export").await;
     let patients = s.fhir.ids("Patient");
@@ -51,11 +45,8 @@ async fn patient_export_returns_the_patient_compartment_exactly_on(store: Store)
     assert_same(&ids(&files), &want);
 }
 
-both!(
-    group_export_holds_exactly_the_groups_patients_with_batched_searches,
-    group_export_holds_exactly_the_groups_patients_with_batched_searches_on
-);
-async fn group_export_holds_exactly_the_groups_patients_with_batched_searches_on(store: Store) {
+both!(group_export_holds_exactly_the_groups_patients_with_batched_searches);
+async fn group_export_holds_exactly_the_groups_patients_with_batched_searches(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let before = s.fhir.counters.searches.load(Ordering::SeqCst);
     let (manifest, files) = s
@@ -93,11 +84,8 @@ async fn group_export_holds_exactly_the_groups_patients_with_batched_searches_on
     );
 }
 
-both!(
-    post_kick_off_with_parameters_and_patient_filter,
-    post_kick_off_with_parameters_and_patient_filter_on
-);
-async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
+both!(post_kick_off_with_parameters_and_patient_filter);
+async fn post_kick_off_with_parameters_and_patient_filter(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let members = group_members();
     let body = json!({"resourceType": "Parameters", "parameter": [
@@ -130,11 +118,8 @@ async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
     assert_eq!(got.get("Condition").cloned().unwrap_or_default(), want);
 }
 
-both!(
-    status_is_202_first_then_429_when_polled_too_fast,
-    status_is_202_first_then_429_when_polled_too_fast_on
-);
-async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
+both!(status_is_202_first_then_429_when_polled_too_fast);
+async fn status_is_202_first_then_429_when_polled_too_fast(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let status_url = s.start("/$export?_type=Patient").await;
     let first = s.get(&status_url).await;
@@ -148,11 +133,8 @@ async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
     outcome(second, 429).await;
 }
 
-both!(
-    invalid_kick_offs_are_400_with_an_operation_outcome,
-    invalid_kick_offs_are_400_with_an_operation_outcome_on
-);
-async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
+both!(invalid_kick_offs_are_400_with_an_operation_outcome);
+async fn invalid_kick_offs_are_400_with_an_operation_outcome(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let cases = [
         ("/$export?_outputFormat=application/xml", "_outputFormat"),
@@ -210,11 +192,8 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
     }
 }
 
-both!(
-    lenient_handling_reports_ignored_parameters_in_the_error_file,
-    lenient_handling_reports_ignored_parameters_in_the_error_file_on
-);
-async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store: Store) {
+both!(lenient_handling_reports_ignored_parameters_in_the_error_file);
+async fn lenient_handling_reports_ignored_parameters_in_the_error_file(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let response =
         plain_client()
@@ -241,11 +220,8 @@ async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store:
     );
 }
 
-both!(
-    tokens_are_required_and_scopes_enforced,
-    tokens_are_required_and_scopes_enforced_on
-);
-async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
+both!(tokens_are_required_and_scopes_enforced);
+async fn tokens_are_required_and_scopes_enforced(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let no_token = plain_client()
         .get(s.proxy.url("/$export"))
@@ -282,11 +258,8 @@ async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
     assert_eq!(bad.status(), 401);
 }
 
-both!(
-    other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types,
-    other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types_on
-);
-async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types_on(
+both!(other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types);
+async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types(
     store: Store,
 ) {
     let observer_key = ClientKey::es384();
@@ -341,11 +314,8 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     );
 }
 
-both!(
-    downloads_support_gzip_and_range,
-    downloads_support_gzip_and_range_on
-);
-async fn downloads_support_gzip_and_range_on(store: Store) {
+both!(downloads_support_gzip_and_range);
+async fn downloads_support_gzip_and_range(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export?_type=Patient").await;
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
@@ -358,11 +328,8 @@ async fn downloads_support_gzip_and_range_on(store: Store) {
     s.assert_gzip_and_range(&url, &plain).await;
 }
 
-both!(
-    delete_cancels_and_everything_is_404_afterwards,
-    delete_cancels_and_everything_is_404_afterwards_on
-);
-async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
+both!(delete_cancels_and_everything_is_404_afterwards);
+async fn delete_cancels_and_everything_is_404_afterwards(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, _) = s.export("/$export?_type=Patient").await;
     let status_url = manifest["output"][0]["url"]
@@ -398,11 +365,8 @@ async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
     assert!(!files_dir.exists(), "files deleted");
 }
 
-both!(
-    cancelling_a_running_export_stops_its_searches,
-    cancelling_a_running_export_stops_its_searches_on
-);
-async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
+both!(cancelling_a_running_export_stops_its_searches);
+async fn cancelling_a_running_export_stops_its_searches(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(200, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 20).await;
@@ -432,11 +396,8 @@ async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
     );
 }
 
-both!(
-    a_page_that_fails_then_succeeds_is_retried,
-    a_page_that_fails_then_succeeds_is_retried_on
-);
-async fn a_page_that_fails_then_succeeds_is_retried_on(store: Store) {
+both!(a_page_that_fails_then_succeeds_is_retried);
+async fn a_page_that_fails_then_succeeds_is_retried(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.fail_searches.store(3, Ordering::SeqCst);
     fhir.faults.throttle_searches.store(1, Ordering::SeqCst);
@@ -448,11 +409,8 @@ async fn a_page_that_fails_then_succeeds_is_retried_on(store: Store) {
     assert_eq!(manifest["error"], json!([]));
 }
 
-both!(
-    a_permanent_failure_goes_to_the_error_file_and_the_job_completes,
-    a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on
-);
-async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on(store: Store) {
+both!(a_permanent_failure_goes_to_the_error_file_and_the_job_completes);
+async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes(store: Store) {
     let fhir = fixture_upstream().await;
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 2).await;
@@ -468,11 +426,8 @@ async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on(sto
     );
 }
 
-both!(
-    a_job_where_nothing_worked_fails_with_an_operation_outcome,
-    a_job_where_nothing_worked_fails_with_an_operation_outcome_on
-);
-async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: Store) {
+both!(a_job_where_nothing_worked_fails_with_an_operation_outcome);
+async fn a_job_where_nothing_worked_fails_with_an_operation_outcome(store: Store) {
     let fhir = fixture_upstream().await;
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 1).await;
@@ -489,11 +444,8 @@ async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: St
     assert!(last.is_server_error(), "{last}");
 }
 
-both!(
-    an_expired_paging_cursor_resumes_without_loss_or_duplicates,
-    an_expired_paging_cursor_resumes_without_loss_or_duplicates_on
-);
-async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates_on(store: Store) {
+both!(an_expired_paging_cursor_resumes_without_loss_or_duplicates);
+async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.expire_next_links.store(4, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 37).await;
@@ -513,11 +465,8 @@ async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates_on(store: S
     );
 }
 
-both!(
-    type_filters_are_ored_and_since_bounds_the_export,
-    type_filters_are_ored_and_since_bounds_the_export_on
-);
-async fn type_filters_are_ored_and_since_bounds_the_export_on(store: Store) {
+both!(type_filters_are_ored_and_since_bounds_the_export);
+async fn type_filters_are_ored_and_since_bounds_the_export(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (_, files) = s
         .export("/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory&_typeFilter=Observation%3Fcategory%3Dsurvey")
@@ -538,11 +487,8 @@ async fn type_filters_are_ored_and_since_bounds_the_export_on(store: Store) {
     assert_eq!(manifest["output"], json!([]));
 }
 
-both!(
-    elements_subset_resources_and_tag_them,
-    elements_subset_resources_and_tag_them_on
-);
-async fn elements_subset_resources_and_tag_them_on(store: Store) {
+both!(elements_subset_resources_and_tag_them);
+async fn elements_subset_resources_and_tag_them(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (_, files) = s
         .export("/$export?_type=Patient&_elements=id,Patient.meta")
@@ -555,11 +501,8 @@ async fn elements_subset_resources_and_tag_them_on(store: Store) {
     }
 }
 
-both!(
-    the_per_client_export_cap_answers_429,
-    the_per_client_export_cap_answers_429_on
-);
-async fn the_per_client_export_cap_answers_429_on(store: Store) {
+both!(the_per_client_export_cap_answers_429);
+async fn the_per_client_export_cap_answers_429(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(300, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.max_active_jobs_per_client = 1).await;
@@ -686,11 +629,8 @@ fn url_offset(query: &str) -> usize {
         .unwrap_or(0)
 }
 
-both!(
-    expired_jobs_and_their_files_are_swept,
-    expired_jobs_and_their_files_are_swept_on
-);
-async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
+both!(expired_jobs_and_their_files_are_swept);
+async fn expired_jobs_and_their_files_are_swept(store: Store) {
     let s = Setup::new(store, |c| {
         // Long enough to fetch the manifest on a loaded machine, short enough to wait for.
         c.export.job_ttl_secs = 4;
@@ -715,11 +655,8 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     );
 }
 
-both!(
-    the_proxy_authenticates_to_an_upstream_that_requires_it,
-    the_proxy_authenticates_to_an_upstream_that_requires_it_on
-);
-async fn the_proxy_authenticates_to_an_upstream_that_requires_it_on(store: Store) {
+both!(the_proxy_authenticates_to_an_upstream_that_requires_it);
+async fn the_proxy_authenticates_to_an_upstream_that_requires_it(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -740,11 +677,8 @@ async fn the_proxy_authenticates_to_an_upstream_that_requires_it_on(store: Store
     assert_eq!(got["Condition"].len(), s.fhir.ids("Condition").len());
 }
 
-both!(
-    files_are_split_at_the_configured_size,
-    files_are_split_at_the_configured_size_on
-);
-async fn files_are_split_at_the_configured_size_on(store: Store) {
+both!(files_are_split_at_the_configured_size);
+async fn files_are_split_at_the_configured_size(store: Store) {
     let s = Setup::new(store, |c| c.export.max_file_resources = 300).await;
     let (manifest, files) = s.export("/$export?_type=Observation").await;
     let counts: Vec<u64> = manifest["output"]

@@ -167,11 +167,7 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
         .current_dir(std::env::temp_dir())
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::process::assert_succeeded(&output);
 }
 
 #[tokio::test]

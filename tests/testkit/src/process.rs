@@ -165,6 +165,16 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// Asserts that a command (the proxy binary's `keygen`, `check-config`, `jobs`...) succeeded,
+/// showing its stderr if not.
+pub fn assert_succeeded(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// The job store a test's proxy processes share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {

@@ -33,19 +33,20 @@ pub fn fixture_dir() -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/bds-r4-10")
 }
 
-/// Runs a scenario once per store: `both!(name, scenario)` makes `name::embedded` and
-/// `name::redis`, so every export behaviour is checked through both `JobStore`s.
+/// Runs a scenario once per store: `both!(name)` beside `async fn name(store: Store)` makes the
+/// tests `name::embedded` and `name::redis` (a module and a function may share a name), so every
+/// export behaviour is checked through both `JobStore`s.
 #[macro_export]
 macro_rules! both {
-    ($name:ident, $scenario:ident) => {
+    ($name:ident) => {
         mod $name {
             #[tokio::test]
             async fn embedded() {
-                super::$scenario($crate::process::Store::Embedded).await;
+                super::$name($crate::process::Store::Embedded).await;
             }
             #[tokio::test]
             async fn redis() {
-                super::$scenario($crate::process::Store::Redis).await;
+                super::$name($crate::process::Store::Redis).await;
             }
         }
     };
