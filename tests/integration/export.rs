@@ -102,11 +102,7 @@ async fn post_kick_off_with_parameters_and_patient_filter(store: Store) {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = testkit::accepted(response).await;
     let manifest = s.manifest(&status_url).await;
     let got = ids(&s.download(&manifest).await);
     assert_eq!(got["Patient"], BTreeSet::from([members[0].clone()]));
@@ -206,11 +202,7 @@ async fn lenient_handling_reports_ignored_parameters_in_the_error_file(store: St
             .send()
             .await
             .unwrap();
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = testkit::accepted(response).await;
     let manifest = s.manifest(&status_url).await;
     let errors = s.errors(&manifest).await;
     let text = serde_json::to_string(&errors).unwrap();

@@ -91,7 +91,11 @@ pub async fn kick_off(
 
 /// [`kick_off`], asserting 202; returns the status URL (`Content-Location`).
 pub async fn start_export(url: impl reqwest::IntoUrl, token: impl std::fmt::Display) -> String {
-    let response = kick_off(url, token).await;
+    accepted(kick_off(url, token).await).await
+}
+
+/// Asserts that a kick-off was accepted (202) and returns its status URL (`Content-Location`).
+pub async fn accepted(response: reqwest::Response) -> String {
     let status = response.status();
     let location = response.headers().get("content-location").cloned();
     assert_eq!(status, 202, "{}", response.text().await.unwrap_or_default());
