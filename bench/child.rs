@@ -9,8 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
-use fhir_bulk_proxy::client::ClientKey;
 use serde_json::Value;
+use testkit::client::ClientKey;
 
 /// The client id every benchmark registers.
 pub const CLIENT_ID: &str = "bench";

@@ -40,10 +40,10 @@ use fhir_bulk_proxy::export::kickoff::{self, RawKickOff};
 use fhir_bulk_proxy::export::pager::Pager;
 use fhir_bulk_proxy::export::plan::{self, PlanInput};
 use fhir_bulk_proxy::job::Level;
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 use serde_json::Value;
+use testkit::memory_fhir::MemoryFhir;
 
 mod child;
 mod procfs;
@@ -506,25 +506,7 @@ async fn proxy_export(
         while p.finished.try_recv().is_ok() {}
     }
     let started = Instant::now();
-    let response = http
-        .get(format!("{}{path}", proxy.process.base))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .send()
-        .await?;
-    ensure!(
-        response.status() == 202,
-        "kick-off {path}: {} {}",
-        response.status(),
-        response.text().await?
-    );
-    let status_url = response
-        .headers()
-        .get("content-location")
-        .and_then(|v| v.to_str().ok())
-        .context("no Content-Location")?
-        .to_owned();
+    let status_url = kick_off(http, &format!("{}{path}", proxy.process.base), &token).await?;
     // Wait for the "export finished" line (the first poll is always 202 anyway).
     let finished = 'wait: loop {
         for p in proxies {
@@ -541,14 +523,7 @@ async fn proxy_export(
         tokio::time::sleep(Duration::from_millis(2)).await;
     };
     let wall = finished.saturating_duration_since(started);
-    let manifest = loop {
-        let response = http.get(&status_url).bearer_auth(&token).send().await?;
-        match response.status().as_u16() {
-            200 => break response.json::<Value>().await?,
-            202 | 429 => tokio::time::sleep(Duration::from_millis(600)).await,
-            other => bail!("status {other}: {}", response.text().await?),
-        }
-    };
+    let manifest = manifest(http, &status_url, &token).await?;
     let output = manifest["output"].as_array().context("no output")?;
     let resources: u64 = output.iter().filter_map(|o| o["count"].as_u64()).sum();
     let errors = manifest["error"].as_array().map_or(0, Vec::len);
@@ -565,6 +540,41 @@ async fn proxy_export(
     Ok(run)
 }
 
+/// Kicks off the export at `url` and returns its status URL.
+async fn kick_off(http: &reqwest::Client, url: &str, token: &str) -> Result<String> {
+    let response = http
+        .get(url)
+        .header("accept", "application/fhir+json")
+        .header("prefer", "respond-async")
+        .bearer_auth(token)
+        .send()
+        .await?;
+    ensure!(
+        response.status() == 202,
+        "kick-off {url}: {} {}",
+        response.status(),
+        response.text().await?
+    );
+    Ok(response
+        .headers()
+        .get("content-location")
+        .and_then(|v| v.to_str().ok())
+        .context("no Content-Location")?
+        .to_owned())
+}
+
+/// Polls `status_url` until the manifest arrives.
+async fn manifest(http: &reqwest::Client, status_url: &str, token: &str) -> Result<Value> {
+    loop {
+        let response = http.get(status_url).bearer_auth(token).send().await?;
+        match response.status().as_u16() {
+            200 => return Ok(response.json::<Value>().await?),
+            202 | 429 => tokio::time::sleep(Duration::from_millis(600)).await,
+            other => bail!("status {other}: {}", response.text().await?),
+        }
+    }
+}
+
 /// Downloads every file of a fresh export and counts its lines (a correctness check, untimed
 /// against the baseline).
 async fn download_check(
@@ -574,27 +584,8 @@ async fn download_check(
 ) -> Result<(u64, u64, Duration)> {
     let token = proxy.token(http).await?;
     while proxy.finished.try_recv().is_ok() {}
-    let response = http
-        .get(format!("{}{path}", proxy.process.base))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .send()
-        .await?;
-    let status_url = response
-        .headers()
-        .get("content-location")
-        .and_then(|v| v.to_str().ok())
-        .context("no Content-Location")?
-        .to_owned();
-    let manifest = loop {
-        let response = http.get(&status_url).bearer_auth(&token).send().await?;
-        match response.status().as_u16() {
-            200 => break response.json::<Value>().await?,
-            202 | 429 => tokio::time::sleep(Duration::from_millis(600)).await,
-            other => bail!("status {other}: {}", response.text().await?),
-        }
-    };
+    let status_url = kick_off(http, &format!("{}{path}", proxy.process.base), &token).await?;
+    let manifest = manifest(http, &status_url, &token).await?;
     let (mut lines, mut bytes) = (0u64, 0u64);
     let started = Instant::now();
     for item in manifest["output"].as_array().into_iter().flatten() {

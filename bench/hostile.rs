@@ -39,10 +39,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use proptest::strategy::{Strategy, ValueTree};
 use proptest::test_runner::{Config as ProptestConfig, RngAlgorithm, TestRng, TestRunner};
 use serde_json::{Value, json};
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
 mod child;
 #[path = "../tests/integration/hostile_input/corpus.rs"]

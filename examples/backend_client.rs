@@ -1,7 +1,7 @@
 //! A complete SMART Backend Services client (SMART App Launch "Backend Services"; Bulk Data IG
 //! "Export"): discovers the token endpoint, signs a client assertion with its private key, gets an
 //! access token, then starts an `$export`, polls it and downloads every file. The protocol steps are
-//! [`fhir_bulk_proxy::client`]; this file is the command line around them.
+//! [`testkit::client`]; this file is the command line around them.
 //!
 //! ```sh
 //! cargo run -- keygen --client-id my-client > my-client.txt   # register the printed [[auth.clients]]
@@ -21,8 +21,8 @@ use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use fhir_bulk_proxy::client::{BulkClient, ClientKey};
 use serde_json::Value;
+use testkit::client::{BulkClient, ClientKey};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -109,9 +109,8 @@ async fn main() -> anyhow::Result<()> {
         let count = client
             .download(url, |line| {
                 if let Some(sink) = sink.as_mut() {
-                    writeln!(sink, "{line}").map_err(|e| {
-                        fhir_bulk_proxy::client::ClientError::Protocol(e.to_string())
-                    })?;
+                    writeln!(sink, "{line}")
+                        .map_err(|e| testkit::client::ClientError::Protocol(e.to_string()))?;
                 }
                 Ok(())
             })

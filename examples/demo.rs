@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use anyhow::{Context, bail, ensure};
 use fhir_bulk_proxy::auth::keygen::{self, KeyAlgorithm};
-use fhir_bulk_proxy::client::{BulkClient, ClientKey};
 use fhir_bulk_proxy::config::{Config, LogConfig};
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde_json::Value;
+use testkit::client::{BulkClient, ClientKey};
+use testkit::memory_fhir::MemoryFhir;
 
 /// The Group the demo exports (its fixture file is `Group.ndjson`).
 pub const GROUP: &str = "synthea-10";
@@ -181,9 +181,8 @@ async fn export(
         let declared = file["type"].as_str().unwrap_or_default().to_owned();
         let lines = client
             .download(url, |line| {
-                let resource: Value = serde_json::from_str(line).map_err(|e| {
-                    fhir_bulk_proxy::client::ClientError::Protocol(format!("{url}: {e}"))
-                })?;
+                let resource: Value = serde_json::from_str(line)
+                    .map_err(|e| testkit::client::ClientError::Protocol(format!("{url}: {e}")))?;
                 if declared == "Patient" {
                     if let Some(id) = resource["id"].as_str() {
                         patients.insert(id.to_owned());

@@ -63,13 +63,11 @@
 
 pub mod app;
 pub mod auth;
-pub mod client;
 pub mod config;
 pub mod export;
 pub mod fhir;
 pub mod http;
 pub mod job;
-pub mod memory_fhir;
 pub mod ops;
 pub mod proxy;
 pub mod routes;

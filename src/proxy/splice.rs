@@ -109,6 +109,7 @@ impl Pipe {
                 Err(e) => return Err(e),
             };
             remaining -= in_pipe as u64;
+            crate::telemetry::metrics::spliced(in_pipe as u64);
             while in_pipe > 0 {
                 let drained = client.try_io(Interest::WRITABLE, || {
                     Ok(splice(&self.read, None, client, None, in_pipe, flags)?)

@@ -18,7 +18,9 @@
 //!   `bulk_proxy_leases_lost_total` (a unit taken over by another worker, or its job deleted);
 //! - `bulk_proxy_store_errors_total{backend}` (`embedded` | `redis`): job store failures;
 //! - `bulk_proxy_storage_errors_total{backend}` (`local` | `s3`): export file storage failures
-//!   (a missing file is not one).
+//!   (a missing file is not one);
+//! - `bulk_proxy_spliced_bytes_total`: passthrough body bytes moved with splice(2), the only sign
+//!   outside the process that a body was spliced rather than copied.
 //!
 //! The counters a dashboard or an alert takes a `rate` of exist from start-up, at 0.
 //!
@@ -46,6 +48,7 @@ pub const UNITS_ACTIVE: &str = "bulk_proxy_units_active";
 pub const LEASES_LOST: &str = "bulk_proxy_leases_lost_total";
 pub const STORE_ERRORS: &str = "bulk_proxy_store_errors_total";
 pub const STORAGE_ERRORS: &str = "bulk_proxy_storage_errors_total";
+pub const SPLICED_BYTES: &str = "bulk_proxy_spliced_bytes_total";
 
 /// Creates the export, store and storage series at 0, so that a `rate` over them (dashboards,
 /// alerts) has data before the first event. `store` and `storage` name the configured backends.
@@ -61,6 +64,7 @@ pub fn init_series(store: &'static str, storage: &'static str) {
     metrics::counter!(EXPORT_PAGES).absolute(0);
     metrics::counter!(UNITS_CLAIMED).absolute(0);
     metrics::counter!(LEASES_LOST).absolute(0);
+    metrics::counter!(SPLICED_BYTES).absolute(0);
     metrics::gauge!(UNITS_ACTIVE).set(0.0);
     metrics::counter!(STORE_ERRORS, "backend" => store).absolute(0);
     metrics::counter!(STORAGE_ERRORS, "backend" => storage).absolute(0);
@@ -122,6 +126,11 @@ pub fn store_error(backend: &'static str) {
 /// An export file operation failed (`local` or `s3`).
 pub fn storage_error(backend: &'static str) {
     metrics::counter!(STORAGE_ERRORS, "backend" => backend).increment(1);
+}
+
+/// `bytes` of a passthrough body went through a pipe with splice(2).
+pub fn spliced(bytes: u64) {
+    metrics::counter!(SPLICED_BYTES).increment(bytes);
 }
 
 const LATENCY_BUCKETS: &[f64] = &[

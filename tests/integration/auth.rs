@@ -7,11 +7,14 @@ use std::time::{Duration, Instant};
 use fhir_bulk_proxy::config::Config;
 use serde_json::{Value, json};
 
-use crate::support::smart::{
+use testkit::get_accepting;
+use testkit::get_anonymous;
+use testkit::get_with_token;
+use testkit::smart::{
     ClientKey, JwksServer, SmartClient, TEST_CLIENT, TEST_SIGNING_SECRET, claims, now, post_token,
     register_url, token_form, token_url, unsigned,
 };
-use crate::support::{FakeFhir, TestProxy, client, outcome};
+use testkit::{FakeFhir, TestProxy, outcome, plain_client};
 
 async fn proxy_with(configure: impl FnOnce(&mut Config)) -> (TestProxy, FakeFhirGuard) {
     let fake = FakeFhir::new().start().await;
@@ -21,7 +24,7 @@ async fn proxy_with(configure: impl FnOnce(&mut Config)) -> (TestProxy, FakeFhir
 }
 
 /// Keeps the fake upstream alive as long as the test holds it.
-struct FakeFhirGuard(#[allow(dead_code)] crate::support::fake_fhir::RunningFake);
+struct FakeFhirGuard(#[allow(dead_code)] testkit::fake_fhir::RunningFake);
 
 /// A proxy with the test client registered; returns the client too.
 async fn proxy_and_client() -> (TestProxy, SmartClient, FakeFhirGuard) {
@@ -53,12 +56,7 @@ async fn token_with(proxy: &TestProxy, assertion: &str) -> reqwest::Response {
 #[tokio::test]
 async fn discovery_advertises_absolute_endpoints_without_authentication() {
     let (proxy, _client, _fake) = proxy_and_client().await;
-    let response = client()
-        .get(proxy.url("/.well-known/smart-configuration"))
-        .header("accept", "text/html")
-        .send()
-        .await
-        .unwrap();
+    let response = get_accepting(proxy.url("/.well-known/smart-configuration"), "text/html").await;
     assert_eq!(response.status(), 200);
     assert!(
         response.headers()["content-type"]
@@ -94,7 +92,7 @@ async fn discovery_advertises_absolute_endpoints_without_authentication() {
         "no issuer without sso-openid-connect"
     );
 
-    let forwarded = client()
+    let forwarded = plain_client()
         .get(proxy.url("/.well-known/smart-configuration"))
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "fhir.example.org")
@@ -109,7 +107,7 @@ async fn discovery_advertises_absolute_endpoints_without_authentication() {
         "https://fhir.example.org/fhir/token"
     );
 
-    let authorize = client().get(proxy.url("/authorize")).send().await.unwrap();
+    let authorize = get_anonymous(proxy.url("/authorize")).await;
     oauth_error(authorize, "unsupported_response_type").await;
 }
 
@@ -227,7 +225,7 @@ async fn malformed_requests_get_the_right_oauth_errors() {
     let good = || registered.key.assertion(&registered.id, &token_url(&proxy));
 
     // A JSON body instead of a form.
-    let json_body = client()
+    let json_body = plain_client()
         .post(token_url(&proxy))
         .json(&json!({"grant_type": "client_credentials", "client_assertion": good()}))
         .send()
@@ -284,8 +282,7 @@ async fn oversized_assertions_and_bodies_are_refused_without_a_server_error() {
         "e".repeat(400_000),
         "e".repeat(200_000)
     );
-    let description = oauth_error(token_with(&proxy, &big).await, "invalid_client").await;
-    assert!(description.contains("at most"), "{description}");
+    refused_because(&proxy, &big, "at most").await;
     // A body over server.max_body_bytes (1 MiB): 413 with OAuth JSON.
     let huge = "e".repeat(2 * 1024 * 1024);
     let response = token_with(&proxy, &huge).await;
@@ -311,8 +308,7 @@ async fn hostile_headers_are_refused_as_invalid_client() {
     let none = json!({"alg": "none", "typ": "JWT", "kid": key.kid});
     for signature in [&b""[..], b"x"] {
         let jwt = unsigned(&none, &good_claims(), signature);
-        let description = oauth_error(token_with(&proxy, &jwt).await, "invalid_client").await;
-        assert!(description.contains("not accepted"), "{description}");
+        refused_because(&proxy, &jwt, "not accepted").await;
     }
 
     // HS256 keyed with the RSA public key (the classic algorithm-confusion attack).
@@ -330,12 +326,12 @@ async fn hostile_headers_are_refused_as_invalid_client() {
 
     // Unknown kid; kid with path or quote characters.
     let stranger = key.with_kid("unknown-kid");
-    let description = oauth_error(
-        token_with(&proxy, &stranger.assertion(TEST_CLIENT, &url)).await,
-        "invalid_client",
+    refused_because(
+        &proxy,
+        &stranger.assertion(TEST_CLIENT, &url),
+        "no registered key",
     )
     .await;
-    assert!(description.contains("no registered key"), "{description}");
     for kid in ["../../etc/passwd", "key\"1", "key'1", "a/b"] {
         let mut header = key.header();
         header["kid"] = json!(kid);
@@ -354,21 +350,11 @@ async fn hostile_headers_are_refused_as_invalid_client() {
     .await;
     let mut header = key.header();
     header["jku"] = json!("test-bad-jku");
-    let description = oauth_error(
-        token_with(&proxy, &key.sign(&header, &good_claims())).await,
-        "invalid_client",
-    )
-    .await;
-    assert!(description.contains("jku"), "{description}");
+    refused_because(&proxy, &key.sign(&header, &good_claims()), "jku").await;
 
     // Signed by another key under the registered kid.
     let impostor = ClientKey::es384().with_kid(&key.kid);
-    let description = oauth_error(
-        token_with(&proxy, &impostor.assertion(TEST_CLIENT, &url)).await,
-        "invalid_client",
-    )
-    .await;
-    assert!(description.contains("signature"), "{description}");
+    refused_because(&proxy, &impostor.assertion(TEST_CLIENT, &url), "signature").await;
 }
 
 #[tokio::test]
@@ -409,18 +395,12 @@ async fn hostile_claims_are_refused_as_invalid_client() {
     }
 
     // A disabled client.
-    let description = oauth_error(
-        token_with(&proxy, &disabled.assertion("disabled", &url)).await,
-        "invalid_client",
-    )
-    .await;
-    assert!(description.contains("disabled"), "{description}");
+    refused_because(&proxy, &disabled.assertion("disabled", &url), "disabled").await;
 
     // A replayed jti.
     let once = key.assertion(TEST_CLIENT, &url);
     assert_eq!(token_with(&proxy, &once).await.status(), 200);
-    let description = oauth_error(token_with(&proxy, &once).await, "invalid_client").await;
-    assert!(description.contains("already used"), "{description}");
+    refused_because(&proxy, &once, "already used").await;
 }
 
 /// An assertion spends its `jti` as soon as it verifies, also when the request around it is
@@ -434,40 +414,56 @@ async fn a_refused_request_spends_its_assertion() {
     let assertion = registered.key.assertion(&registered.id, &url);
     let refused = post_token(&proxy, &token_form(&assertion, "system/*.write")).await;
     oauth_error(refused, "invalid_scope").await;
-    let replayed = oauth_error(token_with(&proxy, &assertion).await, "invalid_client").await;
-    assert!(replayed.contains("already used"), "{replayed}");
+    refused_because(&proxy, &assertion, "already used").await;
 
     let assertion = registered.key.assertion(&registered.id, &url);
     let mut form = token_form(&assertion, "system/*.read");
     form[0].1 = "password".into();
     oauth_error(post_token(&proxy, &form).await, "unsupported_grant_type").await;
-    let replayed = oauth_error(token_with(&proxy, &assertion).await, "invalid_client").await;
-    assert!(replayed.contains("already used"), "{replayed}");
+    refused_because(&proxy, &assertion, "already used").await;
 
     // A fresh assertion still gets its token.
     let fresh = registered.key.assertion(&registered.id, &url);
     assert_eq!(token_with(&proxy, &fresh).await.status(), 200);
 }
 
+/// Asserts that `proxy` refuses a token for `assertion` as `invalid_client`, saying `because`.
+async fn refused_because(proxy: &TestProxy, assertion: &str, because: &str) {
+    let description = oauth_error(token_with(proxy, assertion).await, "invalid_client").await;
+    assert!(description.contains(because), "{description}");
+}
+
+/// A proxy whose client `remote` has its keys at a JWKS URL serving `key` with `cache_control`,
+/// refetched at most every `min_refetch_secs`.
+async fn at_a_jwks_url(
+    key: &ClientKey,
+    cache_control: &str,
+    min_refetch_secs: u64,
+) -> (JwksServer, TestProxy, FakeFhirGuard) {
+    let jwks = JwksServer::start(&key.jwks()).await;
+    jwks.cache_control(Some(cache_control));
+    let (proxy, fake) = proxy_with(|config| {
+        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
+        config.auth.jwks_min_refetch_secs = min_refetch_secs;
+    })
+    .await;
+    (jwks, proxy, fake)
+}
+
+/// Three token requests by `remote` with `key`, each answered 200.
+async fn three_tokens(proxy: &TestProxy, key: &ClientKey, url: &str) {
+    for _ in 0..3 {
+        let response = token_with(proxy, &key.assertion("remote", url)).await;
+        assert_eq!(response.status(), 200);
+    }
+}
+
 #[tokio::test]
 async fn a_jwks_url_is_cached_as_cache_control_allows() {
     let key = ClientKey::es384();
-    let jwks = JwksServer::start(&key.jwks()).await;
-    jwks.cache_control(Some("max-age=60"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 0;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "max-age=60", 0).await;
     let url = token_url(&proxy);
-    for _ in 0..3 {
-        assert_eq!(
-            token_with(&proxy, &key.assertion("remote", &url))
-                .await
-                .status(),
-            200
-        );
-    }
+    three_tokens(&proxy, &key, &url).await;
     assert_eq!(jwks.fetches(), 1, "served from the cache within max-age");
 
     // With jku equal to the registered URL it works; any other jku is refused.
@@ -477,42 +473,22 @@ async fn a_jwks_url_is_cached_as_cache_control_allows() {
     assert_eq!(token_with(&proxy, &jwt).await.status(), 200);
     header["jku"] = json!(format!("http://{}/other.json", jwks.addr));
     let jwt = key.sign(&header, &claims("remote", &url));
-    let description = oauth_error(token_with(&proxy, &jwt).await, "invalid_client").await;
-    assert!(description.contains("jku"), "{description}");
+    refused_because(&proxy, &jwt, "jku").await;
 }
 
 #[tokio::test]
 async fn a_jwks_url_with_no_store_is_fetched_every_time() {
     let key = ClientKey::rs384();
-    let jwks = JwksServer::start(&key.jwks()).await;
-    jwks.cache_control(Some("no-store"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 0;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "no-store", 0).await;
     let url = token_url(&proxy);
-    for _ in 0..3 {
-        assert_eq!(
-            token_with(&proxy, &key.assertion("remote", &url))
-                .await
-                .status(),
-            200
-        );
-    }
+    three_tokens(&proxy, &key, &url).await;
     assert_eq!(jwks.fetches(), 3);
 }
 
 #[tokio::test]
 async fn a_rotated_key_is_found_by_refetching_on_an_unknown_kid() {
     let old = ClientKey::es384();
-    let jwks = JwksServer::start(&old.jwks()).await;
-    jwks.cache_control(Some("max-age=3600"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 1;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&old, "max-age=3600", 1).await;
     let url = token_url(&proxy);
     assert_eq!(
         token_with(&proxy, &old.assertion("remote", &url))
@@ -540,24 +516,18 @@ async fn a_rotated_key_is_found_by_refetching_on_an_unknown_kid() {
     let twin_a = ClientKey::es384().with_kid("twin");
     let twin_b = ClientKey::es384().with_kid("twin");
     jwks.serve(&json!({ "keys": [old.public, new.public, twin_a.public, twin_b.public] }));
-    let description = oauth_error(
-        token_with(&proxy, &twin_a.assertion("remote", &url)).await,
-        "invalid_client",
+    refused_because(
+        &proxy,
+        &twin_a.assertion("remote", &url),
+        "2 registered keys",
     )
     .await;
-    assert!(description.contains("2 registered keys"), "{description}");
 }
 
 #[tokio::test]
 async fn unknown_kids_cannot_make_the_proxy_hammer_a_jwks_url() {
     let key = ClientKey::es384();
-    let jwks = JwksServer::start(&key.jwks()).await;
-    jwks.cache_control(Some("max-age=3600"));
-    let (proxy, _fake) = proxy_with(|config| {
-        register_url(config, "remote", &jwks.url(), &["system/*.read"]);
-        config.auth.jwks_min_refetch_secs = 2;
-    })
-    .await;
+    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "max-age=3600", 2).await;
     let url = token_url(&proxy);
     let started = Instant::now();
     let attempts: Vec<_> = (0..10)
@@ -567,7 +537,7 @@ async fn unknown_kids_cannot_make_the_proxy_hammer_a_jwks_url() {
                 .assertion("remote", &url);
             let proxy_url = url.clone();
             async move {
-                client()
+                plain_client()
                     .post(proxy_url)
                     .form(&token_form(&jwt, "system/*.read"))
                     .send()
@@ -604,30 +574,15 @@ async fn broken_jwks_urls_fail_the_request_not_the_proxy() {
 
     jwks.hang(true);
     let started = Instant::now();
-    let description = oauth_error(
-        token_with(&proxy, &key.assertion("remote", &url)).await,
-        "invalid_client",
-    )
-    .await;
-    assert!(description.contains("did not answer"), "{description}");
+    refused_because(&proxy, &key.assertion("remote", &url), "did not answer").await;
     assert!(started.elapsed() < Duration::from_secs(5));
     jwks.hang(false);
 
     jwks.serve_bytes(vec![b' '; 1024 * 1024]);
-    let description = oauth_error(
-        token_with(&proxy, &key.assertion("remote", &url)).await,
-        "invalid_client",
-    )
-    .await;
-    assert!(description.contains("larger than"), "{description}");
+    refused_because(&proxy, &key.assertion("remote", &url), "larger than").await;
 
     jwks.serve_bytes(b"<html>not json</html>".to_vec());
-    let description = oauth_error(
-        token_with(&proxy, &key.assertion("remote", &url)).await,
-        "invalid_client",
-    )
-    .await;
-    assert!(description.contains("JWK Set"), "{description}");
+    refused_because(&proxy, &key.assertion("remote", &url), "JWK Set").await;
 
     jwks.serve(&key.jwks());
     assert_eq!(
@@ -667,24 +622,11 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     let (proxy, registered, _fake) = protected_proxy().await;
     let patient = proxy.url("/Patient/1");
 
-    outcome_401(client().get(&patient).send().await.unwrap()).await;
-    outcome_401(
-        client()
-            .get(&patient)
-            .bearer_auth("invalidToken")
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    outcome_401(get_anonymous(&patient).await).await;
+    outcome_401(get_with_token(&patient, "invalidToken").await).await;
 
     let token = registered.token(&proxy).await; // system/*.read, narrowed to Patient
-    let response = client()
-        .get(&patient)
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(&patient, &token).await;
     assert_eq!(response.status(), 200);
     let report: Value = response.json().await.unwrap();
     let authorization = report["headers"]
@@ -705,7 +647,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
         ("DELETE", "/Patient/1"),
         ("GET", "/"),
     ] {
-        let response = client()
+        let response = plain_client()
             .request(method.parse().unwrap(), proxy.url(path))
             .bearer_auth(&token)
             .send()
@@ -716,11 +658,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     }
 
     // Discovery and metadata stay public.
-    let discovery = client()
-        .get(proxy.url("/.well-known/smart-configuration"))
-        .send()
-        .await
-        .unwrap();
+    let discovery = get_anonymous(proxy.url("/.well-known/smart-configuration")).await;
     assert_eq!(discovery.status(), 200);
 }
 
@@ -744,44 +682,22 @@ async fn expired_and_foreign_access_tokens_are_refused() {
     let patient = proxy.url("/Patient/1");
     let valid = sign(TEST_SIGNING_SECRET, now() + 60);
     assert_eq!(
-        client()
-            .get(&patient)
-            .bearer_auth(&valid)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        get_with_token(&patient, &valid).await.status(),
         200,
         "a token signed with the shared secret works on any replica"
     );
     let expired = sign(TEST_SIGNING_SECRET, now() - 3600);
-    let diagnostics = outcome_401(
-        client()
-            .get(&patient)
-            .bearer_auth(&expired)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let diagnostics = outcome_401(get_with_token(&patient, &expired).await).await;
     assert!(diagnostics.contains("expired"), "{diagnostics}");
     let foreign = sign("another-proxy-secret-of-at-least-32-bytes", now() + 60);
-    let diagnostics = outcome_401(
-        client()
-            .get(&patient)
-            .bearer_auth(&foreign)
-            .send()
-            .await
-            .unwrap(),
-    )
-    .await;
+    let diagnostics = outcome_401(get_with_token(&patient, &foreign).await).await;
     assert!(diagnostics.contains("signature"), "{diagnostics}");
 }
 
 #[tokio::test]
 async fn default_passthrough_forwards_the_clients_own_authorization() {
     let (proxy, _registered, _fake) = proxy_and_client().await;
-    let report: Value = client()
+    let report: Value = plain_client()
         .get(proxy.url("/Patient/1"))
         .header("authorization", "Bearer the-upstreams-own-token")
         .send()
@@ -805,11 +721,7 @@ async fn keygen_prints_a_key_and_a_registration_that_works() {
         .args(["keygen", "--client-id", "cli-client", "--alg", "RS384"])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::process::assert_succeeded(&output);
     let text = String::from_utf8(output.stdout).unwrap();
     let snippet = &text[text.find("[[auth.clients]]").unwrap()..];
     let private_json = &text[text.find('{').unwrap()..text.find("\n}\n").unwrap() + 2];
@@ -853,11 +765,7 @@ async fn keygen_out_writes_a_key_only_its_owner_reads_and_a_registration_that_wo
             .unwrap()
     };
     let output = keygen();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::process::assert_succeeded(&output);
     let private = out.join("team_analytics.private.jwk.json");
     let registration = out.join("team_analytics.client.toml");
     let public: Value =
@@ -891,8 +799,8 @@ async fn keygen_out_writes_a_key_only_its_owner_reads_and_a_registration_that_wo
     config.auth.signing_secret = Some(TEST_SIGNING_SECRET.into());
     config.auth.clients = entry.auth.clients;
     let proxy = TestProxy::start(config).await;
-    let key = fhir_bulk_proxy::client::ClientKey::from_file(&private).unwrap();
-    let connected = fhir_bulk_proxy::client::BulkClient::connect(
+    let key = testkit::client::ClientKey::from_file(&private).unwrap();
+    let connected = testkit::client::BulkClient::connect(
         &proxy.url(""),
         "team/analytics",
         &key,

@@ -10,8 +10,11 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::jobs_cli::{Setup, start, status};
-use crate::support::client;
-use crate::support::process::Store;
+use testkit::eventually;
+use testkit::get_with_token;
+use testkit::metrics;
+
+use testkit::process::Store;
 
 const DASHBOARD: &str = include_str!("../../deploy/grafana/fhir-bulk-proxy.json");
 
@@ -271,30 +274,20 @@ async fn every_dashboard_query_names_metrics_the_proxy_exports() {
     let token = setup.token(&proxy).await;
     let url = start(&proxy, &token, "/$export?_type=Patient,Observation").await;
     assert_eq!(status(&proxy, &token, &url).await, 200);
-    let passthrough = client()
-        .get(format!("{}/Patient?_count=1", proxy.base()))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let passthrough = get_with_token(format!("{}/Patient?_count=1", proxy.base()), &token).await;
     assert_eq!(passthrough.status(), 200);
 
     // The sweeper counts jobs by state every second.
-    let mut text = String::new();
-    for _ in 0..50 {
-        text = client()
-            .get(format!("http://{}/metrics", proxy.addr))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        if text.contains("bulk_proxy_jobs{state=\"completed\"} 1") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let text = eventually(
+        "the sweeper to count the job",
+        Duration::from_secs(10),
+        || async {
+            let text = metrics(proxy.addr).await;
+            text.contains("bulk_proxy_jobs{state=\"completed\"} 1")
+                .then_some(text)
+        },
+    )
+    .await;
     let scrape = parse_scrape(&text);
 
     let mut problems = Vec::new();

@@ -19,8 +19,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::TestProxy;
-use crate::support::scripted::{Part, Received, ScriptedUpstream, find};
+use testkit::TestProxy;
+use testkit::scripted::{Part, Received, ScriptedUpstream, find};
 
 /// How the upstream answers the requests of every case that does not script its own answer.
 const OK: &str = "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok";

@@ -5,321 +5,25 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
+use fhir_bulk_proxy::config::Config;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use testkit::get_accepting;
+use testkit::get_anonymous;
+use testkit::get_with_token;
+use testkit::kick_off;
+use testkit::memory_fhir::MemoryFhir;
 
-use crate::support::redis::RedisServer;
-use crate::support::smart::{ClientKey, SmartClient};
-use crate::support::{TestProxy, client, outcome, raw_get};
+use testkit::process::Store;
+use testkit::setup::{
+    GROUP, Setup, assert_same, expected, fixture_dir, fixture_upstream, group_members, ids,
+};
+use testkit::smart::{ClientKey, SmartClient};
+use testkit::{TestProxy, outcome, plain_client, raw_get};
+use testkit::{both, eventually};
 
-pub const GROUP: &str = "synthea-10";
-
-/// The in-memory FHIR server loaded with the 10-patient fixture, on a new port.
-pub async fn fixture_upstream() -> RunningFhir {
-    MemoryFhir::new()
-        .load_dir(&fixture_dir())
-        .unwrap()
-        .start()
-        .await
-        .unwrap()
-}
-
-pub fn fixture_dir() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10")
-}
-
-/// Which job store a scenario runs on.
-#[derive(Clone, Copy, Debug)]
-pub enum Store {
-    Embedded,
-    Redis,
-}
-
-/// Runs a scenario once per store: `both!(name, scenario)` makes `name::embedded` and
-/// `name::redis`, so every export behaviour is checked through both `JobStore`s.
-macro_rules! both {
-    ($name:ident, $scenario:ident) => {
-        mod $name {
-            #[tokio::test]
-            async fn embedded() {
-                super::$scenario(super::Store::Embedded).await;
-            }
-            #[tokio::test]
-            async fn redis() {
-                super::$scenario(super::Store::Redis).await;
-            }
-        }
-    };
-}
-
-/// The fixture upstream, a proxy in front of it, a registered client and its token.
-pub struct Setup {
-    pub fhir: RunningFhir,
-    pub proxy: TestProxy,
-    pub client: SmartClient,
-    pub token: String,
-    /// The Redis server of a Redis-backed setup (stopped when dropped).
-    pub _redis: Option<RedisServer>,
-}
-
-impl Setup {
-    pub async fn new(store: Store, configure: impl FnOnce(&mut Config)) -> Self {
-        let fhir = fixture_upstream().await;
-        Self::with_upstream(store, fhir, configure).await
-    }
-
-    pub async fn with_upstream(
-        store: Store,
-        fhir: RunningFhir,
-        configure: impl FnOnce(&mut Config),
-    ) -> Self {
-        let redis = match store {
-            Store::Embedded => None,
-            Store::Redis => Some(RedisServer::start()),
-        };
-        let mut config = TestProxy::config(&fhir.url());
-        if let Some(redis) = &redis {
-            config.store.backend = StoreBackend::Redis;
-            config.store.redis_url = Some(redis.url().into());
-        }
-        config.export.page_size = 100;
-        config.export.poll_retry_after_secs = 1;
-        config.export.retry_base_ms = 10;
-        config.export.patient_batch_size = 4;
-        let client = SmartClient::register(&mut config);
-        configure(&mut config);
-        let proxy = TestProxy::start(config).await;
-        let token = client.token(&proxy).await;
-        Self {
-            fhir,
-            proxy,
-            client,
-            token,
-            _redis: redis,
-        }
-    }
-
-    /// GET `url` with the client's token.
-    pub async fn get(&self, url: &str) -> reqwest::Response {
-        client()
-            .get(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// DELETE `url` with the client's token.
-    pub async fn delete(&self, url: &str) -> reqwest::Response {
-        client()
-            .delete(url)
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// GET kick-off with the headers the IG asks for.
-    pub async fn kick_off(&self, path_and_query: &str) -> reqwest::Response {
-        client()
-            .get(self.proxy.url(path_and_query))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    /// Kicks off and returns the status URL, asserting 202.
-    pub async fn start(&self, path_and_query: &str) -> String {
-        let response = self.kick_off(path_and_query).await;
-        let status = response.status();
-        let location = response
-            .headers()
-            .get("content-location")
-            .map(|v| v.to_str().unwrap().to_owned());
-        assert_eq!(
-            status,
-            202,
-            "{path_and_query}: {}",
-            response.text().await.unwrap()
-        );
-        location.unwrap()
-    }
-
-    /// Polls (as told by Retry-After) until the manifest arrives.
-    pub async fn manifest(&self, status_url: &str) -> Value {
-        for _ in 0..300 {
-            let response = client()
-                .get(status_url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
-            match response.status() {
-                StatusCode::ACCEPTED => {
-                    let wait: u64 = response.headers()["retry-after"]
-                        .to_str()
-                        .unwrap()
-                        .parse()
-                        .unwrap();
-                    assert!(wait > 0);
-                    tokio::time::sleep(Duration::from_millis(wait * 1000)).await;
-                }
-                StatusCode::OK => {
-                    assert_eq!(response.headers()["content-type"], "application/json");
-                    assert!(response.headers().contains_key("expires"));
-                    return response.json().await.unwrap();
-                }
-                other => panic!("status {other}: {}", response.text().await.unwrap()),
-            }
-        }
-        panic!("the export did not finish");
-    }
-
-    /// Every resource of the manifest's output, by type.
-    pub async fn download(&self, manifest: &Value) -> BTreeMap<String, Vec<Value>> {
-        let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        for item in manifest["output"].as_array().unwrap() {
-            let url = item["url"].as_str().unwrap();
-            assert!(url.starts_with("http://"), "absolute url");
-            let response = client()
-                .get(url)
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(response.status(), 200);
-            assert_eq!(
-                response.headers()["content-type"],
-                "application/fhir+ndjson"
-            );
-            let text = response.text().await.unwrap();
-            let lines: Vec<Value> = text
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap())
-                .collect();
-            assert_eq!(
-                lines.len() as u64,
-                item["count"].as_u64().unwrap(),
-                "count of {url}"
-            );
-            let t = item["type"].as_str().unwrap();
-            assert!(
-                lines.iter().all(|r| r["resourceType"] == t),
-                "one type per file"
-            );
-            out.entry(t.to_owned()).or_default().extend(lines);
-        }
-        out
-    }
-
-    pub async fn export(&self, path_and_query: &str) -> (Value, BTreeMap<String, Vec<Value>>) {
-        let status_url = self.start(path_and_query).await;
-        let manifest = self.manifest(&status_url).await;
-        let files = self.download(&manifest).await;
-        (manifest, files)
-    }
-
-    /// The error file's OperationOutcomes.
-    pub async fn errors(&self, manifest: &Value) -> Vec<Value> {
-        let mut out = Vec::new();
-        for item in manifest["error"].as_array().unwrap() {
-            assert_eq!(item["type"], "OperationOutcome");
-            let text = client()
-                .get(item["url"].as_str().unwrap())
-                .bearer_auth(&self.token)
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
-            out.extend(
-                text.lines()
-                    .map(|l| serde_json::from_str::<Value>(l).unwrap()),
-            );
-        }
-        out
-    }
-}
-
-/// Ids per type, asserting none appears twice.
-pub fn ids(files: &BTreeMap<String, Vec<Value>>) -> BTreeMap<String, BTreeSet<String>> {
-    files
-        .iter()
-        .map(|(t, resources)| {
-            let ids: BTreeSet<String> = resources
-                .iter()
-                .map(|r| r["id"].as_str().unwrap().to_owned())
-                .collect();
-            assert_eq!(ids.len(), resources.len(), "an id appears twice in {t}");
-            (t.clone(), ids)
-        })
-        .collect()
-}
-
-/// Asserts equal id sets per type, printing only what differs.
-pub fn assert_same(
-    got: &BTreeMap<String, BTreeSet<String>>,
-    want: &BTreeMap<String, BTreeSet<String>>,
-) {
-    let types = |m: &BTreeMap<String, BTreeSet<String>>| m.keys().cloned().collect::<Vec<_>>();
-    assert_eq!(types(got), types(want), "exported types");
-    for (t, ids) in want {
-        let missing: Vec<_> = ids.difference(&got[t]).take(3).collect();
-        let extra: Vec<_> = got[t].difference(ids).take(3).collect();
-        assert!(
-            missing.is_empty() && extra.is_empty(),
-            "{t}: {} exported, {} expected; missing {missing:?}, extra {extra:?}",
-            got[t].len(),
-            ids.len()
-        );
-    }
-}
-
-pub fn expected(
-    fhir: &RunningFhir,
-    patients: Option<&[String]>,
-) -> BTreeMap<String, BTreeSet<String>> {
-    fhir.types()
-        .into_iter()
-        .map(|t| {
-            let ids = match patients {
-                None => fhir.ids(&t),
-                Some(p) => fhir.ids_for_patients(&t, p),
-            };
-            (t, ids.into_iter().collect::<BTreeSet<_>>())
-        })
-        .filter(|(_, ids)| !ids.is_empty())
-        .collect()
-}
-
-pub fn group_members() -> Vec<String> {
-    let text = std::fs::read_to_string(fixture_dir().join("Group.ndjson")).unwrap();
-    let group: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
-    group["member"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| {
-            m["entity"]["reference"]
-                .as_str()
-                .unwrap()
-                .trim_start_matches("Patient/")
-                .to_owned()
-        })
-        .collect()
-}
-
-both!(
-    system_export_returns_every_resource_exactly_once,
-    system_export_returns_every_resource_exactly_once_on
-);
-async fn system_export_returns_every_resource_exactly_once_on(store: Store) {
+both!(system_export_returns_every_resource_exactly_once);
+async fn system_export_returns_every_resource_exactly_once(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export").await;
     assert_same(&ids(&files), &expected(&s.fhir, None));
@@ -329,11 +33,8 @@ async fn system_export_returns_every_resource_exactly_once_on(store: Store) {
     assert_eq!(manifest["error"], json!([]));
 }
 
-both!(
-    patient_export_returns_the_patient_compartment_exactly,
-    patient_export_returns_the_patient_compartment_exactly_on
-);
-async fn patient_export_returns_the_patient_compartment_exactly_on(store: Store) {
+both!(patient_export_returns_the_patient_compartment_exactly);
+async fn patient_export_returns_the_patient_compartment_exactly(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (_, files) = s.export("/Patient/$export").await;
     let patients = s.fhir.ids("Patient");
@@ -344,11 +45,8 @@ async fn patient_export_returns_the_patient_compartment_exactly_on(store: Store)
     assert_same(&ids(&files), &want);
 }
 
-both!(
-    group_export_holds_exactly_the_groups_patients_with_batched_searches,
-    group_export_holds_exactly_the_groups_patients_with_batched_searches_on
-);
-async fn group_export_holds_exactly_the_groups_patients_with_batched_searches_on(store: Store) {
+both!(group_export_holds_exactly_the_groups_patients_with_batched_searches);
+async fn group_export_holds_exactly_the_groups_patients_with_batched_searches(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let before = s.fhir.counters.searches.load(Ordering::SeqCst);
     let (manifest, files) = s
@@ -386,18 +84,15 @@ async fn group_export_holds_exactly_the_groups_patients_with_batched_searches_on
     );
 }
 
-both!(
-    post_kick_off_with_parameters_and_patient_filter,
-    post_kick_off_with_parameters_and_patient_filter_on
-);
-async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
+both!(post_kick_off_with_parameters_and_patient_filter);
+async fn post_kick_off_with_parameters_and_patient_filter(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let members = group_members();
     let body = json!({"resourceType": "Parameters", "parameter": [
         {"name": "_type", "valueString": "Patient,Condition"},
         {"name": "patient", "valueReference": {"reference": format!("Patient/{}", members[0])}},
     ]});
-    let response = client()
+    let response = plain_client()
         .post(s.proxy.url(&format!("/Group/{GROUP}/$export")))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -407,11 +102,7 @@ async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = testkit::accepted(response).await;
     let manifest = s.manifest(&status_url).await;
     let got = ids(&s.download(&manifest).await);
     assert_eq!(got["Patient"], BTreeSet::from([members[0].clone()]));
@@ -423,33 +114,23 @@ async fn post_kick_off_with_parameters_and_patient_filter_on(store: Store) {
     assert_eq!(got.get("Condition").cloned().unwrap_or_default(), want);
 }
 
-both!(
-    status_is_202_first_then_429_when_polled_too_fast,
-    status_is_202_first_then_429_when_polled_too_fast_on
-);
-async fn status_is_202_first_then_429_when_polled_too_fast_on(store: Store) {
+both!(status_is_202_first_then_429_when_polled_too_fast);
+async fn status_is_202_first_then_429_when_polled_too_fast(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let status_url = s.start("/$export?_type=Patient").await;
     let first = s.get(&status_url).await;
     assert_eq!(first.status(), 202, "the first poll is always 202");
     let progress = first.headers()["x-progress"].to_str().unwrap().to_owned();
     assert!(progress.len() < 100, "{progress}");
-    let retry: u64 = first.headers()["retry-after"]
-        .to_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let retry: u64 = testkit::retry_after(&first);
     assert!(retry >= 1);
     let second = s.get(&status_url).await;
     assert!(second.headers().contains_key("retry-after"));
     outcome(second, 429).await;
 }
 
-both!(
-    invalid_kick_offs_are_400_with_an_operation_outcome,
-    invalid_kick_offs_are_400_with_an_operation_outcome_on
-);
-async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
+both!(invalid_kick_offs_are_400_with_an_operation_outcome);
+async fn invalid_kick_offs_are_400_with_an_operation_outcome(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let cases = [
         ("/$export?_outputFormat=application/xml", "_outputFormat"),
@@ -489,49 +170,29 @@ async fn invalid_kick_offs_are_400_with_an_operation_outcome_on(store: Store) {
     assert_eq!(no_prefer, 400, "Prefer: respond-async is required");
     let unknown_group = s.kick_off("/Group/nope/$export").await;
     assert_eq!(unknown_group.status(), 404);
-    let system_patient = client()
-        .post(s.proxy.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .bearer_auth(&s.token)
-        .body(json!({"resourceType": "Parameters", "parameter": [{"name": "patient", "valueReference": {"reference": "Patient/1"}}]}).to_string())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(system_patient.status(), 400);
-    let garbage = client()
-        .post(s.proxy.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .bearer_auth(&s.token)
-        .body("{not json")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(garbage.status(), 400);
-    let huge = client()
-        .post(s.proxy.url("/$export"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .header("content-type", "application/fhir+json")
-        .bearer_auth(&s.token)
-        .body(vec![b' '; 2 * 1024 * 1024])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(huge.status(), 413);
+    let patient_at_system_level = json!({"resourceType": "Parameters", "parameter": [
+        {"name": "patient", "valueReference": {"reference": "Patient/1"}}
+    ]});
+    let bodies: [(&str, Vec<u8>, u16); 3] = [
+        (
+            "patient at system level",
+            patient_at_system_level.to_string().into(),
+            400,
+        ),
+        ("not JSON", b"{not json".to_vec(), 400),
+        ("2 MiB", vec![b' '; 2 * 1024 * 1024], 413),
+    ];
+    for (what, body, status) in bodies {
+        let response = s.kick_off_post("/$export", body).await;
+        assert_eq!(response.status(), status, "{what}");
+    }
 }
 
-both!(
-    lenient_handling_reports_ignored_parameters_in_the_error_file,
-    lenient_handling_reports_ignored_parameters_in_the_error_file_on
-);
-async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store: Store) {
+both!(lenient_handling_reports_ignored_parameters_in_the_error_file);
+async fn lenient_handling_reports_ignored_parameters_in_the_error_file(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let response =
-        client()
+        plain_client()
             .get(s.proxy.url(
                 "/$export?_type=Patient&includeAssociatedData=LatestProvenanceResources&_bogus=1",
             ))
@@ -541,11 +202,7 @@ async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store:
             .send()
             .await
             .unwrap();
-    assert_eq!(response.status(), 202);
-    let status_url = response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = testkit::accepted(response).await;
     let manifest = s.manifest(&status_url).await;
     let errors = s.errors(&manifest).await;
     let text = serde_json::to_string(&errors).unwrap();
@@ -555,13 +212,10 @@ async fn lenient_handling_reports_ignored_parameters_in_the_error_file_on(store:
     );
 }
 
-both!(
-    tokens_are_required_and_scopes_enforced,
-    tokens_are_required_and_scopes_enforced_on
-);
-async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
+both!(tokens_are_required_and_scopes_enforced);
+async fn tokens_are_required_and_scopes_enforced(store: Store) {
     let s = Setup::new(store, |_| {}).await;
-    let no_token = client()
+    let no_token = plain_client()
         .get(s.proxy.url("/$export"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")
@@ -588,30 +242,16 @@ async fn tokens_are_required_and_scopes_enforced_on(store: Store) {
         .as_str()
         .unwrap()
         .to_owned();
-    assert_eq!(
-        client().get(&patient_file).send().await.unwrap().status(),
-        401,
-        "file without a token"
-    );
-    assert_eq!(
-        client().get(&status_url).send().await.unwrap().status(),
-        401,
-        "status without a token"
-    );
-    let bad = client()
-        .get(&status_url)
-        .bearer_auth("invalidToken")
-        .send()
-        .await
-        .unwrap();
+    for (what, url) in [("file", &patient_file), ("status", &status_url)] {
+        let response = get_anonymous(url).await;
+        assert_eq!(response.status(), 401, "{what} without a token");
+    }
+    let bad = get_with_token(&status_url, "invalidToken").await;
     assert_eq!(bad.status(), 401);
 }
 
-both!(
-    other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types,
-    other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types_on
-);
-async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types_on(
+both!(other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types);
+async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_types(
     store: Store,
 ) {
     let observer_key = ClientKey::es384();
@@ -633,28 +273,14 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     let manifest = s.manifest(&status_url).await;
 
     let other = observer.token(&s.proxy).await;
-    let response = client()
-        .get(&status_url)
-        .bearer_auth(&other)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(&status_url, &other).await;
     assert_eq!(
         response.status(),
         404,
         "another client's job does not exist for it"
     );
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    assert_eq!(
-        client()
-            .get(&file)
-            .bearer_auth(&other)
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(get_with_token(&file, &other).await.status(), 404);
 
     // The owner with a token narrowed to Observation cannot download the Patient file.
     let narrow = s
@@ -670,21 +296,9 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
         .as_str()
         .unwrap()
         .to_owned();
-    let response = client()
-        .get(&patient_file)
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(&patient_file, &narrow).await;
     assert_eq!(response.status(), 403);
-    let response = client()
-        .get(s.proxy.url("/$export?_type=Patient"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let response = kick_off(s.proxy.url("/$export?_type=Patient"), &narrow).await;
     assert_eq!(
         response.status(),
         403,
@@ -692,11 +306,8 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
     );
 }
 
-both!(
-    downloads_support_gzip_and_range,
-    downloads_support_gzip_and_range_on
-);
-async fn downloads_support_gzip_and_range_on(store: Store) {
+both!(downloads_support_gzip_and_range);
+async fn downloads_support_gzip_and_range(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, files) = s.export("/$export?_type=Patient").await;
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
@@ -706,42 +317,11 @@ async fn downloads_support_gzip_and_range_on(store: Store) {
         files["Patient"].len()
     );
 
-    let gz = client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gz.headers()["content-encoding"], "gzip");
-    assert_eq!(gz.headers()["content-type"], "application/fhir+ndjson");
-    let compressed = gz.bytes().await.unwrap();
-    let mut decoded = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(&compressed[..]),
-        &mut decoded,
-    )
-    .unwrap();
-    assert_eq!(decoded, plain);
-
-    let ranged = client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .header("range", "bytes=10-19")
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ranged.status(), 206);
-    assert!(ranged.headers().get("content-encoding").is_none());
-    assert_eq!(ranged.bytes().await.unwrap(), plain[10..20]);
+    s.assert_gzip_and_range(&url, &plain).await;
 }
 
-both!(
-    delete_cancels_and_everything_is_404_afterwards,
-    delete_cancels_and_everything_is_404_afterwards_on
-);
-async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
+both!(delete_cancels_and_everything_is_404_afterwards);
+async fn delete_cancels_and_everything_is_404_afterwards(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (manifest, _) = s.export("/$export?_type=Patient").await;
     let status_url = manifest["output"][0]["url"]
@@ -777,20 +357,25 @@ async fn delete_cancels_and_everything_is_404_afterwards_on(store: Store) {
     assert!(!files_dir.exists(), "files deleted");
 }
 
-both!(
-    cancelling_a_running_export_stops_its_searches,
-    cancelling_a_running_export_stops_its_searches_on
-);
-async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
+both!(cancelling_a_running_export_stops_its_searches);
+async fn cancelling_a_running_export_stops_its_searches(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(200, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 20).await;
     let status_url = s.start("/$export?_type=Observation").await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let counters = s.fhir.counters.clone();
+    eventually("the export to page", Duration::from_secs(20), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 2).then_some(())
+    })
+    .await;
     let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    eventually("the searches to stop", Duration::from_secs(10), || async {
+        (counters.in_flight.load(Ordering::SeqCst) == 0).then_some(())
+    })
+    .await;
     let pages = s.fhir.counters.pages.load(Ordering::SeqCst);
+    // Part of the scenario: time for paging to go on (seven 200 ms pages), had it not stopped.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert!(
         s.fhir.counters.pages.load(Ordering::SeqCst) <= pages + 1,
@@ -803,11 +388,8 @@ async fn cancelling_a_running_export_stops_its_searches_on(store: Store) {
     );
 }
 
-both!(
-    a_page_that_fails_then_succeeds_is_retried,
-    a_page_that_fails_then_succeeds_is_retried_on
-);
-async fn a_page_that_fails_then_succeeds_is_retried_on(store: Store) {
+both!(a_page_that_fails_then_succeeds_is_retried);
+async fn a_page_that_fails_then_succeeds_is_retried(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.fail_searches.store(3, Ordering::SeqCst);
     fhir.faults.throttle_searches.store(1, Ordering::SeqCst);
@@ -819,11 +401,8 @@ async fn a_page_that_fails_then_succeeds_is_retried_on(store: Store) {
     assert_eq!(manifest["error"], json!([]));
 }
 
-both!(
-    a_permanent_failure_goes_to_the_error_file_and_the_job_completes,
-    a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on
-);
-async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on(store: Store) {
+both!(a_permanent_failure_goes_to_the_error_file_and_the_job_completes);
+async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes(store: Store) {
     let fhir = fixture_upstream().await;
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 2).await;
@@ -839,34 +418,26 @@ async fn a_permanent_failure_goes_to_the_error_file_and_the_job_completes_on(sto
     );
 }
 
-both!(
-    a_job_where_nothing_worked_fails_with_an_operation_outcome,
-    a_job_where_nothing_worked_fails_with_an_operation_outcome_on
-);
-async fn a_job_where_nothing_worked_fails_with_an_operation_outcome_on(store: Store) {
+both!(a_job_where_nothing_worked_fails_with_an_operation_outcome);
+async fn a_job_where_nothing_worked_fails_with_an_operation_outcome(store: Store) {
     let fhir = fixture_upstream().await;
     *fhir.faults.broken_type.lock().unwrap() = Some("Observation".into());
     let s = Setup::with_upstream(store, fhir, |c| c.export.retry_max_attempts = 1).await;
     let status_url = s.start("/$export?_type=Observation").await;
-    let mut last = StatusCode::ACCEPTED;
-    for _ in 0..30 {
+    let (last, body) = eventually("the job to fail", Duration::from_secs(30), || async {
         let response = s.get(&status_url).await;
-        last = response.status();
-        if last != StatusCode::ACCEPTED {
-            let body: Value = response.json().await.unwrap();
-            assert_eq!(body["resourceType"], "OperationOutcome");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1000)).await;
-    }
+        let status = response.status();
+        let running = [StatusCode::ACCEPTED, StatusCode::TOO_MANY_REQUESTS];
+        (!running.contains(&status)).then_some((status, response))
+    })
+    .await;
+    let body: Value = body.json().await.unwrap();
+    assert_eq!(body["resourceType"], "OperationOutcome");
     assert!(last.is_server_error(), "{last}");
 }
 
-both!(
-    an_expired_paging_cursor_resumes_without_loss_or_duplicates,
-    an_expired_paging_cursor_resumes_without_loss_or_duplicates_on
-);
-async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates_on(store: Store) {
+both!(an_expired_paging_cursor_resumes_without_loss_or_duplicates);
+async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.expire_next_links.store(4, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.page_size = 37).await;
@@ -886,11 +457,8 @@ async fn an_expired_paging_cursor_resumes_without_loss_or_duplicates_on(store: S
     );
 }
 
-both!(
-    type_filters_are_ored_and_since_bounds_the_export,
-    type_filters_are_ored_and_since_bounds_the_export_on
-);
-async fn type_filters_are_ored_and_since_bounds_the_export_on(store: Store) {
+both!(type_filters_are_ored_and_since_bounds_the_export);
+async fn type_filters_are_ored_and_since_bounds_the_export(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (_, files) = s
         .export("/$export?_type=Observation&_typeFilter=Observation%3Fcategory%3Dlaboratory&_typeFilter=Observation%3Fcategory%3Dsurvey")
@@ -911,11 +479,8 @@ async fn type_filters_are_ored_and_since_bounds_the_export_on(store: Store) {
     assert_eq!(manifest["output"], json!([]));
 }
 
-both!(
-    elements_subset_resources_and_tag_them,
-    elements_subset_resources_and_tag_them_on
-);
-async fn elements_subset_resources_and_tag_them_on(store: Store) {
+both!(elements_subset_resources_and_tag_them);
+async fn elements_subset_resources_and_tag_them(store: Store) {
     let s = Setup::new(store, |_| {}).await;
     let (_, files) = s
         .export("/$export?_type=Patient&_elements=id,Patient.meta")
@@ -928,11 +493,8 @@ async fn elements_subset_resources_and_tag_them_on(store: Store) {
     }
 }
 
-both!(
-    the_per_client_export_cap_answers_429,
-    the_per_client_export_cap_answers_429_on
-);
-async fn the_per_client_export_cap_answers_429_on(store: Store) {
+both!(the_per_client_export_cap_answers_429);
+async fn the_per_client_export_cap_answers_429(store: Store) {
     let fhir = fixture_upstream().await;
     fhir.faults.latency_ms.store(300, Ordering::SeqCst);
     let s = Setup::with_upstream(store, fhir, |c| c.export.max_active_jobs_per_client = 1).await;
@@ -951,7 +513,9 @@ async fn the_per_client_export_cap_answers_429_on(store: Store) {
 
 #[tokio::test]
 async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
+    use fhir_bulk_proxy::store::JobStore as _;
     let fhir = fixture_upstream().await;
+    // Slow pages (part of the scenario): the restart must fall in the middle of the export.
     fhir.faults.latency_ms.store(100, Ordering::SeqCst);
     let dir = tempfile::tempdir().unwrap();
     let paths = |c: &mut Config| {
@@ -961,7 +525,12 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
     };
     let first = Setup::with_upstream(Store::Embedded, fhir, paths).await;
     let status_url = first.start("/$export?_type=Observation,Patient").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let job = status_url.rsplit('/').next().unwrap().to_owned();
+    let counters = first.fhir.counters.clone();
+    eventually("a few pages fetched", Duration::from_secs(20), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 4).then_some(())
+    })
+    .await;
     let Setup {
         fhir,
         proxy,
@@ -969,6 +538,30 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
         ..
     } = first;
     proxy.shutdown().await.unwrap();
+    let served_before = fhir.counters.served.lock().unwrap().len();
+
+    // What the first process checkpointed: per type, the offset its next page starts at.
+    let store =
+        fhir_bulk_proxy::store::embedded::EmbeddedStore::open(&dir.path().join("jobs.redb"))
+            .unwrap();
+    let mut resume_at = BTreeMap::new();
+    for unit in store.units(&job).await.unwrap() {
+        let offset = unit.checkpoint.next.as_deref().map(|next| {
+            let query = next.split_once('?').map_or("", |(_, q)| q);
+            url_offset(query)
+        });
+        assert!(
+            resume_at
+                .insert(unit.resource_type.clone(), (unit.checkpoint.pages, offset))
+                .is_none(),
+            "one unit per type"
+        );
+    }
+    drop(store);
+    assert!(
+        resume_at.values().any(|(pages, _)| *pages > 0),
+        "the first process checkpointed nothing: {resume_at:?}"
+    );
     fhir.faults.latency_ms.store(0, Ordering::SeqCst);
 
     // Same store and files, new process (new port: the status URL's port changes with it).
@@ -990,26 +583,46 @@ async fn a_restarted_node_answers_for_its_jobs_and_resumes_them() {
         token,
         _redis: None,
     };
-    let job = status_url.rsplit('/').next().unwrap();
     let manifest = s
         .manifest(&s.proxy.url(&format!("/$export-status/{job}")))
         .await;
+    // Each resource exactly once (ids() refuses duplicates), none missing.
     let got = ids(&s.download(&manifest).await);
-    assert!(
-        got["Observation"]
-            == s.fhir
-                .ids("Observation")
-                .into_iter()
-                .collect::<BTreeSet<_>>()
+    assert_same(
+        &got,
+        &expected(&s.fhir, None)
+            .into_iter()
+            .filter(|(t, _)| t == "Observation" || t == "Patient")
+            .collect(),
     );
-    assert_eq!(got["Patient"].len(), 10);
+    // The second process went on from the checkpoints: no page before one was fetched again, and
+    // a finished unit was not searched at all.
+    let served = s.fhir.counters.served.lock().unwrap().clone();
+    for (resource_type, offset) in &served[served_before..] {
+        match resume_at.get(resource_type) {
+            Some((pages, Some(next))) if *pages > 0 => assert!(
+                offset >= next,
+                "{resource_type} page at {offset} fetched again (checkpointed up to {next})"
+            ),
+            Some((pages, None)) if *pages > 0 => {
+                panic!("{resource_type} was finished, yet its page at {offset} was fetched again")
+            }
+            _ => {}
+        }
+    }
 }
 
-both!(
-    expired_jobs_and_their_files_are_swept,
-    expired_jobs_and_their_files_are_swept_on
-);
-async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
+/// The `_offset` of a memory_fhir `next` link's query (0 when absent).
+fn url_offset(query: &str) -> usize {
+    query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("_offset="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+both!(expired_jobs_and_their_files_are_swept);
+async fn expired_jobs_and_their_files_are_swept(store: Store) {
     let s = Setup::new(store, |c| {
         // Long enough to fetch the manifest on a loaded machine, short enough to wait for.
         c.export.job_ttl_secs = 4;
@@ -1021,9 +634,11 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
     assert!(s.proxy.config.storage.path.join(&job_id).exists());
     let file = manifest["output"][0]["url"].as_str().unwrap().to_owned();
-    tokio::time::sleep(Duration::from_millis(6500)).await;
-    let response = s.get(&status_url).await;
-    assert_eq!(response.status(), 404, "the job expired");
+    let expired = eventually("the job to expire", Duration::from_secs(15), || async {
+        let response = s.get(&status_url).await;
+        (response.status() == 404).then_some(())
+    });
+    expired.await;
     let response = s.get(&file).await;
     assert_eq!(response.status(), 404);
     assert!(
@@ -1032,11 +647,8 @@ async fn expired_jobs_and_their_files_are_swept_on(store: Store) {
     );
 }
 
-both!(
-    the_proxy_authenticates_to_an_upstream_that_requires_it,
-    the_proxy_authenticates_to_an_upstream_that_requires_it_on
-);
-async fn the_proxy_authenticates_to_an_upstream_that_requires_it_on(store: Store) {
+both!(the_proxy_authenticates_to_an_upstream_that_requires_it);
+async fn the_proxy_authenticates_to_an_upstream_that_requires_it(store: Store) {
     let fhir = MemoryFhir::new()
         .load_dir(&fixture_dir())
         .unwrap()
@@ -1057,11 +669,8 @@ async fn the_proxy_authenticates_to_an_upstream_that_requires_it_on(store: Store
     assert_eq!(got["Condition"].len(), s.fhir.ids("Condition").len());
 }
 
-both!(
-    files_are_split_at_the_configured_size,
-    files_are_split_at_the_configured_size_on
-);
-async fn files_are_split_at_the_configured_size_on(store: Store) {
+both!(files_are_split_at_the_configured_size);
+async fn files_are_split_at_the_configured_size(store: Store) {
     let s = Setup::new(store, |c| c.export.max_file_resources = 300).await;
     let (manifest, files) = s.export("/$export?_type=Observation").await;
     let counts: Vec<u64> = manifest["output"]
@@ -1084,7 +693,7 @@ async fn kick_off_accept_must_cover_fhir_json() {
     })
     .await;
     let kick_off = |accept: &'static str| {
-        client()
+        plain_client()
             .get(s.proxy.url("/$export?_type=Patient"))
             .header("accept", accept)
             .header("prefer", "respond-async")
@@ -1127,14 +736,14 @@ async fn errors_honour_accept() {
         ("*/*", "application/fhir+json"),
     ];
     for (accept, expected) in cases {
-        let not_found = client()
+        let not_found = plain_client()
             .get(&missing_status)
             .header("accept", accept)
             .bearer_auth(&s.token)
             .send()
             .await
             .unwrap();
-        let kick_off = client()
+        let kick_off = plain_client()
             .get(s.proxy.url("/$export?_type=NotAType"))
             .header("accept", accept)
             .header("prefer", "respond-async")
@@ -1151,12 +760,7 @@ async fn errors_honour_accept() {
         }
     }
     // A 401 without a token, too.
-    let unauthorized = client()
-        .get(&missing_status)
-        .header("accept", "application/json")
-        .send()
-        .await
-        .unwrap();
+    let unauthorized = get_accepting(&missing_status, "application/json").await;
     assert_eq!(unauthorized.status(), 401);
     assert_eq!(unauthorized.headers()["content-type"], "application/json");
 }
@@ -1189,15 +793,12 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
         assert_eq!(manifest["requiresAccessToken"], enabled, "{manifest}");
         if !enabled {
             let url = manifest["output"][0]["url"].as_str().unwrap();
-            let file = client().get(url).send().await.unwrap();
+            let file = get_anonymous(url).await;
             assert_eq!(file.status(), 200, "no token needed");
         }
 
-        let cs: Value = client()
-            .get(s.proxy.url("/metadata"))
-            .send()
+        let cs: Value = get_anonymous(s.proxy.url("/metadata"))
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();
@@ -1208,11 +809,7 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
             enabled,
             "{text}"
         );
-        let smart = client()
-            .get(s.proxy.url("/.well-known/smart-configuration"))
-            .send()
-            .await
-            .unwrap();
+        let smart = get_anonymous(s.proxy.url("/.well-known/smart-configuration")).await;
         let status = smart.status();
         let body = smart.text().await.unwrap();
         if enabled {
@@ -1230,17 +827,14 @@ async fn metadata_and_manifest_tell_the_truth_about_tokens() {
 async fn a_client_honouring_retry_after_is_never_throttled() {
     let s = Setup::new(Store::Embedded, |c| c.export.poll_retry_after_secs = 5).await;
     let status_url = s.start("/$export?_type=Patient").await;
+    // Part of the scenario: a client waits before its first poll (the first Retry-After is 5 s).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut waits = Vec::new();
     for _ in 0..20 {
         let response = s.get(&status_url).await;
         match response.status() {
             StatusCode::ACCEPTED => {
-                let wait: u64 = response.headers()["retry-after"]
-                    .to_str()
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let wait: u64 = testkit::retry_after(&response);
                 waits.push(wait);
                 tokio::time::sleep(Duration::from_secs(wait)).await;
             }
@@ -1274,7 +868,7 @@ async fn kick_off_reports_the_preferences_applied() {
             "respond-async, handling=lenient",
         ),
     ] {
-        let response = client()
+        let response = plain_client()
             .get(s.proxy.url("/$export?_type=Patient"))
             .header("accept", "application/fhir+json")
             .header("prefer", prefer)

@@ -10,8 +10,35 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
-use crate::support::scripted::{Part, ScriptedUpstream, find};
-use crate::support::{FakeFhir, TestProxy, client, outcome};
+use testkit::get_anonymous;
+use testkit::metrics;
+use testkit::scripted::{Part, ScriptedUpstream, find};
+use testkit::{FakeFhir, TestProxy, outcome, plain_client};
+
+/// Held by every test here that sends large bodies: `bulk_proxy_spliced_bytes_total` counts for
+/// the whole test process, so a test measuring it must not overlap another that splices.
+static SPLICING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Asserts that `spliced` bytes are `bodies` large bodies' worth: all but what arrived with each
+/// response head (read before the body's way is chosen, and copied; at most one 64 KiB read).
+fn assert_spliced(spliced: u64, bodies: u64, what: &str) {
+    let most = bodies * LARGE as u64;
+    let least = most.saturating_sub(bodies * 64 * 1024);
+    assert!(
+        (least..=most).contains(&spliced),
+        "{what}: {spliced} bytes spliced, not {bodies} large bodies' worth"
+    );
+}
+
+/// The bytes moved with splice(2) so far, as `/metrics` reports them.
+async fn spliced_bytes(proxy: &TestProxy) -> u64 {
+    let text = metrics(proxy.addr).await;
+    text.lines()
+        .find_map(|line| line.strip_prefix("bulk_proxy_spliced_bytes_total "))
+        .unwrap_or_else(|| panic!("no spliced bytes counter in\n{text}"))
+        .parse::<f64>()
+        .unwrap() as u64
+}
 
 /// The scripted upstream of these tests (answers by path) and a proxy (default configuration) in
 /// front of it.
@@ -57,6 +84,14 @@ fn answer(path: &str, resume: &Arc<Notify>) -> Vec<Part> {
                 Part::text(&large_head),
                 Part::Bytes(large_body()[..LARGE / 3].to_vec()),
                 Part::Close,
+            ];
+        }
+        // Under the size the fast path splices or copies with two tasks: copied in line.
+        "/fhir/medium" => {
+            let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {MEDIUM}\r\n\r\n");
+            return vec![
+                Part::text(&head),
+                Part::Bytes(large_body()[..MEDIUM].to_vec()),
             ];
         }
         "/fhir/large-paused" => {
@@ -113,6 +148,8 @@ fn answer(path: &str, resume: &Arc<Notify>) -> Vec<Part> {
 
 /// Size of the scripted upstream's `/fhir/large` answer.
 const LARGE: usize = 3 * 1024 * 1024;
+/// Size of `/fhir/medium`: below the 512 KiB above which bodies may be spliced.
+const MEDIUM: usize = 256 * 1024;
 
 /// The body of the large answers: no run of bytes repeats at a power-of-two distance, so a chunk
 /// lost, repeated or reordered on the way shows.
@@ -152,12 +189,7 @@ fn split_responses(mut bytes: &[u8]) -> Vec<(u16, String, String)> {
                 String::from_utf8_lossy(bytes)
             );
         };
-        let length: usize = response
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-            .expect("content-length");
+        let length: usize = testkit::scripted::content_length(response.headers);
         let head = String::from_utf8_lossy(&bytes[..head_len]).into_owned();
         let body = String::from_utf8_lossy(&bytes[head_len..head_len + length]).into_owned();
         responses.push((response.code.unwrap(), head, body));
@@ -189,18 +221,47 @@ async fn chunked_answers_are_forwarded_chunk_by_chunk_without_extensions_or_trai
     assert!(!raw.contains("Trailer:"), "{raw}");
     // reqwest decodes the same answer; the upstream connection went back to the pool each time.
     for _ in 0..3 {
-        let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+        let response = get_anonymous(proxy.url("/chunked")).await;
         assert_eq!(response.text().await.unwrap(), "hello world");
     }
     assert_eq!(upstream.connections(), 1);
 }
 
+/// Large bodies go through splice(2) exactly when told to, every byte of them, and a body under
+/// the threshold never does; either way the body arrives whole.
+#[tokio::test]
+async fn large_answers_are_spliced_only_when_told_and_small_ones_copied() {
+    let _alone = SPLICING.lock().await;
+    for (splice, spliced) in [(Splice::Always, 1), (Splice::Never, 0)] {
+        let (_upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
+        let before = spliced_bytes(&proxy).await;
+        let large = plain_client().get(proxy.url("/large")).send().await;
+        let body = large.unwrap().bytes().await.unwrap();
+        assert!(body == large_body(), "splice {splice:?}: the body differs");
+        let after_large = spliced_bytes(&proxy).await;
+        assert_spliced(
+            after_large - before,
+            spliced,
+            &format!("splice {splice:?}: large"),
+        );
+        let medium = plain_client().get(proxy.url("/medium")).send().await;
+        let body = medium.unwrap().bytes().await.unwrap();
+        assert!(body == large_body()[..MEDIUM], "splice {splice:?}: medium");
+        let after_medium = spliced_bytes(&proxy).await;
+        assert_eq!(
+            after_medium, after_large,
+            "splice {splice:?}: medium spliced"
+        );
+    }
+}
+
 #[tokio::test]
 async fn large_answers_arrive_whole_and_their_connection_is_reused() {
+    let _alone = SPLICING.lock().await;
     for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         for _ in 0..3 {
-            let response = client().get(proxy.url("/large")).send().await.unwrap();
+            let response = get_anonymous(proxy.url("/large")).await;
             assert_eq!(response.headers()["content-length"], LARGE.to_string());
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
@@ -213,30 +274,48 @@ async fn large_answers_arrive_whole_and_their_connection_is_reused() {
 /// streams (paused upstream) are spliced (`splice::Policy`); all of them arrive whole.
 #[tokio::test]
 async fn large_answers_copied_and_spliced_side_by_side_arrive_whole() {
+    let _alone = SPLICING.lock().await;
     let (_upstream, proxy, resume) = behind_a_proxy_splicing(Splice::Auto).await;
-    let paused = proxy.url("/large-paused");
-    let first = tokio::spawn(async move { client().get(paused).send().await?.bytes().await });
-    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let before = spliced_bytes(&proxy).await;
+    let mut first = get_anonymous(proxy.url("/large-paused")).await;
+    // Its body has begun: from here on the lane counts it as streaming.
+    let mut copied = first.chunk().await.unwrap().unwrap().to_vec();
     let others: Vec<_> = (0..3)
-        .map(|_| tokio::spawn(client().get(proxy.url("/large")).send()))
+        .map(|_| tokio::spawn(plain_client().get(proxy.url("/large")).send()))
         .collect();
     for other in others {
         let body = other.await.unwrap().unwrap().bytes().await.unwrap();
         assert!(body == large_body(), "a spliced body differs");
     }
-    assert!(!first.is_finished(), "the first answer was still streaming");
+    assert_spliced(
+        spliced_bytes(&proxy).await - before,
+        3,
+        "the three side by side",
+    );
+    assert!(
+        copied.len() <= LARGE / 2,
+        "the first answer was still paused"
+    );
     resume.notify_one();
-    let body = first.await.unwrap().unwrap();
-    assert!(body == large_body(), "the copied body differs");
+    while let Some(chunk) = first.chunk().await.unwrap() {
+        copied.extend_from_slice(&chunk);
+    }
+    assert!(copied == large_body(), "the copied body differs");
+    assert_spliced(
+        spliced_bytes(&proxy).await - before,
+        3,
+        "the first answer, alone when it began, was copied",
+    );
 }
 
 /// Chunked for the client, as hyper's server sends a body of unknown length: the client's
 /// connection goes on, the upstream's is not reused.
 #[tokio::test]
 async fn large_answers_delimited_by_close_arrive_whole_and_chunked() {
+    let _alone = SPLICING.lock().await;
     for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
-        let client = client();
+        let client = plain_client();
         for _ in 0..2 {
             let response = client
                 .get(proxy.url("/large-until-close"))
@@ -258,6 +337,7 @@ async fn large_answers_delimited_by_close_arrive_whole_and_chunked() {
 
 #[tokio::test]
 async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
+    let _alone = SPLICING.lock().await;
     for splice in [Splice::Always, Splice::Never] {
         let (_upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         let raw = tokio::time::timeout(
@@ -281,7 +361,7 @@ async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
             "splice {splice:?}"
         );
         // The proxy carries on.
-        let response = client().get(proxy.url("/large")).send().await.unwrap();
+        let response = get_anonymous(proxy.url("/large")).await;
         assert_eq!(
             response.bytes().await.unwrap().len(),
             LARGE,
@@ -292,6 +372,7 @@ async fn a_large_answer_cut_short_upstream_is_cut_short_for_the_client() {
 
 #[tokio::test]
 async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
+    let _alone = SPLICING.lock().await;
     for splice in [Splice::Always, Splice::Never] {
         let (upstream, proxy, _) = behind_a_proxy_splicing(splice).await;
         let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
@@ -303,7 +384,7 @@ async fn a_client_leaving_in_the_middle_of_a_large_answer_harms_nothing() {
         stream.read_exact(&mut start).await.unwrap();
         drop(stream);
         for _ in 0..2 {
-            let response = client().get(proxy.url("/large")).send().await.unwrap();
+            let response = get_anonymous(proxy.url("/large")).await;
             let body = response.bytes().await.unwrap();
             assert!(body == large_body(), "splice {splice:?}: the body differs");
         }
@@ -337,11 +418,7 @@ async fn answers_delimited_by_close_reach_the_client_chunked() {
         "{raw}"
     );
     for _ in 0..2 {
-        let response = client()
-            .get(proxy.url("/until-close"))
-            .send()
-            .await
-            .unwrap();
+        let response = get_anonymous(proxy.url("/until-close")).await;
         assert_eq!(response.text().await.unwrap(), "read until the end");
     }
     assert_eq!(
@@ -381,7 +458,7 @@ async fn informational_head_and_no_content_answers_are_framed_right() {
 async fn broken_upstream_answers_are_502_or_a_closed_connection() {
     let (_upstream, proxy, _) = behind_a_proxy().await;
     for path in ["/gzip-coded", "/two-lengths", "/garbage"] {
-        let response = client().get(proxy.url(path)).send().await.unwrap();
+        let response = get_anonymous(proxy.url(path)).await;
         let diagnostics = outcome(response, 502).await;
         assert!(!diagnostics.is_empty(), "{path}");
     }
@@ -405,7 +482,7 @@ async fn broken_upstream_answers_are_502_or_a_closed_connection() {
         "{raw}"
     );
     // And the proxy carries on.
-    let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+    let response = get_anonymous(proxy.url("/chunked")).await;
     assert_eq!(response.text().await.unwrap(), "hello world");
 }
 
@@ -510,6 +587,6 @@ async fn the_fast_path_can_be_turned_off() {
     .await;
     // hyper decodes and re-encodes: the chunk extension does not survive, the body does.
     assert!(!raw.contains("note=1"), "{raw}");
-    let response = client().get(proxy.url("/chunked")).send().await.unwrap();
+    let response = get_anonymous(proxy.url("/chunked")).await;
     assert_eq!(response.text().await.unwrap(), "hello world");
 }

@@ -10,25 +10,26 @@ use std::time::Duration;
 
 use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::finalize::FINALIZE_ATTEMPTS;
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
+use testkit::add_ids;
+use testkit::eventually;
+use testkit::get_with_token;
+use testkit::memory_fhir::MemoryFhir;
 
-use crate::support::process::{ProxyProcess, Store};
-use crate::support::smart::SmartClient;
-use crate::support::{RedisServer, client, outcome};
+use testkit::process::{Processes, ProxyProcess, Store};
 
-/// Clients and status URLs name this base; requests go to whichever process runs now.
-const PUBLIC: &str = "http://fhir.example.test/fhir";
+use testkit::{outcome, plain_client};
+
 const EXPORT: &str = "/Patient/$export?_type=Patient,Observation";
 
-/// One upstream, one job store and one file directory, shared by the processes a test starts
-/// one after the other.
-struct Setup {
-    fhir: RunningFhir,
-    config_path: std::path::PathBuf,
-    client: SmartClient,
-    _redis: Option<RedisServer>,
-    _dir: tempfile::TempDir,
+/// The processes' shared upstream, store and files ([`Processes`]).
+struct Setup(Processes);
+
+impl std::ops::Deref for Setup {
+    type Target = Processes;
+    fn deref(&self) -> &Processes {
+        &self.0
+    }
 }
 
 impl Setup {
@@ -41,63 +42,30 @@ impl Setup {
     /// As [`Setup::new`], with `tweak` applied to the configuration.
     async fn with(store: Store, tweak: impl FnOnce(&mut Config)) -> Self {
         let fhir = MemoryFhir::new().synthetic(40, 10).start().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.upstream.url = fhir.url();
-        config.server.public_url = Some(PUBLIC.into());
-        config.storage.path = dir.path().join("files");
-        let redis = store.configure(&mut config, dir.path());
-        config.export.page_size = 50;
-        config.export.patient_batch_size = 10;
-        config.export.lease_secs = 2;
-        config.export.sweep_interval_secs = 1;
-        config.export.poll_retry_after_secs = 1;
-        config.export.retry_base_ms = 50;
-        config.export.max_active_jobs_per_client = 1;
-        let client = SmartClient::register(&mut config);
-        tweak(&mut config);
-        let config_path = dir.path().join("proxy.toml");
-        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-        Self {
-            fhir,
-            config_path,
-            client,
-            _redis: redis,
-            _dir: dir,
-        }
+        Self(Processes::new(store, fhir, |config| {
+            config.export.page_size = 50;
+            config.export.patient_batch_size = 10;
+            config.export.retry_base_ms = 50;
+            config.export.max_active_jobs_per_client = 1;
+            tweak(config);
+        }))
     }
 
     fn spawn(&self, fault: Option<&str>) -> ProxyProcess {
         let env: Vec<(&str, &str)> = fault.map(|f| ("FBP_TEST_FAULT", f)).into_iter().collect();
-        ProxyProcess::spawn(&self.config_path, "info", &env)
-    }
-
-    async fn token(&self, proxy: &ProxyProcess) -> String {
-        crate::support::process::token(&self.client, proxy, PUBLIC).await
+        self.0.spawn(&env)
     }
 
     /// Ids per type in the manifest's files, asserting none twice and none missing or extra.
     async fn assert_exact(&self, proxy: &ProxyProcess, token: &str, manifest: &Value) {
         let mut got: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for item in manifest["output"].as_array().unwrap() {
-            let text = client()
-                .get(on(proxy, item["url"].as_str().unwrap()))
-                .bearer_auth(token)
-                .send()
+            let text = get_with_token(on(proxy, item["url"].as_str().unwrap()), token)
                 .await
-                .unwrap()
                 .text()
                 .await
                 .unwrap();
-            for line in text.lines() {
-                let resource: Value = serde_json::from_str(line).unwrap();
-                let t = resource["resourceType"].as_str().unwrap().to_owned();
-                let id = resource["id"].as_str().unwrap().to_owned();
-                assert!(
-                    got.entry(t.clone()).or_default().insert(id.clone()),
-                    "{t}/{id} twice"
-                );
-            }
+            add_ids(&mut got, &text);
         }
         for t in ["Patient", "Observation"] {
             let want: BTreeSet<String> = self.fhir.ids(t).into_iter().collect();
@@ -107,46 +75,27 @@ impl Setup {
     }
 }
 
-/// `url` (under [`PUBLIC`]) on the running process.
+/// `url` (under [`Processes::PUBLIC`]) on the running process.
 fn on(proxy: &ProxyProcess, url: &str) -> String {
-    url.replace(PUBLIC, &proxy.base())
+    Processes::on(proxy, url)
 }
 
+/// This file's export, kicked off on `proxy`.
 async fn kick_off(proxy: &ProxyProcess, token: &str) -> reqwest::Response {
-    client()
-        .get(format!("{}{EXPORT}", proxy.base()))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap()
+    testkit::kick_off(format!("{}{EXPORT}", proxy.base()), token).await
 }
 
 async fn started(proxy: &ProxyProcess, token: &str) -> String {
-    let response = kick_off(proxy, token).await;
-    assert_eq!(response.status(), 202);
-    response.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned()
+    testkit::start_export(format!("{}{EXPORT}", proxy.base()), token).await
 }
 
 /// Polls until the status is no longer 202, honouring `Retry-After`.
 async fn poll_until_done(proxy: &ProxyProcess, token: &str, status_url: &str) -> reqwest::Response {
-    for _ in 0..120 {
-        let response = client()
-            .get(on(proxy, status_url))
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap();
-        if !matches!(response.status().as_u16(), 202 | 429) {
-            return response;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    panic!("the export is still running after 60 s");
+    eventually("the export to end", Duration::from_secs(60), || async {
+        let response = get_with_token(on(proxy, status_url), token).await;
+        (!matches!(response.status().as_u16(), 202 | 429)).then_some(response)
+    })
+    .await
 }
 
 fn debug_build() -> bool {
@@ -174,12 +123,7 @@ async fn killed_during_finalisation_completes_after_a_restart(store: Store) {
         )
         .unwrap_or_else(|| panic!("no finalisation:\n{}", proxy.logs().join("\n")));
     // Every unit is done and the merged files are written; nothing is committed.
-    let response = client()
-        .get(on(&proxy, &status_url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let response = get_with_token(on(&proxy, &status_url), &token).await;
     assert_eq!(response.status(), 202);
     let pages = setup.fhir.counters.pages.load(Ordering::SeqCst);
     proxy.kill9();
@@ -232,14 +176,10 @@ async fn a_failing_finalisation_is_retried_then_fails_the_job(store: Store) {
         proxy.count_logs("finalisation failed; retrying"),
         FINALIZE_ATTEMPTS as usize - 1
     );
-    // Failed stays failed: a second poll says so again.
+    // Failed stays failed: a second poll says so again (after the 1 s between polls, or it is
+    // a 429: part of the scenario).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let again = client()
-        .get(on(&proxy, &status_url))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let again = get_with_token(on(&proxy, &status_url), &token).await;
     outcome(again, 500).await;
     // The failed job no longer holds the client's only slot.
     assert_eq!(kick_off(&proxy, &token).await.status(), 202);
@@ -295,8 +235,9 @@ async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
     let token = setup.token(&proxy).await;
     for round in 0..8 {
         let status_url = started(&proxy, &token).await;
+        // Part of the scenario: each round deletes at another stage of the export.
         tokio::time::sleep(Duration::from_millis(100 + 60 * round)).await;
-        let deleted = client()
+        let deleted = plain_client()
             .delete(on(&proxy, &status_url))
             .bearer_auth(&token)
             .send()
@@ -305,17 +246,13 @@ async fn deleting_running_exports_is_quiet_and_leaves_no_files(store: Store) {
         assert_eq!(deleted.status(), 202, "round {round}");
     }
     let files = setup.config_path.with_file_name("files");
-    let mut left = Vec::new();
-    for _ in 0..100 {
-        left = std::fs::read_dir(&files)
+    eventually("no files left behind", Duration::from_secs(10), || async {
+        let left: Vec<_> = std::fs::read_dir(&files)
             .map(|dir| dir.filter_map(Result::ok).map(|e| e.path()).collect())
             .unwrap_or_default();
-        if left.is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(left.is_empty(), "left behind: {left:?}");
+        if left.is_empty() { Ok(()) } else { Err(left) }
+    })
+    .await;
     let loud: Vec<String> = proxy
         .logs()
         .into_iter()

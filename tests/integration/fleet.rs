@@ -7,13 +7,17 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use serde_json::Value;
+use testkit::add_ids;
+use testkit::eventually;
+use testkit::get_with_token;
+use testkit::kick_off;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
-use crate::support::process::ProxyProcess;
-use crate::support::redis::RedisServer;
-use crate::support::smart::{SmartClient, token_form};
-use crate::support::{client, outcome};
+use testkit::process::ProxyProcess;
+use testkit::redis::RedisServer;
+use testkit::smart::{SmartClient, token_form};
+use testkit::{outcome, plain_client};
 
 const PUBLIC: &str = "http://fhir.example.test/fhir";
 
@@ -111,7 +115,7 @@ async fn fleet(replicas: usize, patients: usize, per_patient: usize) -> Fleet {
 }
 
 async fn client_post_token(replica: &Replica, assertion: &str) -> reqwest::Response {
-    client()
+    plain_client()
         .post(format!("{}/token", replica.base()))
         .form(&token_form(assertion, "system/*.read"))
         .send()
@@ -121,14 +125,7 @@ async fn client_post_token(replica: &Replica, assertion: &str) -> reqwest::Respo
 
 impl Fleet {
     async fn kick_off(&self, path: &str) -> String {
-        let response = client()
-            .get(format!("{}{path}", self.replicas[0].base()))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
+        let response = kick_off(format!("{}{path}", self.replicas[0].base()), &self.token).await;
         assert_eq!(response.status(), 202);
         response.headers()["content-location"]
             .to_str()
@@ -145,7 +142,7 @@ impl Fleet {
     /// Polls round-robin across the live replicas until the manifest arrives.
     async fn manifest(&self, status_url: &str) -> Value {
         for turn in 0..400 {
-            let response = client()
+            let response = plain_client()
                 .get(self.on(status_url, turn))
                 .bearer_auth(&self.token)
                 .send()
@@ -167,24 +164,12 @@ impl Fleet {
     async fn ids(&self, manifest: &Value) -> BTreeMap<String, BTreeSet<String>> {
         let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
         for (turn, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
-            let text = client()
-                .get(self.on(item["url"].as_str().unwrap(), turn))
-                .bearer_auth(&self.token)
-                .send()
+            let text = get_with_token(self.on(item["url"].as_str().unwrap(), turn), &self.token)
                 .await
-                .unwrap()
                 .text()
                 .await
                 .unwrap();
-            for line in text.lines() {
-                let resource: Value = serde_json::from_str(line).unwrap();
-                let t = resource["resourceType"].as_str().unwrap().to_owned();
-                let id = resource["id"].as_str().unwrap().to_owned();
-                assert!(
-                    out.entry(t.clone()).or_default().insert(id.clone()),
-                    "{t}/{id} twice"
-                );
-            }
+            add_ids(&mut out, &text);
         }
         out
     }
@@ -214,10 +199,16 @@ async fn replicas_killed_mid_export_lose_and_duplicate_nothing() {
     // Kill a replica mid-export, several times over, bringing each back.
     let mut pages_at_last_kill = 0;
     for round in 0..3 {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let counters = fleet.fhir.counters.clone();
+        let progressed = pages_at_last_kill + 20;
+        eventually("the fleet to page on", Duration::from_secs(30), || async {
+            (counters.pages.load(Ordering::SeqCst) >= progressed).then_some(())
+        })
+        .await;
         let victim = round % fleet.replicas.len();
         pages_at_last_kill = fleet.fhir.counters.pages.load(Ordering::SeqCst);
         fleet.replicas[victim].kill9();
+        // Part of the scenario: the replica stays down a while, its leases still held.
         tokio::time::sleep(Duration::from_millis(500)).await;
         fleet.replicas[victim].restart();
     }
@@ -237,7 +228,11 @@ async fn a_replica_stopped_with_sigterm_hands_its_work_over_and_exits_zero() {
     let mut fleet = fleet(2, 100, 100).await;
     fleet.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
     let status_url = fleet.kick_off("/$export?_type=Patient,Observation").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let counters = fleet.fhir.counters.clone();
+    eventually("the fleet to page", Duration::from_secs(30), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
     let started = Instant::now();
     let status = fleet.replicas[0].terminate();
     assert!(status.success(), "exit status {status}");
@@ -255,10 +250,14 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
     let fleet = fleet(2, 100, 50).await;
     fleet.fhir.faults.latency_ms.store(20, Ordering::SeqCst);
     let status_url = fleet.kick_off("/$export?_type=Patient,Observation").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let counters = fleet.fhir.counters.clone();
+    eventually("the fleet to page", Duration::from_secs(30), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 10).then_some(())
+    })
+    .await;
     fleet.redis.pause();
     let started = Instant::now();
-    let response = client()
+    let response = plain_client()
         .get(fleet.on(&status_url, 0))
         .bearer_auth(&fleet.token)
         .timeout(Duration::from_secs(15))
@@ -267,7 +266,7 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
         .unwrap();
     assert!(response.headers().contains_key("retry-after"));
     outcome(response, 503).await;
-    let kick_off = client()
+    let kick_off = plain_client()
         .get(format!(
             "{}/$export?_type=Patient",
             fleet.replicas[1].base()
@@ -286,6 +285,7 @@ async fn redis_frozen_for_ten_seconds_answers_503_then_the_export_completes() {
     );
     let elapsed = started.elapsed();
     if elapsed < Duration::from_secs(10) {
+        // Part of the scenario: Redis stays frozen for ten seconds in all.
         tokio::time::sleep(Duration::from_secs(10) - elapsed).await;
     }
     fleet.redis.resume();
@@ -301,22 +301,17 @@ async fn jobs_lost_with_an_emptied_redis_answer_404() {
     let _ = fleet.manifest(&status_url).await;
     fleet.redis.restart();
     // The replica reconnects; the job is gone, and says so.
-    let mut last = 0;
-    for _ in 0..40 {
-        let response = client()
+    let gone = eventually("the job to be gone", Duration::from_secs(10), || async {
+        let response = plain_client()
             .get(fleet.on(&status_url, 0))
             .bearer_auth(&fleet.token)
             .send()
             .await
-            .unwrap();
-        last = response.status().as_u16();
-        if last == 404 {
-            assert!(outcome(response, 404).await.contains("no export job"));
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
-    assert_eq!(last, 404);
+            .ok()?;
+        (response.status() == 404).then_some(response)
+    })
+    .await;
+    assert!(outcome(gone, 404).await.contains("no export job"));
 }
 
 /// A fetch cancelled while it holds a fleet-wide upstream slot (a prefetch dropped because its
@@ -350,14 +345,12 @@ async fn a_cancelled_fetch_gives_its_fleet_slot_back() {
         let (pager, url) = (pager.clone(), url.clone());
         tokio::spawn(async move { pager.fetch(&url, false).await })
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fhir.counters.in_flight.load(Ordering::SeqCst) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the slow page was never asked for"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(
+        "the slow page to be asked for",
+        Duration::from_secs(10),
+        || async { (fhir.counters.in_flight.load(Ordering::SeqCst) > 0).then_some(()) },
+    )
+    .await;
     slow.abort();
     fhir.faults.latency_ms.store(0, Ordering::SeqCst);
 

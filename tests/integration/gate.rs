@@ -10,9 +10,10 @@ use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::routes::{Access, RouteTable};
 use serde_json::Value;
 
-use crate::support::fake_fhir::RunningFake;
-use crate::support::smart::{ClientKey, SmartClient};
-use crate::support::{FakeFhir, TestProxy, client, outcome, raw_request};
+use testkit::fake_fhir::RunningFake;
+use testkit::get_with_token;
+use testkit::smart::{ClientKey, SmartClient};
+use testkit::{FakeFhir, TestProxy, outcome, plain_client, raw_request};
 
 /// Every request a test sends carries this header; the upstream seeing it means it was forwarded.
 const PROBE: &str = "x-gate-probe";
@@ -68,7 +69,7 @@ impl Gated {
             fake,
             patient_token,
             all_token,
-            client: client(),
+            client: plain_client(),
         }
     }
 
@@ -273,7 +274,7 @@ async fn a_post_search_is_checked_by_its_form_body_too() {
     let gated = Gated::start(|c| c.auth.passthrough = true).await;
     let search = gated.proxy.url("/Patient/_search");
     let post = |body: &'static str, token: &str| {
-        client()
+        plain_client()
             .post(&search)
             .header(PROBE, body)
             .header("content-type", "application/x-www-form-urlencoded")
@@ -312,7 +313,7 @@ async fn a_post_search_is_checked_by_its_form_body_too() {
         "a token for every type may include anything"
     );
 
-    let json = client()
+    let json = plain_client()
         .post(&search)
         .header("content-type", "application/fhir+json")
         .bearer_auth(&gated.patient_token)
@@ -652,7 +653,7 @@ async fn passthrough_authorization_is_never_silently_off() {
         return;
     }
     let proxy = TestProxy::start(config).await;
-    let response = client()
+    let response = plain_client()
         .delete(proxy.url("/Patient/1"))
         .header(PROBE, "DELETE without a token")
         .send()
@@ -683,12 +684,7 @@ async fn a_read_only_v2_token_may_read_but_not_search() {
     );
     let proxy = TestProxy::start(config).await;
     let token = reader.token_for(&proxy, "system/Patient.r").await;
-    let read = client()
-        .get(proxy.url("/Patient/1"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let read = get_with_token(proxy.url("/Patient/1"), &token).await;
     assert_eq!(read.status(), 200, "`r` allows a read");
     for (method, rest) in [
         (Method::GET, "/Patient?name=x"),
@@ -696,7 +692,7 @@ async fn a_read_only_v2_token_may_read_but_not_search() {
         (Method::POST, "/Patient/_search"),
     ] {
         let before = fake.received().len();
-        let response = client()
+        let response = plain_client()
             .request(method.clone(), proxy.url(rest))
             .header("content-type", "application/x-www-form-urlencoded")
             .bearer_auth(&token)

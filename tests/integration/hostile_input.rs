@@ -18,14 +18,18 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use fhir_bulk_proxy::config::Config;
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use proptest::strategy::BoxedStrategy;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use serde_json::{Value, json};
+use testkit::eventually;
+use testkit::get_anonymous;
+use testkit::get_with_token;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
+use testkit::start_export;
 
-use crate::support::smart::{SmartClient, TEST_CLIENT, token_url};
-use crate::support::{TestProxy, client, outcome};
 use corpus::{Hostile, Target, Verdict};
+use testkit::smart::{SmartClient, TEST_CLIENT, token_url};
+use testkit::{TestProxy, outcome, plain_client};
 
 /// Worker threads of the runtime the proxies run on; panics there are counted.
 const THREAD: &str = "hostile-input";
@@ -152,7 +156,7 @@ impl Harness {
     fn finish(self) {
         let Harness { proxy, _fhir, .. } = self;
         runtime().block_on(async {
-            let health = client().get(proxy.root("/healthz")).send().await.unwrap();
+            let health = get_anonymous(proxy.root("/healthz")).await;
             assert_eq!(health.status(), 200);
             proxy.shutdown().await.unwrap();
         });
@@ -173,44 +177,20 @@ async fn upstream() -> RunningFhir {
 
 /// Runs a system export to completion: its id, its first file's name and bytes.
 async fn finished_export(proxy: &TestProxy, bearer: &str) -> (String, String, Vec<u8>) {
-    let kick_off = client()
-        .get(proxy.url("/$export?_type=Patient"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(bearer)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = start_export(proxy.url("/$export?_type=Patient"), bearer).await;
     let job_id = status_url.rsplit('/').next().unwrap().to_owned();
-    let manifest: Value = loop {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let status = client()
-            .get(&status_url)
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .unwrap();
-        if status.status() == 200 {
-            break status.json().await.unwrap();
+    let manifest: Value = eventually("the export to finish", Duration::from_secs(60), || async {
+        let status = get_with_token(&status_url, bearer).await;
+        match status.status().as_u16() {
+            200 => Some(status.json().await.unwrap()),
+            202 | 429 => None,
+            other => panic!("status {other}"),
         }
-        assert_eq!(status.status(), 202);
-    };
+    })
+    .await;
     let url = manifest["output"][0]["url"].as_str().unwrap().to_owned();
     let file_name = url.rsplit('/').next().unwrap().to_owned();
-    let body = client()
-        .get(&url)
-        .bearer_auth(bearer)
-        .send()
-        .await
-        .unwrap()
-        .bytes()
-        .await
-        .unwrap();
+    let body = get_with_token(&url, bearer).await.bytes().await.unwrap();
     assert!(!body.is_empty());
     (job_id, file_name, body.to_vec())
 }
@@ -268,7 +248,7 @@ async fn the_instants_of_issue_14_are_a_400_naming_the_parameter() {
     let proxy = TestProxy::start(config).await;
     let bearer = smart.token(&proxy).await;
     let get = |query: &str| {
-        client()
+        plain_client()
             .get(proxy.url(&format!("/$export?{query}")))
             .header("accept", "application/fhir+json")
             .header("prefer", "respond-async")
@@ -288,7 +268,7 @@ async fn the_instants_of_issue_14_are_a_400_naming_the_parameter() {
     let since = outcome(get("_since=0000-01-01T00:00:00+23:59").await.unwrap(), 400).await;
     assert!(since.starts_with("_since: "), "{since}");
 
-    let post = client()
+    let post = plain_client()
         .post(proxy.url("/Patient/$export"))
         .header("accept", "application/fhir+json")
         .header("prefer", "respond-async")

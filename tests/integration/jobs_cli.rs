@@ -11,25 +11,28 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fhir_bulk_proxy::config::Config;
-use fhir_bulk_proxy::memory_fhir::{MemoryFhir, RunningFhir};
 use fhir_bulk_proxy::ops::jobs::{self, JobsCommand, JobsError};
 use serde_json::Value;
+use testkit::get_with_token;
+use testkit::kick_off;
+use testkit::memory_fhir::MemoryFhir;
 
-use crate::support::process::{ProxyProcess, Store};
-use crate::support::smart::{SmartClient, TEST_CLIENT};
-use crate::support::{RedisServer, client};
+use testkit::process::{Processes, ProxyProcess, Store};
+use testkit::smart::TEST_CLIENT;
 
 /// Clients and status URLs name this base; requests go to whichever process runs now.
-const PUBLIC: &str = "http://fhir.example.test/fhir";
+const PUBLIC: &str = Processes::PUBLIC;
 
 pub(crate) struct Setup {
-    pub(crate) fhir: RunningFhir,
-    config: Config,
-    config_path: PathBuf,
+    processes: Processes,
     files: PathBuf,
-    client: SmartClient,
-    _redis: Option<RedisServer>,
-    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Setup {
+    type Target = Processes;
+    fn deref(&self) -> &Processes {
+        &self.processes
+    }
 }
 
 /// The three jobs a test inspects, by state, with their status URLs.
@@ -43,38 +46,17 @@ struct Jobs {
 impl Setup {
     pub(crate) async fn new(store: Store) -> Self {
         let fhir = MemoryFhir::new().synthetic(10, 3).start().await.unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let mut config = Config::default();
-        config.upstream.url = fhir.url();
-        config.server.public_url = Some(PUBLIC.into());
-        config.storage.path = dir.path().join("files");
-        let redis = store.configure(&mut config, dir.path());
-        config.export.lease_secs = 2;
-        config.export.sweep_interval_secs = 1;
-        config.export.poll_retry_after_secs = 1;
-        config.export.retry_base_ms = 20;
-        config.export.retry_max_attempts = 1;
-        config.export.max_active_jobs_per_client = 5;
-        let client = SmartClient::register(&mut config);
-        let config_path = dir.path().join("proxy.toml");
-        std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
-        Self {
-            fhir,
-            config,
-            config_path,
-            files: dir.path().join("files"),
-            client,
-            _redis: redis,
-            _dir: dir,
-        }
+        let processes = Processes::new(store, fhir, |config| {
+            config.export.retry_base_ms = 20;
+            config.export.retry_max_attempts = 1;
+            config.export.max_active_jobs_per_client = 5;
+        });
+        let files = processes.config.storage.path.clone();
+        Self { processes, files }
     }
 
     pub(crate) fn spawn(&self) -> ProxyProcess {
-        ProxyProcess::spawn(&self.config_path, "info", &[])
-    }
-
-    pub(crate) async fn token(&self, proxy: &ProxyProcess) -> String {
-        crate::support::process::token(&self.client, proxy, PUBLIC).await
+        self.processes.spawn(&[])
     }
 
     /// A completed Patient-level export, a failed system-level one (its only type's searches
@@ -136,14 +118,7 @@ impl Setup {
 }
 
 pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> String {
-    let response = client()
-        .get(format!("{}{path}", proxy.base()))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(token)
-        .send()
-        .await
-        .unwrap();
+    let response = kick_off(format!("{}{path}", proxy.base()), token).await;
     assert_eq!(response.status(), 202, "{path}");
     response.headers()["content-location"]
         .to_str()
@@ -154,12 +129,8 @@ pub(crate) async fn start(proxy: &ProxyProcess, token: &str, path: &str) -> Stri
 /// The status URL's answer once it is no longer 202 (or 429).
 pub(crate) async fn status(proxy: &ProxyProcess, token: &str, url: &str) -> u16 {
     for _ in 0..120 {
-        let status = client()
-            .get(url.replace(PUBLIC, &proxy.base()))
-            .bearer_auth(token)
-            .send()
+        let status = get_with_token(url.replace(PUBLIC, &proxy.base()), token)
             .await
-            .unwrap()
             .status()
             .as_u16();
         if !matches!(status, 202 | 429) {
@@ -296,13 +267,7 @@ async fn status_urls_after_cancel(proxy: &ProxyProcess, token: &str, jobs: &Jobs
         (&jobs.failed, 500),
     ] {
         let url = jobs.urls[id].replace(PUBLIC, &proxy.base());
-        let got = client()
-            .get(&url)
-            .bearer_auth(token)
-            .send()
-            .await
-            .unwrap()
-            .status();
+        let got = get_with_token(&url, token).await.status();
         assert_eq!(got.as_u16(), want, "{id}");
     }
 }

@@ -4,16 +4,15 @@
 //! written to a pipe have no colour codes; each request's lines carry its request id, each job's
 //! lines its job id.
 
-use std::path::Path;
-
 use fhir_bulk_proxy::auth::keygen::{self, KeyAlgorithm};
-use fhir_bulk_proxy::client::{BulkClient, ClientKey};
 use fhir_bulk_proxy::config::{Config, UpstreamAuthScheme};
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde_json::Value;
+use testkit::client::{BulkClient, ClientKey};
+use testkit::get_with_token;
+use testkit::memory_fhir::{MemoryFhir, RunningFhir};
 
-use crate::support::client;
-use crate::support::process::ProxyProcess;
+use testkit::plain_client;
+use testkit::process::ProxyProcess;
 
 const SIGNING_SECRET: &str = "signing-secret-that-must-never-be-logged-0123";
 const UPSTREAM_TOKEN: &str = "upstream-token-that-must-never-be-logged";
@@ -21,7 +20,7 @@ const CLIENT_ID: &str = "log-test-client";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_whole_export_at_debug_level_logs_no_secret() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10");
+    let fixtures = testkit::setup::fixture_dir();
     let fhir = MemoryFhir::new()
         .load_dir(&fixtures)
         .unwrap()
@@ -29,24 +28,11 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
         .start()
         .await
         .unwrap();
-    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
-    let mut config = Config::default();
-    config.upstream.url = fhir.url();
-    config.upstream.auth.scheme = UpstreamAuthScheme::Bearer;
-    config.upstream.auth.token = Some(UPSTREAM_TOKEN.into());
-    config.auth.signing_secret = Some(SIGNING_SECRET.into());
-    config.auth.passthrough = true;
-    config.export.poll_retry_after_secs = 1;
-    config.auth.clients.push(keygen::client_config(
-        CLIENT_ID,
-        &["system/*.read".into()],
-        &key,
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    config.store.path = dir.path().join("jobs.redb");
-    config.storage.path = dir.path().join("files");
-    let config_path = dir.path().join("proxy.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let (key, _dir, config_path) = written(&fhir, |config| {
+        config.upstream.auth.scheme = UpstreamAuthScheme::Bearer;
+        config.upstream.auth.token = Some(UPSTREAM_TOKEN.into());
+        config.auth.passthrough = true;
+    });
     let proxy = ProxyProcess::spawn(&config_path, "debug", &[]);
 
     let client_key = ClientKey::from_json(&key.private_jwk).unwrap();
@@ -66,19 +52,15 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
     assert!(lines > 1000, "{lines} resources exported");
 
     // Protected passthrough, with the proxy's token (replaced upstream by the upstream's).
-    let patients = client()
-        .get(format!("{}/Patient?_count=1", proxy.base()))
-        .bearer_auth(&access_token)
-        .send()
-        .await
-        .unwrap();
+    let patients =
+        get_with_token(format!("{}/Patient?_count=1", proxy.base()), &access_token).await;
     assert_eq!(patients.status(), 200);
 
     // A refused assertion (a scope the client is not registered for) and a replayed one.
     let token_url = bulk.token().token_url.clone();
     let refused = client_key.assertion(CLIENT_ID, &token_url).unwrap();
     for scope in ["system/Patient.write", "system/*.read"] {
-        let response = client()
+        let response = plain_client()
             .post(&token_url)
             .form(&[
                 ("grant_type", "client_credentials"),
@@ -127,28 +109,14 @@ async fn a_whole_export_at_debug_level_logs_no_secret() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job() {
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/bds-r4-10");
+    let fixtures = testkit::setup::fixture_dir();
     let fhir = MemoryFhir::new()
         .load_dir(&fixtures)
         .unwrap()
         .start()
         .await
         .unwrap();
-    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
-    let mut config = Config::default();
-    config.upstream.url = fhir.url();
-    config.auth.signing_secret = Some(SIGNING_SECRET.into());
-    config.export.poll_retry_after_secs = 1;
-    config.auth.clients.push(keygen::client_config(
-        CLIENT_ID,
-        &["system/*.read".into()],
-        &key,
-    ));
-    let dir = tempfile::tempdir().unwrap();
-    config.store.path = dir.path().join("jobs.redb");
-    config.storage.path = dir.path().join("files");
-    let config_path = dir.path().join("proxy.toml");
-    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let (key, _dir, config_path) = written(&fhir, |_| {});
     let proxy = ProxyProcess::spawn(
         &config_path,
         "fhir_bulk_proxy=debug,info",
@@ -165,14 +133,14 @@ async fn text_logs_in_a_pipe_have_no_colours_and_name_each_request_and_each_job(
     bulk.download(file, |_| Ok(())).await.unwrap();
     // A second export, deleted: its lines too name it.
     let deleted = bulk.kick_off("/$export?_type=Patient").await.unwrap();
-    let response = client()
+    let response = plain_client()
         .delete(&deleted)
         .bearer_auth(&bulk.token().access_token)
         .send()
         .await
         .unwrap();
     assert_eq!(response.status(), 202);
-    let passthrough = client()
+    let passthrough = plain_client()
         .get(format!("{}/Patient?_count=1", proxy.base()))
         .header("x-request-id", "client-chosen-id-1")
         .send()
@@ -245,7 +213,7 @@ async fn a_failed_request_is_logged_with_its_request_id() {
             ("/Patient?_count=1", "fast-path-1"),
             ("/Patient", "general-1"),
         ] {
-            let request = client()
+            let request = plain_client()
                 .request(
                     // A body takes the general path, a bodiless GET the fast path.
                     if id == "general-1" {
@@ -280,4 +248,30 @@ async fn a_failed_request_is_logged_with_its_request_id() {
             );
         }
     }
+}
+
+/// A configuration for `fhir` with a registered ES384 client (its key returned), then
+/// `configure`; its store and files in a new directory, where it is written as `proxy.toml`. The
+/// directory lives as long as the returned guard.
+fn written(
+    fhir: &RunningFhir,
+    configure: impl FnOnce(&mut Config),
+) -> (keygen::GeneratedKey, tempfile::TempDir, std::path::PathBuf) {
+    let key = keygen::generate(KeyAlgorithm::Es384).unwrap();
+    let mut config = Config::default();
+    config.upstream.url = fhir.url();
+    config.auth.signing_secret = Some(SIGNING_SECRET.into());
+    config.export.poll_retry_after_secs = 1;
+    let scopes = ["system/*.read".into()];
+    config
+        .auth
+        .clients
+        .push(keygen::client_config(CLIENT_ID, &scopes, &key));
+    configure(&mut config);
+    let dir = tempfile::tempdir().unwrap();
+    config.store.path = dir.path().join("jobs.redb");
+    config.storage.path = dir.path().join("files");
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    (key, dir, config_path)
 }

@@ -2,9 +2,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
 mod auth;
+mod client;
+mod conformance;
 mod dashboard;
 mod demo;
 mod differential;
@@ -15,6 +15,7 @@ mod fleet;
 mod gate;
 mod hostile_input;
 mod jobs_cli;
+mod kickoff_fuzz;
 mod layering;
 mod logs;
 mod object_storage;

@@ -5,18 +5,23 @@
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::MemoryFhir;
 use serde_json::{Value, json};
+use testkit::eventually;
+use testkit::get_anonymous;
+use testkit::get_with_token;
+use testkit::memory_fhir::MemoryFhir;
+use testkit::start_export;
 
-use crate::export::{GROUP, Setup, Store, assert_same, expected, group_members, ids};
-use crate::support::client;
-use crate::support::process::ProxyProcess;
-use crate::support::redis::RedisServer;
-use crate::support::s3::S3Server;
-use crate::support::smart::{SmartClient, token_form};
+use testkit::plain_client;
+use testkit::process::ProxyProcess;
+use testkit::process::Store;
+use testkit::redis::RedisServer;
+use testkit::s3::S3Server;
+use testkit::setup::{GROUP, Setup, assert_same, expected, group_members, ids};
+use testkit::smart::SmartClient;
 
 /// A proxy storing its files in a fresh bucket.
 async fn on_s3(store: Store, configure: impl FnOnce(&mut Config)) -> (S3Server, Setup) {
@@ -103,22 +108,7 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         files["Patient"].len()
     );
 
-    let gz = client()
-        .get(&url)
-        .bearer_auth(&s.token)
-        .header("accept-encoding", "gzip")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(gz.headers()["content-encoding"], "gzip");
-    let compressed = gz.bytes().await.unwrap();
-    let mut decoded = Vec::new();
-    std::io::Read::read_to_end(
-        &mut flate2::read::GzDecoder::new(&compressed[..]),
-        &mut decoded,
-    )
-    .unwrap();
-    assert_eq!(decoded, plain);
+    s.assert_gzip_and_range(&url, &plain).await;
 
     for (range, want) in [
         ("bytes=10-19", &plain[10..20]),
@@ -128,20 +118,14 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
             &plain[plain.len() - 3..],
         ),
     ] {
-        let ranged = client()
-            .get(&url)
-            .bearer_auth(&s.token)
-            .header("range", range)
-            .header("accept-encoding", "gzip")
-            .send()
-            .await
-            .unwrap();
+        let ranged = [("range", range), ("accept-encoding", "gzip")];
+        let ranged = s.get_with(&url, &ranged).await;
         assert_eq!(ranged.status(), 206, "{range}");
         assert!(ranged.headers().get("content-encoding").is_none());
         assert!(ranged.headers().contains_key("content-range"));
         assert_eq!(ranged.bytes().await.unwrap(), want, "{range}");
     }
-    let beyond = client()
+    let beyond = plain_client()
         .get(&url)
         .bearer_auth(&s.token)
         .header("range", format!("bytes={}-", plain.len()))
@@ -150,28 +134,14 @@ async fn downloads_through_the_proxy_check_token_and_scopes_and_support_range_an
         .unwrap();
     assert_eq!(beyond.status(), 416);
 
-    assert_eq!(
-        client().get(&url).send().await.unwrap().status(),
-        401,
-        "no token"
-    );
+    assert_eq!(get_anonymous(&url).await.status(), 401, "no token");
     let narrow = s
         .client
         .token_for(&s.proxy, "system/Observation.read")
         .await;
-    let forbidden = client()
-        .get(&url)
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let forbidden = get_with_token(&url, &narrow).await;
     assert_eq!(forbidden.status(), 403, "a token without Patient scope");
-    let allowed = client()
-        .get(url_of("Observation"))
-        .bearer_auth(&narrow)
-        .send()
-        .await
-        .unwrap();
+    let allowed = get_with_token(url_of("Observation"), &narrow).await;
     assert_eq!(allowed.status(), 200);
 }
 
@@ -194,7 +164,7 @@ async fn delete_removes_the_objects() {
 async fn cancelling_a_running_export_leaves_no_objects() {
     let s3 = S3Server::start();
     let fhir = MemoryFhir::new()
-        .load_dir(&crate::export::fixture_dir())
+        .load_dir(&testkit::setup::fixture_dir())
         .unwrap()
         .start()
         .await
@@ -206,13 +176,21 @@ async fn cancelling_a_running_export_leaves_no_objects() {
     })
     .await;
     let status_url = s.start("/$export?_type=Observation,Patient").await;
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let counters = s.fhir.counters.clone();
+    eventually("the export to page", Duration::from_secs(20), || async {
+        (counters.pages.load(Ordering::SeqCst) >= 3).then_some(())
+    })
+    .await;
     let deleted = s.delete(&status_url).await;
     assert_eq!(deleted.status(), 202);
     // Workers notice at their next page and drop what they hold.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     let prefix = format!("bulk/{}", job_id(&status_url));
-    assert_eq!(s3.keys(&prefix), Vec::<String>::new(), "objects deleted");
+    eventually(
+        "the objects to be deleted",
+        Duration::from_secs(15),
+        || async { s3.keys(&prefix).is_empty().then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -226,8 +204,12 @@ async fn expired_jobs_lose_their_objects() {
     s.manifest(&status_url).await;
     let prefix = format!("bulk/{}", job_id(&status_url));
     assert!(!s3.keys(&prefix).is_empty());
-    tokio::time::sleep(Duration::from_millis(6500)).await;
-    assert_eq!(s3.keys(&prefix), Vec::<String>::new(), "objects swept");
+    eventually(
+        "the objects to be swept",
+        Duration::from_secs(20),
+        || async { s3.keys(&prefix).is_empty().then_some(()) },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -251,7 +233,7 @@ async fn presigned_urls_work_without_a_token_and_expire() {
         .parse()
         .unwrap();
     assert!(expires <= 3, "no longer than an access token: {expires}");
-    let response = client().get(&url).send().await.unwrap();
+    let response = get_anonymous(&url).await;
     assert_eq!(response.status(), 200);
     assert_eq!(
         response.headers()["content-type"],
@@ -267,26 +249,26 @@ async fn presigned_urls_work_without_a_token_and_expire() {
             .all(|l| serde_json::from_str::<Value>(l).unwrap()["resourceType"] == "Patient")
     );
     let tampered = url.replace("X-Amz-Expires=", "X-Amz-Expires=9");
-    assert_ne!(client().get(&tampered).send().await.unwrap().status(), 200);
-    tokio::time::sleep(Duration::from_millis(4500)).await;
-    assert_eq!(
-        client().get(&url).send().await.unwrap().status(),
-        403,
-        "expired"
-    );
+    assert_ne!(get_anonymous(&tampered).await.status(), 200);
+    eventually(
+        "the presigned URL to expire",
+        Duration::from_secs(20),
+        || async {
+            let status = get_anonymous(&url).await.status();
+            (status == 403).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(get_anonymous(&url).await.status(), 403, "expired");
     // A new manifest request signs anew (SPEC A9.8). The token may have expired too.
     let token = s.client.token(&s.proxy).await;
-    let again: Value = client()
-        .get(&status_url)
-        .bearer_auth(&token)
-        .send()
+    let again: Value = get_with_token(&status_url, &token)
         .await
-        .unwrap()
         .json()
         .await
         .unwrap();
     let fresh = again["output"][0]["url"].as_str().unwrap();
-    assert_eq!(client().get(fresh).send().await.unwrap().status(), 200);
+    assert_eq!(get_anonymous(fresh).await.status(), 200);
     assert_eq!(again["error"], json!([]));
 }
 
@@ -324,39 +306,18 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
     std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
 
     let mut first = ProxyProcess::spawn(&config_path, "info", &[]);
-    let assertion = client_reg
-        .key
-        .assertion(&client_reg.id, &format!("{PUBLIC}/token"));
-    let token: Value = client()
-        .post(format!("{}/token", first.base()))
-        .form(&token_form(&assertion, "system/*.read"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = token["access_token"].as_str().unwrap().to_owned();
-    let kick_off = client()
-        .get(format!("{}/$export?_type=Observation", first.base()))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let token = testkit::process::token(&client_reg, &first, PUBLIC).await;
+    let status_url = start_export(
+        format!("{}/$export?_type=Observation", first.base()),
+        &token,
+    )
+    .await;
 
     // Past the first part (about 26 pages), well before the end: SIGKILL, no release.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while fhir.counters.pages.load(Ordering::SeqCst) < 45 {
-        assert!(Instant::now() < deadline, "the export did not start");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("45 pages fetched", Duration::from_secs(60), || async {
+        (fhir.counters.pages.load(Ordering::SeqCst) >= 45).then_some(())
+    })
+    .await;
     first.kill9();
     let pages_at_kill = fhir.counters.pages.load(Ordering::SeqCst);
     assert!(
@@ -366,36 +327,21 @@ async fn a_process_killed_mid_unit_has_its_multipart_upload_resumed_by_another()
 
     let second = ProxyProcess::spawn(&config_path, "info", &[]);
     let status_url = status_url.replace(PUBLIC, &second.base());
-    let mut manifest = Value::Null;
-    for _ in 0..240 {
-        let response = client()
-            .get(&status_url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
-        if response.status() == 200 {
-            manifest = response.json().await.unwrap();
-            break;
+    let manifest: Value = eventually("the export to finish", Duration::from_secs(120), || async {
+        let response = get_with_token(&status_url, &token).await;
+        match response.status().as_u16() {
+            200 => Some(response.json().await.unwrap()),
+            _ => None,
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    assert!(manifest.is_object(), "the export did not finish");
+    })
+    .await;
     let mut got = BTreeSet::new();
     for item in manifest["output"].as_array().unwrap() {
         let url = item["url"]
             .as_str()
             .unwrap()
             .replace(PUBLIC, &second.base());
-        let text = client()
-            .get(&url)
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = get_with_token(&url, &token).await.text().await.unwrap();
         for line in text.lines() {
             let resource: Value = serde_json::from_str(line).unwrap();
             let id = resource["id"].as_str().unwrap().to_owned();

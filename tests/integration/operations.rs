@@ -5,13 +5,17 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::support::{FakeFhir, TestProxy, client};
+use testkit::eventually;
+use testkit::get_accepting;
+use testkit::get_anonymous;
+use testkit::metrics;
+use testkit::{FakeFhir, TestProxy, plain_client};
 
 #[tokio::test]
 async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = client().get(proxy.url("/metadata")).send().await.unwrap();
+    let response = get_anonymous(proxy.url("/metadata")).await;
     assert_eq!(response.status(), 200);
     assert_eq!(response.headers()["content-type"], "application/fhir+json");
     let cs: Value = response.json().await.unwrap();
@@ -47,7 +51,7 @@ async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
         proxy.url("/token").as_str()
     );
 
-    client().get(proxy.url("/metadata")).send().await.unwrap();
+    get_anonymous(proxy.url("/metadata")).await;
     let fetches = fake
         .received()
         .iter()
@@ -60,12 +64,7 @@ async fn metadata_gains_bulk_and_smart_entries_and_is_cached() {
 async fn xml_metadata_passes_through_untouched() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = client()
-        .get(proxy.url("/metadata"))
-        .header("accept", "application/fhir+xml")
-        .send()
-        .await
-        .unwrap();
+    let response = get_accepting(proxy.url("/metadata"), "application/fhir+xml").await;
     assert_eq!(response.headers()["content-type"], "application/fhir+xml");
     assert_eq!(
         response.text().await.unwrap(),
@@ -77,7 +76,7 @@ async fn xml_metadata_passes_through_untouched() {
 async fn metadata_errors_pass_through_unchanged() {
     let fake = FakeFhir::new().capability(None).start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    let response = client().get(proxy.url("/metadata")).send().await.unwrap();
+    let response = get_anonymous(proxy.url("/metadata")).await;
     assert_eq!(response.status(), 500);
     assert_eq!(response.text().await.unwrap(), "metadata broke");
 }
@@ -86,61 +85,27 @@ async fn metadata_errors_pass_through_unchanged() {
 async fn health_readiness_and_metrics() {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
-    assert_eq!(
-        client()
-            .get(proxy.root("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client()
-            .get(proxy.root("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    client().get(proxy.url("/Patient")).send().await.unwrap();
-    let metrics = client()
-        .get(proxy.root("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("bulk_proxy_upstream_duration_seconds_bucket"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("bulk_proxy_requests_in_flight"),
-        "{metrics}"
-    );
+    for path in ["/healthz", "/readyz"] {
+        let response = get_anonymous(proxy.root(path)).await;
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    get_anonymous(proxy.url("/Patient")).await;
+    let metrics = metrics(proxy.addr).await;
+    for series in [
+        "bulk_proxy_requests_total{route=\"passthrough\",status=\"200\"}",
+        "bulk_proxy_upstream_duration_seconds_bucket",
+        "bulk_proxy_requests_in_flight",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
 
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);
     let down = TestProxy::start(TestProxy::config(&format!("http://127.0.0.1:{port}"))).await;
-    let response = client().get(down.root("/readyz")).send().await.unwrap();
+    let response = get_anonymous(down.root("/readyz")).await;
     assert_eq!(response.status(), 503);
-    assert_eq!(
-        client()
-            .get(down.root("/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(get_anonymous(down.root("/healthz")).await.status(), 200);
 }
 
 #[tokio::test]
@@ -149,23 +114,19 @@ async fn shutdown_lets_a_slow_request_finish_then_stops_accepting() {
     let proxy = TestProxy::start(TestProxy::config(&fake.url())).await;
     let addr = proxy.addr;
     let slow = tokio::spawn(
-        client()
+        plain_client()
             .get(proxy.url("/Patient"))
             .header("x-fake-delay-ms", "1000")
             .send(),
     );
     // Shut down only once the request is in flight (the upstream has it), however loaded the
     // machine is.
-    for _ in 0..200 {
-        if !fake.received().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert!(
-        !fake.received().is_empty(),
-        "the slow request reached the upstream"
-    );
+    eventually(
+        "the slow request to reach the upstream",
+        Duration::from_secs(5),
+        || async { (!fake.received().is_empty()).then_some(()) },
+    )
+    .await;
     let stopped = tokio::spawn(proxy.shutdown());
     let response = slow
         .await
@@ -206,23 +167,19 @@ fn check_config_names_the_bad_key_and_exits_non_zero() {
         .current_dir(std::env::temp_dir())
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testkit::process::assert_succeeded(&output);
 }
 
 #[tokio::test]
 async fn readiness_follows_the_job_store() {
-    let mut redis = crate::support::RedisServer::start();
+    let mut redis = testkit::RedisServer::start();
     let fake = FakeFhir::new().start().await;
     let mut config = TestProxy::config(&fake.url());
     config.store.backend = fhir_bulk_proxy::config::StoreBackend::Redis;
     config.store.redis_url = Some(redis.url().into());
     let proxy = TestProxy::start(config).await;
     let ready = || async {
-        let response = client().get(proxy.root("/readyz")).send().await.unwrap();
+        let response = get_anonymous(proxy.root("/readyz")).await;
         let status = response.status().as_u16();
         let body: Value = response.json().await.unwrap();
         (status, body)

@@ -5,11 +5,12 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::support::{FakeFhir, TestProxy, client, outcome};
+use testkit::get_anonymous;
+use testkit::{FakeFhir, TestProxy, outcome, plain_client};
 
 /// A proxy in front of a fresh fake; `fast`: with the HTTP/1.1 fast path on (the default), or
 /// with every request on the general path.
-async fn setup(fast: bool) -> (crate::support::fake_fhir::RunningFake, TestProxy) {
+async fn setup(fast: bool) -> (testkit::fake_fhir::RunningFake, TestProxy) {
     let fake = FakeFhir::new().start().await;
     let proxy = TestProxy::start(config(&fake.url(), fast)).await;
     (fake, proxy)
@@ -38,7 +39,7 @@ async fn every_method_arrives_with_path_and_query_byte_for_byte() {
         let methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
         for (i, method) in methods.iter().enumerate() {
             let path = paths[i % paths.len()];
-            let response = client()
+            let response = plain_client()
                 .request(method.parse().unwrap(), proxy.url(path))
                 .send()
                 .await
@@ -55,7 +56,7 @@ async fn every_method_arrives_with_path_and_query_byte_for_byte() {
 async fn request_bodies_arrive_whole_with_either_framing() {
     let (fake, proxy) = setup(true).await;
     let body = r#"{"resourceType":"Patient","name":[{"family":"Łódź"}]}"#;
-    let response = client()
+    let response = plain_client()
         .post(proxy.url("/Patient"))
         .header("content-type", "application/fhir+json")
         .body(body)
@@ -74,7 +75,7 @@ async fn request_bodies_arrive_whole_with_either_framing() {
         Ok(Bytes::from_static(b"part one, ")),
         Ok(Bytes::from_static(b"part two")),
     ];
-    let response = client()
+    let response = plain_client()
         .put(proxy.url("/Binary/1"))
         .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
             chunks,
@@ -94,7 +95,7 @@ async fn compressed_bodies_and_end_to_end_headers_are_untouched() {
     let gzip_bytes: &[u8] = &[
         0x1f, 0x8b, 0x08, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x03, 0xff, 0x00,
     ];
-    let response = client()
+    let response = plain_client()
         .post(proxy.url("/Binary"))
         .header("x-fake-mirror", "1")
         .header("content-encoding", "gzip")
@@ -145,7 +146,7 @@ async fn compressed_bodies_and_end_to_end_headers_are_untouched() {
 async fn hop_by_hop_headers_are_removed_both_ways() {
     for fast in BOTH {
         let (fake, proxy) = setup(fast).await;
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/Patient"))
             .header("connection", "x-private-hop")
             .header("x-private-hop", "secret")
@@ -172,7 +173,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
         assert_ne!(seen.header("connection"), Some("x-private-hop"));
 
         // Without a `Connection` header that names others (the fast path takes such requests).
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/Patient"))
             .header("te", "trailers")
             .header("keep-alive", "timeout=5")
@@ -202,7 +203,7 @@ async fn hop_by_hop_headers_are_removed_both_ways() {
 async fn forwarded_headers_are_added_and_extended() {
     for fast in BOTH {
         let (fake, proxy) = setup(fast).await;
-        client().get(proxy.url("/Patient")).send().await.unwrap();
+        get_anonymous(proxy.url("/Patient")).await;
         let seen = fake.received().pop().unwrap();
         assert_eq!(seen.header("x-forwarded-for"), Some("127.0.0.1"));
         assert_eq!(seen.header("x-forwarded-proto"), Some("http"));
@@ -216,7 +217,7 @@ async fn forwarded_headers_are_added_and_extended() {
             "Host is the upstream's"
         );
 
-        client()
+        plain_client()
             .get(proxy.url("/Patient"))
             .header("x-forwarded-for", "203.0.113.7")
             .header("x-forwarded-proto", "https")
@@ -238,7 +239,7 @@ async fn forwarded_headers_are_added_and_extended() {
 async fn upstream_locations_are_rewritten_to_the_public_base() {
     let (fake, proxy) = setup(true).await;
     let upstream_location = format!("{}/Patient/9/_history/1", fake.url());
-    let response = client()
+    let response = plain_client()
         .post(proxy.url("/Patient"))
         .header("x-fake-status", "201")
         .header(
@@ -257,7 +258,7 @@ async fn upstream_locations_are_rewritten_to_the_public_base() {
     assert_eq!(response.headers()["content-location"], expected.as_str());
 
     // Behind an ingress, the public base comes from X-Forwarded-*.
-    let response = client()
+    let response = plain_client()
         .post(proxy.url("/Patient"))
         .header("x-forwarded-proto", "https")
         .header("x-forwarded-host", "fhir.example.org")
@@ -281,7 +282,7 @@ async fn public_url_and_base_path_translate_paths() {
         let mut config = config(&fake.url(), fast);
         config.server.public_url = Some("https://fhir.example.org/fhir".into());
         let proxy = TestProxy::start(config).await;
-        let response = client()
+        let response = plain_client()
             .get(format!("http://{}/fhir/Patient?_id=1", proxy.addr))
             .header(
                 "x-fake-response-header",
@@ -305,7 +306,7 @@ async fn unreachable_upstream_is_502_with_operation_outcome() {
         let port = closed.local_addr().unwrap().port();
         drop(closed);
         let proxy = TestProxy::start(config(&format!("http://127.0.0.1:{port}/fhir"), fast)).await;
-        let response = client().get(proxy.url("/Patient")).send().await.unwrap();
+        let response = get_anonymous(proxy.url("/Patient")).await;
         assert!(outcome(response, 502).await.contains("unreachable"));
     }
 }
@@ -318,7 +319,7 @@ async fn silent_upstream_is_504_with_operation_outcome() {
         config.upstream.request_timeout_ms = 300;
         let proxy = TestProxy::start(config).await;
         let started = std::time::Instant::now();
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/Patient"))
             .header("x-fake-delay-ms", "3000")
             .send()
@@ -335,7 +336,7 @@ async fn silent_upstream_is_504_with_operation_outcome() {
 async fn request_ids_are_kept_or_made_and_forwarded() {
     for fast in BOTH {
         let (fake, proxy) = setup(fast).await;
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/Patient"))
             .header("x-request-id", "req-42")
             .send()
@@ -347,7 +348,7 @@ async fn request_ids_are_kept_or_made_and_forwarded() {
             Some("req-42")
         );
 
-        let response = client().get(proxy.url("/Patient")).send().await.unwrap();
+        let response = get_anonymous(proxy.url("/Patient")).await;
         let made = response.headers()["x-request-id"]
             .to_str()
             .unwrap()
@@ -357,7 +358,7 @@ async fn request_ids_are_kept_or_made_and_forwarded() {
             fake.received().pop().unwrap().header("x-request-id"),
             Some(made.as_str())
         );
-        let again = client().get(proxy.url("/Patient")).send().await.unwrap();
+        let again = get_anonymous(proxy.url("/Patient")).await;
         assert_ne!(
             again.headers()["x-request-id"].to_str().unwrap(),
             made,
@@ -388,7 +389,7 @@ async fn request_bodies_are_streamed_not_buffered() {
     });
     let response = tokio::time::timeout(
         Duration::from_secs(10),
-        client()
+        plain_client()
             .post(proxy.url("/probe-upload"))
             .body(reqwest::Body::wrap_stream(body))
             .send(),
@@ -404,11 +405,7 @@ async fn request_bodies_are_streamed_not_buffered() {
 async fn response_bodies_are_streamed_not_buffered() {
     for fast in BOTH {
         let (fake, proxy) = setup(fast).await;
-        let mut response = client()
-            .get(proxy.url("/probe-download"))
-            .send()
-            .await
-            .unwrap();
+        let mut response = get_anonymous(proxy.url("/probe-download")).await;
         let first = tokio::time::timeout(Duration::from_secs(10), response.chunk())
             .await
             .expect("the first chunk was held back by the proxy")
@@ -426,7 +423,7 @@ async fn large_responses_arrive_complete() {
     for fast in BOTH {
         let (_fake, proxy) = setup(fast).await;
         let size = 32 * 1024 * 1024 + 7;
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/Binary/big"))
             .header("x-fake-body-bytes", size.to_string())
             .send()
@@ -445,7 +442,7 @@ async fn lanes_serve_every_connection_each_lane_with_its_own_upstream_pool() {
     let proxy = TestProxy::start(config).await;
     // 12 client connections, one request at a time over all of them: whichever lane accepted a
     // connection serves it, and reuses that lane's one upstream connection.
-    let clients: Vec<_> = (0..12).map(|_| client()).collect();
+    let clients: Vec<_> = (0..12).map(|_| plain_client()).collect();
     for round in 0..3 {
         for (i, client) in clients.iter().enumerate() {
             let response = client
@@ -478,11 +475,7 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
         let proxy = TestProxy::start(config).await;
         // One client request at a time: every one goes on the same pooled upstream connection.
         for i in 0..20 {
-            let response = client()
-                .get(proxy.url(&format!("/Patient/{i}")))
-                .send()
-                .await
-                .unwrap();
+            let response = get_anonymous(proxy.url(&format!("/Patient/{i}"))).await;
             assert_eq!(response.status(), 200);
             response.bytes().await.unwrap();
         }
@@ -491,7 +484,7 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
 
         // An upstream that closes each connection after answering: no request fails on a dead one.
         for i in 0..5 {
-            let response = client()
+            let response = plain_client()
                 .get(proxy.url(&format!("/Patient/c{i}")))
                 .header("x-fake-response-header", "Connection: close")
                 .send()
@@ -513,7 +506,7 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
         );
 
         // A response abandoned half-way does not leave a broken connection in the pool.
-        let response = client()
+        let response = plain_client()
             .get(proxy.url("/Binary/big"))
             .header("x-fake-body-bytes", (8 * 1024 * 1024).to_string())
             .send()
@@ -526,11 +519,7 @@ async fn upstream_connections_are_reused_and_closed_ones_replaced() {
             .unwrap();
         drop(stream);
         for i in 0..3 {
-            let response = client()
-                .get(proxy.url(&format!("/Patient/after{i}")))
-                .send()
-                .await
-                .unwrap();
+            let response = get_anonymous(proxy.url(&format!("/Patient/after{i}"))).await;
             assert_eq!(response.status(), 200);
             assert!(!response.bytes().await.unwrap().is_empty());
         }

@@ -40,6 +40,7 @@ fn proxy_toml_documents_every_key_with_its_environment_name() {
             jwks_url: Some("https://c/jwks.json".into()),
             scopes: vec!["system/*.read".into()],
             enabled: true,
+            groups: None,
         });
     let tree = serde_json::to_value(&config).unwrap();
     let mut keys = Vec::new();

@@ -5,13 +5,16 @@ use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
 
 use fhir_bulk_proxy::config::{Config, StoreBackend};
-use fhir_bulk_proxy::memory_fhir::RunningFhir;
 use serde_json::Value;
+use testkit::get_with_token;
+use testkit::kick_off;
+use testkit::memory_fhir::RunningFhir;
+use testkit::start_export;
 
-use crate::export::fixture_upstream;
-use crate::support::redis::RedisServer;
-use crate::support::smart::{SmartClient, post_token, token_form};
-use crate::support::{TestProxy, client};
+use testkit::redis::RedisServer;
+use testkit::setup::fixture_upstream;
+use testkit::smart::{SmartClient, post_token, token_form};
+use testkit::{TestProxy, plain_client};
 
 /// The public URL every replica shares (behind one load balancer): assertions name its token URL.
 const PUBLIC: &str = "http://fhir.example.test/fhir";
@@ -101,31 +104,18 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     let fleet = fleet(3, |_| {}).await;
     let token = token(&fleet, 0).await;
     // A token issued by one replica works on every other (shared signing secret).
-    let kick_off = client()
-        .get(fleet.proxies[1].url("/Group/synthea-10/$export?_type=Patient,Observation"))
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(kick_off.status(), 202);
-    let status_url = kick_off.headers()["content-location"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let status_url = start_export(
+        fleet.proxies[1].url("/Group/synthea-10/$export?_type=Patient,Observation"),
+        &token,
+    )
+    .await;
     assert!(status_url.starts_with(PUBLIC), "{status_url}");
 
     // Poll round-robin across the replicas.
     let mut manifest = None;
     for round in 0..120 {
         let proxy = &fleet.proxies[round % 3];
-        let response = client()
-            .get(on(proxy, &status_url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = get_with_token(on(proxy, &status_url), &token).await;
         match response.status().as_u16() {
             202 | 429 => tokio::time::sleep(std::time::Duration::from_millis(400)).await,
             200 => {
@@ -140,7 +130,7 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     let mut observations = 0;
     for (i, item) in manifest["output"].as_array().unwrap().iter().enumerate() {
         let url = on(&fleet.proxies[i % 3], item["url"].as_str().unwrap());
-        let response = client().get(&url).bearer_auth(&token).send().await.unwrap();
+        let response = get_with_token(&url, &token).await;
         assert_eq!(response.status(), 200, "{url}");
         let text = response.text().await.unwrap();
         for line in text.lines() {
@@ -156,7 +146,7 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
     assert_eq!(patients.len(), 10);
     assert_eq!(observations, fleet.fhir.ids("Observation").len());
 
-    let deleted = client()
+    let deleted = plain_client()
         .delete(on(&fleet.proxies[2], &status_url))
         .bearer_auth(&token)
         .send()
@@ -164,12 +154,7 @@ async fn any_replica_serves_kick_off_status_download_and_delete() {
         .unwrap();
     assert_eq!(deleted.status(), 202);
     for proxy in &fleet.proxies {
-        let gone = client()
-            .get(on(proxy, &status_url))
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let gone = get_with_token(on(proxy, &status_url), &token).await;
         assert_eq!(gone.status(), 404);
     }
     assert!(fleet.fhir.counters.searches.load(Ordering::SeqCst) > 0);
@@ -188,14 +173,11 @@ async fn the_upstream_concurrency_cap_holds_for_the_whole_fleet() {
     let mut status_urls = Vec::new();
     // Two exports, one through each replica, so both replicas' workers page at once.
     for proxy in &fleet.proxies {
-        let response = client()
-            .get(proxy.url("/$export?_type=Observation,Encounter,Claim,ExplanationOfBenefit"))
-            .header("accept", "application/fhir+json")
-            .header("prefer", "respond-async")
-            .bearer_auth(&token)
-            .send()
-            .await
-            .unwrap();
+        let response = kick_off(
+            proxy.url("/$export?_type=Observation,Encounter,Claim,ExplanationOfBenefit"),
+            &token,
+        )
+        .await;
         assert_eq!(response.status(), 202);
         status_urls.push(
             response.headers()["content-location"]
@@ -206,12 +188,7 @@ async fn the_upstream_concurrency_cap_holds_for_the_whole_fleet() {
     }
     for status_url in &status_urls {
         for _ in 0..300 {
-            let response = client()
-                .get(on(&fleet.proxies[0], status_url))
-                .bearer_auth(&token)
-                .send()
-                .await
-                .unwrap();
+            let response = get_with_token(on(&fleet.proxies[0], status_url), &token).await;
             if response.status() == 200 {
                 break;
             }

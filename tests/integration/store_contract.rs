@@ -7,12 +7,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fhir_bulk_proxy::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState};
+use fhir_bulk_proxy::job::{Checkpoint, Job, JobState, OutputFile, Unit, UnitState, UnixSecs};
 use fhir_bulk_proxy::store::embedded::EmbeddedStore;
 use fhir_bulk_proxy::store::redis::RedisStore;
 use fhir_bulk_proxy::store::{Created, JobStore, StoreError};
 
-use crate::support::RedisServer;
+use testkit::{RedisServer, eventually};
 
 const NOW: u64 = 1_700_000_000;
 
@@ -85,6 +85,44 @@ async fn create_round_trip_and_delete(store: Arc<dyn JobStore>) {
     store.ping().await.unwrap();
 }
 
+/// Creates job `id` of `client` with `n` units, under the per-client `cap`.
+async fn create_capped(
+    store: &Arc<dyn JobStore>,
+    id: &str,
+    client: &str,
+    n: u32,
+    cap: usize,
+) -> Created {
+    store
+        .create_job(&job(id, client, n), &units(id, n), cap)
+        .await
+        .unwrap()
+}
+
+/// `worker`'s claim on a unit at `now`, leased until `until`.
+async fn lease(
+    store: &Arc<dyn JobStore>,
+    worker: &str,
+    now: UnixSecs,
+    until: UnixSecs,
+) -> Option<Unit> {
+    store.claim_unit(worker, now, until).await.unwrap()
+}
+
+/// `finisher`'s claim on finalising `job_id` at `now`, held until `until`: the attempt number.
+async fn claim(
+    store: &Arc<dyn JobStore>,
+    job_id: &str,
+    finisher: &str,
+    now: UnixSecs,
+    until: UnixSecs,
+) -> Option<u32> {
+    store
+        .claim_finalize(job_id, finisher, now, until)
+        .await
+        .unwrap()
+}
+
 async fn units_are_ordered_by_index(store: Arc<dyn JobStore>) {
     // More than ten, handed over out of order: catches keys that sort as text ("10" < "2").
     let mut shuffled = units("j1", 25);
@@ -106,25 +144,10 @@ async fn units_are_ordered_by_index(store: Arc<dyn JobStore>) {
 
 async fn per_client_cap(store: Arc<dyn JobStore>) {
     let cap = 2;
+    assert_eq!(create_capped(&store, "a1", "a", 1, cap).await, Created::Yes);
+    assert_eq!(create_capped(&store, "a2", "a", 1, cap).await, Created::Yes);
     assert_eq!(
-        store
-            .create_job(&job("a1", "a", 1), &units("a1", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .create_job(&job("a2", "a", 1), &units("a2", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .create_job(&job("a3", "a", 1), &units("a3", 1), cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "a3", "a", 1, cap).await,
         Created::TooManyActive
     );
     assert_eq!(
@@ -134,10 +157,7 @@ async fn per_client_cap(store: Arc<dyn JobStore>) {
     );
     assert!(store.units("a3").await.unwrap().is_empty());
     assert_eq!(
-        store
-            .create_job(&job("b1", "b", 1), &units("b1", 1), cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "b1", "b", 1, cap).await,
         Created::Yes,
         "the cap is per client"
     );
@@ -146,27 +166,12 @@ async fn per_client_cap(store: Arc<dyn JobStore>) {
     let mut a1 = store.get_job("a1").await.unwrap().unwrap();
     a1.state = JobState::Completed;
     assert!(store.put_job(&a1).await.unwrap());
-    assert_eq!(
-        store
-            .create_job(&job("a3", "a", 1), &units("a3", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
+    assert_eq!(create_capped(&store, "a3", "a", 1, cap).await, Created::Yes);
     // ...nor does a deleted one.
     assert!(store.delete_job("a2").await.unwrap());
+    assert_eq!(create_capped(&store, "a4", "a", 1, cap).await, Created::Yes);
     assert_eq!(
-        store
-            .create_job(&job("a4", "a", 1), &units("a4", 1), cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .create_job(&job("a5", "a", 1), &units("a5", 1), cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "a5", "a", 1, cap).await,
         Created::TooManyActive
     );
 }
@@ -204,7 +209,7 @@ async fn claims_are_exclusive(store: Arc<dyn JobStore>) {
             tokio::spawn(async move {
                 let worker = format!("w{w}");
                 let mut claimed = Vec::new();
-                while let Some(unit) = store.claim_unit(&worker, NOW, NOW + 60).await.unwrap() {
+                while let Some(unit) = lease(&store, &worker, NOW, NOW + 60).await {
                     assert_eq!(unit.owner.as_deref(), Some(worker.as_str()));
                     assert_eq!(unit.state, UnitState::Running);
                     assert_eq!(unit.lease_until, NOW + 60);
@@ -222,23 +227,13 @@ async fn claims_are_exclusive(store: Arc<dyn JobStore>) {
     }
     assert_eq!(seen.len(), 80, "every unit is claimed once");
     // Every lease is live: nothing more to claim.
-    assert_eq!(
-        store.claim_unit("late", NOW + 59, NOW + 120).await.unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "late", NOW + 59, NOW + 120).await, None);
 }
 
 async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
     create(&store, "j1", 1).await;
-    let mut unit = store
-        .claim_unit("w1", NOW, NOW + 10)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(
-        store.claim_unit("w2", NOW + 5, NOW + 15).await.unwrap(),
-        None
-    );
+    let mut unit = lease(&store, "w1", NOW, NOW + 10).await.unwrap();
+    assert_eq!(lease(&store, "w2", NOW + 5, NOW + 15).await, None);
 
     // A save extends the lease and keeps the checkpoint.
     unit.lease_until = NOW + 30;
@@ -257,17 +252,10 @@ async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
         issues: Vec::new(),
     };
     assert!(store.save_unit(&unit, "w1").await.unwrap());
-    assert_eq!(
-        store.claim_unit("w2", NOW + 20, NOW + 40).await.unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "w2", NOW + 20, NOW + 40).await, None);
 
     // The worker dies; after its lease, another takes the unit over, checkpoint included.
-    let taken = store
-        .claim_unit("w2", NOW + 31, NOW + 90)
-        .await
-        .unwrap()
-        .unwrap();
+    let taken = lease(&store, "w2", NOW + 31, NOW + 90).await.unwrap();
     assert_eq!((taken.job_id.as_str(), taken.index), ("j1", 0));
     assert_eq!(taken.owner.as_deref(), Some("w2"));
     assert_eq!(taken.checkpoint, unit.checkpoint);
@@ -287,14 +275,10 @@ async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
 
 async fn released_units_are_claimable_at_once(store: Arc<dyn JobStore>) {
     create(&store, "j1", 1).await;
-    let unit = store
-        .claim_unit("w1", NOW, NOW + 600)
-        .await
-        .unwrap()
-        .unwrap();
+    let unit = lease(&store, "w1", NOW, NOW + 600).await.unwrap();
     store.release_unit(&unit, "someone-else").await.unwrap();
     assert_eq!(
-        store.claim_unit("w2", NOW, NOW + 600).await.unwrap(),
+        lease(&store, "w2", NOW, NOW + 600).await,
         None,
         "only the owner releases"
     );
@@ -303,11 +287,7 @@ async fn released_units_are_claimable_at_once(store: Arc<dyn JobStore>) {
     let stored = store.units("j1").await.unwrap().remove(0);
     assert_eq!(stored.state, UnitState::Pending);
     assert_eq!(stored.owner, None);
-    let again = store
-        .claim_unit("w2", NOW, NOW + 600)
-        .await
-        .unwrap()
-        .unwrap();
+    let again = lease(&store, "w2", NOW, NOW + 600).await.unwrap();
     assert_eq!(again.owner.as_deref(), Some("w2"));
     assert!(
         !store.save_unit(&unit, "w1").await.unwrap(),
@@ -322,29 +302,23 @@ async fn only_units_of_running_jobs_are_claimable(store: Arc<dyn JobStore>) {
         .create_job(&finished, &units("done", 2), 1)
         .await
         .unwrap();
-    assert_eq!(store.claim_unit("w", NOW, NOW + 60).await.unwrap(), None);
+    assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
 
     let mut running = create(&store, "j1", 2).await;
     running.state = JobState::Failed;
     running.error = Some("upstream gone".to_owned());
     assert!(store.put_job(&running).await.unwrap());
-    assert_eq!(store.claim_unit("w", NOW, NOW + 60).await.unwrap(), None);
+    assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
 
     running.state = JobState::Running;
     assert!(store.put_job(&running).await.unwrap());
-    assert!(
-        store
-            .claim_unit("w", NOW, NOW + 60)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(lease(&store, "w", NOW, NOW + 60).await.is_some());
 }
 
 async fn finishing_counts_down(store: Arc<dyn JobStore>) {
     create(&store, "j1", 3).await;
     let mut claimed = Vec::new();
-    while let Some(unit) = store.claim_unit("w", NOW, NOW + 60).await.unwrap() {
+    while let Some(unit) = lease(&store, "w", NOW, NOW + 60).await {
         claimed.push(unit);
     }
     assert_eq!(claimed.len(), 3);
@@ -379,13 +353,7 @@ async fn finishing_counts_down(store: Arc<dyn JobStore>) {
         Some("410 Gone")
     );
     // Finished units are never claimed again, even long after their leases.
-    assert_eq!(
-        store
-            .claim_unit("w2", NOW + 10_000, NOW + 10_060)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "w2", NOW + 10_000, NOW + 10_060).await, None);
 }
 
 async fn exactly_one_concurrent_finisher_sees_zero(store: Arc<dyn JobStore>) {
@@ -394,11 +362,7 @@ async fn exactly_one_concurrent_finisher_sees_zero(store: Arc<dyn JobStore>) {
     let mut claimed = Vec::new();
     for w in 0..n {
         let worker = format!("w{w}");
-        let unit = store
-            .claim_unit(&worker, NOW, NOW + 60)
-            .await
-            .unwrap()
-            .unwrap();
+        let unit = lease(&store, &worker, NOW, NOW + 60).await.unwrap();
         claimed.push((worker, unit));
     }
     let finishers: Vec<_> = claimed
@@ -425,25 +389,19 @@ async fn exactly_one_concurrent_finisher_sees_zero(store: Arc<dyn JobStore>) {
 
 async fn deleted_jobs_refuse_unit_writes(store: Arc<dyn JobStore>) {
     create(&store, "j1", 2).await;
-    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    let mut unit = lease(&store, "w", NOW, NOW + 60).await.unwrap();
     assert!(store.delete_job("j1").await.unwrap());
     assert!(!store.save_unit(&unit, "w").await.unwrap());
     unit.state = UnitState::Done;
     assert_eq!(store.finish_unit(&unit, "w").await.unwrap(), None);
     store.release_unit(&unit, "w").await.unwrap();
-    assert_eq!(
-        store
-            .claim_unit("w", NOW + 1_000, NOW + 1_060)
-            .await
-            .unwrap(),
-        None
-    );
+    assert_eq!(lease(&store, "w", NOW + 1_000, NOW + 1_060).await, None);
     assert!(store.units("j1").await.unwrap().is_empty());
 }
 
 /// Finishes every unit of `job_id` (claimed by worker "w").
 async fn finish_all(store: &Arc<dyn JobStore>, job_id: &str) {
-    while let Some(mut unit) = store.claim_unit("w", NOW, NOW + 60).await.unwrap() {
+    while let Some(mut unit) = lease(store, "w", NOW, NOW + 60).await {
         assert_eq!(unit.job_id, job_id);
         unit.state = UnitState::Done;
         store.finish_unit(&unit, "w").await.unwrap().unwrap();
@@ -453,18 +411,12 @@ async fn finish_all(store: &Arc<dyn JobStore>, job_id: &str) {
 async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
     create(&store, "j1", 2).await;
     assert_eq!(
-        store
-            .claim_finalize("nope", "f0", NOW, NOW + 60)
-            .await
-            .unwrap(),
+        claim(&store, "nope", "f0", NOW, NOW + 60).await,
         None,
         "no such job"
     );
     assert_eq!(
-        store
-            .claim_finalize("j1", "f0", NOW, NOW + 60)
-            .await
-            .unwrap(),
+        claim(&store, "j1", "f0", NOW, NOW + 60).await,
         None,
         "units are unfinished"
     );
@@ -476,10 +428,7 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
             let store = Arc::clone(&store);
             tokio::spawn(async move {
                 let finisher = format!("f{f}");
-                let claim = store
-                    .claim_finalize("j1", &finisher, NOW, NOW + 60)
-                    .await
-                    .unwrap();
+                let claim = claim(&store, "j1", &finisher, NOW, NOW + 60).await;
                 claim.map(|attempt| (finisher, attempt))
             })
         })
@@ -495,18 +444,9 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
 
     // The claim is the holder's while its lease lasts; the holder itself may claim again (a
     // retry), which counts as the next attempt.
+    assert_eq!(claim(&store, "j1", other, NOW + 60, NOW + 120).await, None);
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 60, NOW + 120)
-            .await
-            .unwrap(),
-        None
-    );
-    assert_eq!(
-        store
-            .claim_finalize("j1", &holder, NOW + 10, NOW + 70)
-            .await
-            .unwrap(),
+        claim(&store, "j1", &holder, NOW + 10, NOW + 70).await,
         Some(2)
     );
     assert!(!store.extend_finalize("j1", other, NOW + 500).await.unwrap());
@@ -517,20 +457,14 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
             .unwrap()
     );
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 100, NOW + 160)
-            .await
-            .unwrap(),
+        claim(&store, "j1", other, NOW + 100, NOW + 160).await,
         None,
         "the extended lease holds"
     );
 
     // The holder dies: after its lease another finisher takes over, and only it may commit.
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 101, NOW + 160)
-            .await
-            .unwrap(),
+        claim(&store, "j1", other, NOW + 101, NOW + 160).await,
         Some(3)
     );
     let mut done = store.get_job("j1").await.unwrap().unwrap();
@@ -549,35 +483,20 @@ async fn finalisation_is_claimed_by_one_finisher(store: Arc<dyn JobStore>) {
     assert!(!store.complete_job(&done, other).await.unwrap());
     assert!(!store.extend_finalize("j1", other, NOW + 500).await.unwrap());
     assert_eq!(
-        store
-            .claim_finalize("j1", other, NOW + 1_000, NOW + 1_060)
-            .await
-            .unwrap(),
+        claim(&store, "j1", other, NOW + 1_000, NOW + 1_060).await,
         None
     );
 }
 
 async fn a_finalised_job_frees_its_clients_slot(store: Arc<dyn JobStore>) {
     let cap = 1;
-    store
-        .create_job(&job("a1", "a", 1), &units("a1", 1), cap)
-        .await
-        .unwrap();
+    create_capped(&store, "a1", "a", 1, cap).await;
     assert_eq!(
-        store
-            .create_job(&job("a2", "a", 0), &[], cap)
-            .await
-            .unwrap(),
+        create_capped(&store, "a2", "a", 0, cap).await,
         Created::TooManyActive
     );
     finish_all(&store, "a1").await;
-    assert_eq!(
-        store
-            .claim_finalize("a1", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "a1", "f", NOW, NOW + 60).await, Some(1));
     let mut failed = store.get_job("a1").await.unwrap().unwrap();
     failed.state = JobState::Failed;
     failed.error = Some("the export files could not be assembled".to_owned());
@@ -585,32 +504,14 @@ async fn a_finalised_job_frees_its_clients_slot(store: Arc<dyn JobStore>) {
     assert_eq!(store.get_job("a1").await.unwrap(), Some(failed));
 
     // A job with no units at all is ready to finalise from the start.
-    assert_eq!(
-        store
-            .create_job(&job("a2", "a", 0), &[], cap)
-            .await
-            .unwrap(),
-        Created::Yes
-    );
-    assert_eq!(
-        store
-            .claim_finalize("a2", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(create_capped(&store, "a2", "a", 0, cap).await, Created::Yes);
+    assert_eq!(claim(&store, "a2", "f", NOW, NOW + 60).await, Some(1));
 }
 
 async fn a_deleted_job_cannot_be_finalised(store: Arc<dyn JobStore>) {
     create(&store, "j1", 1).await;
     finish_all(&store, "j1").await;
-    assert_eq!(
-        store
-            .claim_finalize("j1", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "j1", "f", NOW, NOW + 60).await, Some(1));
     let mut done = store.get_job("j1").await.unwrap().unwrap();
     assert!(store.delete_job("j1").await.unwrap());
     done.state = JobState::Completed;
@@ -620,13 +521,7 @@ async fn a_deleted_job_cannot_be_finalised(store: Arc<dyn JobStore>) {
 
     // A job created again under the id starts with a fresh claim and attempt count.
     create(&store, "j1", 0).await;
-    assert_eq!(
-        store
-            .claim_finalize("j1", "g", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "j1", "g", NOW, NOW + 60).await, Some(1));
 }
 
 async fn first_poll_marks_go_with_their_job(store: Arc<dyn JobStore>) {
@@ -726,7 +621,7 @@ macro_rules! contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $check() {
-                    let server = crate::support::RedisServer::start();
+                    let server = testkit::RedisServer::start();
                     super::$check(super::redis(&server).await).await;
                 }
             )*
@@ -768,7 +663,7 @@ async fn embedded_store_survives_a_reopen() {
     let path = dir.path().join("jobs.redb");
     let store = embedded(&dir);
     let job = create(&store, "j1", 3).await;
-    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    let mut unit = lease(&store, "w", NOW, NOW + 60).await.unwrap();
     unit.checkpoint.pages = 7;
     assert!(store.save_unit(&unit, "w").await.unwrap());
     assert!(store.first_use("iss", "jti", NOW, NOW + 60).await.unwrap());
@@ -782,11 +677,7 @@ async fn embedded_store_survives_a_reopen() {
     assert_eq!(units[0].owner.as_deref(), Some("w"));
     // Leases and the claimable index survive too.
     assert!(store.save_unit(&units[0], "w").await.unwrap());
-    let next = store
-        .claim_unit("w2", NOW, NOW + 60)
-        .await
-        .unwrap()
-        .unwrap();
+    let next = lease(&store, "w2", NOW, NOW + 60).await.unwrap();
     assert_eq!(next.index, 1);
     assert!(
         !store
@@ -804,29 +695,22 @@ async fn redis_restarted_empty_forgets_jobs_without_failing() {
     server.restart();
 
     // The first call may meet the dead connection; within a few seconds the manager reconnects.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        match store.get_job("j1").await {
-            Ok(job) => {
-                assert_eq!(job, None);
-                break;
+    let job = eventually(
+        "Redis to be reconnected",
+        Duration::from_secs(10),
+        || async {
+            match store.get_job("j1").await {
+                Err(StoreError::Unavailable(e)) => Err(e),
+                other => Ok(other),
             }
-            Err(StoreError::Unavailable(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => panic!("no recovery after a restart: {e}"),
-        }
-    }
-    assert_eq!(store.claim_unit("w", NOW, NOW + 60).await.unwrap(), None);
+        },
+    )
+    .await;
+    assert_eq!(job.expect("no recovery after a restart"), None);
+    assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
     // Scripts are loaded again after the restart emptied the script cache.
     create(&store, "j2", 1).await;
-    assert!(
-        store
-            .claim_unit("w", NOW, NOW + 60)
-            .await
-            .unwrap()
-            .is_some()
-    );
+    assert!(lease(&store, "w", NOW, NOW + 60).await.is_some());
 }
 
 #[tokio::test]
@@ -869,20 +753,14 @@ async fn redis_delete_leaves_no_keys_behind() {
     let server = RedisServer::start();
     let store = redis(&server).await;
     create(&store, "j1", 5).await;
-    let mut unit = store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    let mut unit = lease(&store, "w", NOW, NOW + 60).await.unwrap();
     unit.state = UnitState::Done;
     store.finish_unit(&unit, "w").await.unwrap();
-    store.claim_unit("w", NOW, NOW + 60).await.unwrap().unwrap();
+    lease(&store, "w", NOW, NOW + 60).await.unwrap();
     assert!(store.record_poll("j1", 1_000, 60_000).await.unwrap());
     assert!(store.first_poll("j1").await.unwrap());
     create(&store, "j2", 0).await;
-    assert_eq!(
-        store
-            .claim_finalize("j2", "f", NOW, NOW + 60)
-            .await
-            .unwrap(),
-        Some(1)
-    );
+    assert_eq!(claim(&store, "j2", "f", NOW, NOW + 60).await, Some(1));
     assert!(store.first_poll("j2").await.unwrap());
     assert!(store.delete_job("j1").await.unwrap());
     assert!(store.delete_job("j2").await.unwrap());

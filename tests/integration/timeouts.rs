@@ -9,8 +9,8 @@ use fhir_bulk_proxy::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::fake_fhir::RunningFake;
-use crate::support::{FakeFhir, TestProxy, client, raw_get};
+use testkit::fake_fhir::RunningFake;
+use testkit::{FakeFhir, TestProxy, plain_client, raw_get};
 
 /// The short timeouts of these tests, seconds.
 const HEAD: u64 = 2;
@@ -40,12 +40,7 @@ async fn read_response(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> Option<(
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
         if let httparse::Status::Complete(head) = response.parse(buffer).unwrap() {
-            let length: usize = response
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                .map(|h| std::str::from_utf8(h.value).unwrap().parse().unwrap())
-                .expect("content-length");
+            let length: usize = testkit::scripted::content_length(response.headers);
             if buffer.len() >= head + length {
                 let status = response.code.unwrap();
                 let body = String::from_utf8_lossy(&buffer[head..head + length]).into_owned();
@@ -118,7 +113,7 @@ async fn slow_and_silent_heads_are_closed_on_time_while_others_are_served() {
             }));
         }
         // Meanwhile, new connections and a keep-alive client are answered at once.
-        let http = client();
+        let http = plain_client();
         let mut served = 0;
         let until = Instant::now() + Duration::from_millis(HEAD * 1000 - 300);
         while Instant::now() < until {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use rustls::pki_types::{CertificateDer, ServerName};
 
-use crate::support::{FakeFhir, TestProxy};
+use testkit::{FakeFhir, TestProxy};
 
 /// A self-signed certificate for 127.0.0.1 / localhost, written as PEM files; and its DER.
 fn certificate(

@@ -24,7 +24,7 @@ use fhir_bulk_proxy::auth::keygen;
 use fhir_bulk_proxy::config::{ClientConfig, Config};
 use serde_json::{Value, json};
 
-use super::TestProxy;
+use crate::TestProxy;
 
 /// The HS256 secret test proxies sign access tokens with (so tests can forge expired ones).
 pub const TEST_SIGNING_SECRET: &str = "test-signing-secret-of-at-least-32-bytes";
@@ -98,7 +98,7 @@ impl ClientKey {
             URL_SAFE_NO_PAD.encode(claims.to_string())
         );
         // The library's client signs with the key's own algorithm (ES384 or RS384).
-        let signature = fhir_bulk_proxy::client::ClientKey::from_json(&self.private)
+        let signature = crate::client::ClientKey::from_json(&self.private)
             .unwrap()
             .sign(input.as_bytes())
             .unwrap();
@@ -149,7 +149,7 @@ pub fn token_form(assertion: &str, scope: &str) -> Vec<(&'static str, String)> {
 
 /// POSTs a form to the proxy's token endpoint.
 pub async fn post_token(proxy: &TestProxy, form: &[(&str, String)]) -> reqwest::Response {
-    super::client()
+    crate::plain_client()
         .post(token_url(proxy))
         .form(form)
         .send()
@@ -185,6 +185,7 @@ impl SmartClient {
             jwks_url: None,
             scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
             enabled: true,
+            groups: None,
         });
         Self { id: id.into(), key }
     }
@@ -284,5 +285,6 @@ pub fn register_url(config: &mut Config, id: &str, url: &str, scopes: &[&str]) {
         jwks_url: Some(url.into()),
         scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
         enabled: true,
+        groups: None,
     });
 }

@@ -250,3 +250,12 @@ fn chunked_end(buffer: &[u8]) -> Option<usize> {
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
+
+/// The `Content-Length` of a parsed head (raw responses read off a socket by hand).
+pub fn content_length(headers: &[httparse::Header<'_>]) -> usize {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+        .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+        .expect("a Content-Length")
+}

@@ -57,6 +57,9 @@ pub struct Counters {
     pub searches: AtomicU64,
     /// Pages served (first and following).
     pub pages: AtomicU64,
+    /// Every page served, in order: its resource type and `_offset`; a resumed export shows here
+    /// which pages it fetched again.
+    pub served: std::sync::Mutex<Vec<(String, usize)>>,
     /// Searches being answered now, and the most at once so far.
     pub in_flight: AtomicU64,
     pub max_in_flight: AtomicU64,
@@ -433,6 +436,9 @@ async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
         inner.counters.searches.fetch_add(1, Ordering::Relaxed);
     }
     inner.counters.pages.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut served) = inner.counters.served.lock() {
+        served.push((resource_type.to_owned(), offset));
+    }
 
     let count: usize = params
         .iter()

@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +27,7 @@ impl ProxyProcess {
     /// Starts the binary with `config` (a TOML file) and the extra environment `env`, at log level
     /// `level`, and waits until it listens.
     pub fn spawn(config: &Path, level: &str, env: &[(&str, &str)]) -> Self {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"));
+        let mut command = Command::new(binary());
         command
             .args(["--config", &config.display().to_string()])
             .env("BULK_PROXY_SERVER__LISTEN", "127.0.0.1:0")
@@ -116,6 +116,27 @@ impl ProxyProcess {
     }
 }
 
+/// The proxy binary Cargo built beside the running test or benchmark: `target/PROFILE/deps/TEST`
+/// runs, `target/PROFILE/fhir-bulk-proxy` is the binary (Cargo builds a package's binaries before
+/// its integration tests and benchmarks). `FBP_PROXY_BIN` names another one.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("FBP_PROXY_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("the running test's path");
+    let profile = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("the test runs from target/PROFILE/deps");
+    let binary = profile.join("fhir-bulk-proxy");
+    assert!(
+        binary.exists(),
+        "{} does not exist: build the proxy first (cargo build), or set FBP_PROXY_BIN",
+        binary.display()
+    );
+    binary
+}
+
 impl ProxyProcess {
     /// SIGTERM, then waits (at most 20 s) for the process to exit; returns its exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
@@ -144,6 +165,16 @@ impl Drop for ProxyProcess {
     }
 }
 
+/// Asserts that a command (the proxy binary's `keygen`, `check-config`, `jobs`...) succeeded,
+/// showing its stderr if not.
+pub fn assert_succeeded(output: &std::process::Output) {
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// The job store a test's proxy processes share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Store {
@@ -158,14 +189,14 @@ impl Store {
         self,
         config: &mut fhir_bulk_proxy::config::Config,
         dir: &Path,
-    ) -> Option<super::RedisServer> {
+    ) -> Option<crate::RedisServer> {
         match self {
             Store::Embedded => {
                 config.store.path = dir.join("jobs.redb");
                 None
             }
             Store::Redis => {
-                let redis = super::RedisServer::start();
+                let redis = crate::RedisServer::start();
                 config.store.backend = fhir_bulk_proxy::config::StoreBackend::Redis;
                 config.store.redis_url = Some(redis.url().into());
                 Some(redis)
@@ -177,14 +208,14 @@ impl Store {
 /// An access token for `client` from `proxy`, whose public base is `public` (the assertion's
 /// `aud` is `{public}/token`).
 pub async fn token(
-    client: &super::smart::SmartClient,
+    client: &crate::smart::SmartClient,
     proxy: &ProxyProcess,
     public: &str,
 ) -> String {
     let assertion = client.key.assertion(&client.id, &format!("{public}/token"));
-    let response = super::client()
+    let response = crate::plain_client()
         .post(format!("{}/token", proxy.base()))
-        .form(&super::smart::token_form(&assertion, "system/*.read"))
+        .form(&crate::smart::token_form(&assertion, "system/*.read"))
         .send()
         .await
         .unwrap();
@@ -193,4 +224,67 @@ pub async fn token(
         .as_str()
         .unwrap_or_else(|| panic!("{body}"))
         .to_owned()
+}
+
+/// One upstream, one job store and one file directory, written to a configuration file, shared
+/// by the proxy processes a test starts one after the other (or side by side). Clients and status
+/// URLs name [`Processes::PUBLIC`]; [`Processes::on`] points them at a running process.
+pub struct Processes {
+    pub fhir: crate::memory_fhir::RunningFhir,
+    pub config: fhir_bulk_proxy::config::Config,
+    pub config_path: PathBuf,
+    pub client: crate::smart::SmartClient,
+    _redis: Option<crate::RedisServer>,
+    _dir: tempfile::TempDir,
+}
+
+impl Processes {
+    /// The public base every process names.
+    pub const PUBLIC: &str = "http://fhir.example.test/fhir";
+
+    /// `fhir` upstream, `store`, short leases and sweeps, 1 s polls and a registered client;
+    /// then `configure`.
+    pub fn new(
+        store: Store,
+        fhir: crate::memory_fhir::RunningFhir,
+        configure: impl FnOnce(&mut fhir_bulk_proxy::config::Config),
+    ) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut config = fhir_bulk_proxy::config::Config::default();
+        config.upstream.url = fhir.url();
+        config.server.public_url = Some(Self::PUBLIC.into());
+        config.storage.path = dir.path().join("files");
+        let redis = store.configure(&mut config, dir.path());
+        config.export.lease_secs = 2;
+        config.export.sweep_interval_secs = 1;
+        config.export.poll_retry_after_secs = 1;
+        let client = crate::smart::SmartClient::register(&mut config);
+        configure(&mut config);
+        let config_path = dir.path().join("proxy.toml");
+        let text = toml::to_string(&config).expect("the configuration as TOML");
+        std::fs::write(&config_path, text).expect("write proxy.toml");
+        Self {
+            fhir,
+            config,
+            config_path,
+            client,
+            _redis: redis,
+            _dir: dir,
+        }
+    }
+
+    /// A process with the extra environment `env`.
+    pub fn spawn(&self, env: &[(&str, &str)]) -> ProxyProcess {
+        ProxyProcess::spawn(&self.config_path, "info", env)
+    }
+
+    /// An access token from `proxy` for the registered client.
+    pub async fn token(&self, proxy: &ProxyProcess) -> String {
+        token(&self.client, proxy, Self::PUBLIC).await
+    }
+
+    /// `url` (under [`Processes::PUBLIC`]) on `proxy`.
+    pub fn on(proxy: &ProxyProcess, url: &str) -> String {
+        url.replace(Self::PUBLIC, &proxy.base())
+    }
 }

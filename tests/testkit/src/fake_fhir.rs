@@ -64,6 +64,12 @@ pub struct RunningFake {
     shared: Arc<Shared>,
 }
 
+impl Default for FakeFhir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl FakeFhir {
     pub fn new() -> Self {
         Self {
