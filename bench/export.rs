@@ -268,7 +268,7 @@ impl Proxy {
         let process = ChildProxy::start(
             upstream_url,
             "",
-            "warn,fhir_bulk_proxy::export::worker=info",
+            "warn,fhir_bulk_proxy::export=info",
             extra_env,
             move |line| {
                 if line.contains("export finished") {

@@ -866,13 +866,13 @@ async fn give_up<W: AsyncWrite + Unpin>(
 /// when `server.splice` says so ([`super::splice`]); otherwise they are copied by two tasks,
 /// one reading from the upstream while the other writes to the client. Both run on the
 /// connection's lane, so they take turns on its thread: the reader keeps taking from the upstream
-/// while the writer waits for the client (a lone 10 MiB body added +0.03 ms over direct in the
-/// lab under cubic, README).
+/// while the writer waits for the client (what a lone 10 MiB body adds: README and
+/// bench/RESULTS-cubic.md).
 const PIPELINE_ABOVE: u64 = 512 * 1024;
 /// Size of each buffer the two tasks pass between them. Two of them take turns, so the bytes
-/// written to the client are still in the CPU cache from being read: with 256 KiB × 2 a 10 MiB
-/// body costs about 6 ms of CPU, against 10 ms for a fresh 256 KiB buffer per read (which the
-/// allocator maps and unmaps each time), and 128 or 512 KiB were slower.
+/// written to the client are still in the CPU cache from being read; a fresh buffer per read
+/// (which the allocator maps and unmaps each time) cost markedly more CPU on the 10 MiB
+/// passthrough benchmark, and 128 or 512 KiB buffers were slower than 256 KiB.
 const PIPELINE_CHUNK: usize = 256 * 1024;
 /// Buffers in turn between the two tasks.
 const PIPELINE_DEPTH: usize = 2;

@@ -2,10 +2,10 @@
 //! upstream's socket into a pipe and from the pipe into the client's socket with splice(2), so
 //! the bytes are never copied into the proxy's memory; the kernel passes references to its pages.
 //!
-//! Measured on the passthrough benchmark's 10 MiB response (bench/RESULTS.md): about 0.9 ms of
-//! CPU per response against 4.5 ms for copying through user space, with the kernel's default
-//! congestion control (cubic); under BBR on loopback 2.3 against 4.6 ms. A lone spliced body
-//! arrives later than a copied one (the client's receive window stays small), so by default
+//! On the passthrough benchmark's 10 MiB response it costs a fraction of the CPU of copying
+//! through user space, under both cubic and BBR (figures in bench/RESULTS.md and
+//! bench/RESULTS-cubic.md). A lone spliced body arrives later than a copied one (the client's
+//! receive window stays small), so by default
 //! ([`Policy`], `server.splice = "auto"`) only bodies that compete for a lane are spliced.
 
 use std::io::{self, ErrorKind};
@@ -51,8 +51,8 @@ impl Drop for Streaming<'_> {
     }
 }
 
-/// Capacity asked for each pipe. Per 10 MiB: 1.1 ms of CPU with the default 64 KiB, 0.9 ms with
-/// 256 KiB, 0.8 ms with 1 MiB; 256 KiB lets an unprivileged process hold 256 such pipes within
+/// Capacity asked for each pipe. Larger pipes cost less CPU per body than the default 64 KiB,
+/// with little gained past 256 KiB; 256 KiB lets an unprivileged process hold 256 such pipes within
 /// the default `fs.pipe-user-pages-soft` (64 MiB). Past it, a pipe keeps its default size.
 const PIPE_SIZE: usize = 256 * 1024;
 

@@ -17,7 +17,8 @@ fn with_rule_groups() -> MemoryFhir {
     let members = group_members();
     let patient = |i: usize| json!({ "reference": format!("Patient/{}", members[i]) });
     let mut fhir = MemoryFhir::new().load_dir(&fixture_dir()).unwrap();
-    fhir.insert(json!({ "resourceType": "Group", "id": "rules", "type": "person", "actual": true,
+    fhir.insert(
+        json!({ "resourceType": "Group", "id": "rules", "type": "person", "actual": true,
         "member": [
             { "entity": patient(0) },
             { "entity": patient(1), "inactive": true },
@@ -25,12 +26,17 @@ fn with_rule_groups() -> MemoryFhir {
             { "entity": patient(3), "period": { "end": "9999-01-01T00:00:00Z" } },
             { "entity": patient(4), "period": { "end": "2001-05" } },
             { "entity": { "reference": "Group/inner" } },
-        ]}));
-    fhir.insert(json!({ "resourceType": "Group", "id": "inner", "type": "person", "actual": true,
+        ]}),
+    );
+    fhir.insert(
+        json!({ "resourceType": "Group", "id": "inner", "type": "person", "actual": true,
         "member": [ { "entity": patient(5) }, { "entity": patient(6) },
-                    { "entity": { "reference": "Group/deep" } } ]}));
-    fhir.insert(json!({ "resourceType": "Group", "id": "deep", "type": "person", "actual": true,
-        "member": [ { "entity": patient(7) } ]}));
+                    { "entity": { "reference": "Group/deep" } } ]}),
+    );
+    fhir.insert(
+        json!({ "resourceType": "Group", "id": "deep", "type": "person", "actual": true,
+        "member": [ { "entity": patient(7) } ]}),
+    );
     fhir
 }
 
@@ -46,7 +52,10 @@ async fn group_membership(store: Store) {
     let fhir = with_rule_groups().start().await.unwrap();
     let setup = Setup::with_upstream(store, fhir, |_| {}).await;
     let (manifest, files) = setup.export("/Group/rules/$export?_type=Patient").await;
-    let want: BTreeSet<String> = [0, 3, 5, 6, 7].iter().map(|&i| members[i].clone()).collect();
+    let want: BTreeSet<String> = [0, 3, 5, 6, 7]
+        .iter()
+        .map(|&i| members[i].clone())
+        .collect();
     assert_eq!(patient_ids(&files), want, "active members, nested two deep");
     assert!(setup.errors(&manifest).await.is_empty());
 
@@ -139,10 +148,7 @@ async fn allow_partial_manifests_must_be_a_boolean_at_every_level() {
                 .await;
             assert_eq!(response.status(), 400, "{base} {bad}");
             let body: Value = response.json().await.unwrap();
-            assert!(
-                body.to_string().contains("allowPartialManifests"),
-                "{body}"
-            );
+            assert!(body.to_string().contains("allowPartialManifests"), "{body}");
         }
         let status_url = setup
             .start(&format!("{base}?allowPartialManifests=true&_type=Patient"))

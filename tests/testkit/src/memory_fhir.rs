@@ -326,7 +326,8 @@ fn take(counter: &AtomicU64) -> bool {
 }
 
 fn outcome(status: StatusCode, text: &str) -> Response {
-    let body = json!({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing", "diagnostics": text}]});
+    // The proxy's own builder: the one place OperationOutcomes are made.
+    let body = fhir_bulk_proxy::fhir::OperationOutcome::error("processing", text).to_json();
     (
         status,
         [(header::CONTENT_TYPE, "application/fhir+json")],
