@@ -183,10 +183,10 @@ async fn export(
             .download(url, |line| {
                 let resource: Value = serde_json::from_str(line)
                     .map_err(|e| testkit::client::ClientError::Protocol(format!("{url}: {e}")))?;
-                if declared == "Patient" {
-                    if let Some(id) = resource["id"].as_str() {
-                        patients.insert(id.to_owned());
-                    }
+                if declared == "Patient"
+                    && let Some(id) = resource["id"].as_str()
+                {
+                    patients.insert(id.to_owned());
                 }
                 Ok(())
             })
@@ -268,10 +268,10 @@ async fn export(
 /// Start-up (store, keys, clients) happens inside `server::run`: wait until it answers.
 async fn wait_until_serving(healthz: &str) -> anyhow::Result<()> {
     for _ in 0..200 {
-        if let Ok(response) = reqwest::get(healthz).await {
-            if response.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(response) = reqwest::get(healthz).await
+            && response.status().is_success()
+        {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

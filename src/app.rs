@@ -122,12 +122,11 @@ impl App {
                 headers.insert(name, value.clone());
             }
         }
-        if !headers.contains_key(header::AUTHORIZATION) {
-            if let Some(value) = self.config.upstream.auth.authorization() {
-                if let Ok(value) = value.parse() {
-                    headers.insert(header::AUTHORIZATION, value);
-                }
-            }
+        if !headers.contains_key(header::AUTHORIZATION)
+            && let Some(value) = self.config.upstream.auth.authorization()
+            && let Ok(value) = value.parse()
+        {
+            headers.insert(header::AUTHORIZATION, value);
         }
         self.metadata.fetch(&self.upstream, headers).await
     }

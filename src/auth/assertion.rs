@@ -211,15 +211,15 @@ pub fn check_claims(claims: &Value, expected: &Expected<'_>) -> Result<CheckedCl
             "exp is more than {MAX_LIFETIME_SECS} seconds in the future"
         ));
     }
-    if let Some(nbf) = numeric_date(claims, "nbf")? {
-        if nbf > now + skew {
-            return Err("the assertion is not valid yet (nbf)".into());
-        }
+    if let Some(nbf) = numeric_date(claims, "nbf")?
+        && nbf > now + skew
+    {
+        return Err("the assertion is not valid yet (nbf)".into());
     }
-    if let Some(iat) = numeric_date(claims, "iat")? {
-        if iat > now + skew {
-            return Err("the assertion was issued in the future (iat)".into());
-        }
+    if let Some(iat) = numeric_date(claims, "iat")?
+        && iat > now + skew
+    {
+        return Err("the assertion was issued in the future (iat)".into());
     }
     let jti = match claims.get("jti") {
         Some(Value::String(jti)) if !jti.is_empty() && jti.len() <= 256 => jti.clone(),

@@ -70,10 +70,10 @@ impl JtiStore for MemoryJtiStore {
         let now = now_unix();
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         let key = (issuer.to_owned(), jti.to_owned());
-        if let Some(&expiry) = entries.get(&key) {
-            if expiry >= now {
-                return Ok(false);
-            }
+        if let Some(&expiry) = entries.get(&key)
+            && expiry >= now
+        {
+            return Ok(false);
         }
         if entries.len() >= self.capacity {
             entries.retain(|_, expiry| *expiry >= now);

@@ -96,10 +96,11 @@ impl JwksCache {
                 return result.clone();
             }
             let fresh = slot.fresh_until.is_some_and(|until| Instant::now() < until);
-            if !refresh && fresh {
-                if let Ok(keys) = result {
-                    return Ok(keys.clone());
-                }
+            if !refresh
+                && fresh
+                && let Ok(keys) = result
+            {
+                return Ok(keys.clone());
             }
         }
         if let Some(started) = slot.started {

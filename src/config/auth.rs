@@ -122,14 +122,14 @@ impl AuthConfig {
                 "must be at most 300",
             ));
         }
-        if let Some(secret) = &self.signing_secret {
-            if secret.expose().len() < MIN_SECRET_BYTES {
-                return Err(invalid(
-                    "auth.signing_secret",
-                    "(hidden)",
-                    format!("must be at least {MIN_SECRET_BYTES} bytes"),
-                ));
-            }
+        if let Some(secret) = &self.signing_secret
+            && secret.expose().len() < MIN_SECRET_BYTES
+        {
+            return Err(invalid(
+                "auth.signing_secret",
+                "(hidden)",
+                format!("must be at least {MIN_SECRET_BYTES} bytes"),
+            ));
         }
         if self.jwks_fetch_timeout_ms == 0 {
             return Err(invalid(

@@ -158,14 +158,14 @@ impl ServerConfig {
         if let Some(public) = &self.public_url {
             parse_base_url("server.public_url", public)?;
         }
-        if let Some(base) = &self.base_path {
-            if !base.starts_with('/') || base.contains(['?', '#']) {
-                return Err(invalid(
-                    "server.base_path",
-                    base,
-                    "must be an absolute path such as `/fhir`, without query or fragment",
-                ));
-            }
+        if let Some(base) = &self.base_path
+            && (!base.starts_with('/') || base.contains(['?', '#']))
+        {
+            return Err(invalid(
+                "server.base_path",
+                base,
+                "must be an absolute path such as `/fhir`, without query or fragment",
+            ));
         }
         if let Some(tls) = &self.tls {
             for (key, path) in [("server.tls.cert", &tls.cert), ("server.tls.key", &tls.key)] {

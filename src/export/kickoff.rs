@@ -99,10 +99,10 @@ pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
     let mut params: Vec<(String, ParamValue)> = url::form_urlencoded::parse(raw.query.as_bytes())
         .map(|(k, v)| (k.into_owned(), ParamValue::Text(v.into_owned())))
         .collect();
-    if raw.is_post {
-        if let Some(body) = raw.body {
-            params.extend(parameters_body(body)?);
-        }
+    if raw.is_post
+        && let Some(body) = raw.body
+    {
+        params.extend(parameters_body(body)?);
     }
 
     let mut out = KickOff {
@@ -232,10 +232,10 @@ pub fn parse(raw: &RawKickOff<'_>) -> Result<KickOff, KickOffError> {
             )?,
         }
     }
-    if let (Some(since), Some(until)) = (out.since, out.until) {
-        if until < since {
-            return Err(reject("_until", "is earlier than _since"));
-        }
+    if let (Some(since), Some(until)) = (out.since, out.until)
+        && until < since
+    {
+        return Err(reject("_until", "is earlier than _since"));
     }
     Ok(out)
 }
@@ -412,13 +412,13 @@ fn check_element(element: &str) -> Result<(), KickOffError> {
         Some((t, n)) => (Some(t), n),
         None => (None, element),
     };
-    if let Some(t) = resource_type {
-        if !is_resource_type(t) {
-            return Err(reject(
-                "_elements",
-                format!("{t:?} is not a FHIR R4 resource type"),
-            ));
-        }
+    if let Some(t) = resource_type
+        && !is_resource_type(t)
+    {
+        return Err(reject(
+            "_elements",
+            format!("{t:?} is not a FHIR R4 resource type"),
+        ));
     }
     let valid = !name.is_empty()
         && name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())

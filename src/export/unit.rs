@@ -288,12 +288,10 @@ impl Exporter {
                     return;
                 }
             }
-            if durable {
-                if let Err(e) = progress.settle().await {
-                    return self
-                        .storage_failed(progress.unit(), worker, shutdown, &e)
-                        .await;
-                }
+            if durable && let Err(e) = progress.settle().await {
+                return self
+                    .storage_failed(progress.unit(), worker, shutdown, &e)
+                    .await;
             }
         }
         // What was fetched is kept, also when the unit failed: seal the files, commit that, and

@@ -151,13 +151,13 @@ impl<'a> UnitWriter<'a> {
         if pending.is_empty() {
             return Ok(());
         }
-        if self.open.is_none() {
-            if let Some(last) = self.files.last() {
-                // The committed state: what the file held before `pending`.
-                let mut committed = last.clone();
-                committed.bytes -= pending.len() as u64;
-                self.open = Some(self.storage.sink(&self.job_id, &committed).await?);
-            }
+        if self.open.is_none()
+            && let Some(last) = self.files.last()
+        {
+            // The committed state: what the file held before `pending`.
+            let mut committed = last.clone();
+            committed.bytes -= pending.len() as u64;
+            self.open = Some(self.storage.sink(&self.job_id, &committed).await?);
         }
         if let Some(sink) = self.open.as_mut() {
             sink.append(pending).await?;

@@ -191,15 +191,15 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
-        if let Self::RangeNotSatisfiable { size: Some(size) } = &self {
-            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
-                response.headers_mut().insert(header::CONTENT_RANGE, value);
-            }
+        if let Self::RangeNotSatisfiable { size: Some(size) } = &self
+            && let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}"))
+        {
+            response.headers_mut().insert(header::CONTENT_RANGE, value);
         }
-        if let Self::MethodNotAllowed(allowed) = &self {
-            if let Ok(value) = HeaderValue::from_str(&allowed_list(allowed)) {
-                response.headers_mut().insert(header::ALLOW, value);
-            }
+        if let Self::MethodNotAllowed(allowed) = &self
+            && let Ok(value) = HeaderValue::from_str(&allowed_list(allowed))
+        {
+            response.headers_mut().insert(header::ALLOW, value);
         }
         response.extensions_mut().insert(source);
         response

@@ -152,10 +152,10 @@ async fn manifest_response(
         true => Some(crate::job::now_unix() + expires_in),
         false => job.expires_at,
     };
-    if let Some(expires) = expires_at.and_then(http_date) {
-        if let Ok(value) = HeaderValue::from_str(&expires) {
-            h.insert(header::EXPIRES, value);
-        }
+    if let Some(expires) = expires_at.and_then(http_date)
+        && let Ok(value) = HeaderValue::from_str(&expires)
+    {
+        h.insert(header::EXPIRES, value);
     }
     Ok(response)
 }

@@ -408,10 +408,10 @@ impl H1Upstream {
             if connection.stream.poll_read_ready(&mut cx).is_pending() {
                 return Some(connection);
             }
-            if let Err(e) = connection.stream.try_read(&mut [0u8; 1]) {
-                if e.kind() == std::io::ErrorKind::WouldBlock {
-                    return Some(connection);
-                }
+            if let Err(e) = connection.stream.try_read(&mut [0u8; 1])
+                && e.kind() == std::io::ErrorKind::WouldBlock
+            {
+                return Some(connection);
             }
         }
         None
@@ -633,8 +633,8 @@ fn write_response_head(
         {
             continue;
         }
-        if kind == Name::Location {
-            if let Some(rebased) = std::str::from_utf8(header.value)
+        if kind == Name::Location
+            && let Some(rebased) = std::str::from_utf8(header.value)
                 .ok()
                 .filter(|v| is_visible_text(v.as_bytes()))
                 .and_then(|value| {
@@ -642,10 +642,9 @@ fn write_response_head(
                     rebase(value, &upstream.target.bases.url, public)
                 })
                 .filter(|v| is_visible_text(v.as_bytes()))
-            {
-                put_header(out, name.as_bytes(), rebased.as_bytes());
-                continue;
-            }
+        {
+            put_header(out, name.as_bytes(), rebased.as_bytes());
+            continue;
         }
         put_header(out, name.as_bytes(), header.value);
     }

@@ -451,10 +451,10 @@ pub fn rewrite_locations(
         if let Some(make) = public_base.take() {
             base = make();
         }
-        if let Some(rewritten) = rebase(value, upstream_base, &base) {
-            if let Ok(value) = HeaderValue::from_str(&rewritten) {
-                headers.insert(name, value);
-            }
+        if let Some(rewritten) = rebase(value, upstream_base, &base)
+            && let Ok(value) = HeaderValue::from_str(&rewritten)
+        {
+            headers.insert(name, value);
         }
     }
 }

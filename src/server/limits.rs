@@ -142,10 +142,10 @@ impl<S> ClientIo<S> {
 
     /// Bytes arrived: the first byte of a head starts the head deadline.
     fn on_bytes(&mut self) {
-        if !self.busy() {
-            if let Waiting::Idle(_) = self.waiting {
-                self.waiting = Waiting::Head(Instant::now() + self.watch.timeouts.head);
-            }
+        if !self.busy()
+            && let Waiting::Idle(_) = self.waiting
+        {
+            self.waiting = Waiting::Head(Instant::now() + self.watch.timeouts.head);
         }
     }
 
@@ -282,12 +282,12 @@ where
                         slot => *slot = Some(Box::pin(tokio::time::sleep_until(deadline))),
                     }
                 }
-                if let Some(sleep) = &mut this.sleep {
-                    if sleep.as_mut().poll(cx).is_ready() {
-                        this.stalled.0.store(true, Ordering::SeqCst);
-                        let error = BodyTimedOut(this.timeout.as_secs());
-                        return Poll::Ready(Some(Err(error.into())));
-                    }
+                if let Some(sleep) = &mut this.sleep
+                    && sleep.as_mut().poll(cx).is_ready()
+                {
+                    this.stalled.0.store(true, Ordering::SeqCst);
+                    let error = BodyTimedOut(this.timeout.as_secs());
+                    return Poll::Ready(Some(Err(error.into())));
                 }
                 Poll::Pending
             }

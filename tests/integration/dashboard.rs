@@ -228,14 +228,14 @@ impl Scrape {
             return Err(format!("no series {name}"));
         }
         for suffix in ["_bucket", "_sum", "_count"] {
-            if let Some(family) = name.strip_suffix(suffix) {
-                if let Some(kind) = self.types.get(family) {
-                    let fits = kind == "histogram" || (kind == "summary" && suffix != "_bucket");
-                    return match fits {
-                        true => Ok(()),
-                        false => Err(format!("{name}: {family} is a {kind}")),
-                    };
-                }
+            if let Some(family) = name.strip_suffix(suffix)
+                && let Some(kind) = self.types.get(family)
+            {
+                let fits = kind == "histogram" || (kind == "summary" && suffix != "_bucket");
+                return match fits {
+                    true => Ok(()),
+                    false => Err(format!("{name}: {family} is a {kind}")),
+                };
             }
         }
         match self.types.contains_key(name) {

@@ -332,13 +332,13 @@ async fn the_fast_path_and_hyper_agree_on_a_corpus_of_hostile_messages() {
                 .responses
                 .first()
                 .and_then(|r| r.status_line.get(9..12).map(str::to_owned));
-            if let Some(expected) = case.status {
-                if status.as_deref() != Some(expected.to_string().as_str()) {
-                    failures.push(format!(
-                        "{}: {expected} expected, got {general:?}",
-                        case.name
-                    ));
-                }
+            if let Some(expected) = case.status
+                && status.as_deref() != Some(expected.to_string().as_str())
+            {
+                failures.push(format!(
+                    "{}: {expected} expected, got {general:?}",
+                    case.name
+                ));
             }
         }
     }
@@ -515,11 +515,11 @@ impl Reader {
         // The proxy's own errors say why in words of their own on each path: the issue code
         // is compared, not the diagnostics (nor, with them, the length).
         let mut body = body;
-        if let Ok(outcome) = serde_json::from_slice::<serde_json::Value>(&body) {
-            if outcome["resourceType"] == "OperationOutcome" {
-                body = format!("OperationOutcome {}", outcome["issue"][0]["code"]).into_bytes();
-                headers.retain(|(n, _)| n != "content-length");
-            }
+        if let Ok(outcome) = serde_json::from_slice::<serde_json::Value>(&body)
+            && outcome["resourceType"] == "OperationOutcome"
+        {
+            body = format!("OperationOutcome {}", outcome["issue"][0]["code"]).into_bytes();
+            headers.retain(|(n, _)| n != "content-length");
         }
         headers.sort_by(|a, b| a.0.cmp(&b.0));
         Some(Seen1 {

@@ -69,10 +69,10 @@ impl TestProxy {
         };
         let health = format!("{scheme}://{}/healthz", self.addr);
         for _ in 0..200 {
-            if let Ok(response) = client.get(&health).send().await {
-                if response.status().is_success() {
-                    return;
-                }
+            if let Ok(response) = client.get(&health).send().await
+                && response.status().is_success()
+            {
+                return;
             }
             tokio::time::sleep(std::time::Duration::from_millis(25)).await;
         }

@@ -91,11 +91,11 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Some(child) = self.child.as_mut() {
-                if matches!(child.try_wait(), Ok(Some(_))) {
-                    self.child = None;
-                    return false;
-                }
+            if let Some(child) = self.child.as_mut()
+                && matches!(child.try_wait(), Ok(Some(_)))
+            {
+                self.child = None;
+                return false;
             }
             if ping(self.port) {
                 return true;
