@@ -83,6 +83,18 @@ fn ended(end: &str, now: Instant) -> Option<bool> {
     if !shape_ok {
         return None;
     }
+    // The shape is not enough: `2023-13` or `2023-02-30` name no date (FHIR's years start at
+    // 0001), and compared as text they would end a membership silently.
+    let field = |at: usize| end.get(at..at + 2).map(|d| d.parse::<u8>().ok());
+    let year: i32 = end[..4].parse().ok()?;
+    let month = match field(5) {
+        Some(m) => time::Month::try_from(m?).ok()?,
+        None => time::Month::January,
+    };
+    let day = field(8).unwrap_or(Some(1))?;
+    if year < 1 || time::Date::from_calendar_date(year, month, day).is_err() {
+        return None;
+    }
     let now = now.to_string();
     Some(end < &now[..end.len()])
 }
@@ -284,6 +296,42 @@ mod tests {
                 .len(),
             12
         );
+    }
+
+    #[test]
+    fn a_partial_period_end_that_is_no_date_keeps_the_member_and_is_reported() {
+        // Shaped like YYYY, YYYY-MM or YYYY-MM-DD but no date of the calendar: not a FHIR
+        // dateTime, so the member is kept and reported, never silently left out.
+        let garbage = [
+            "2023-13",
+            "2024-00",
+            "2023-02-30",
+            "2023-06-31",
+            "0000",
+            "2023-00-10",
+        ];
+        let members: Vec<Value> = garbage
+            .iter()
+            .enumerate()
+            .map(|(i, end)| {
+                json!({ "entity": { "reference": format!("Patient/p{i}") },
+                        "period": { "end": end } })
+            })
+            .collect();
+        let groups = HashMap::from([("g", json!({ "id": "g", "member": members }))]);
+        let got = block_on(run(&groups, "g", &RULES)).unwrap().unwrap();
+        assert_eq!(got.patients.len(), garbage.len(), "{got:?}");
+        assert_eq!(got.warnings.len(), garbage.len(), "{:?}", got.warnings);
+        // Real dates of every precision still end membership.
+        for (end, ended_by_now) in [
+            ("2024-02-29", true),
+            ("2023-12", true),
+            ("0999", true),
+            ("2024-06-15", false),
+            ("9999-12-31", false),
+        ] {
+            assert_eq!(super::ended(end, now()), Some(ended_by_now), "{end}");
+        }
     }
 
     #[test]
