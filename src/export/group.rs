@@ -47,7 +47,13 @@ pub fn reference_id<'a>(reference: &'a str, resource_type: &str) -> Option<&'a s
     };
     let (head, id) = unversioned.rsplit_once('/')?;
     let named = head.rsplit('/').next()?;
-    (named == resource_type && is_fhir_id(id)).then_some(id)
+    (named == resource_type && is_fhir_id(id) && !is_dot_segment(id)).then_some(id)
+}
+
+/// `.` and `..`: ids by the grammar, but path segments in `Group/{id}`, which a URL resolves
+/// away (the read would be of the upstream's base or of its Group search).
+fn is_dot_segment(id: &str) -> bool {
+    matches!(id, "." | "..")
 }
 
 /// Whether a member still counts at `now` under `rules`; `Err` with a warning when its
@@ -140,6 +146,9 @@ where
     F: FnMut(String) -> Fut,
     Fut: Future<Output = Result<Option<Value>, E>>,
 {
+    if is_dot_segment(id) {
+        return Ok(None);
+    }
     let mut out = Members::default();
     let mut seen_patients = HashSet::new();
     let mut seen_groups = HashSet::from([id.to_owned()]);
@@ -332,6 +341,42 @@ mod tests {
         ] {
             assert_eq!(super::ended(end, now()), Some(ended_by_now), "{end}");
         }
+    }
+
+    #[test]
+    fn dot_segment_references_are_neither_read_nor_exported() {
+        // `.` and `..` match the id grammar, but in `Group/{id}` they are path segments: the read
+        // would go to the upstream's base (or its Group search), not to a Group.
+        for reference in [
+            "Patient/..",
+            "Patient/.",
+            "https://h/fhir/Group/..",
+            "Group/.",
+        ] {
+            assert_eq!(reference_id(reference, "Patient"), None, "{reference}");
+            assert_eq!(reference_id(reference, "Group"), None, "{reference}");
+        }
+        assert_eq!(reference_id("Patient/...x", "Patient"), Some("...x"));
+        let group = json!({ "id": "g", "member": [member("Group/.."), member("Group/."),
+            member("Patient/.."), member("Patient/1")] });
+        let read = std::cell::RefCell::new(Vec::new());
+        let got = block_on(resolve("g", now(), &RULES, |id: String| {
+            read.borrow_mut().push(id.clone());
+            let found = (id == "g").then(|| group.clone());
+            async move { Ok::<_, String>(found) }
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(got.patients, ["1"]);
+        assert_eq!(*read.borrow(), ["g"]);
+        // Nor is a dot segment asked for at the top.
+        let top = block_on(resolve("..", now(), &RULES, |id: String| {
+            read.borrow_mut().push(id);
+            async { Ok::<_, String>(Some(json!({}))) }
+        }))
+        .unwrap();
+        assert_eq!(top, None);
+        assert_eq!(*read.borrow(), ["g"]);
     }
 
     #[test]
