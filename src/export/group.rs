@@ -4,7 +4,8 @@
 //! - A member with `inactive = true`, or whose `period.end` is before the export's
 //!   `transactionTime`, is no longer a member and is not exported (`export.group_active_members_only`,
 //!   on by default). A `period.end` with a precision coarser than an instant (`2024`, `2024-05`,
-//!   `2024-05-31`) covers the whole year, month or day; one that is not a FHIR dateTime keeps the
+//!   `2024-05-31`) covers the whole year, month or day, and one to the second its whole second
+//!   (`transactionTime` has fractions); one that is not a FHIR dateTime keeps the
 //!   member and is reported.
 //! - A member that is itself a Group is followed, to `export.group_max_depth` levels below the
 //!   Group asked for (a Group met twice is read once, so a cycle ends); deeper Groups are reported,
@@ -76,7 +77,20 @@ fn counts(member: &Value, now: Instant, rules: &MemberRules) -> Result<bool, Str
 /// Whether a FHIR dateTime lies wholly before `now`; `None` when it is not one.
 fn ended(end: &str, now: Instant) -> Option<bool> {
     if end.len() > 10 {
-        return Instant::parse(end).ok().map(|end| end < now);
+        // Like a date, a time covers its whole precision: `12:00:00Z` lasts until `12:00:01Z`
+        // (R4 Period.end includes any matching date/time), so `now` is cut to that precision.
+        let end_at = Instant::parse(end).ok()?;
+        let digits = match end.as_bytes().get(19) {
+            Some(b'.') => end[20..].bytes().take_while(u8::is_ascii_digit).count(),
+            _ => 0,
+        };
+        let unit = 10u32.pow(9u32.saturating_sub(digits as u32));
+        let now = now.as_offset_date_time();
+        let cut = now
+            .replace_nanosecond(now.nanosecond() - now.nanosecond() % unit)
+            .ok()
+            .and_then(|cut| Instant::try_from(cut).ok())?;
+        return Some(end_at < cut);
     }
     // YYYY, YYYY-MM or YYYY-MM-DD: over when the same prefix of `now` (in UTC) is later.
     let shape_ok = match end.len() {
@@ -377,6 +391,25 @@ mod tests {
         .unwrap();
         assert_eq!(top, None);
         assert_eq!(*read.borrow(), ["g"]);
+    }
+
+    #[test]
+    fn a_period_end_covers_its_whole_second_like_a_date_covers_its_day() {
+        // transactionTime carries fractions of a second; an end written to the second (as FHIR
+        // dateTimes mostly are) includes that whole second (R4 Period.end: "includes any matching
+        // date/time"), so a member ending in the export's very second is still a member.
+        let now = Instant::parse("2024-06-15T12:00:00.5Z").unwrap();
+        for (end, ended_by_now) in [
+            ("2024-06-15T12:00:00Z", false),
+            ("2024-06-15T14:00:00+02:00", false),
+            ("2024-06-15T11:59:59Z", true),
+            ("2024-06-15T12:00:00.4Z", true),
+            ("2024-06-15T12:00:00.5Z", false),
+            ("2024-06-15T12:00:00.49Z", true),
+            ("2024-06-15T12:00:01Z", false),
+        ] {
+            assert_eq!(super::ended(end, now), Some(ended_by_now), "{end}");
+        }
     }
 
     #[test]
