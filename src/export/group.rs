@@ -22,6 +22,11 @@ use serde_json::Value;
 use super::kickoff::is_fhir_id;
 use crate::fhir::Instant;
 
+/// Warnings kept from one resolution; past them, one more line says how many were left out. They
+/// go into the job's record and its error file, which a Group of millions of garbled members or
+/// missing nested Groups must not blow up.
+pub const MAX_WARNINGS: usize = 100;
+
 /// The membership rules (`export.group_active_members_only`, `export.group_max_depth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemberRules {
@@ -201,6 +206,13 @@ where
             break;
         }
         level = next;
+    }
+    if out.warnings.len() > MAX_WARNINGS {
+        let more = out.warnings.len() - MAX_WARNINGS;
+        out.warnings.truncate(MAX_WARNINGS);
+        out.warnings.push(format!(
+            "Group/{id}: {more} more problems with its members or nested Groups, not listed"
+        ));
     }
     Ok(Some(out))
 }
@@ -410,6 +422,38 @@ mod tests {
         ] {
             assert_eq!(super::ended(end, now), Some(ended_by_now), "{end}");
         }
+    }
+
+    #[test]
+    fn a_hostile_group_cannot_make_the_warnings_unbounded() {
+        // The warnings go into the job's record (stored, read at every status poll) and the
+        // error file: one per garbled member of a Group of millions would be millions.
+        let members: Vec<Value> = (0..5_000)
+            .map(|i| {
+                json!({ "entity": { "reference": format!("Patient/p{i}") },
+                        "period": { "end": "garbage" } })
+            })
+            .chain((0..5_000).map(|i| member(&format!("Group/missing{i}"))))
+            .collect();
+        let groups = HashMap::from([("g", json!({ "id": "g", "member": members }))]);
+        let got = block_on(run(&groups, "g", &RULES)).unwrap().unwrap();
+        assert_eq!(got.patients.len(), 5_000);
+        assert_eq!(
+            got.warnings.len(),
+            MAX_WARNINGS + 1,
+            "{:?}",
+            &got.warnings[..3]
+        );
+        assert!(
+            got.warnings[0].contains("\"garbage\""),
+            "{}",
+            got.warnings[0]
+        );
+        let last = got.warnings.last().unwrap();
+        assert!(
+            last.contains(&(10_000 - MAX_WARNINGS).to_string()),
+            "{last}"
+        );
     }
 
     #[test]
