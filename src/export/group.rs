@@ -9,7 +9,7 @@
 //!   member and is reported.
 //! - A member that is itself a Group is followed, to `export.group_max_depth` levels below the
 //!   Group asked for (a Group met twice is read once, so a cycle ends); deeper Groups are reported,
-//!   not followed. Members of other types (Device, Practitioner...) are not patients and are
+//!   not followed, as are Groups past the first [`MAX_GROUP_READS`]. Members of other types (Device, Practitioner...) are not patients and are
 //!   skipped.
 //!
 //! The upstream read is a closure, so the rules are tested without a server.
@@ -26,6 +26,11 @@ use crate::fhir::Instant;
 /// go into the job's record and its error file, which a Group of millions of garbled members or
 /// missing nested Groups must not blow up.
 pub const MAX_WARNINGS: usize = 100;
+
+/// Groups read from the upstream for one kick-off, the Group asked for included; nested Groups
+/// past them are reported, not followed. The depth bound alone does not bound a Group naming
+/// thousands of others, each read while the kick-off request waits.
+pub const MAX_GROUP_READS: usize = 1_000;
 
 /// The membership rules (`export.group_active_members_only`, `export.group_max_depth`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,9 +177,18 @@ where
     let mut seen_patients = HashSet::new();
     let mut seen_groups = HashSet::from([id.to_owned()]);
     let mut level = vec![id.to_owned()];
+    let mut reads = 0;
     for depth in 0.. {
         let mut next = Vec::new();
         for group_id in level {
+            if reads == MAX_GROUP_READS {
+                out.warnings.push(format!(
+                    "Group/{group_id} not followed: a Group exported names more than \
+                     {MAX_GROUP_READS} Groups; its members are not exported"
+                ));
+                continue;
+            }
+            reads += 1;
             let Some(group) = read(group_id.clone()).await? else {
                 if depth == 0 {
                     return Ok(None);
@@ -453,6 +467,40 @@ mod tests {
         assert!(
             last.contains(&(10_000 - MAX_WARNINGS).to_string()),
             "{last}"
+        );
+    }
+
+    #[test]
+    fn a_hostile_group_cannot_make_the_kick_off_read_groups_without_end() {
+        // The depth bound does not bound the breadth: a Group naming 100 000 others would make
+        // the kick-off request read every one of them from the upstream, one after the other.
+        let nested = MAX_GROUP_READS + 500;
+        let mut groups: HashMap<String, Value> = (0..nested)
+            .map(|i| {
+                (
+                    format!("n{i}"),
+                    json!({ "id": format!("n{i}"), "member": [member(&format!("Patient/p{i}"))] }),
+                )
+            })
+            .collect();
+        let members: Vec<Value> = (0..nested)
+            .map(|i| member(&format!("Group/n{i}")))
+            .collect();
+        groups.insert("top".into(), json!({ "id": "top", "member": members }));
+        let reads = std::cell::Cell::new(0usize);
+        let got = block_on(resolve("top", now(), &RULES, |g: String| {
+            reads.set(reads.get() + 1);
+            let found = groups.get(&g).cloned();
+            async move { Ok::<_, String>(found) }
+        }))
+        .unwrap()
+        .unwrap();
+        assert_eq!(reads.get(), MAX_GROUP_READS);
+        assert_eq!(got.patients.len(), MAX_GROUP_READS - 1);
+        assert!(
+            got.warnings.iter().any(|w| w.contains("not followed")),
+            "{:?}",
+            &got.warnings[..3]
         );
     }
 
