@@ -178,14 +178,17 @@ impl Auth {
     }
 
     /// Whether `client_id` may export `Group/{group_id}` (`[[auth.clients]] groups`): always
-    /// with `auth.enabled = false`, and for a client registered without a list.
+    /// with `auth.enabled = false`, and for a client registered without a list; never for a
+    /// client this process does not know (a still valid token of a client since removed), whose
+    /// list cannot be checked.
     pub fn may_export_group(&self, client_id: &str, group_id: &str) -> bool {
         !self.enabled
-            || self
-                .registry
-                .get(client_id)
-                .and_then(|client| client.groups.as_ref())
-                .is_none_or(|groups| groups.iter().any(|g| g == group_id))
+            || self.registry.get(client_id).is_some_and(|client| {
+                client
+                    .groups
+                    .as_ref()
+                    .is_none_or(|groups| groups.iter().any(|g| g == group_id))
+            })
     }
 
     /// The token endpoint's path under the FHIR base, e.g. `/token`.
@@ -279,6 +282,29 @@ mod tests {
             grant.require_read(["Patient", "Observation", "Condition"]),
             Err(AuthError::Forbidden("Patient, Condition".into()))
         );
+    }
+
+    #[test]
+    fn only_a_registered_client_without_a_list_may_export_any_group() {
+        let mut config = Config::default();
+        config.upstream.url = "http://fhir/fhir".into();
+        for (id, groups) in [("listed", Some(vec!["g".to_owned()])), ("any", None)] {
+            config.auth.clients.push(crate::config::ClientConfig {
+                client_id: id.into(),
+                jwks: None,
+                jwks_url: Some(format!("https://{id}/jwks.json")),
+                scopes: vec!["system/*.read".into()],
+                enabled: true,
+                groups,
+            });
+        }
+        let auth = Auth::new(&config).unwrap();
+        assert!(auth.may_export_group("listed", "g"));
+        assert!(!auth.may_export_group("listed", "h"));
+        assert!(auth.may_export_group("any", "h"));
+        // A valid token of a client no longer registered (removed from the configuration, or
+        // signed by a replica that knows it): its Group list cannot be known, so nothing.
+        assert!(!auth.may_export_group("removed", "g"));
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub enum StorageBackend {
 
 /// An S3-compatible bucket. Credentials left unset come from the environment the AWS way
 /// (`AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY`, web identity, instance metadata).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
     /// Bucket name. Required with `storage.backend = "s3"`.
@@ -55,6 +55,25 @@ pub struct S3Config {
     /// checkpointed at each part upload, so this is also what a crashed worker re-fetches at
     /// most). At least 5 MiB, S3's minimum part size. Default 8 MiB.
     pub part_size_bytes: u64,
+}
+
+/// `endpoint` as check-config shows it: a password in it is not the log's to see.
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Config")
+            .field("bucket", &self.bucket)
+            .field(
+                "endpoint",
+                &self.endpoint.as_deref().map(super::secret::redact_url),
+            )
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field("secret_access_key", &self.secret_access_key)
+            .field("prefix", &self.prefix)
+            .field("allow_http", &self.allow_http)
+            .field("part_size_bytes", &self.part_size_bytes)
+            .finish()
+    }
 }
 
 impl Default for StorageConfig {

@@ -7,7 +7,7 @@ use url::Url;
 use super::{ConfigError, Secret, invalid, parse_base_url};
 
 /// The FHIR server behind the proxy.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamConfig {
     /// The upstream's FHIR base URL, e.g. `http://fhir:8080/fhir`. Required.
@@ -25,6 +25,20 @@ pub struct UpstreamConfig {
     /// Credentials the proxy presents upstream on its own requests (`[upstream.auth]`).
     /// Default: none.
     pub auth: UpstreamAuthConfig,
+}
+
+/// `url` as check-config shows it: a password in it is not the log's to see.
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("url", &super::secret::redact_url(&self.url))
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("pool_idle_timeout_secs", &self.pool_idle_timeout_secs)
+            .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
+            .field("auth", &self.auth)
+            .finish()
+    }
 }
 
 impl Default for UpstreamConfig {

@@ -250,4 +250,55 @@ mod tests {
             task.await.unwrap();
         }
     }
+
+    /// Before the finaliser task, each unitless job was finalised on its own task (34efccc's
+    /// `finalize_soon`); one job whose finalisation fails and backs off must not hold up the
+    /// others queued behind it.
+    #[tokio::test]
+    async fn a_unitless_job_backing_off_does_not_hold_up_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn JobStore> =
+            Arc::new(EmbeddedStore::open(&dir.path().join("jobs.redb")).unwrap());
+        let mut config = Config::default();
+        config.upstream.url = "http://127.0.0.1:9/fhir".into();
+        config.export.sweep_interval_secs = 3600;
+        config.export.retry_base_ms = 10_000;
+        let files = dir.path().join("files");
+        let exporter = Arc::new(Exporter::new(
+            store.clone(),
+            Storage::local(files.clone()).unwrap(),
+            Pager::new(&config, HeaderMap::new()).unwrap(),
+            config.export.clone(),
+        ));
+        // Its error file cannot be written: a file stands where its directory would go.
+        std::fs::write(files.join("stuck"), b"").unwrap();
+        let shutdown = CancellationToken::new();
+        let tasks = exporter.spawn(shutdown.clone());
+
+        let stuck = job("stuck", &["a warning, for the error file"]);
+        assert_eq!(exporter.submit(&stuck, &[], 5).await.unwrap(), Created::Yes);
+        let next = Job {
+            client_id: "other".into(),
+            ..job("next", &[])
+        };
+        assert_eq!(exporter.submit(&next, &[], 5).await.unwrap(), Created::Yes);
+        let mut state = JobState::Running;
+        for _ in 0..300 {
+            state = store.get_job("next").await.unwrap().unwrap().state;
+            if state != JobState::Running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state, JobState::Completed, "held up behind the failing job");
+        assert_eq!(
+            store.get_job("stuck").await.unwrap().unwrap().state,
+            JobState::Running
+        );
+
+        shutdown.cancel();
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
 }

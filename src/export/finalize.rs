@@ -22,6 +22,7 @@
 
 use std::collections::HashSet;
 use std::hash::BuildHasher;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
@@ -60,19 +61,29 @@ struct Assembled {
 
 impl Exporter {
     /// The finaliser task: finalises the jobs [`Exporter::submit`] queued because they have no
-    /// units, as soon as they are queued, until `shutdown`.
-    pub(super) async fn finalize_unitless_forever(&self, shutdown: CancellationToken) {
+    /// units, as soon as they are queued, until `shutdown`. Each on a task of its own, so that
+    /// one backing off after a failed attempt does not hold up the jobs queued after it; at
+    /// `shutdown` those stop too (their claims lapse, and a sweeper carries on) and are awaited.
+    pub(super) async fn finalize_unitless_forever(self: Arc<Self>, shutdown: CancellationToken) {
         let finisher = format!("{}-unitless", self.process_id);
+        let mut running = tokio::task::JoinSet::new();
         while !shutdown.is_cancelled() {
             let next = self.lock_unitless().pop_front();
             match next {
-                Some(job_id) => self.finalize(&job_id, &finisher, &shutdown).await,
+                Some(job_id) => {
+                    let (this, finisher, shutdown) =
+                        (self.clone(), finisher.clone(), shutdown.clone());
+                    running
+                        .spawn(async move { this.finalize(&job_id, &finisher, &shutdown).await });
+                }
                 None => tokio::select! {
                     () = self.unitless_added.notified() => {}
                     () = shutdown.cancelled() => {}
+                    Some(_) = running.join_next(), if !running.is_empty() => {}
                 },
             }
         }
+        while running.join_next().await.is_some() {}
     }
 
     /// Finalises `job_id` if its units are all finished and no other finisher holds it; retries a

@@ -209,9 +209,63 @@ fn subset(raw: &str, keep: &[String]) -> String {
     Value::Object(out).to_string()
 }
 
-/// `valueQuantity` for `value`: a choice-type suffix starts with an upper-case letter.
+/// `Quantity` in `valueQuantity` for `value`: a choice element's name is its name followed by one
+/// of the R4 data types a choice allows (capitalised). An element that merely starts with another
+/// one's name (`statusReason` after `status`, `classHistory` after `class`) is not it.
 fn is_choice_suffix(rest: &str) -> bool {
-    rest.chars().next().is_some_and(|c| c.is_ascii_uppercase())
+    const CHOICE_TYPES: &[&str] = &[
+        "Base64Binary",
+        "Boolean",
+        "Canonical",
+        "Code",
+        "Date",
+        "DateTime",
+        "Decimal",
+        "Id",
+        "Instant",
+        "Integer",
+        "Markdown",
+        "Oid",
+        "PositiveInt",
+        "String",
+        "Time",
+        "UnsignedInt",
+        "Uri",
+        "Url",
+        "Uuid",
+        "Address",
+        "Age",
+        "Annotation",
+        "Attachment",
+        "CodeableConcept",
+        "Coding",
+        "ContactPoint",
+        "Count",
+        "Distance",
+        "Duration",
+        "HumanName",
+        "Identifier",
+        "Money",
+        "Period",
+        "Quantity",
+        "Range",
+        "Ratio",
+        "Reference",
+        "SampledData",
+        "Signature",
+        "Timing",
+        "ContactDetail",
+        "Contributor",
+        "DataRequirement",
+        "Expression",
+        "ParameterDefinition",
+        "RelatedArtifact",
+        "TriggerDefinition",
+        "UsageContext",
+        "Dosage",
+        "Meta",
+    ];
+    CHOICE_TYPES.contains(&rest)
 }
 
 #[cfg(test)]
@@ -334,6 +388,35 @@ mod tests {
         let content = read_page(&body, "Observation", &["Patient.name".into()]).unwrap();
         let value: Value = serde_json::from_slice(&content.lines[0].bytes).unwrap();
         assert!(value.get("note").is_some() && value.get("meta").is_none());
+    }
+
+    #[test]
+    fn elements_keep_choice_types_but_not_elements_that_merely_start_alike() {
+        // Mandatory `status` and `class` are not `statusReason`, `statusHistory` or
+        // `classHistory`: a name continued in upper case is a choice only when the rest is a
+        // FHIR data type (`valueQuantity`, `occurrenceDateTime`).
+        let body = page(
+            r#"{"resource":{"resourceType":"Encounter","id":"e","status":"finished","statusHistory":[{"status":"planned"}],"class":{"code":"AMB"},"classHistory":[{"class":{"code":"IMP"}}],"subject":{"reference":"Patient/p"}}},{"resource":{"resourceType":"Encounter","id":"t","status":"finished","class":{"code":"AMB"},"_status":{"id":"x"}}}"#,
+            None,
+        );
+        let content = read_page(&body, "Encounter", &["id".into()]).unwrap();
+        let value: Value = serde_json::from_slice(&content.lines[0].bytes).unwrap();
+        assert_eq!(value["status"], "finished");
+        assert_eq!(value["class"]["code"], "AMB");
+        for dropped in ["statusHistory", "classHistory", "subject"] {
+            assert!(value.get(dropped).is_none(), "{dropped} kept: {value}");
+        }
+        let value: Value = serde_json::from_slice(&content.lines[1].bytes).unwrap();
+        assert_eq!(value["_status"]["id"], "x");
+
+        let body = page(
+            r#"{"resource":{"resourceType":"Observation","id":"o","status":"final","code":{"text":"c"},"valueCodeableConcept":{"text":"v"},"valueSetX":1}}"#,
+            None,
+        );
+        let content = read_page(&body, "Observation", &["value".into()]).unwrap();
+        let value: Value = serde_json::from_slice(&content.lines[0].bytes).unwrap();
+        assert_eq!(value["valueCodeableConcept"]["text"], "v");
+        assert!(value.get("valueSetX").is_none(), "{value}");
     }
 
     #[test]
