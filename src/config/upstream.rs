@@ -80,7 +80,15 @@ pub enum UpstreamAuthScheme {
 
 impl UpstreamConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
-        self.url()?;
+        let url = self.url()?;
+        if !url.username().is_empty() || url.password().is_some() {
+            // They would be ignored (requests go to the URL's origin) yet logged with it.
+            return Err(invalid(
+                "upstream.url",
+                super::secret::redact_url(&self.url),
+                "must not carry credentials: set [upstream.auth] (scheme = \"basic\" or \"bearer\")",
+            ));
+        }
         for (key, value) in [
             ("upstream.connect_timeout_ms", self.connect_timeout_ms),
             ("upstream.request_timeout_ms", self.request_timeout_ms),
@@ -192,6 +200,11 @@ mod tests {
             ("BULK_PROXY_UPSTREAM__URL", "not a url", "upstream.url"),
             ("BULK_PROXY_UPSTREAM__URL", "http://x/fhir?a=b", "query"),
             (
+                "BULK_PROXY_UPSTREAM__URL",
+                "http://user@x/fhir",
+                "credentials",
+            ),
+            (
                 "BULK_PROXY_UPSTREAM__REQUEST_TIMEOUT_MS",
                 "0",
                 "upstream.request_timeout_ms",
@@ -212,6 +225,15 @@ mod tests {
             let message = load_toml(toml).expect_err(toml);
             assert!(message.contains(expected), "{toml}: {message}");
         }
+        // Refused, and the password is not repeated in the message.
+        let mut message = String::new();
+        Jail::expect_with(|jail| {
+            jail.set_env("BULK_PROXY_UPSTREAM__URL", "http://u:hunter2@x/fhir");
+            message = Config::load(None).unwrap_err().to_string();
+            Ok(())
+        });
+        assert!(message.contains("credentials"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
     }
 
     #[test]

@@ -95,7 +95,8 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
             if kickoff.patients.is_empty() {
                 members
             } else {
-                for p in kickoff.patients.iter().filter(|p| !members.contains(p)) {
+                let members: std::collections::HashSet<String> = members.into_iter().collect();
+                for p in kickoff.patients.iter().filter(|p| !members.contains(*p)) {
                     warnings.push(format!(
                         "Patient/{p} is not a member of Group/{id}; not exported"
                     ));
@@ -103,7 +104,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
                 kickoff
                     .patients
                     .iter()
-                    .filter(|p| members.contains(p))
+                    .filter(|p| members.contains(*p))
                     .cloned()
                     .collect()
             }
