@@ -1,12 +1,17 @@
 //! The crate's layering, checked from its source so it stays true: which top-level module may
 //! import which ([`MAY_IMPORT`]), and no file-level import cycle inside any directory module.
-//! Reads `src/**/*.rs`, drops comments, literals and `#[cfg(test)]` items, and collects every
-//! `crate::…`, `super::…` and `self::…` path, `use` trees included. Re-exports from a directory
+//! Parses `src/**/*.rs` with `syn`, skips `#[cfg(test)]` items, and collects every `crate::…`,
+//! `super::…` and `self::…` path: `use` trees, paths in code and types, and in macro arguments. Re-exports from a directory
 //! module's root are followed to the file that defines the item, so a cycle cannot hide behind
 //! a `pub use`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+
+use proc_macro2::{Span, TokenStream, TokenTree};
+use syn::ext::IdentExt;
+use syn::visit::{self, Visit};
+use syn::{Attribute, Ident, ImplItem, Item, ItemUse, Macro, UseTree, Visibility};
 
 /// Each top-level module and what it may import besides itself. `http` → `export`/`auth`/`proxy`
 /// → `store`/`storage`/`fhir`/`job`; `config` and `telemetry` are usable from anywhere. `config`
@@ -220,14 +225,16 @@ fn the_reader_sees_grouped_use_trees_and_inline_paths_but_not_comments_strings_o
         /* crate::block::Comment */
         fn f() { let _ = "crate::string::Lit"; let _c = '"'; crate::delta::call(); }
         fn g<'a>(x: &'a str) { super::super::epsilon::E::new(x) }
+        fn h() { tracing::info!(n = crate::zeta::count(), "{}", "crate::in_macro::Lit"); }
+        macro_rules! m { () => { $crate::not_ours::X }; }
         #[cfg(test)]
         mod tests { use crate::test_only::X; }
+        #[cfg(test)]
+        mod other_tests;
     "#;
-    let paths: Vec<String> = extract(source)
-        .0
-        .into_iter()
-        .map(|i| i.path.join("::"))
-        .collect();
+    let (imports, test_mods) = extract(source).unwrap();
+    assert_eq!(test_mods, ["other_tests"]);
+    let paths: Vec<String> = imports.into_iter().map(|i| i.path.join("::")).collect();
     assert_eq!(
         paths,
         [
@@ -238,6 +245,7 @@ fn the_reader_sees_grouped_use_trees_and_inline_paths_but_not_comments_strings_o
             "super",
             "crate::delta::call",
             "super::super::epsilon::E::new",
+            "crate::zeta::count",
         ]
     );
 }
@@ -285,7 +293,8 @@ impl Crate {
                 module.pop();
             }
             let text = std::fs::read_to_string(&path).unwrap();
-            let (imports, test_mods) = extract(&text);
+            let (imports, test_mods) =
+                extract(&text).unwrap_or_else(|e| panic!("src/{}: {e}", relative.display()));
             for name in test_mods {
                 test_only.insert([module.clone(), vec![name]].concat());
             }
@@ -465,314 +474,156 @@ fn cycles(edges: &BTreeMap<String, BTreeMap<String, String>>) -> Vec<Vec<String>
     }
     found
 }
-
-#[derive(Debug, PartialEq, Clone)]
-enum Token {
-    Ident(String),
-    Punct(&'static str),
-    Other(char),
-}
-
 /// The paths `source` refers to, and the names of the child modules it declares test-only
 /// (`#[cfg(test)] mod tests;`).
-fn extract(source: &str) -> (Vec<Import>, Vec<String>) {
-    let tokens = drop_test_items(lex(source));
-    let mut imports = Vec::new();
-    let mut test_mods = Vec::new();
-    let ident = |i: usize| match tokens.get(i) {
-        Some((Token::Ident(s), _)) => Some(s.as_str()),
-        _ => None,
-    };
-    let is = |i: usize, p: &str| matches!(tokens.get(i), Some((Token::Punct(q), _)) if *q == p);
-    let mut i = 0;
-    while i < tokens.len() {
-        let line = tokens[i].1;
-        match ident(i) {
-            Some("use") => {
-                // `pub use` or `pub(crate) use`: a re-export.
-                let public = (i >= 1 && ident(i - 1) == Some("pub"))
-                    || (i >= 4
-                        && matches!(tokens[i - 1].0, Token::Other(')'))
-                        && ident(i - 4) == Some("pub"));
-                let mut paths = Vec::new();
-                i = use_tree(&tokens, i + 1, Vec::new(), &mut paths);
-                for (mut path, alias) in paths {
-                    if path.last().is_some_and(|s| s == "*") {
-                        path.pop();
-                    }
-                    if path.last().is_some_and(|s| s == "self") && path.len() > 1 {
-                        path.pop();
-                    }
-                    let reexport = public
-                        .then(|| alias.or_else(|| path.last().cloned()))
-                        .flatten();
-                    imports.push(Import {
-                        path,
-                        line,
-                        reexport,
-                    });
-                }
-            }
-            Some("crate" | "super" | "self")
-                if is(i + 1, "::") && !(i > 0 && (is(i - 1, "$") || is(i - 1, "::"))) =>
-            {
-                let mut path = vec![ident(i).unwrap().to_owned()];
-                i += 1;
-                while is(i, "::") {
-                    match ident(i + 1) {
-                        Some(segment) => {
-                            path.push(segment.to_owned());
-                            i += 2;
-                        }
-                        None => break,
-                    }
-                }
-                imports.push(Import {
-                    path,
-                    line,
-                    reexport: None,
-                });
-            }
-            Some("mod") if is(i + 2, "test-only-mod;") => {
-                test_mods.push(ident(i + 1).unwrap_or_default().to_owned());
-                i += 3;
-            }
-            _ => i += 1,
-        }
-    }
-    (imports, test_mods)
+fn extract(source: &str) -> syn::Result<(Vec<Import>, Vec<String>)> {
+    let mut reader = Reader::default();
+    reader.visit_file(&syn::parse_file(source)?);
+    Ok((reader.imports, reader.test_mods))
 }
 
-/// Parses one `use` tree from `i`, appending `(path, alias)`s; returns the index after it.
-fn use_tree(
-    tokens: &[(Token, usize)],
-    mut i: usize,
-    mut prefix: Vec<String>,
-    out: &mut Vec<(Vec<String>, Option<String>)>,
-) -> usize {
-    if matches!(tokens.get(i), Some((Token::Punct("::"), _))) {
-        i += 1;
-    }
-    loop {
-        match tokens.get(i) {
-            Some((Token::Other('{'), _)) => {
-                i += 1;
-                loop {
-                    match tokens.get(i) {
-                        Some((Token::Other('}'), _)) => return i + 1,
-                        Some((Token::Other(','), _)) => i += 1,
-                        Some(_) => i = use_tree(tokens, i, prefix.clone(), out),
-                        None => return i,
-                    }
-                }
-            }
-            Some((Token::Other('*'), _)) => {
-                prefix.push("*".into());
-                out.push((prefix, None));
-                return i + 1;
-            }
-            Some((Token::Ident(name), _)) => {
-                prefix.push(name.clone());
-                i += 1;
-                if matches!(tokens.get(i), Some((Token::Punct("::"), _))) {
-                    i += 1;
-                    continue;
-                }
-                let mut alias = None;
-                if matches!(tokens.get(i), Some((Token::Ident(a), _)) if a == "as") {
-                    if let Some((Token::Ident(a), _)) = tokens.get(i + 1) {
-                        alias = Some(a.clone());
-                    }
-                    i += 2;
-                }
-                out.push((prefix, alias));
-                return i;
-            }
-            _ => return i,
-        }
-    }
+#[derive(Default)]
+struct Reader {
+    imports: Vec<Import>,
+    test_mods: Vec<String>,
 }
 
-/// Removes every item marked `#[cfg(test)]` (a `mod`, `use`, `fn`, `impl`, ...). A
-/// `#[cfg(test)] mod name;` becomes `mod name test-only-mod;` so [`extract`] can skip its file.
-fn drop_test_items(tokens: Vec<(Token, usize)>) -> Vec<(Token, usize)> {
-    let word = |i: usize, w: &str| matches!(tokens.get(i), Some((Token::Ident(s), _)) if s == w);
-    let other = |i: usize, c: char| matches!(tokens.get(i), Some((Token::Other(o), _)) if *o == c);
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < tokens.len() {
-        let cfg_test = other(i, '#')
-            && other(i + 1, '[')
-            && word(i + 2, "cfg")
-            && other(i + 3, '(')
-            && word(i + 4, "test")
-            && other(i + 5, ')')
-            && other(i + 6, ']');
-        if !cfg_test {
-            out.push(tokens[i].clone());
-            i += 1;
-            continue;
-        }
-        let mut j = i + 7;
-        // Further attributes and the visibility.
-        while other(j, '#') && other(j + 1, '[') {
-            j = skip_group(&tokens, j + 1);
-        }
-        if word(j, "pub") {
-            j += 1;
-            if other(j, '(') {
-                j = skip_group(&tokens, j);
+impl Reader {
+    fn push(&mut self, path: Vec<String>, span: Span, reexport: Option<String>) {
+        let line = span.start().line;
+        self.imports.push(Import {
+            path,
+            line,
+            reexport,
+        });
+    }
+
+    /// Expands a `use` tree below `prefix`; a `pub use` (any `pub`) records what it re-exports.
+    fn use_tree(&mut self, tree: &UseTree, mut prefix: Vec<String>, line: Span, public: bool) {
+        let alias = match tree {
+            UseTree::Path(p) => {
+                prefix.push(p.ident.unraw().to_string());
+                return self.use_tree(&p.tree, prefix, line, public);
             }
-        }
-        let item = [
-            "mod", "use", "fn", "impl", "const", "static", "struct", "enum", "async",
-        ]
-        .iter()
-        .any(|w| word(j, w));
-        if !item {
-            out.push(tokens[i].clone());
-            i += 1;
-            continue;
-        }
-        if word(j, "mod") && other(j + 2, ';') {
-            out.push(tokens[j].clone());
-            out.push(tokens[j + 1].clone());
-            out.push((Token::Punct("test-only-mod;"), tokens[j].1));
-            i = j + 3;
-            continue;
-        }
-        // To the end of the item: its `;`, or the close of its first brace.
-        while j < tokens.len() && !other(j, ';') && !other(j, '{') {
-            j += 1;
-        }
-        i = if other(j, '{') {
-            skip_group(&tokens, j)
-        } else {
-            j + 1
+            UseTree::Group(g) => {
+                for tree in &g.items {
+                    self.use_tree(tree, prefix.clone(), line, public);
+                }
+                return;
+            }
+            UseTree::Name(n) if n.ident == "self" && !prefix.is_empty() => None,
+            UseTree::Rename(r) if r.ident == "self" && !prefix.is_empty() => Some(&r.rename),
+            UseTree::Name(n) => {
+                prefix.push(n.ident.unraw().to_string());
+                None
+            }
+            UseTree::Rename(r) => {
+                prefix.push(r.ident.unraw().to_string());
+                Some(&r.rename)
+            }
+            UseTree::Glob(_) => None,
         };
+        let name = alias.map(|a| a.unraw().to_string());
+        let reexport = public
+            .then(|| name.or_else(|| prefix.last().cloned()))
+            .flatten();
+        self.push(prefix, line, reexport);
     }
-    out
-}
 
-/// The index after the bracket group that opens at `i`.
-fn skip_group(tokens: &[(Token, usize)], mut i: usize) -> usize {
-    let mut depth = 0usize;
-    while let Some((token, _)) = tokens.get(i) {
-        match token {
-            Token::Other('{' | '[' | '(') => depth += 1,
-            Token::Other('}' | ']' | ')') => {
-                depth -= 1;
-                if depth == 0 {
-                    return i + 1;
-                }
-            }
-            _ => {}
-        }
-        i += 1;
-    }
-    i
-}
-
-/// Identifiers, `::` and single characters with their line numbers; comments, string and
-/// character literals and lifetimes dropped.
-fn lex(source: &str) -> Vec<(Token, usize)> {
-    let chars: Vec<char> = source.chars().collect();
-    let mut tokens = Vec::new();
-    let mut line = 1;
-    let mut i = 0;
-    let at = |i: usize| chars.get(i).copied().unwrap_or('\0');
-    while i < chars.len() {
-        let c = chars[i];
-        if c == '\n' {
-            line += 1;
-            i += 1;
-        } else if c.is_whitespace() {
-            i += 1;
-        } else if c == '/' && at(i + 1) == '/' {
-            while i < chars.len() && chars[i] != '\n' {
-                i += 1;
-            }
-        } else if c == '/' && at(i + 1) == '*' {
-            let mut depth = 0;
-            while i < chars.len() {
-                if chars[i] == '/' && at(i + 1) == '*' {
-                    depth += 1;
-                    i += 2;
-                } else if chars[i] == '*' && at(i + 1) == '/' {
-                    depth -= 1;
-                    i += 2;
-                    if depth == 0 {
-                        break;
+    /// `crate :: a :: b` (not `$crate`) in a macro's tokens, which syn leaves unparsed.
+    fn scan(&mut self, tokens: TokenStream) {
+        let trees: Vec<TokenTree> = tokens.into_iter().collect();
+        let ident = |i: usize| match trees.get(i) {
+            Some(TokenTree::Ident(id)) => Some(id),
+            _ => None,
+        };
+        let punct = |i: usize, c: char| matches!(trees.get(i), Some(TokenTree::Punct(p)) if p.as_char() == c);
+        let colons = |i: usize| punct(i, ':') && punct(i + 1, ':');
+        for (i, tree) in trees.iter().enumerate() {
+            match tree {
+                TokenTree::Group(g) => self.scan(g.stream()),
+                TokenTree::Ident(id)
+                    if ["crate", "super", "self"].iter().any(|k| id == k)
+                        && colons(i + 1)
+                        && !(i > 0 && (punct(i - 1, '$') || punct(i - 1, ':'))) =>
+                {
+                    let mut path = vec![id.to_string()];
+                    let mut j = i + 1;
+                    while let (true, Some(next)) = (colons(j), ident(j + 2)) {
+                        path.push(next.unraw().to_string());
+                        j += 3;
                     }
-                } else {
-                    line += usize::from(chars[i] == '\n');
-                    i += 1;
+                    self.push(path, id.span(), None);
                 }
+                _ => {}
             }
-        } else if c == '"' {
-            i += 1;
-            while i < chars.len() && chars[i] != '"' {
-                if chars[i] == '\\' {
-                    i += 1;
-                }
-                line += usize::from(at(i) == '\n');
-                i += 1;
-            }
-            i += 1;
-        } else if c == '\'' {
-            if at(i + 1) == '\\' {
-                i += 2;
-                while i < chars.len() && chars[i] != '\'' {
-                    i += 1;
-                }
-                i += 1;
-            } else if at(i + 2) == '\'' {
-                i += 3;
-            } else {
-                // A lifetime or label: skip the quote and the name.
-                i += 1;
-                while at(i).is_alphanumeric() || at(i) == '_' {
-                    i += 1;
-                }
-            }
-        } else if c.is_alphabetic() || c == '_' {
-            let start = i;
-            while at(i).is_alphanumeric() || at(i) == '_' {
-                i += 1;
-            }
-            let word: String = chars[start..i].iter().collect();
-            let hashes = (i..).take_while(|&k| at(k) == '#').count();
-            if matches!(word.as_str(), "r" | "br" | "cr") && at(i + hashes) == '"' {
-                // A raw string: to the quote followed by as many `#`.
-                i += hashes + 1;
-                while i < chars.len() {
-                    if chars[i] == '"' && (1..=hashes).all(|k| at(i + k) == '#') {
-                        i += hashes + 1;
-                        break;
-                    }
-                    line += usize::from(chars[i] == '\n');
-                    i += 1;
-                }
-            } else if word == "r" && hashes == 1 && (at(i + 1).is_alphabetic() || at(i + 1) == '_')
-            {
-                i += 1; // a raw identifier: `r#type` lexes as `type`
-            } else {
-                tokens.push((Token::Ident(word), line));
-            }
-        } else if c.is_ascii_digit() {
-            while at(i).is_alphanumeric()
-                || at(i) == '_'
-                || (at(i) == '.' && at(i + 1).is_ascii_digit())
-            {
-                i += 1;
-            }
-        } else if c == ':' && at(i + 1) == ':' {
-            tokens.push((Token::Punct("::"), line));
-            i += 2;
-        } else {
-            tokens.push((Token::Other(c), line));
-            i += 1;
         }
     }
-    tokens
+}
+
+/// Whether the attributes carry `#[cfg(test)]`.
+fn cfg_test(attrs: &[Attribute]) -> bool {
+    attrs
+        .iter()
+        .any(|a| a.path().is_ident("cfg") && a.parse_args::<Ident>().is_ok_and(|i| i == "test"))
+}
+
+impl<'ast> Visit<'ast> for Reader {
+    fn visit_item(&mut self, item: &'ast Item) {
+        let attrs: &[Attribute] = match item {
+            Item::Const(i) => &i.attrs,
+            Item::Enum(i) => &i.attrs,
+            Item::Fn(i) => &i.attrs,
+            Item::Impl(i) => &i.attrs,
+            Item::Macro(i) => &i.attrs,
+            Item::Mod(i) => &i.attrs,
+            Item::Static(i) => &i.attrs,
+            Item::Struct(i) => &i.attrs,
+            Item::Trait(i) => &i.attrs,
+            Item::Type(i) => &i.attrs,
+            Item::Use(i) => &i.attrs,
+            _ => &[],
+        };
+        match item {
+            Item::Mod(m) if cfg_test(attrs) && m.content.is_none() => {
+                self.test_mods.push(m.ident.unraw().to_string())
+            }
+            _ if cfg_test(attrs) => {}
+            _ => visit::visit_item(self, item),
+        }
+    }
+
+    fn visit_impl_item(&mut self, item: &'ast ImplItem) {
+        let attrs: &[Attribute] = match item {
+            ImplItem::Const(i) => &i.attrs,
+            ImplItem::Fn(i) => &i.attrs,
+            ImplItem::Type(i) => &i.attrs,
+            ImplItem::Macro(i) => &i.attrs,
+            _ => &[],
+        };
+        if !cfg_test(attrs) {
+            visit::visit_impl_item(self, item);
+        }
+    }
+
+    fn visit_item_use(&mut self, item: &'ast ItemUse) {
+        let public = !matches!(item.vis, Visibility::Inherited);
+        self.use_tree(&item.tree, Vec::new(), item.use_token.span, public);
+    }
+
+    fn visit_path(&mut self, path: &'ast syn::Path) {
+        let first = path.segments.first().map(|s| &s.ident);
+        if path.segments.len() > 1
+            && first.is_some_and(|f| f == "crate" || f == "super" || f == "self")
+        {
+            let segments = path.segments.iter().map(|s| s.ident.unraw().to_string());
+            self.push(segments.collect(), path.segments[0].ident.span(), None);
+        }
+        visit::visit_path(self, path);
+    }
+
+    fn visit_macro(&mut self, mac: &'ast Macro) {
+        visit::visit_macro(self, mac);
+        self.scan(mac.tokens.clone());
+    }
 }
