@@ -63,7 +63,8 @@ fn main() -> Result<()> {
     if args.first().map(String::as_str) == Some("upstream") {
         return upstream(&args[1..]);
     }
-    let opts = Opts::parse(&args)?;
+    let mut opts = <Opts as clap::Parser>::parse_from(std::iter::once("export".into()).chain(args));
+    opts.fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join(&opts.fixture);
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?
@@ -73,59 +74,42 @@ fn main() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Options
 
+/// The options; each also read from the environment.
+#[derive(clap::Parser)]
 struct Opts {
+    /// The fixture (NDJSON per type), relative to the repository unless absolute.
+    #[arg(
+        long,
+        env = "BENCH_FIXTURE",
+        default_value = "../shared/fixtures/synthea/bds-r4-100"
+    )]
     fixture: PathBuf,
+    /// Interleaved rounds per case.
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 3)]
     rounds: usize,
+    /// Added to every upstream search, so the upstream, not the CPUs, is the limit.
+    #[arg(long = "latency-ms", env = "BENCH_LATENCY_MS", default_value_t = 10)]
     latency_ms: u64,
+    /// Patients × Observations each, for the 1m case.
+    #[arg(long, env = "BENCH_SYNTHETIC", default_value = "10000x99", value_parser = patients_by)]
     synthetic: (usize, usize),
+    /// The cases to run.
+    #[arg(
+        long,
+        env = "BENCH_CASES",
+        default_value = "fixture,fixture0,group,1m",
+        value_delimiter = ','
+    )]
     cases: Vec<String>,
+    /// Write the "Export" section of bench/RESULTS.md.
+    #[arg(long)]
     write_results: bool,
 }
 
-impl Opts {
-    fn parse(args: &[String]) -> Result<Self> {
-        let env = |name: &str| std::env::var(name).ok();
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let mut fixture = env("BENCH_FIXTURE").map_or_else(
-            || repo.join("../shared/fixtures/synthea/bds-r4-100"),
-            PathBuf::from,
-        );
-        let mut rounds = env("BENCH_ROUNDS").unwrap_or_else(|| "3".into());
-        let mut latency = env("BENCH_LATENCY_MS").unwrap_or_else(|| "10".into());
-        let mut synthetic = env("BENCH_SYNTHETIC").unwrap_or_else(|| "10000x99".into());
-        let mut cases = env("BENCH_CASES").unwrap_or_else(|| "fixture,fixture0,group,1m".into());
-        let mut write_results = false;
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let mut value = || {
-                it.next()
-                    .cloned()
-                    .with_context(|| format!("{arg} needs a value"))
-            };
-            match arg.as_str() {
-                "--fixture" => fixture = PathBuf::from(value()?),
-                "--rounds" => rounds = value()?,
-                "--latency-ms" => latency = value()?,
-                "--synthetic" => synthetic = value()?,
-                "--cases" => cases = value()?,
-                "--write-results" => write_results = true,
-                other => {
-                    bail!("unknown argument {other:?} (see the doc comment of bench/export.rs)")
-                }
-            }
-        }
-        let (p, n) = synthetic
-            .split_once('x')
-            .context("--synthetic is PATIENTSxPER_PATIENT")?;
-        Ok(Self {
-            fixture,
-            rounds: rounds.parse().context("--rounds")?,
-            latency_ms: latency.parse().context("--latency-ms")?,
-            synthetic: (p.parse()?, n.parse()?),
-            cases: cases.split(',').map(|c| c.trim().to_owned()).collect(),
-            write_results,
-        })
-    }
+/// `PATIENTSxPER_PATIENT`, e.g. `10000x99`.
+fn patients_by(text: &str) -> Result<(usize, usize)> {
+    let (p, n) = text.split_once('x').context("PATIENTSxPER_PATIENT")?;
+    Ok((p.parse()?, n.parse()?))
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ fn main() -> Result<()> {
         .skip(1)
         .filter(|a| a != "--bench")
         .collect();
-    let opts = Opts::parse(&args)?;
+    let opts = <Opts as clap::Parser>::parse_from(std::iter::once("hostile".into()).chain(args));
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -71,45 +71,24 @@ fn main() -> Result<()> {
         .block_on(run(opts))
 }
 
+/// The options; each also read from the environment.
+#[derive(clap::Parser)]
 struct Opts {
+    /// Requests to send.
+    #[arg(long, env = "BENCH_REQUESTS", default_value_t = 120_000)]
     requests: u64,
+    /// Connections in flight.
+    #[arg(long, env = "BENCH_CONCURRENCY", default_value_t = 16)]
     concurrency: usize,
+    /// The same seed generates the same requests.
+    #[arg(long, env = "BENCH_SEED", default_value_t = 14)]
     seed: u64,
+    /// Write the "Hostile input" section of bench/RESULTS.md.
+    #[arg(long)]
     write_results: bool,
 }
 
 impl Opts {
-    fn parse(args: &[String]) -> Result<Self> {
-        let env = |name: &str, default: &str| std::env::var(name).unwrap_or(default.to_owned());
-        let mut requests = env("BENCH_REQUESTS", "120000");
-        let mut concurrency = env("BENCH_CONCURRENCY", "16");
-        let mut seed = env("BENCH_SEED", "14");
-        let mut write_results = false;
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            let mut value = || {
-                it.next()
-                    .cloned()
-                    .with_context(|| format!("{arg} needs a value"))
-            };
-            match arg.as_str() {
-                "--requests" => requests = value()?,
-                "--concurrency" => concurrency = value()?,
-                "--seed" => seed = value()?,
-                "--write-results" => write_results = true,
-                other => {
-                    bail!("unknown argument {other:?} (see the doc comment of bench/hostile.rs)")
-                }
-            }
-        }
-        Ok(Self {
-            requests: requests.parse().context("--requests")?,
-            concurrency: concurrency.parse().context("--concurrency")?,
-            seed: seed.parse().context("--seed")?,
-            write_results,
-        })
-    }
-
     fn command(&self) -> String {
         format!(
             "cargo bench --bench hostile -- --requests {} --concurrency {} --seed {}{}",

@@ -200,24 +200,53 @@ mod tests {
         }
     }
 
-    /// Nothing but the exporter finalises it: no sweep runs during the test, and no request
-    /// handler is involved.
-    #[tokio::test]
-    async fn a_job_submitted_without_units_is_finalised_by_the_exporter() {
-        let dir = tempfile::tempdir().unwrap();
+    /// An exporter on an embedded store in `dir` (files in `dir/files`), no sweeps during a
+    /// test, its tasks running until the token is cancelled; and the store.
+    fn exporter(
+        dir: &std::path::Path,
+        retry_base_ms: u64,
+    ) -> (
+        Arc<Exporter>,
+        Arc<dyn JobStore>,
+        CancellationToken,
+        Vec<tokio::task::JoinHandle<()>>,
+    ) {
         let store: Arc<dyn JobStore> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("jobs.redb")).unwrap());
+            Arc::new(EmbeddedStore::open(&dir.join("jobs.redb")).unwrap());
         let mut config = Config::default();
         config.upstream.url = "http://127.0.0.1:9/fhir".into();
         config.export.sweep_interval_secs = 3600;
+        config.export.retry_base_ms = retry_base_ms;
         let exporter = Arc::new(Exporter::new(
             store.clone(),
-            Storage::local(dir.path().join("files")).unwrap(),
+            Storage::local(dir.join("files")).unwrap(),
             Pager::new(&config, HeaderMap::new()).unwrap(),
             config.export.clone(),
         ));
         let shutdown = CancellationToken::new();
         let tasks = exporter.spawn(shutdown.clone());
+        (exporter, store, shutdown, tasks)
+    }
+
+    /// The state of job `id` once it leaves Running, or Running after `tries` × 10 ms.
+    async fn settled(store: &Arc<dyn JobStore>, id: &str, tries: u32) -> Job {
+        let mut job = store.get_job(id).await.unwrap().unwrap();
+        for _ in 0..tries {
+            if job.state != JobState::Running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            job = store.get_job(id).await.unwrap().unwrap();
+        }
+        job
+    }
+
+    /// Nothing but the exporter finalises it: no sweep runs during the test, and no request
+    /// handler is involved.
+    #[tokio::test]
+    async fn a_job_submitted_without_units_is_finalised_by_the_exporter() {
+        let dir = tempfile::tempdir().unwrap();
+        let (exporter, store, shutdown, tasks) = exporter(dir.path(), 500);
 
         let submitted = job(
             "unitless",
@@ -225,17 +254,8 @@ mod tests {
         );
         let created = exporter.submit(&submitted, &[], 1).await.unwrap();
         assert_eq!(created, Created::Yes);
-        let mut finished = None;
-        for _ in 0..500 {
-            let job = store.get_job("unitless").await.unwrap().unwrap();
-            if job.state != JobState::Running {
-                finished = Some(job);
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let finished = finished.expect("the unitless job is finalised within 5 s");
-        assert_eq!(finished.state, JobState::Completed);
+        let finished = settled(&store, "unitless", 500).await;
+        assert_eq!(finished.state, JobState::Completed, "finalised within 5 s");
         assert!(finished.output.is_empty());
         // Its kick-off warning is in the error file.
         assert_eq!(finished.error_files.len(), 1);
@@ -257,23 +277,9 @@ mod tests {
     #[tokio::test]
     async fn a_unitless_job_backing_off_does_not_hold_up_the_next() {
         let dir = tempfile::tempdir().unwrap();
-        let store: Arc<dyn JobStore> =
-            Arc::new(EmbeddedStore::open(&dir.path().join("jobs.redb")).unwrap());
-        let mut config = Config::default();
-        config.upstream.url = "http://127.0.0.1:9/fhir".into();
-        config.export.sweep_interval_secs = 3600;
-        config.export.retry_base_ms = 10_000;
-        let files = dir.path().join("files");
-        let exporter = Arc::new(Exporter::new(
-            store.clone(),
-            Storage::local(files.clone()).unwrap(),
-            Pager::new(&config, HeaderMap::new()).unwrap(),
-            config.export.clone(),
-        ));
+        let (exporter, store, shutdown, tasks) = exporter(dir.path(), 10_000);
         // Its error file cannot be written: a file stands where its directory would go.
-        std::fs::write(files.join("stuck"), b"").unwrap();
-        let shutdown = CancellationToken::new();
-        let tasks = exporter.spawn(shutdown.clone());
+        std::fs::write(dir.path().join("files/stuck"), b"").unwrap();
 
         let stuck = job("stuck", &["a warning, for the error file"]);
         assert_eq!(exporter.submit(&stuck, &[], 5).await.unwrap(), Created::Yes);
@@ -282,14 +288,7 @@ mod tests {
             ..job("next", &[])
         };
         assert_eq!(exporter.submit(&next, &[], 5).await.unwrap(), Created::Yes);
-        let mut state = JobState::Running;
-        for _ in 0..300 {
-            state = store.get_job("next").await.unwrap().unwrap().state;
-            if state != JobState::Running {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        let state = settled(&store, "next", 300).await.state;
         assert_eq!(state, JobState::Completed, "held up behind the failing job");
         assert_eq!(
             store.get_job("stuck").await.unwrap().unwrap().state,

@@ -450,20 +450,25 @@ async fn at_a_jwks_url(
     (jwks, proxy, fake)
 }
 
-/// Three token requests by `remote` with `key`, each answered 200.
-async fn three_tokens(proxy: &TestProxy, key: &ClientKey, url: &str) {
+/// `key` published with `cache_control`, then three token requests by `remote` with it, each
+/// answered 200; the JWKS server, the proxy, its upstream and the token URL.
+async fn three_tokens(
+    key: &ClientKey,
+    cache_control: &str,
+) -> (JwksServer, TestProxy, FakeFhirGuard, String) {
+    let (jwks, proxy, fake) = at_a_jwks_url(key, cache_control, 0).await;
+    let url = token_url(&proxy);
     for _ in 0..3 {
-        let response = token_with(proxy, &key.assertion("remote", url)).await;
+        let response = token_with(&proxy, &key.assertion("remote", &url)).await;
         assert_eq!(response.status(), 200);
     }
+    (jwks, proxy, fake, url)
 }
 
 #[tokio::test]
 async fn a_jwks_url_is_cached_as_cache_control_allows() {
     let key = ClientKey::es384();
-    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "max-age=60", 0).await;
-    let url = token_url(&proxy);
-    three_tokens(&proxy, &key, &url).await;
+    let (jwks, proxy, _fake, url) = three_tokens(&key, "max-age=60").await;
     assert_eq!(jwks.fetches(), 1, "served from the cache within max-age");
 
     // With jku equal to the registered URL it works; any other jku is refused.
@@ -478,10 +483,7 @@ async fn a_jwks_url_is_cached_as_cache_control_allows() {
 
 #[tokio::test]
 async fn a_jwks_url_with_no_store_is_fetched_every_time() {
-    let key = ClientKey::rs384();
-    let (jwks, proxy, _fake) = at_a_jwks_url(&key, "no-store", 0).await;
-    let url = token_url(&proxy);
-    three_tokens(&proxy, &key, &url).await;
+    let (jwks, _proxy, _fake, _) = three_tokens(&ClientKey::rs384(), "no-store").await;
     assert_eq!(jwks.fetches(), 3);
 }
 

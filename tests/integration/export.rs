@@ -233,15 +233,7 @@ async fn tokens_are_required_and_scopes_enforced(store: Store) {
 
     let status_url = s.start("/$export?_type=Patient,Observation").await;
     let manifest = s.manifest(&status_url).await;
-    let patient_file = manifest["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["type"] == "Patient")
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let patient_file = output_url(&manifest, "Patient");
     for (what, url) in [("file", &patient_file), ("status", &status_url)] {
         let response = get_anonymous(url).await;
         assert_eq!(response.status(), 401, "{what} without a token");
@@ -287,15 +279,7 @@ async fn other_clients_cannot_see_a_job_and_narrow_scopes_cannot_download_other_
         .client
         .token_for(&s.proxy, "system/Observation.read")
         .await;
-    let patient_file = manifest["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|o| o["type"] == "Patient")
-        .unwrap()["url"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let patient_file = output_url(&manifest, "Patient");
     let response = get_with_token(&patient_file, &narrow).await;
     assert_eq!(response.status(), 403);
     let response = kick_off(s.proxy.url("/$export?_type=Patient"), &narrow).await;
@@ -883,4 +867,11 @@ async fn kick_off_reports_the_preferences_applied() {
             "{prefer}"
         );
     }
+}
+
+/// The URL of the manifest's first output file of `resource_type`.
+fn output_url(manifest: &Value, resource_type: &str) -> String {
+    let outputs = manifest["output"].as_array().unwrap();
+    let item = outputs.iter().find(|o| o["type"] == resource_type).unwrap();
+    item["url"].as_str().unwrap().to_owned()
 }
