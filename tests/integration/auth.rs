@@ -37,12 +37,7 @@ async fn proxy_and_client() -> (TestProxy, SmartClient, FakeFhirGuard) {
 async fn oauth_error(response: reqwest::Response, code: &str) -> String {
     let status = response.status();
     assert!(status.is_client_error(), "status {status}");
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/json")
-    );
+    assert_json(&response);
     assert_eq!(response.headers()["cache-control"], "no-store");
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["error"], code, "{body}");
@@ -58,12 +53,7 @@ async fn discovery_advertises_absolute_endpoints_without_authentication() {
     let (proxy, _client, _fake) = proxy_and_client().await;
     let response = get_accepting(proxy.url("/.well-known/smart-configuration"), "text/html").await;
     assert_eq!(response.status(), 200);
-    assert!(
-        response.headers()["content-type"]
-            .to_str()
-            .unwrap()
-            .starts_with("application/json")
-    );
+    assert_json(&response);
     let doc: Value = response.json().await.unwrap();
     assert_eq!(doc["token_endpoint"], token_url(&proxy).as_str());
     assert_eq!(
@@ -135,12 +125,7 @@ async fn es384_and_rs384_clients_get_short_lived_bearer_tokens() {
         assert_eq!(response.status(), 200, "{}", registered.id);
         assert_eq!(response.headers()["cache-control"], "no-store");
         assert_eq!(response.headers()["pragma"], "no-cache");
-        assert!(
-            response.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("application/json")
-        );
+        assert_json(&response);
         let body: Value = response.json().await.unwrap();
         assert_eq!(body["token_type"], "bearer");
         assert_eq!(body["expires_in"], 300);
@@ -290,17 +275,28 @@ async fn oversized_assertions_and_bodies_are_refused_without_a_server_error() {
     oauth_error(response, "invalid_request").await;
 }
 
+/// A proxy with the test client and a second client `id` (`system/*.read`, signing with `key`,
+/// `enabled` or not); the test client, the proxy, its upstream and the token URL.
+async fn with_second_client(
+    id: &str,
+    key: &ClientKey,
+    enabled: bool,
+) -> (SmartClient, TestProxy, FakeFhirGuard, String) {
+    let mut registered = None;
+    let (proxy, fake) = proxy_with(|config| {
+        registered = Some(SmartClient::register(config));
+        SmartClient::register_with(config, id, key.clone(), &["system/*.read"]);
+        config.auth.clients.last_mut().unwrap().enabled = enabled;
+    })
+    .await;
+    let url = token_url(&proxy);
+    (registered.unwrap(), proxy, fake, url)
+}
+
 #[tokio::test]
 async fn hostile_headers_are_refused_as_invalid_client() {
     let rsa = ClientKey::rs384();
-    let mut registered = None;
-    let (proxy, _fake) = proxy_with(|config| {
-        registered = Some(SmartClient::register(config));
-        SmartClient::register_with(config, "rsa-client", rsa.clone(), &["system/*.read"]);
-    })
-    .await;
-    let registered = registered.unwrap();
-    let url = token_url(&proxy);
+    let (registered, proxy, _fake, url) = with_second_client("rsa-client", &rsa, true).await;
     let key = &registered.key;
     let good_claims = || claims(TEST_CLIENT, &url);
 
@@ -360,15 +356,7 @@ async fn hostile_headers_are_refused_as_invalid_client() {
 #[tokio::test]
 async fn hostile_claims_are_refused_as_invalid_client() {
     let disabled = ClientKey::es384();
-    let mut registered = None;
-    let (proxy, _fake) = proxy_with(|config| {
-        registered = Some(SmartClient::register(config));
-        SmartClient::register_with(config, "disabled", disabled.clone(), &["system/*.read"]);
-        config.auth.clients.last_mut().unwrap().enabled = false;
-    })
-    .await;
-    let url = token_url(&proxy);
-    let registered = registered.unwrap();
+    let (registered, proxy, _fake, url) = with_second_client("disabled", &disabled, false).await;
     let key = &registered.key;
     let now = now();
     let with = |field: &str, value: Value| {
@@ -811,4 +799,13 @@ async fn keygen_out_writes_a_key_only_its_owner_reads_and_a_registration_that_wo
     .await
     .unwrap();
     assert_eq!(connected.token().scope, "system/*.read");
+}
+
+/// Asserts the answer is JSON (`application/json`, with or without parameters).
+fn assert_json(response: &reqwest::Response) {
+    let content_type = response.headers()["content-type"].to_str().unwrap();
+    assert!(
+        content_type.starts_with("application/json"),
+        "{content_type}"
+    );
 }
