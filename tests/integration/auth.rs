@@ -619,12 +619,7 @@ async fn protected_passthrough_needs_a_token_and_sends_the_upstream_credentials(
     let response = get_with_token(&patient, &token).await;
     assert_eq!(response.status(), 200);
     let report: Value = response.json().await.unwrap();
-    let authorization = report["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h[0] == "authorization")
-        .map(|h| h[1].clone());
+    let authorization = echoed_header(&report, "authorization");
     assert_eq!(
         authorization,
         Some(json!("Bearer upstream-secret")),
@@ -696,12 +691,7 @@ async fn default_passthrough_forwards_the_clients_own_authorization() {
         .json()
         .await
         .unwrap();
-    let authorization = report["headers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|h| h[0] == "authorization")
-        .map(|h| h[1].clone());
+    let authorization = echoed_header(&report, "authorization");
     assert_eq!(authorization, Some(json!("Bearer the-upstreams-own-token")));
 }
 
@@ -808,4 +798,10 @@ fn assert_json(response: &reqwest::Response) {
         content_type.starts_with("application/json"),
         "{content_type}"
     );
+}
+
+/// The value of header `name` in the upstream's echo of a request (`{"headers": [[name, value]]}`).
+fn echoed_header(report: &Value, name: &str) -> Option<Value> {
+    let headers = report["headers"].as_array().unwrap();
+    headers.iter().find(|h| h[0] == name).map(|h| h[1].clone())
 }
