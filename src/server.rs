@@ -1,10 +1,10 @@
 //! The server: accepts connections (plain or TLS ≥ 1.2 via rustls), serves HTTP/1.1 and HTTP/2 with
 //! the router, and shuts down gracefully: when `shutdown` resolves it stops accepting, lets
 //! in-flight requests finish within `server.shutdown_grace_secs`, then returns. Where the fast path
-//! applies, connections are served on [`Lanes`] (a thread and runtime per core), the rest on the
+//! applies, connections are served on `Lanes` (a thread and runtime per core), the rest on the
 //! main runtime.
 //!
-//! Nobody holds a connection for free: every read from a client has a deadline ([`limits`] on the
+//! Nobody holds a connection for free: every read from a client has a deadline (`limits` on the
 //! general path, `http::fast` on the fast path), and at most `server.max_connections` client
 //! connections are open at once, all lanes and the general path together. Beyond the cap the
 //! proxy stops accepting, so that new connections wait in the kernel's listen backlog (nginx does

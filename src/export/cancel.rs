@@ -1,7 +1,7 @@
 //! Deleting a job and its files: what a client's `DELETE` on the status URL does (SPEC A7), what
 //! the operator's `jobs cancel` does, and what the sweeper does to an expired job — one code path.
 //! And the other side of it: a worker or finisher that finds its job deleted under it removes what
-//! it wrote meanwhile ([`Exporter::remove_if_deleted`]).
+//! it wrote meanwhile (`Exporter::remove_if_deleted`).
 
 use super::exporter::Exporter;
 use crate::job::{Job, OutputFile, Unit};

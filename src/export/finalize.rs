@@ -3,7 +3,7 @@
 //! the job's final state. DESIGN "Every job ends": whatever dies when, some replica finishes it.
 //!
 //! - **One finisher at a time.** Finalising needs a claim in the store
-//!   ([`JobStore::claim_finalize`]) with a lease kept alive by a heartbeat. The worker that
+//!   ([`JobStore::claim_finalize`](crate::store::JobStore::claim_finalize)) with a lease kept alive by a heartbeat. The worker that
 //!   finishes the last unit claims it at once; a job submitted without units is claimed by the
 //!   submitting process's finaliser task ([`Exporter::submit`]); every replica's sweeper also
 //!   tries every Running job, so a job whose finisher died, or whose last unit's finish was
@@ -13,7 +13,7 @@
 //!   `errors.f{attempt}.0.ndjson`): an attempt cut short anywhere leaves its successor's inputs
 //!   intact, and a finisher that lost its claim (stalled past its lease) cannot touch the files of
 //!   the attempt that commits. Files of attempts that never commit go with the job.
-//! - **One manifest.** The final state is committed by [`JobStore::complete_job`], which only the
+//! - **One manifest.** The final state is committed by [`JobStore::complete_job`](crate::store::JobStore::complete_job), which only the
 //!   claim's holder can do while the job is Running.
 //! - **Bounded.** A failed attempt is retried after `export.retry_base_ms` (doubled per attempt,
 //!   at most `export.retry_max_ms`); the store counts attempts across replicas and restarts, and

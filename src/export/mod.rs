@@ -1,7 +1,7 @@
 //! Bulk export (SPEC A5–A10): kick-off parsing ([`kickoff`]), planning ([`plan`]), upstream paging
 //! ([`pager`]), NDJSON ([`ndjson`], [`writer`]); the [`Exporter`] that jobs are submitted to
 //! ([`exporter`]), its workers that claim units under a lease ([`worker`]) and run them
-//! ([`unit`]), the finaliser that builds the manifest's files ([`finalize`]), the sweeper
+//! ([`mod@unit`]), the finaliser that builds the manifest's files ([`finalize`]), the sweeper
 //! ([`sweep`]), and deleting a job with its files ([`cancel`]: a client's DELETE, the operator's
 //! `jobs cancel`, expiry, and a writer that finds its job gone).
 //!

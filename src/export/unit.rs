@@ -1,5 +1,5 @@
 //! The unit runner: pages through one unit's search, appends each page's lines to the unit's part
-//! files and commits a checkpoint once they are durable; [`UnitProgress`] is the one place the
+//! files and commits a checkpoint once they are durable; `UnitProgress` is the one place the
 //! unit's progress is kept. Storage failures are retried with a backoff, then fail the unit.
 //!
 //! Exactness (DESIGN "Exact output"): a checkpoint (next link, committed file sizes, the last

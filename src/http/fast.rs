@@ -1,12 +1,12 @@
 //! The passthrough fast path's connection loop, for plain-HTTP listeners in front of a plain-HTTP
 //! upstream: request heads are read and parsed here (httparse, as hyper does), and the ones
-//! [`ClientHead::parse`] accepts and [`super::is_passthrough`] sends upstream are forwarded by
+//! [`ClientHead::parse`] accepts and `super::is_passthrough` sends upstream are forwarded by
 //! [`crate::proxy::H1Upstream::exchange`], byte for byte.
 //!
 //! The first request it does not take (a body, `Expect`, HTTP/1.0 or /2, one of the proxy's own
 //! endpoints, a malformed head) hands the connection, with every byte read and not yet answered,
 //! to the general path ([`Rewind`] replays them to hyper), which serves the rest of it. Both paths
-//! observe requests the same way ([`super::Observation`]).
+//! observe requests the same way (`super::Observation`).
 //!
 //! Every read from the client has a deadline, as on the general path (`server::limits`): the first
 //! request head is due `server.request_head_timeout_secs` after the connection's start; after an

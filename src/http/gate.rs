@@ -1,6 +1,6 @@
 //! The one gate on the way to the upstream (DESIGN "One gate"): every request the proxy forwards
 //! on a client's behalf, from any path (the general path's passthrough, the metadata endpoint's
-//! XML and `mode=` requests), goes through [`passthrough`]. The fast path forwards without it only
+//! XML and `mode=` requests), goes through [`passthrough()`]. The fast path forwards without it only
 //! where the gate has nothing to check ([`is_open`]).
 //!
 //! With `auth.passthrough = true` the gate wants one of the proxy's access tokens and lets through
@@ -26,7 +26,7 @@ pub fn is_open(app: &App) -> bool {
     !app.auth.protects_passthrough()
 }
 
-/// [`passthrough`] as a handler: the router's fallback (what no route of the proxy's own owns) and
+/// [`passthrough()`] as a handler: the router's fallback (what no route of the proxy's own owns) and
 /// the metadata endpoint's way to the upstream.
 pub async fn forward(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     let peer = request

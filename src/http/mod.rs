@@ -43,7 +43,7 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
 /// What every connection serves: passthrough requests go straight through the gate to the
 /// upstream; the proxy's own endpoints ([`crate::routes`]) go through the router. Both are observed
-/// the same way ([`observe`]).
+/// the same way (`observe`).
 #[derive(Clone)]
 pub struct Entry {
     app: AppState,

@@ -71,7 +71,7 @@ impl Upstream {
         })
     }
 
-    /// The fast path for bodiless HTTP/1.1 passthrough requests ([`super::h1`]), if it applies.
+    /// The fast path for bodiless HTTP/1.1 passthrough requests (`super::h1`), if it applies.
     pub fn h1(&self) -> Option<&Arc<H1Target>> {
         self.h1.as_ref()
     }

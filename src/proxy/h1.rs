@@ -138,7 +138,7 @@ impl<'a> ClientHead<'a> {
 /// Room for the headers of one head, left uninitialised until httparse fills it.
 pub type HeaderSlots<'b> = [std::mem::MaybeUninit<httparse::Header<'b>>; MAX_HEADERS];
 
-/// An empty [`HeaderSlots`].
+/// An empty `HeaderSlots`.
 pub fn header_slots<'b>() -> HeaderSlots<'b> {
     [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS]
 }
