@@ -133,7 +133,7 @@ impl JwksCache {
                     if e.is_timeout() {
                         JwksError::Timeout(self.timeout.as_millis() as u64)
                     } else {
-                        JwksError::Fetch(error_chain(&e))
+                        JwksError::Fetch(crate::telemetry::error_chain(&e))
                     }
                 })?;
             if !response.status().is_success() {
@@ -153,7 +153,7 @@ impl JwksCache {
                     if e.is_timeout() {
                         JwksError::Timeout(self.timeout.as_millis() as u64)
                     } else {
-                        JwksError::Fetch(error_chain(&e))
+                        JwksError::Fetch(crate::telemetry::error_chain(&e))
                     }
                 })?;
                 if body.len() + chunk.len() > self.max_bytes {
@@ -209,17 +209,6 @@ pub fn cache_lifetime(headers: &HeaderMap) -> Duration {
         }
     }
     max_age.map_or(Duration::ZERO, |s| Duration::from_secs(s).min(MAX_CACHE))
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

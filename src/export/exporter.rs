@@ -164,6 +164,16 @@ impl Exporter {
                 .min(self.config.retry_max_ms),
         )
     }
+
+    /// The heartbeat of a lease held while working (a unit's page, a finalisation): a tick every
+    /// third of `export.lease_secs` (at least a second), so a slow step never lets the lease lapse
+    /// and another replica take the work over. The first tick is already taken.
+    pub(super) async fn heartbeat(&self) -> tokio::time::Interval {
+        let mut beat =
+            tokio::time::interval(Duration::from_secs((self.config.lease_secs / 3).max(1)));
+        beat.tick().await;
+        beat
+    }
 }
 
 #[cfg(test)]

@@ -23,7 +23,6 @@
 use std::collections::HashSet;
 use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::io::AsyncBufReadExt;
 use tokio_util::sync::CancellationToken;
@@ -177,9 +176,7 @@ impl Exporter {
     ) -> Result<(), FinalizeError> {
         let work = self.build_and_commit(job_id, finisher, attempt);
         tokio::pin!(work);
-        let mut beat =
-            tokio::time::interval(Duration::from_secs((self.config.lease_secs / 3).max(1)));
-        beat.tick().await;
+        let mut beat = self.heartbeat().await;
         loop {
             tokio::select! {
                 result = &mut work => return result,

@@ -217,9 +217,7 @@ impl Exporter {
                 tokio::pin!(fetch);
                 // Heartbeat: a page that takes longer than the lease (a slow upstream, retries)
                 // must not let another replica take the unit over.
-                let mut beat =
-                    tokio::time::interval(Duration::from_secs((self.config.lease_secs / 3).max(1)));
-                beat.tick().await;
+                let mut beat = self.heartbeat().await;
                 loop {
                     tokio::select! {
                         result = &mut fetch => break Some(result),

@@ -20,8 +20,9 @@ use super::headers::{
     ResponseFraming, add_forwarded, public_base, rewrite_locations, strip_hop_by_hop,
 };
 use super::pool::{Pool, SendError};
-use super::{Bases, ClientContext, ProxyError, error_chain};
+use super::{Bases, ClientContext, ProxyError};
 use crate::config::Config;
+use crate::telemetry::error_chain;
 
 /// The upstream FHIR server.
 pub struct Upstream {

@@ -3,7 +3,7 @@
 //! through frame by frame), paths and queries are forwarded byte for byte, hop-by-hop headers are
 //! dropped, `X-Forwarded-*` added, and `Location` headers rebased on the proxy's public URL.
 //!
-//! What its files share (the client's context, the base paths, [`ProxyError`], the error chain)
+//! What its files share (the client's context, the base paths, and [`ProxyError`])
 //! lives here, so `forward` (the general path), `h1` (the fast path) and `pool` depend on this
 //! root and not on each other. [`metadata`] caches the upstream's CapabilityStatement for the
 //! metadata endpoint and for export planning.
@@ -69,18 +69,6 @@ impl Bases {
             None => path_and_query.to_owned(),
         }
     }
-}
-
-/// The error and its causes on one line (hyper's top-level messages alone say little).
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut message = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 /// Why the upstream could not answer.

@@ -216,11 +216,11 @@ impl Pool {
         let io = connector
             .call(self.inner.origin.clone())
             .await
-            .map_err(|e| SendError::Connect(super::error_chain(e.as_ref())))?;
+            .map_err(|e| SendError::Connect(crate::telemetry::error_chain(e.as_ref())))?;
         let (sender, connection) = http1::Builder::new()
             .handshake(io)
             .await
-            .map_err(|e| SendError::Connect(super::error_chain(&e)))?;
+            .map_err(|e| SendError::Connect(crate::telemetry::error_chain(&e)))?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");

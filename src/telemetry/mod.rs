@@ -12,6 +12,19 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// The error and its causes on one line (`outer: cause: root cause`), for logs and for the
+/// messages of errors that wrap it: top-level messages alone (hyper's, reqwest's) say little.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    message
+}
+
 /// Installs the global subscriber. Call once, from `main`; tests leave logging off.
 pub fn init(config: &LogConfig) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&config.level)?;
