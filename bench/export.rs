@@ -434,6 +434,13 @@ async fn planned_urls(
         }
         _ => Vec::new(),
     };
+    let count: Value = http
+        .get(format!("{upstream_url}/Patient?_summary=count"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let all_patients = count["total"].as_u64();
     let now = fhir_bulk_proxy::fhir::Instant::now();
     let k = kickoff::parse(&RawKickOff {
         level,
@@ -454,6 +461,8 @@ async fn planned_urls(
         patients: &patients,
         batch_size: e.patient_batch_size,
         max_ids_bytes: plan::ids_room(e.max_search_url_bytes, upstream_url.len(), &k.type_filters),
+        // As the proxy decides: the patients against the upstream's count.
+        scan: plan::scan_pays(patients.len(), all_patients, e.scan_min_coverage),
     })
     .map_err(|e| anyhow!("{e}"))?;
     let mut config = config.clone();

@@ -211,6 +211,21 @@ impl App {
         }
     }
 
+    /// How many Patients the upstream holds (`Patient?_summary=count`); `None` when it does not
+    /// say (no `Bundle.total`) or cannot be asked. Planning only: a failure keeps patient batches.
+    pub async fn patient_count(&self) -> Option<u64> {
+        let pager = &self.exporter.pager;
+        match pager.read("Patient?_summary=count").await {
+            Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|bundle| bundle["total"].as_u64()),
+            Err(e) => {
+                tracing::info!(error = %e, "cannot count the upstream's Patients; patient batches are used");
+                None
+            }
+        }
+    }
+
     /// The scheme clients use to reach the proxy.
     pub fn scheme(&self) -> &'static str {
         if self.tls { "https" } else { "http" }

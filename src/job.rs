@@ -169,6 +169,11 @@ pub struct Unit {
     /// The search relative to the upstream base, e.g. `Observation?patient=a,b&code=x`, without
     /// `_count` and the `_lastUpdated` bounds (added by the pager).
     pub search: String,
+    /// A type-level scan that keeps only the resources in the Patient compartment of the job's
+    /// patients ([`crate::store::JobStore::members`]), decided from each resource
+    /// (`export::membership`): how a Patient or Group export covering most patients is fetched.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub members_only: bool,
     pub state: UnitState,
     /// The worker holding the lease, and until when (Unix seconds).
     #[serde(default)]
@@ -193,6 +198,7 @@ impl Unit {
             index,
             resource_type: resource_type.to_owned(),
             search,
+            members_only: false,
             state: UnitState::Pending,
             owner: None,
             lease_until: 0,

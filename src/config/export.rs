@@ -20,6 +20,11 @@ pub struct ExportConfig {
     pub patient_batch_size: usize,
     /// Longest search URL the proxy sends; patient batches are cut to stay below it. Default 4096.
     pub max_search_url_bytes: usize,
+    /// Patient and Group exports whose patients are at least this fraction of the upstream's
+    /// Patients are fetched by type-level searches whose resources outside those patients'
+    /// compartment are dropped, instead of by patient batches (`export::plan::scan_pays`).
+    /// 0 scans always, above 1 never. Default 0.5.
+    pub scan_min_coverage: f64,
     /// Group-level export leaves out members with `inactive = true` or a `period.end` before the
     /// export's `transactionTime`. Default true.
     pub group_active_members_only: bool,
@@ -66,6 +71,7 @@ impl Default for ExportConfig {
             max_upstream_concurrency: 8,
             patient_batch_size: 100,
             max_search_url_bytes: 4096,
+            scan_min_coverage: 0.5,
             group_active_members_only: true,
             group_max_depth: 3,
             max_file_bytes: 256 * 1024 * 1024,
@@ -117,6 +123,13 @@ impl ExportConfig {
                 "export.max_search_url_bytes",
                 e.max_search_url_bytes.to_string(),
                 "must be at least 256",
+            ));
+        }
+        if !(e.scan_min_coverage.is_finite() && e.scan_min_coverage >= 0.0) {
+            return Err(invalid(
+                "export.scan_min_coverage",
+                e.scan_min_coverage.to_string(),
+                "must be a number from 0 (always scan) upwards (above 1: never)",
             ));
         }
         if e.group_max_depth > 10 {

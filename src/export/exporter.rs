@@ -88,7 +88,7 @@ impl Exporter {
         }
     }
 
-    /// Stores a planned `job` with its `units` (at most `max_active_per_client` running jobs per
+    /// Stores a planned `job` with its `units` and patients (`members`, for the scans that filter by them) (at most `max_active_per_client` running jobs per
     /// client) and sets it going: idle workers are woken, and a job without units (no matching
     /// types or patients) goes to this process's finaliser, since no unit's finish will finalise
     /// it. Should this process stop first, any replica's sweeper finalises it.
@@ -96,11 +96,12 @@ impl Exporter {
         &self,
         job: &Job,
         units: &[Unit],
+        members: &[String],
         max_active_per_client: usize,
     ) -> Result<Created, StoreError> {
         let created = self
             .store
-            .create_job(job, units, max_active_per_client)
+            .create_job(job, units, members, max_active_per_client)
             .await?;
         if created == Created::Yes {
             metrics::job_started();
@@ -262,7 +263,7 @@ mod tests {
             "unitless",
             &["Patient/x is not a member of Group/g; not exported"],
         );
-        let created = exporter.submit(&submitted, &[], 1).await.unwrap();
+        let created = exporter.submit(&submitted, &[], &[], 1).await.unwrap();
         assert_eq!(created, Created::Yes);
         let finished = settled(&store, "unitless", 500).await;
         assert_eq!(finished.state, JobState::Completed, "finalised within 5 s");
@@ -272,7 +273,7 @@ mod tests {
         assert_eq!(finished.error_files[0].count, 1);
 
         // The cap counts it no longer: another job of the client is accepted.
-        let again = exporter.submit(&job("next", &[]), &[], 1).await.unwrap();
+        let again = exporter.submit(&job("next", &[]), &[], &[], 1).await.unwrap();
         assert_eq!(again, Created::Yes);
 
         shutdown.cancel();
@@ -292,12 +293,12 @@ mod tests {
         std::fs::write(dir.path().join("files/stuck"), b"").unwrap();
 
         let stuck = job("stuck", &["a warning, for the error file"]);
-        assert_eq!(exporter.submit(&stuck, &[], 5).await.unwrap(), Created::Yes);
+        assert_eq!(exporter.submit(&stuck, &[], &[], 5).await.unwrap(), Created::Yes);
         let next = Job {
             client_id: "other".into(),
             ..job("next", &[])
         };
-        assert_eq!(exporter.submit(&next, &[], 5).await.unwrap(), Created::Yes);
+        assert_eq!(exporter.submit(&next, &[], &[], 5).await.unwrap(), Created::Yes);
         let state = settled(&store, "next", 300).await.state;
         assert_eq!(state, JobState::Completed, "held up behind the failing job");
         assert_eq!(

@@ -99,6 +99,12 @@ pub fn is_member(resource_type: &str, resource: &Value, patients: &HashSet<Strin
         .any(|id| patients.contains(id))
 }
 
+/// Whether the resource `json` (of `resource_type`, as the upstream sent it) is in the
+/// compartment of one of `patients`; JSON that does not parse is not.
+pub fn is_member_json(resource_type: &str, json: &str, patients: &HashSet<String>) -> bool {
+    serde_json::from_str::<Value>(json).is_ok_and(|r| is_member(resource_type, &r, patients))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -89,6 +89,17 @@ pub fn read_page(
     resource_type: &str,
     elements: &[String],
 ) -> Result<PageContent, PageError> {
+    read_page_where(body, resource_type, elements, None)
+}
+
+/// [`read_page`], also dropping the resources `keep` refuses (given each resource's JSON as the
+/// upstream sent it, before `elements` removes anything).
+pub fn read_page_where(
+    body: &[u8],
+    resource_type: &str,
+    elements: &[String],
+    keep: Option<&(dyn Fn(&str) -> bool + Sync)>,
+) -> Result<PageContent, PageError> {
     let page: Page<'_> =
         serde_json::from_slice(body).map_err(|e| PageError::NotABundle(e.to_string()))?;
     if page.resource_type.as_deref() != Some("Bundle") {
@@ -126,7 +137,10 @@ pub fn read_page(
             content.issues.push(compact(raw.get()));
             continue;
         }
-        if mode.as_deref() == Some("include") || head.resource_type != resource_type {
+        if mode.as_deref() == Some("include")
+            || head.resource_type != resource_type
+            || keep.is_some_and(|keep| !keep(raw.get()))
+        {
             continue;
         }
         let mut bytes = match &elements {

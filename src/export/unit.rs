@@ -9,6 +9,7 @@
 //! sorted by `_lastUpdated`) and skips the ids it already wrote with that timestamp — or, when it
 //! could not track them, starts the unit again from scratch on empty files.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,7 +18,8 @@ use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
 use super::exporter::Exporter;
-use super::ndjson::{Line, read_page};
+use super::membership;
+use super::ndjson::{Line, read_page_where};
 use super::pager::{FetchError, Pager};
 use super::writer::UnitWriter;
 use crate::job::{Checkpoint, Job, JobState, Unit, UnitState, now_unix};
@@ -178,6 +180,34 @@ impl Exporter {
                 return;
             }
         };
+        // A scan keeps what is in its patients' compartment.
+        let members: Option<HashSet<String>> = if unit.members_only {
+            match self.store.members(&job.id).await {
+                Ok(members) if !members.is_empty() => Some(members.into_iter().collect()),
+                Ok(_) => {
+                    let mut unit = unit;
+                    unit.state = UnitState::Failed;
+                    unit.error = Some(format!(
+                        "search {} failed: the job's patients are missing from the job store",
+                        unit.search
+                    ));
+                    return self.finish(&unit, worker, shutdown).await;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the job's patients; leaving the unit to its lease");
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let resource_type = unit.resource_type.clone();
+        let in_compartment = |json: &str| {
+            members.as_ref().is_none_or(|patients| {
+                membership::is_member_json(&resource_type, json, patients)
+            })
+        };
+        let keep: Option<&(dyn Fn(&str) -> bool + Sync)> = members.is_some().then_some(&in_compartment);
         let upper = upper_bound(&job);
         let limits = (self.config.max_file_bytes, self.config.max_file_resources);
         let mut progress = match UnitProgress::resume(&self.storage, &job, unit, limits).await {
@@ -252,7 +282,7 @@ impl Exporter {
                     break;
                 }
             };
-            let content = match read_page(&body, &progress.unit().resource_type, &job.elements) {
+            let content = match read_page_where(&body, &resource_type, &job.elements, keep) {
                 Ok(content) => content,
                 Err(e) => {
                     progress.search_failed(e);

@@ -113,6 +113,14 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
     let upstream_types = app.upstream_types().await;
     let can_read = |t: &str| grant.scopes.can_read(t);
     let e = &app.config.export;
+    // Every Patient (listed above) needs no count; a Group or a `patient` list is set against
+    // the upstream's total.
+    let all_patients = match &level {
+        Level::System => None,
+        Level::Patient if kickoff.patients.is_empty() => Some(patients.len() as u64),
+        _ if patients.is_empty() || e.scan_min_coverage > 1.0 => None,
+        _ => app.patient_count().await,
+    };
     let planned = plan::plan(&PlanInput {
         level: &level,
         kickoff: &kickoff,
@@ -125,6 +133,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
             app.upstream.base_url().len(),
             &kickoff.type_filters,
         ),
+        scan: plan::scan_pays(patients.len(), all_patients, e.scan_min_coverage),
     })?;
     warnings.extend(planned.warnings);
 
@@ -158,16 +167,21 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         error_files: Vec::new(),
         error: None,
     };
+    let members_only = planned.members_only;
     let units: Vec<Unit> = planned
         .searches
         .into_iter()
         .enumerate()
-        .map(|(i, (t, search))| Unit::new(&id, i as u32, &t, search))
+        .map(|(i, (t, search))| Unit {
+            members_only,
+            ..Unit::new(&id, i as u32, &t, search)
+        })
         .collect();
+    let members = if members_only { &patients[..] } else { &[] };
     // Stored and handed to the workers; a job with no units is finalised by the exporter too.
     match app
         .exporter
-        .submit(&job, &units, e.max_active_jobs_per_client)
+        .submit(&job, &units, members, e.max_active_jobs_per_client)
         .await?
     {
         Created::Yes => {}
@@ -183,7 +197,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
             });
         }
     }
-    tracing::info!(job = %id, client = %grant.client_id, level = ?job.level, units = job.units_total, "export started");
+    tracing::info!(job = %id, client = %grant.client_id, level = ?job.level, units = job.units_total, scans = members_only, "export started");
 
     let status_url = format!("{public_base}/$export-status/{id}");
     let outcome = OperationOutcome::information(format!("export {id} accepted; poll {status_url}"));

@@ -52,6 +52,8 @@ const CLAIMABLE: TableDefinition<(u64, &str, u32), ()> = TableDefinition::new("c
 const UNFINISHED: TableDefinition<&str, u32> = TableDefinition::new("unfinished");
 /// client id → ids of its Running jobs.
 const ACTIVE: MultimapTableDefinition<&str, &str> = MultimapTableDefinition::new("active");
+/// job id → JSON array of the job's patients (`JobStore::members`).
+const MEMBERS: TableDefinition<&str, &str> = TableDefinition::new("members");
 /// job id → time of the last accepted status poll (Unix ms).
 const POLLS: TableDefinition<&str, u64> = TableDefinition::new("polls");
 /// job id → (): the job's status has been polled (the first poll answers 202).
@@ -132,6 +134,7 @@ impl EmbeddedStore {
         txn.open_table(UNITS)?;
         txn.open_table(CLAIMABLE)?;
         txn.open_table(UNFINISHED)?;
+        txn.open_table(MEMBERS)?;
         txn.open_multimap_table(ACTIVE)?;
         txn.open_table(POLLS)?;
         txn.open_table(POLLED)?;
@@ -307,10 +310,12 @@ impl JobStore for EmbeddedStore {
         &self,
         job: &Job,
         units: &[Unit],
+        members: &[String],
         max_active_per_client: usize,
     ) -> Result<Created, StoreError> {
         let job = job.clone();
         let units = units.to_vec();
+        let members = (!members.is_empty()).then(|| encode(&members)).transpose()?;
         self.write(Durability::Immediate, move |txn| {
             let id = job.id.as_str();
             let mut jobs = txn.open_table(JOBS)?;
@@ -341,6 +346,9 @@ impl JobStore for EmbeddedStore {
                 }
             }
             txn.open_table(UNFINISHED)?.insert(id, unfinished)?;
+            if let Some(members) = &members {
+                txn.open_table(MEMBERS)?.insert(id, members.as_str())?;
+            }
             Ok(Created::Yes)
         })
         .await
@@ -397,6 +405,7 @@ impl JobStore for EmbeddedStore {
             txn.open_table(UNITS)?
                 .retain_in((id, 0)..=(id, u32::MAX), |_, _| false)?;
             txn.open_table(UNFINISHED)?.remove(id)?;
+            txn.open_table(MEMBERS)?.remove(id)?;
             let mut polls = txn.open_table(POLLS)?;
             polls.remove(id)?;
             // The first-poll mark of versions before `first_poll`, kept here under this key.
@@ -404,6 +413,16 @@ impl JobStore for EmbeddedStore {
             txn.open_table(POLLED)?.remove(id)?;
             txn.open_table(FINALIZING)?.remove(id)?;
             Ok(true)
+        })
+        .await
+    }
+
+    async fn members(&self, job_id: &str) -> Result<Vec<String>, StoreError> {
+        let id = job_id.to_owned();
+        self.read(move |txn| {
+            txn.open_table(MEMBERS)?
+                .get(id.as_str())?
+                .map_or(Ok(Vec::new()), |json| decode(json.value()))
         })
         .await
     }

@@ -67,7 +67,8 @@ pub trait JobStore: Send + Sync + 'static {
     /// Whether the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
 
-    /// Stores a new job (state Running) and its units, unless the client already has
+    /// Stores a new job (state Running), its units and its patients (`members`, for the units
+    /// that filter a type-level scan by them; may be empty), unless the client already has
     /// `max_active_per_client` jobs in state Running. Atomic: concurrent kick-offs of one client
     /// on several replicas cannot exceed the cap. Job ids are unique: a job whose id is already
     /// stored is refused with [`StoreError::Corrupt`], never overwritten.
@@ -75,8 +76,14 @@ pub trait JobStore: Send + Sync + 'static {
         &self,
         job: &Job,
         units: &[Unit],
+        members: &[String],
         max_active_per_client: usize,
     ) -> Result<Created, StoreError>;
+
+    /// The patients stored with the job by [`JobStore::create_job`] (empty when none were, or the
+    /// job is gone). Kept apart from the job and unit records, which are read and written far
+    /// more often, so a Group of 100,000 patients is stored once, not in every checkpoint.
+    async fn members(&self, job_id: &str) -> Result<Vec<String>, StoreError>;
 
     async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError>;
 

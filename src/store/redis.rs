@@ -113,7 +113,7 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 return redis.call('HSETNX', KEYS[1], 'polled', '1')
 ";
 
-/// `ARGV`: prefix, id, client, state, json, max, then per unit: index, body, lease, owner
+/// `ARGV`: prefix, id, client, state, json, max, members (JSON, or empty), then per unit: index, body, lease, owner
 /// (`""` for none), finished (`1`/`0`). Returns 1 created, 0 over the cap, -1 id taken.
 const CREATE_JOB: &str = r"
 local p, id, client, state = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -126,8 +126,9 @@ if state == 'running' then
 end
 redis.call('HSET', jk, 'json', ARGV[5], 'state', state, 'client', client)
 redis.call('SADD', p .. 'jobs', id)
+if ARGV[7] ~= '' then redis.call('SET', p .. 'members:' .. id, ARGV[7]) end
 local uk, ok, ck = p .. 'units:' .. id, p .. 'open:' .. id, p .. 'claimable'
-local i = 7
+local i = 8
 while i <= #ARGV do
   local idx, lease = ARGV[i], ARGV[i + 2]
   redis.call('HSET', uk, 'b:' .. idx, ARGV[i + 1], 'l:' .. idx, lease)
@@ -177,7 +178,8 @@ local ck = p .. 'claimable'
 for _, idx in ipairs(redis.call('SMEMBERS', p .. 'open:' .. id)) do
   redis.call('ZREM', ck, id .. ':' .. idx)
 end
-redis.call('DEL', jk, p .. 'units:' .. id, p .. 'open:' .. id, p .. 'poll:' .. id)
+redis.call('DEL', jk, p .. 'units:' .. id, p .. 'open:' .. id, p .. 'poll:' .. id,
+  p .. 'members:' .. id)
 return 1
 ";
 
@@ -423,6 +425,7 @@ impl JobStore for RedisStore {
         &self,
         job: &Job,
         units: &[Unit],
+        members: &[String],
         max_active_per_client: usize,
     ) -> Result<Created, StoreError> {
         let mut invocation = self.scripts.create_job.prepare_invoke();
@@ -432,7 +435,12 @@ impl JobStore for RedisStore {
             .arg(&job.client_id)
             .arg(state_name(job.state))
             .arg(encode(job)?)
-            .arg(max_active_per_client);
+            .arg(max_active_per_client)
+            .arg(if members.is_empty() {
+                String::new()
+            } else {
+                encode(&members)?
+            });
         for unit in units {
             invocation
                 .arg(unit.index)
@@ -452,6 +460,15 @@ impl JobStore for RedisStore {
                 job.id
             ))),
         }
+    }
+
+    async fn members(&self, job_id: &str) -> Result<Vec<String>, StoreError> {
+        let json: Option<String> = self
+            .conn
+            .clone()
+            .get(self.key(&["members:", job_id]))
+            .await?;
+        json.as_deref().map_or(Ok(Vec::new()), decode)
     }
 
     async fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {

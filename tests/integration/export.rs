@@ -47,7 +47,8 @@ async fn patient_export_returns_the_patient_compartment_exactly(store: Store) {
 
 both!(group_export_holds_exactly_the_groups_patients_with_batched_searches);
 async fn group_export_holds_exactly_the_groups_patients_with_batched_searches(store: Store) {
-    let s = Setup::new(store, |_| {}).await;
+    // Batches, not the type-level scans a Group of every patient gets by default (scan.rs).
+    let s = Setup::new(store, |c| c.export.scan_min_coverage = 2.0).await;
     let before = s.fhir.counters.searches.load(Ordering::SeqCst);
     let (manifest, files) = s
         .export(&format!(

@@ -23,6 +23,7 @@ mod operations;
 mod passthrough;
 mod reference_config;
 mod replicas;
+mod scan;
 mod store_contract;
 mod timeouts;
 mod tls;

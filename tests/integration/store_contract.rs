@@ -50,7 +50,7 @@ fn units(job_id: &str, n: u32) -> Vec<Unit> {
 async fn create(store: &Arc<dyn JobStore>, id: &str, n: u32) -> Job {
     let job = job(id, "client", n);
     assert_eq!(
-        store.create_job(&job, &units(id, n), 100).await.unwrap(),
+        store.create_job(&job, &units(id, n), &[], 100).await.unwrap(),
         Created::Yes
     );
     job
@@ -94,7 +94,7 @@ async fn create_capped(
     cap: usize,
 ) -> Created {
     store
-        .create_job(&job(id, client, n), &units(id, n), cap)
+        .create_job(&job(id, client, n), &units(id, n), &[], cap)
         .await
         .unwrap()
 }
@@ -129,7 +129,7 @@ async fn units_are_ordered_by_index(store: Arc<dyn JobStore>) {
     shuffled.reverse();
     shuffled.swap(3, 17);
     store
-        .create_job(&job("j1", "c", 25), &shuffled, 1)
+        .create_job(&job("j1", "c", 25), &shuffled, &[], 1)
         .await
         .unwrap();
     let indexes: Vec<u32> = store
@@ -184,7 +184,7 @@ async fn concurrent_kickoffs_respect_the_cap(store: Arc<dyn JobStore>) {
             tokio::spawn(async move {
                 let id = format!("k{i}");
                 store
-                    .create_job(&job(&id, "racer", 2), &units(&id, 2), cap)
+                    .create_job(&job(&id, "racer", 2), &units(&id, 2), &[], cap)
                     .await
                     .unwrap()
             })
@@ -299,7 +299,7 @@ async fn only_units_of_running_jobs_are_claimable(store: Arc<dyn JobStore>) {
     let mut finished = job("done", "c", 2);
     finished.state = JobState::Completed;
     store
-        .create_job(&finished, &units("done", 2), 1)
+        .create_job(&finished, &units("done", 2), &[], 1)
         .await
         .unwrap();
     assert_eq!(lease(&store, "w", NOW, NOW + 60).await, None);
@@ -603,6 +603,32 @@ async fn jtis_are_single_use_until_they_expire(store: Arc<dyn JobStore>) {
     );
 }
 
+async fn members_are_stored_with_their_job_and_go_with_it(store: Arc<dyn JobStore>) {
+    let members: Vec<String> = (0..500).map(|i| format!("patient-{i}")).collect();
+    let first = job("j1", "client", 2);
+    assert_eq!(
+        store
+            .create_job(&first, &units("j1", 2), &members, 100)
+            .await
+            .unwrap(),
+        Created::Yes
+    );
+    assert_eq!(store.members("j1").await.unwrap(), members);
+    // Not in the records read on every poll and checkpoint.
+    assert!(!serde_json::to_string(&store.get_job("j1").await.unwrap()).unwrap().contains("patient-499"));
+    create(&store, "j2", 1).await;
+    assert!(store.members("j2").await.unwrap().is_empty(), "stored without");
+    // A refused job stores nothing.
+    let over = job("j3", "client", 1);
+    assert_eq!(
+        store.create_job(&over, &units("j3", 1), &members, 2).await.unwrap(),
+        Created::TooManyActive
+    );
+    assert!(store.members("j3").await.unwrap().is_empty());
+    assert!(store.delete_job("j1").await.unwrap());
+    assert!(store.members("j1").await.unwrap().is_empty());
+}
+
 /// One `#[tokio::test]` per check and store: `store_contract::embedded::NAME`,
 /// `store_contract::redis::NAME`.
 macro_rules! contract {
@@ -647,6 +673,7 @@ contract!(
     first_poll_marks_go_with_their_job,
     status_polls_are_rate_limited,
     jtis_are_single_use_until_they_expire,
+    members_are_stored_with_their_job_and_go_with_it,
 );
 
 fn embedded(dir: &tempfile::TempDir) -> Arc<dyn JobStore> {
@@ -759,7 +786,12 @@ async fn redis_delete_leaves_no_keys_behind() {
     lease(&store, "w", NOW, NOW + 60).await.unwrap();
     assert!(store.record_poll("j1", 1_000, 60_000).await.unwrap());
     assert!(store.first_poll("j1").await.unwrap());
-    create(&store, "j2", 0).await;
+    let members = ["p1".to_owned(), "p2".to_owned()];
+    let with_members = job("j2", "client", 0);
+    store
+        .create_job(&with_members, &[], &members, 100)
+        .await
+        .unwrap();
     assert_eq!(claim(&store, "j2", "f", NOW, NOW + 60).await, Some(1));
     assert!(store.first_poll("j2").await.unwrap());
     assert!(store.delete_job("j1").await.unwrap());

@@ -458,6 +458,14 @@ async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
             Err(problem) => return outcome(StatusCode::BAD_REQUEST, &problem),
         }
     }
+    if params.iter().any(|(k, v)| k == "_summary" && v == "count") {
+        let body = json!({"resourceType": "Bundle", "type": "searchset", "total": matches.len()});
+        return (
+            [(header::CONTENT_TYPE, "application/fhir+json")],
+            body.to_string(),
+        )
+            .into_response();
+    }
     // Stored sorted by (lastUpdated, id) already: `_sort=_lastUpdated` and the default agree.
     let page: Vec<Value> = matches
         .iter()
@@ -512,7 +520,7 @@ fn matches_all(
 ) -> Result<bool, String> {
     for (i, (key, value)) in params.iter().enumerate() {
         let ok = match key.as_str() {
-            "_count" | "_offset" | "_sort" | "_elements" | "_format" | "_total" => true,
+            "_count" | "_offset" | "_sort" | "_elements" | "_format" | "_total" | "_summary" => true,
             "_id" => value.split(',').any(|id| id == stored.id),
             "patient" | "subject" | "member" | "actor" => value
                 .split(',')
