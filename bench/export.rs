@@ -26,12 +26,11 @@
 //! the proxy's stderr in a thread and stamps the line on arrival), so the status polling interval
 //! does not blur the result; the manifest is then fetched and its counts checked.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail, ensure};
@@ -40,16 +39,18 @@ use fhir_bulk_proxy::export::kickoff::{self, RawKickOff};
 use fhir_bulk_proxy::export::pager::Pager;
 use fhir_bulk_proxy::export::plan::{self, PlanInput};
 use fhir_bulk_proxy::job::Level;
-use serde::Deserialize;
-use serde::de::IgnoredAny;
 use serde_json::Value;
 use testkit::memory_fhir::MemoryFhir;
 
+mod bulk;
 mod child;
+mod pager;
 mod procfs;
 mod results;
+use bulk::{kick_off, manifest};
 use child::ChildProxy;
-use procfs::proc_status;
+use pager::plain_pager;
+use procfs::{cpu_secs, machine_busy_secs, proc_status};
 use results::write_section;
 
 const GROUP_ID: &str = "synthea-100";
@@ -282,120 +283,6 @@ impl Proxy {
     }
 }
 
-/// User + system CPU time of a process, seconds.
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    // Fields after the `(comm)`: state is field 3; utime and stime are 14 and 15.
-    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// CPU seconds used by every process on the machine (from `/proc/stat`), to report contention.
-fn machine_busy_secs() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(cpu) = stat.lines().next() else {
-        return 0.0;
-    };
-    let v: Vec<f64> = cpu
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|f| f.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal
-    let busy: f64 = v
-        .iter()
-        .take(8)
-        .enumerate()
-        .filter(|(i, _)| *i != 3 && *i != 4)
-        .map(|(_, x)| x)
-        .sum();
-    busy / 100.0
-}
-
-// ---------------------------------------------------------------------------------------------
-// The plain pager: the same searches, following `next` links, bodies discarded.
-
-#[derive(Deserialize)]
-struct PageLinks {
-    #[serde(default)]
-    link: Vec<Link>,
-    #[serde(default)]
-    entry: Vec<IgnoredAny>,
-}
-
-#[derive(Deserialize)]
-struct Link {
-    relation: String,
-    url: String,
-}
-
-#[derive(Default)]
-struct Tally {
-    resources: AtomicU64,
-    pages: AtomicU64,
-    bytes: AtomicU64,
-}
-
-async fn plain_pager(urls: &[String], concurrency: usize) -> Result<(Duration, Tally)> {
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(concurrency.max(4))
-        .build()?;
-    let queue = Arc::new(Mutex::new(urls.iter().cloned().collect::<VecDeque<_>>()));
-    let tally = Arc::new(Tally::default());
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (http, queue, tally) = (http.clone(), queue.clone(), tally.clone());
-            tokio::spawn(async move {
-                loop {
-                    let next = queue.lock().map_err(|_| anyhow!("poisoned"))?.pop_front();
-                    let Some(mut url) = next else { return Ok(()) };
-                    loop {
-                        let response = http
-                            .get(&url)
-                            .header("accept", "application/fhir+json")
-                            .send()
-                            .await?;
-                        ensure!(
-                            response.status().is_success(),
-                            "{url}: {}",
-                            response.status()
-                        );
-                        let body = response.bytes().await?;
-                        let page: PageLinks = serde_json::from_slice(&body)?;
-                        tally.pages.fetch_add(1, Ordering::Relaxed);
-                        tally.bytes.fetch_add(body.len() as u64, Ordering::Relaxed);
-                        tally
-                            .resources
-                            .fetch_add(page.entry.len() as u64, Ordering::Relaxed);
-                        match page.link.into_iter().find(|l| l.relation == "next") {
-                            Some(next) => url = url::Url::parse(&url)?.join(&next.url)?.into(),
-                            None => break,
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await??;
-    }
-    let elapsed = started.elapsed();
-    let tally = Arc::try_unwrap(tally).map_err(|_| anyhow!("tally still shared"))?;
-    Ok((elapsed, tally))
-}
-
 /// The searches the proxy plans for `level`, as first-page URLs (same `_count`, `_lastUpdated`
 /// bound and sort), computed with the proxy's own planner and pager.
 async fn planned_urls(
@@ -531,41 +418,6 @@ async fn proxy_export(
     // Delete the job and its files (disk, and the per-client cap on active jobs).
     let _ = http.delete(&status_url).bearer_auth(&token).send().await?;
     Ok(run)
-}
-
-/// Kicks off the export at `url` and returns its status URL.
-async fn kick_off(http: &reqwest::Client, url: &str, token: &str) -> Result<String> {
-    let response = http
-        .get(url)
-        .header("accept", "application/fhir+json")
-        .header("prefer", "respond-async")
-        .bearer_auth(token)
-        .send()
-        .await?;
-    ensure!(
-        response.status() == 202,
-        "kick-off {url}: {} {}",
-        response.status(),
-        response.text().await?
-    );
-    Ok(response
-        .headers()
-        .get("content-location")
-        .and_then(|v| v.to_str().ok())
-        .context("no Content-Location")?
-        .to_owned())
-}
-
-/// Polls `status_url` until the manifest arrives.
-async fn manifest(http: &reqwest::Client, status_url: &str, token: &str) -> Result<Value> {
-    loop {
-        let response = http.get(status_url).bearer_auth(token).send().await?;
-        match response.status().as_u16() {
-            200 => return Ok(response.json::<Value>().await?),
-            202 | 429 => tokio::time::sleep(Duration::from_millis(600)).await,
-            other => bail!("status {other}: {}", response.text().await?),
-        }
-    }
 }
 
 /// Downloads every file of a fresh export and counts its lines (a correctness check, untimed
