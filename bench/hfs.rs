@@ -58,6 +58,9 @@ struct Opts {
     /// More proxy settings, `KEY=VALUE` for `BULK_PROXY_KEY`.
     #[arg(long = "set")]
     settings: Vec<String>,
+    /// The exports to run (system, Patient, Group).
+    #[arg(long, value_delimiter = ',', default_value = "system,Patient,Group")]
+    cases: Vec<String>,
     /// Write the "Export against hfs" section of bench/RESULTS.md.
     #[arg(long)]
     write_results: bool,
@@ -107,11 +110,17 @@ struct Hfs {
 impl Hfs {
     fn start(repo: &Path, fixture: &Path) -> Result<Self> {
         let tool = repo.join("../shared/tools/real-upstream");
-        ensure!(tool.exists(), "no {} (run the bench beside ../shared)", tool.display());
+        ensure!(
+            tool.exists(),
+            "no {} (run the bench beside ../shared)",
+            tool.display()
+        );
         let name = fixture.file_name().and_then(|n| n.to_str()).unwrap_or("x");
         let home = std::env::var_os("HOME").context("HOME")?;
         let dir = PathBuf::from(home).join(format!(".cache/fhir-bulk-proxy/bench-hfs-{name}"));
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let status = Command::new(&tool)
             .arg("start")
             .arg(port.to_string())
@@ -183,7 +192,11 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
             }
         },
     )?;
-    let config = Config::from_figment(Config::figment(Some(&proxy.config_path)))?;
+    // The settings the proxy resolves from its file (the environment only adds the upstream, the
+    // paths and `--set`, none of which the pager needs).
+    let config = Config::from_figment(Config::figment(Some(&proxy.config_path)).merge(
+        figment::providers::Serialized::default("upstream.url", &hfs.url),
+    ))?;
     let concurrency = config
         .export
         .workers
@@ -198,7 +211,7 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
         .cloned()
         .collect();
     let sum = |types: &[String]| types.iter().map(|t| counts[t]).sum::<u64>();
-    let cases = [
+    let cases: Vec<Case> = [
         Case {
             name: "system",
             path: format!("/$export?_type={}", all.join(",")),
@@ -217,7 +230,10 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
             types: compartment.clone(),
             resources: sum(&compartment),
         },
-    ];
+    ]
+    .into_iter()
+    .filter(|c| opts.cases.iter().any(|name| name == c.name))
+    .collect();
     let http = reqwest::Client::new();
     let mut samples: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
     let clear_refs = format!("/proc/{}/clear_refs", proxy.pid());
@@ -230,7 +246,11 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
                 .collect();
             let mut pager_s = 0.0;
             let mut proxy_s = 0.0;
-            let order = if round % 2 == 0 { [false, true] } else { [true, false] };
+            let order = if round % 2 == 0 {
+                [false, true]
+            } else {
+                [true, false]
+            };
             for is_proxy in order {
                 if is_proxy {
                     let token = proxy.token(&http).await?;
@@ -246,7 +266,8 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
                     proxy_s = at.saturating_duration_since(started).as_secs_f64();
                     let cpu = cpu_secs(proxy.pid()) - cpu0;
                     s.proxy_cpu.push(cpu);
-                    s.other_cpu.push((machine_busy_secs() - busy0 - cpu).max(0.0));
+                    s.other_cpu
+                        .push((machine_busy_secs() - busy0 - cpu).max(0.0));
                     s.rss_mib
                         .push(proc_status(proxy.pid(), "VmHWM")? as f64 / (1024.0 * 1024.0));
                     let manifest = manifest(&http, &status, &token).await?;
@@ -257,9 +278,17 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
                         .filter_map(|o| o["count"].as_u64())
                         .sum();
                     let errors = manifest["error"].as_array().map_or(0, Vec::len);
-                    ensure!(errors == 0, "{}: the export reported errors: {manifest}", case.name);
+                    ensure!(
+                        errors == 0,
+                        "{}: the export reported errors: {manifest}",
+                        case.name
+                    );
                     if got != case.resources {
-                        bail!("{}: {got} resources exported, the fixture has {}", case.name, case.resources);
+                        bail!(
+                            "{}: {got} resources exported, the fixture has {}",
+                            case.name,
+                            case.resources
+                        );
                     }
                     let _ = http.delete(&status).bearer_auth(&token).send().await?;
                 } else {
@@ -329,9 +358,17 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
              before each export.\n\n{table}",
             rounds = opts.rounds,
             date = time::OffsetDateTime::now_utc().date(),
-            fixture = opts.fixture.file_name().and_then(|n| n.to_str()).unwrap_or(""),
+            fixture = opts
+                .fixture
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or(""),
         );
-        results::write_section(&repo.join("bench/RESULTS.md"), "## Export against hfs", &section)?;
+        results::write_section(
+            &repo.join("bench/RESULTS.md"),
+            "## Export against hfs",
+            &section,
+        )?;
     }
     drop(hfs);
     Ok(())

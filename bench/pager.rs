@@ -81,4 +81,3 @@ pub async fn plain_pager(urls: &[String], concurrency: usize) -> Result<(Duratio
     let tally = Arc::try_unwrap(tally).map_err(|_| anyhow!("tally still shared"))?;
     Ok((elapsed, tally))
 }
-

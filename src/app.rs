@@ -112,6 +112,12 @@ impl App {
         &self,
         client_headers: Option<&HeaderMap>,
     ) -> Result<Fetched, ProxyError> {
+        let headers = self.metadata_headers(client_headers);
+        self.metadata.fetch(&self.upstream, headers).await
+    }
+
+    /// The headers of a metadata request on behalf of a client (see [`Self::upstream_metadata`]).
+    fn metadata_headers(&self, client_headers: Option<&HeaderMap>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         let mut forwarded = vec![HeaderName::from_static("x-request-id")];
         if !self.auth.protects_passthrough() {
@@ -128,22 +134,13 @@ impl App {
         {
             headers.insert(header::AUTHORIZATION, value);
         }
-        self.metadata.fetch(&self.upstream, headers).await
+        headers
     }
 
     /// Resource types the upstream's CapabilityStatement lists (`None` when it cannot tell).
     pub async fn upstream_types(&self) -> Option<Vec<String>> {
-        let Fetched::Statement(statement) = self.upstream_metadata(None).await.ok()? else {
-            return None;
-        };
-        let types: Vec<String> = statement["rest"]
-            .as_array()?
-            .iter()
-            .filter(|r| r["mode"] == "server")
-            .flat_map(|r| r["resource"].as_array().into_iter().flatten())
-            .filter_map(|r| r["type"].as_str().map(str::to_owned))
-            .collect();
-        (!types.is_empty()).then_some(types)
+        let headers = self.metadata_headers(None);
+        self.metadata.types(&self.upstream, headers).await.ok()?
     }
 
     /// The Patients of `Group/{id}` on the upstream at `now`, after the membership rules

@@ -273,7 +273,10 @@ mod tests {
         assert_eq!(finished.error_files[0].count, 1);
 
         // The cap counts it no longer: another job of the client is accepted.
-        let again = exporter.submit(&job("next", &[]), &[], &[], 1).await.unwrap();
+        let again = exporter
+            .submit(&job("next", &[]), &[], &[], 1)
+            .await
+            .unwrap();
         assert_eq!(again, Created::Yes);
 
         shutdown.cancel();
@@ -293,12 +296,18 @@ mod tests {
         std::fs::write(dir.path().join("files/stuck"), b"").unwrap();
 
         let stuck = job("stuck", &["a warning, for the error file"]);
-        assert_eq!(exporter.submit(&stuck, &[], &[], 5).await.unwrap(), Created::Yes);
+        assert_eq!(
+            exporter.submit(&stuck, &[], &[], 5).await.unwrap(),
+            Created::Yes
+        );
         let next = Job {
             client_id: "other".into(),
             ..job("next", &[])
         };
-        assert_eq!(exporter.submit(&next, &[], &[], 5).await.unwrap(), Created::Yes);
+        assert_eq!(
+            exporter.submit(&next, &[], &[], 5).await.unwrap(),
+            Created::Yes
+        );
         let state = settled(&store, "next", 300).await.state;
         assert_eq!(state, JobState::Completed, "held up behind the failing job");
         assert_eq!(

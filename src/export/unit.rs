@@ -203,11 +203,12 @@ impl Exporter {
         };
         let resource_type = unit.resource_type.clone();
         let in_compartment = |json: &str| {
-            members.as_ref().is_none_or(|patients| {
-                membership::is_member_json(&resource_type, json, patients)
-            })
+            members
+                .as_ref()
+                .is_none_or(|patients| membership::is_member_json(&resource_type, json, patients))
         };
-        let keep: Option<&(dyn Fn(&str) -> bool + Sync)> = members.is_some().then_some(&in_compartment);
+        let keep: Option<&(dyn Fn(&str) -> bool + Sync)> =
+            members.is_some().then_some(&in_compartment);
         let upper = upper_bound(&job);
         let limits = (self.config.max_file_bytes, self.config.max_file_resources);
         let mut progress = match UnitProgress::resume(&self.storage, &job, unit, limits).await {
@@ -282,7 +283,10 @@ impl Exporter {
                     break;
                 }
             };
-            let content = match read_page_where(&body, &resource_type, &job.elements, keep) {
+            let content = read_page_where(&body, &resource_type, &job.elements, keep);
+            // The lines are copies: the page's body goes before they are written (peak memory).
+            drop(body);
+            let content = match content {
                 Ok(content) => content,
                 Err(e) => {
                     progress.search_failed(e);

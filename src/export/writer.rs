@@ -15,6 +15,9 @@ use super::ndjson::Line;
 use crate::job::OutputFile;
 use crate::storage::{MIN_PART_BYTES, Sink, Storage, StorageError};
 
+/// Bytes of lines gathered before they are handed to the file's sink.
+const APPEND_BYTES: usize = 256 * 1024;
+
 pub struct UnitWriter<'a> {
     storage: &'a Storage,
     job_id: String,
@@ -101,6 +104,10 @@ impl<'a> UnitWriter<'a> {
             if let Some(last) = self.files.last_mut() {
                 last.count += 1;
                 last.bytes += line.bytes.len() as u64;
+            }
+            // Handed on in slices, so a page is not held twice (its lines and one copy of them).
+            if pending.len() >= APPEND_BYTES {
+                self.append(&mut pending).await?;
             }
         }
         self.append(&mut pending).await?;

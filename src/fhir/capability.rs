@@ -14,11 +14,6 @@ const PATIENT_EXPORT_DEF: &str =
 const GROUP_EXPORT_DEF: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
-/// Whether `value` looks like a CapabilityStatement the proxy can edit.
-pub fn is_capability_statement(value: &Value) -> bool {
-    value.get("resourceType").and_then(Value::as_str) == Some("CapabilityStatement")
-}
-
 /// Adds the bulk-data and SMART entries. `token_url` is the proxy's absolute token endpoint, or
 /// `None` when the proxy serves none (`auth.enabled = false`): then no SMART security entries are
 /// added (the upstream's own are left as they are).

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use serde_json::Value;
 
 use super::{ProxyError, Upstream};
-use crate::fhir::{FHIR_JSON, capability};
+use crate::fhir::FHIR_JSON;
 
 /// Upper bound on an upstream CapabilityStatement the proxy reads.
 const MAX_CAPABILITY_BYTES: usize = 16 * 1024 * 1024;
@@ -19,7 +19,40 @@ const MAX_CAPABILITY_BYTES: usize = 16 * 1024 * 1024;
 /// The last CapabilityStatement the upstream returned, and when.
 pub struct MetadataCache {
     ttl: Duration,
-    entry: Mutex<Option<(Instant, Value)>>,
+    entry: Mutex<Option<Entry>>,
+}
+
+/// A cached CapabilityStatement: its bytes, as the upstream sent them (parsed again for each
+/// metadata request, which are rare), and the resource types it lists (for each kick-off). Not the
+/// parsed document: a server with every SearchParameter in its statement (hfs: 2.5 MB) parses into
+/// tens of MB, which a sidecar should not hold, nor copy per request.
+#[derive(Clone)]
+struct Entry {
+    at: Instant,
+    raw: Bytes,
+    types: Option<Vec<String>>,
+}
+
+/// The parts of a CapabilityStatement the cache reads.
+#[derive(serde::Deserialize)]
+struct Outline {
+    #[serde(rename = "resourceType")]
+    resource_type: String,
+    #[serde(default)]
+    rest: Vec<OutlineRest>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutlineRest {
+    mode: Option<String>,
+    #[serde(default)]
+    resource: Vec<OutlineResource>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutlineResource {
+    #[serde(rename = "type")]
+    resource_type: Option<String>,
 }
 
 /// What the upstream answered to `GET /metadata`.
@@ -43,40 +76,79 @@ impl MetadataCache {
     pub async fn fetch(
         &self,
         upstream: &Upstream,
-        mut headers: HeaderMap,
+        headers: HeaderMap,
     ) -> Result<Fetched, ProxyError> {
-        if let Some(cached) = self.get() {
-            return Ok(Fetched::Statement(cached));
-        }
+        let entry = match self.fresh() {
+            Some(entry) => entry,
+            None => match self.refresh(upstream, headers).await? {
+                Ok(entry) => entry,
+                Err(other) => return Ok(other),
+            },
+        };
+        // Parsed and checked when it was cached.
+        Ok(Fetched::Statement(
+            serde_json::from_slice(&entry.raw).unwrap_or_default(),
+        ))
+    }
+
+    /// The resource types the upstream's CapabilityStatement lists (cached as [`Self::fetch`]);
+    /// `None` when it lists none or the upstream did not answer with one.
+    pub async fn types(
+        &self,
+        upstream: &Upstream,
+        headers: HeaderMap,
+    ) -> Result<Option<Vec<String>>, ProxyError> {
+        Ok(match self.fresh() {
+            Some(entry) => entry.types,
+            None => self
+                .refresh(upstream, headers)
+                .await?
+                .ok()
+                .and_then(|e| e.types),
+        })
+    }
+
+    /// Asks the upstream; caches what is a CapabilityStatement, returns anything else as it came.
+    async fn refresh(
+        &self,
+        upstream: &Upstream,
+        mut headers: HeaderMap,
+    ) -> Result<Result<Entry, Fetched>, ProxyError> {
         headers.insert(header::ACCEPT, HeaderValue::from_static(FHIR_JSON));
         let (parts, body) = upstream
             .get_small("metadata", "/metadata", headers, MAX_CAPABILITY_BYTES)
             .await?;
+        // Only what is kept is built: the rest of the document is skipped as it is read.
         let parsed = (parts.status == StatusCode::OK)
-            .then(|| serde_json::from_slice::<Value>(&body).ok())
+            .then(|| serde_json::from_slice::<Outline>(&body).ok())
             .flatten()
-            .filter(capability::is_capability_statement);
-        Ok(match parsed {
-            Some(statement) => {
-                self.put(&statement);
-                Fetched::Statement(statement)
-            }
-            None => Fetched::Other(parts, body),
-        })
+            .filter(|s| s.resource_type == "CapabilityStatement");
+        let Some(statement) = parsed else {
+            return Ok(Err(Fetched::Other(parts, body)));
+        };
+        let types: Vec<String> = statement
+            .rest
+            .into_iter()
+            .filter(|r| r.mode.as_deref() == Some("server"))
+            .flat_map(|r| r.resource)
+            .filter_map(|r| r.resource_type)
+            .collect();
+        let entry = Entry {
+            at: Instant::now(),
+            raw: body,
+            types: (!types.is_empty()).then_some(types),
+        };
+        if !self.ttl.is_zero() {
+            *self.entry.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry.clone());
+        }
+        Ok(Ok(entry))
     }
 
-    fn get(&self) -> Option<Value> {
+    fn fresh(&self) -> Option<Entry> {
         let entry = self.entry.lock().unwrap_or_else(|e| e.into_inner());
         entry
             .as_ref()
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, value)| value.clone())
-    }
-
-    fn put(&self, value: &Value) {
-        if !self.ttl.is_zero() {
-            *self.entry.lock().unwrap_or_else(|e| e.into_inner()) =
-                Some((Instant::now(), value.clone()));
-        }
+            .filter(|e| e.at.elapsed() < self.ttl)
+            .cloned()
     }
 }

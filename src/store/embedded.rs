@@ -315,7 +315,9 @@ impl JobStore for EmbeddedStore {
     ) -> Result<Created, StoreError> {
         let job = job.clone();
         let units = units.to_vec();
-        let members = (!members.is_empty()).then(|| encode(&members)).transpose()?;
+        let members = (!members.is_empty())
+            .then(|| encode(&members))
+            .transpose()?;
         self.write(Durability::Immediate, move |txn| {
             let id = job.id.as_str();
             let mut jobs = txn.open_table(JOBS)?;

@@ -30,8 +30,10 @@ async fn export_with(
     part: usize,
 ) -> (BTreeMap<String, BTreeSet<String>>, u64, Value) {
     let (fhir, _) = upstream_with_part_group(part).await;
-    let s = Setup::with_upstream(store, fhir, |c| c.export.scan_min_coverage = scan_min_coverage)
-        .await;
+    let s = Setup::with_upstream(store, fhir, |c| {
+        c.export.scan_min_coverage = scan_min_coverage
+    })
+    .await;
     let before = s.fhir.counters.searches.load(Ordering::SeqCst);
     let (manifest, files) = s.export(path).await;
     let searches = s.fhir.counters.searches.load(Ordering::SeqCst) - before;
@@ -74,8 +76,12 @@ async fn a_group_of_most_patients_drops_the_others(store: Store) {
     let (_, members) = upstream_with_part_group(6).await;
     let want: BTreeSet<String> = members.iter().cloned().collect();
     assert_eq!(scanned["Patient"], want);
-    scans_match_batches(store, "/Group/part/$export?_type=Patient,Observation,Encounter,Claim", 6)
-        .await;
+    scans_match_batches(
+        store,
+        "/Group/part/$export?_type=Patient,Observation,Encounter,Claim",
+        6,
+    )
+    .await;
 }
 
 both!(patient_level_exports_are_scanned_exactly);
@@ -107,7 +113,9 @@ async fn a_small_group_keeps_patient_batches(store: Store) {
     let (fhir, members) = upstream_with_part_group(3).await;
     let s = Setup::with_upstream(store, fhir, |c| c.export.patient_batch_size = 1).await;
     let before = s.fhir.counters.searches.load(Ordering::SeqCst);
-    let (_, files) = s.export("/Group/part/$export?_type=Patient,Observation").await;
+    let (_, files) = s
+        .export("/Group/part/$export?_type=Patient,Observation")
+        .await;
     let searches = s.fhir.counters.searches.load(Ordering::SeqCst) - before;
     let got = ids(&files);
     assert_eq!(got["Patient"], members.iter().cloned().collect());

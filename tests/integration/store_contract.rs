@@ -50,7 +50,10 @@ fn units(job_id: &str, n: u32) -> Vec<Unit> {
 async fn create(store: &Arc<dyn JobStore>, id: &str, n: u32) -> Job {
     let job = job(id, "client", n);
     assert_eq!(
-        store.create_job(&job, &units(id, n), &[], 100).await.unwrap(),
+        store
+            .create_job(&job, &units(id, n), &[], 100)
+            .await
+            .unwrap(),
         Created::Yes
     );
     job
@@ -615,13 +618,23 @@ async fn members_are_stored_with_their_job_and_go_with_it(store: Arc<dyn JobStor
     );
     assert_eq!(store.members("j1").await.unwrap(), members);
     // Not in the records read on every poll and checkpoint.
-    assert!(!serde_json::to_string(&store.get_job("j1").await.unwrap()).unwrap().contains("patient-499"));
+    assert!(
+        !serde_json::to_string(&store.get_job("j1").await.unwrap())
+            .unwrap()
+            .contains("patient-499")
+    );
     create(&store, "j2", 1).await;
-    assert!(store.members("j2").await.unwrap().is_empty(), "stored without");
+    assert!(
+        store.members("j2").await.unwrap().is_empty(),
+        "stored without"
+    );
     // A refused job stores nothing.
     let over = job("j3", "client", 1);
     assert_eq!(
-        store.create_job(&over, &units("j3", 1), &members, 2).await.unwrap(),
+        store
+            .create_job(&over, &units("j3", 1), &members, 2)
+            .await
+            .unwrap(),
         Created::TooManyActive
     );
     assert!(store.members("j3").await.unwrap().is_empty());

@@ -520,7 +520,9 @@ fn matches_all(
 ) -> Result<bool, String> {
     for (i, (key, value)) in params.iter().enumerate() {
         let ok = match key.as_str() {
-            "_count" | "_offset" | "_sort" | "_elements" | "_format" | "_total" | "_summary" => true,
+            "_count" | "_offset" | "_sort" | "_elements" | "_format" | "_total" | "_summary" => {
+                true
+            }
             "_id" => value.split(',').any(|id| id == stored.id),
             "patient" | "subject" | "member" | "actor" => value
                 .split(',')
