@@ -26,3 +26,5 @@ mod replicas;
 mod store_contract;
 mod timeouts;
 mod tls;
+mod upstream_auth;
+mod upstream_tls;
