@@ -405,6 +405,38 @@ mod tests {
                 "upstream.auth.username",
             ),
             ("[upstream.auth]\nscheme = \"digest\"\n", "digest"),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\nclient_id = \"p\"\nclient_secret = \"s\"\n",
+                "upstream.auth.token_url",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"http://t/token\"\nclient_secret = \"s\"\n",
+                "upstream.auth.client_id",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"http://t/token\"\nclient_id = \"p\"\n",
+                "upstream.auth.client_secret",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"ftp://t/token\"\nclient_id = \"p\"\nclient_secret = \"s\"\n",
+                "upstream.auth.token_url",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\nclient_auth = \"jwt\"\n",
+                "jwt",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"private_key_jwt\"\nclient_id = \"p\"\n",
+                "upstream.auth.private_key_file",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"private_key_jwt\"\nclient_id = \"p\"\nprivate_key_file = \"/nonexistent/key.pem\"\n",
+                "upstream.auth.private_key_file",
+            ),
+            (
+                "[upstream.tls]\nca_file = \"/nonexistent/ca.pem\"\n",
+                "upstream.tls.ca_file",
+            ),
         ];
         for (toml, expected) in cases {
             let message = load_toml(toml).expect_err(toml);
@@ -419,6 +451,46 @@ mod tests {
         });
         assert!(message.contains("credentials"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn oauth_schemes_validate_with_their_keys_and_a_readable_key_file() {
+        let config = load_toml(
+            "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"https://t/token\"\nclient_id = \"p\"\nclient_secret = \"s\"\nclient_auth = \"post\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.upstream.auth.client_auth, ClientAuth::Post);
+        assert!(config.upstream.auth.is_oauth());
+        // Not a static header: the token comes from the token endpoint.
+        assert_eq!(config.upstream.auth.authorization(), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "not checked here").unwrap();
+        let toml = format!(
+            "[upstream.auth]\nscheme = \"private_key_jwt\"\nclient_id = \"p\"\nprivate_key_file = {:?}\nalg = \"PS256\"\n",
+            key.display().to_string()
+        );
+        let message = load_toml(&toml).unwrap_err();
+        assert!(message.contains("upstream.auth.alg"), "{message}");
+        let config = load_toml(&toml.replace("PS256", "ES384")).unwrap();
+        assert_eq!(
+            config.upstream.auth.token_url, None,
+            "discovered at run time"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "").unwrap();
+        let toml = format!(
+            "[upstream.tls]\nclient_cert = {:?}\n",
+            cert.display().to_string()
+        );
+        let message = load_toml(&toml).unwrap_err();
+        assert!(message.contains("upstream.tls.client_key"), "{message}");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! What the proxy presents to the upstream FHIR server on its own behalf: the credentials of
 //! `[upstream.auth]` (a static bearer token or basic auth, or OAuth 2.0 access tokens it obtains
-//! and renews: [`token`]) and the TLS client configuration of `[upstream.tls]` ([`tls`]). One
+//! and renews: `token`) and the TLS client configuration of `[upstream.tls]` ([`tls`]). One
 //! [`Credentials`] serves every upstream request the proxy builds: export paging
 //! (`export::pager`), the metadata fetch and, with passthrough authorization on, passthrough.
 //!

@@ -352,3 +352,52 @@ async fn private_key_jwt_with_an_es384_pem_key() {
     public.as_object_mut().unwrap().remove("kid");
     private_key_jwt_export(&file, public, "ES384", None).await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_secret_and_the_upstream_tokens_never_reach_the_log() {
+    // Tokens of a second: several are obtained, and one renewed after a 401, during the export.
+    let tokens = TokenServer::start(1).await;
+    let fhir = guarded_upstream(&tokens, |f| f).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = testkit::TestProxy::config(&fhir.url());
+    client_credentials(&mut config, &tokens.url(), ClientAuth::Basic);
+    config.auth.enabled = false;
+    config.export.poll_retry_after_secs = 1;
+    config.export.page_size = 20;
+    config.store.path = dir.path().join("jobs.redb");
+    config.storage.path = dir.path().join("files");
+    let config_path = dir.path().join("proxy.toml");
+    std::fs::write(&config_path, toml::to_string(&config).unwrap()).unwrap();
+    let proxy = testkit::process::ProxyProcess::spawn(&config_path, "debug", &[]);
+
+    let status_url = testkit::start_export(
+        format!("{}/$export?_type=Patient,Observation", proxy.base()),
+        "unused",
+    )
+    .await;
+    testkit::eventually("the export to finish", Duration::from_secs(60), || async {
+        let response = testkit::get_anonymous(&status_url).await;
+        (response.status() == 200).then_some(())
+    })
+    .await;
+    tokens.revoke_all();
+    let metadata = testkit::get_anonymous(format!("{}/metadata", proxy.base())).await;
+    assert_eq!(metadata.status(), 200);
+
+    let log = proxy.logs().join("\n");
+    assert!(log.contains("obtained an upstream access token"), "{log}");
+    let issued = tokens.issued();
+    assert!(issued.len() >= 2, "{issued:?}");
+    let basic = base64::engine::general_purpose::STANDARD.encode(format!(
+        "{CLIENT_ID}:{}",
+        url::form_urlencoded::byte_serialize(SECRET.as_bytes()).collect::<String>()
+    ));
+    assert!(!log.contains(SECRET), "the client secret is in the log");
+    assert!(
+        !log.contains(&basic),
+        "the Basic credentials are in the log"
+    );
+    for token in issued {
+        assert!(!log.contains(&token), "an upstream token is in the log");
+    }
+}

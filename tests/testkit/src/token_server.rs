@@ -49,8 +49,10 @@ struct Inner {
     delay_ms: AtomicU64,
     requests: AtomicUsize,
     received: Mutex<Vec<TokenRequest>>,
-    /// Issued tokens and when each expires.
+    /// Valid tokens and when each expires.
     issued: Mutex<HashMap<String, Instant>>,
+    /// Every token ever issued.
+    all_issued: Mutex<Vec<String>>,
 }
 
 /// A running token endpoint.
@@ -88,6 +90,11 @@ impl TokenServer {
     /// Every token request received, in order.
     pub fn received(&self) -> Vec<TokenRequest> {
         self.inner.received.lock().unwrap().clone()
+    }
+
+    /// Every access token issued so far, revoked or not.
+    pub fn issued(&self) -> Vec<String> {
+        self.inner.all_issued.lock().unwrap().clone()
     }
 
     /// Refuses (401 `invalid_client`) every token request from now on, or stops refusing.
@@ -182,6 +189,7 @@ async fn token(State(inner): State<Arc<Inner>>, headers: HeaderMap, body: String
     }
     let access_token = uuid::Uuid::new_v4().simple().to_string();
     let expires_in = inner.expires_in.load(Ordering::SeqCst);
+    inner.all_issued.lock().unwrap().push(access_token.clone());
     inner.issued.lock().unwrap().insert(
         access_token.clone(),
         Instant::now() + Duration::from_secs(expires_in),
