@@ -30,6 +30,7 @@ mod export;
 mod log;
 mod metadata;
 pub mod paths;
+pub mod pem;
 mod secret;
 mod server;
 mod storage;

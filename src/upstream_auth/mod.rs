@@ -20,6 +20,13 @@ mod token;
 
 use token::{Grant, TokenSource};
 
+/// Reads what `[upstream.tls]` and `[upstream.auth]` name (CA bundle, client certificate and key,
+/// the assertion key) as the proxy does at start: `check-config` reports what would stop it.
+pub fn check(config: &Config) -> anyhow::Result<()> {
+    let tls = tls::client_config(&config.upstream.tls)?;
+    Credentials::new(config, &tls).map(|_| ())
+}
+
 /// Why no credentials could be had for an upstream request.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CredentialError {

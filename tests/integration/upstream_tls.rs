@@ -135,10 +135,28 @@ async fn unusable_tls_files_are_named_at_start() {
     let message = config.validate().unwrap_err().to_string();
     assert!(message.contains("upstream.tls.client_key"), "{message}");
 
-    // Readable, but a key where certificates belong: the proxy does not start, and says why.
+    // Readable, but a key where certificates belong: check-config says so, naming the key...
+    let dir = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[upstream]\nurl = \"https://localhost:1/fhir\"\n[upstream.tls]\nca_file = {:?}\n",
+        pki.client_key.display().to_string()
+    );
+    std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fhir-bulk-proxy"))
+        .args(["--config", "proxy.toml", "check-config"])
+        .env_remove("BULK_PROXY_CONFIG")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("upstream.tls.ca_file") && stderr.contains("no certificate in"),
+        "{stderr}"
+    );
+    // ... and the proxy does not start, and says why.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     config.upstream.tls.client_cert = None;
-    let dir = tempfile::tempdir().unwrap();
     config.store.path = dir.path().join("jobs.redb");
     config.storage.path = dir.path().join("files");
     let error = fhir_bulk_proxy::server::run(config, listener, std::future::pending())
@@ -146,7 +164,7 @@ async fn unusable_tls_files_are_named_at_start() {
         .unwrap_err();
     let message = format!("{error:#}");
     assert!(
-        message.contains("upstream.tls.ca_file") && message.contains("no PEM certificate"),
+        message.contains("upstream.tls.ca_file") && message.contains("no certificate in"),
         "{message}"
     );
 }
