@@ -180,3 +180,83 @@ impl AssertionKey {
         Ok(format!("{input}.{}", URL_SAFE_NO_PAD.encode(signature)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(dir: &tempfile::TempDir, name: &str, content: &str) -> std::path::PathBuf {
+        let path = dir.path().join(name);
+        std::fs::write(&path, content).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_jwk_key_signs_assertions_its_public_key_verifies() {
+        let mut jwk = crate::auth::keygen::ec_p384_jwk().unwrap();
+        jwk.insert("kid".into(), json!("k1"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir, "key.jwk", &Value::Object(jwk.clone()).to_string());
+        let key = AssertionKey::from_file(&path, None, None).unwrap();
+        assert_eq!(key.alg(), "ES384");
+        let jwt = key.assertion("me", "https://auth/token", 1_000).unwrap();
+
+        let mut public = jwk.clone();
+        public.remove("d");
+        let public: jsonwebtoken::jwk::Jwk = serde_json::from_value(Value::Object(public)).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::ES384);
+        validation.validate_exp = false;
+        validation.set_audience(&["https://auth/token"]);
+        let decoded = jsonwebtoken::decode::<Value>(
+            &jwt,
+            &jsonwebtoken::DecodingKey::from_jwk(&public).unwrap(),
+            &validation,
+        )
+        .unwrap();
+        assert_eq!(decoded.header.kid.as_deref(), Some("k1"));
+        let claims = decoded.claims;
+        assert_eq!(
+            (claims["iss"].as_str(), claims["sub"].as_str()),
+            (Some("me"), Some("me"))
+        );
+        assert_eq!(claims["exp"], 1_240);
+        let other = key.assertion("me", "https://auth/token", 1_000).unwrap();
+        assert_ne!(
+            claims["jti"],
+            jsonwebtoken::dangerous::insecure_decode::<Value>(&other)
+                .unwrap()
+                .claims["jti"]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key_and_never_show_key_material() {
+        let jwk = crate::auth::keygen::ec_p384_jwk().unwrap();
+        let d = jwk["d"].as_str().unwrap().to_owned();
+        let dir = tempfile::tempdir().unwrap();
+        let path = written(&dir, "key.jwk", &Value::Object(jwk).to_string());
+        let error = AssertionKey::from_file(&path, Some("RS384"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("upstream.auth.alg") && error.contains("ES384"),
+            "{error}"
+        );
+        assert!(!error.contains(&d), "{error}");
+        let shown = format!(
+            "{:?}",
+            AssertionKey::from_file(&path, None, Some("x")).unwrap()
+        );
+        assert!(!shown.contains(&d) && shown.contains("ES384"), "{shown}");
+
+        let path = written(
+            &dir,
+            "key.pem",
+            "-----BEGIN NOTHING-----\nabc\n-----END NOTHING-----\n",
+        );
+        let error = AssertionKey::from_file(&path, None, None)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("upstream.auth.private_key_file"), "{error}");
+    }
+}

@@ -401,3 +401,44 @@ async fn the_client_secret_and_the_upstream_tokens_never_reach_the_log() {
         assert!(!log.contains(&token), "an upstream token is in the log");
     }
 }
+
+/// The cross-check: the upstream is another fhir-bulk-proxy with protected passthrough, so the
+/// assertions this proxy signs are verified by the proxy's own token endpoint (found through its
+/// `.well-known/smart-configuration`), and its tokens by the proxy's own gate.
+#[tokio::test]
+async fn a_fhir_bulk_proxy_in_front_accepts_the_proxys_own_assertions() {
+    let fhir = testkit::setup::fixture_upstream().await;
+    let key = ClientKey::rs384();
+    let mut inner = testkit::TestProxy::config(&fhir.url());
+    testkit::smart::SmartClient::register_with(
+        &mut inner,
+        CLIENT_ID,
+        key.clone(),
+        &["system/*.read"],
+    );
+    inner.auth.passthrough = true;
+    let inner = testkit::TestProxy::start(inner).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("key.jwk");
+    std::fs::write(&file, key.private.to_string()).unwrap();
+    let inner_url = inner.url("");
+    let s = Setup::with_upstream(Store::Embedded, fhir, |c| {
+        c.upstream.url = inner_url;
+        let auth = &mut c.upstream.auth;
+        auth.scheme = UpstreamAuthScheme::PrivateKeyJwt;
+        auth.client_id = Some(CLIENT_ID.into());
+        auth.private_key_file = Some(file.clone());
+        auth.scope = Some("system/*.read".into());
+    })
+    .await;
+    let (manifest, files) = s.export("/$export?_type=Patient,Condition").await;
+    let want = expected(&s.fhir, None);
+    for t in ["Patient", "Condition"] {
+        assert_eq!(ids(&files)[t], want[t], "{t}");
+    }
+    assert!(s.errors(&manifest).await.is_empty());
+    // Without the proxy's credentials the inner proxy refuses the same search.
+    let direct = testkit::get_anonymous(inner.url("/Patient")).await;
+    assert_eq!(direct.status(), 401);
+}
