@@ -20,12 +20,16 @@ use crate::routes::RouteTable;
 use crate::storage::Storage;
 use crate::store::JobStore;
 use crate::telemetry::metrics;
+use crate::upstream_auth::Credentials;
 
 pub type AppState = Arc<App>;
 
 pub struct App {
     pub config: Config,
     pub upstream: Upstream,
+    /// What the proxy presents upstream on its own requests and, with passthrough authorization
+    /// on, on passthrough (`[upstream.auth]`).
+    pub upstream_credentials: Arc<Credentials>,
     pub metadata: MetadataCache,
     /// Token endpoint and bearer-token checks (SMART Backend Services).
     pub auth: Auth,
@@ -70,11 +74,10 @@ impl App {
                 StorageBackend::S3 => "s3",
             },
         );
-        let mut upstream_headers = axum::http::HeaderMap::new();
-        if let Some(value) = config.upstream.auth.authorization() {
-            upstream_headers.insert(header::AUTHORIZATION, value.parse()?);
-        }
-        let mut pager = Pager::new(&config, upstream_headers)?;
+        let tls = crate::upstream_auth::tls::client_config(&config.upstream.tls)?;
+        let upstream_credentials = Arc::new(Credentials::new(&config, &tls)?);
+        let mut pager =
+            Pager::new(&config, HeaderMap::new())?.with_credentials(upstream_credentials.clone());
         if config.store.backend == StoreBackend::Redis {
             pager = pager.with_fleet_cap(store.clone());
         }
@@ -86,6 +89,7 @@ impl App {
         ));
         Ok(Self {
             upstream: Upstream::new(&config)?,
+            upstream_credentials,
             metadata: MetadataCache::new(config.metadata.cache_ttl_secs),
             auth: Auth::with_jti_store(&config, Arc::new(StoreJti(store.clone())))?,
             metrics: metrics::handle(),
@@ -107,17 +111,12 @@ impl App {
     /// The upstream's CapabilityStatement (cached), or what it answered instead. Forwards the
     /// client's `X-Request-Id`, and its `Authorization` only where passthrough forwards it anyway:
     /// behind the gate it is the proxy's token, which is not the upstream's to see. The proxy's own
-    /// upstream credentials stand in when the client sent none (planning an export needs them).
+    /// upstream credentials stand in when the client sent none (planning an export needs them);
+    /// a 401 to an OAuth token renews it and asks once more.
     pub async fn upstream_metadata(
         &self,
         client_headers: Option<&HeaderMap>,
     ) -> Result<Fetched, ProxyError> {
-        let headers = self.metadata_headers(client_headers);
-        self.metadata.fetch(&self.upstream, headers).await
-    }
-
-    /// The headers of a metadata request on behalf of a client (see [`Self::upstream_metadata`]).
-    fn metadata_headers(&self, client_headers: Option<&HeaderMap>) -> HeaderMap {
         let mut headers = HeaderMap::new();
         let mut forwarded = vec![HeaderName::from_static("x-request-id")];
         if !self.auth.protects_passthrough() {
@@ -128,19 +127,36 @@ impl App {
                 headers.insert(name, value.clone());
             }
         }
-        if !headers.contains_key(header::AUTHORIZATION)
-            && let Some(value) = self.config.upstream.auth.authorization()
-            && let Ok(value) = value.parse()
-        {
-            headers.insert(header::AUTHORIZATION, value);
+        if headers.contains_key(header::AUTHORIZATION) {
+            return self.metadata.fetch(&self.upstream, headers).await;
         }
-        headers
+        let mut renewed = false;
+        loop {
+            let ours = self.upstream_credentials.authorization().await?;
+            let mut headers = headers.clone();
+            if let Some(value) = &ours {
+                headers.insert(header::AUTHORIZATION, value.clone());
+            }
+            let fetched = self.metadata.fetch(&self.upstream, headers).await?;
+            match &fetched {
+                Fetched::Other(parts, _)
+                    if parts.status == axum::http::StatusCode::UNAUTHORIZED
+                        && !renewed
+                        && self.upstream_credentials.rejected(ours.as_ref()) =>
+                {
+                    renewed = true;
+                }
+                _ => return Ok(fetched),
+            }
+        }
     }
 
     /// Resource types the upstream's CapabilityStatement lists (`None` when it cannot tell).
     pub async fn upstream_types(&self) -> Option<Vec<String>> {
-        let headers = self.metadata_headers(None);
-        self.metadata.types(&self.upstream, headers).await.ok()?
+        match self.upstream_metadata(None).await.ok()? {
+            Fetched::Statement(statement) => statement.types,
+            Fetched::Other(..) => None,
+        }
     }
 
     /// The Patients of `Group/{id}` on the upstream at `now`, after the membership rules

@@ -26,7 +26,8 @@
 //! ## Modules, from the top down
 //!
 //! Dependencies point one way, `tests/integration/layering.rs` holds them to it:
-//! `server` → `http` → `app` → (`auth`, `export`, `proxy`) → (`store`, `storage`, `fhir`, `job`);
+//! `server` → `http` → `app` → (`auth`, `export`, `proxy`) → (`store`, `storage`, `fhir`, `job`,
+//! `upstream_auth`);
 //! `config` and `telemetry` are used from anywhere and import only `fhir` and `config`.
 //!
 //! - [`server`]: the listener (plain or TLS), HTTP/1.1 + HTTP/2, connection limits, graceful shutdown.
@@ -42,6 +43,10 @@
 //!   writing, the workers that claim and run units with checkpoints, finalisation, the sweeper.
 //! - [`proxy`]: passthrough to the upstream, streamed both ways, with the reverse-proxy header
 //!   rules; the upstream's CapabilityStatement cache.
+//! - [`upstream_auth`]: what the proxy presents to the upstream on its own behalf: static
+//!   credentials or OAuth 2.0 tokens it obtains and renews (`client_credentials`,
+//!   `private_key_jwt`), and the one rustls client configuration (`[upstream.tls]`: CA bundle,
+//!   client certificate) of export paging, metadata, passthrough and the token requests.
 //! - [`store`]: the `JobStore` trait where jobs, units, leases, poll times and `jti`s live; an
 //!   embedded redb file by default (one node, persistent), Redis when replicas share the work. Both
 //!   pass one contract suite, and every decision between workers is atomic in both.
@@ -75,3 +80,4 @@ pub mod server;
 pub mod storage;
 pub mod store;
 pub mod telemetry;
+pub mod upstream_auth;

@@ -68,6 +68,8 @@ fn main() -> anyhow::Result<()> {
     }
     let config = Config::load(cli.config.as_deref())?;
     if let Command::CheckConfig { strict } = command {
+        // The files [upstream.tls] and [upstream.auth] name are read as the proxy will read them.
+        fhir_bulk_proxy::upstream_auth::check(&config)?;
         print!("{}", config.report());
         let warnings = config.warnings().len();
         if strict && warnings > 0 {

@@ -23,8 +23,6 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use hyper_util::server::graceful::GracefulShutdown;
-use rustls::pki_types::pem::{self, PemObject as _};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsAcceptor;
@@ -481,39 +479,8 @@ async fn log_connection_end<E: std::fmt::Display>(
 
 /// A rustls acceptor offering TLS 1.3 and 1.2 only (rustls implements nothing older).
 fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
-    let certs = {
-        let pem = std::fs::read(&tls.cert)
-            .with_context(|| format!("server.tls.cert: cannot read {}", tls.cert.display()))?;
-        CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .with_context(|| {
-                format!(
-                    "server.tls.cert: no PEM certificates in {}",
-                    tls.cert.display()
-                )
-            })?
-    };
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "server.tls.cert: no certificate in {}",
-        tls.cert.display()
-    );
-    let key = {
-        let pem = std::fs::read(&tls.key)
-            .with_context(|| format!("server.tls.key: cannot read {}", tls.key.display()))?;
-        match PrivateKeyDer::from_pem_slice(&pem) {
-            Ok(key) => key,
-            Err(pem::Error::NoItemsFound) => {
-                anyhow::bail!("server.tls.key: no private key in {}", tls.key.display())
-            }
-            Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "server.tls.key: unreadable PEM in {}",
-                    tls.key.display()
-                )));
-            }
-        }
-    };
+    let certs = crate::config::pem::certificates("server.tls.cert", &tls.cert)?;
+    let key = crate::config::pem::private_key("server.tls.key", &tls.key)?;
     let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

@@ -30,6 +30,7 @@ mod export;
 mod log;
 mod metadata;
 pub mod paths;
+pub mod pem;
 mod secret;
 mod server;
 mod storage;
@@ -44,7 +45,9 @@ pub use secret::Secret;
 pub use server::{ClientTimeouts, ServerConfig, Splice, TlsConfig};
 pub use storage::{S3Config, StorageBackend, StorageConfig};
 pub use store::{StoreBackend, StoreConfig};
-pub use upstream::{UpstreamAuthConfig, UpstreamAuthScheme, UpstreamConfig};
+pub use upstream::{
+    ClientAuth, UpstreamAuthConfig, UpstreamAuthScheme, UpstreamConfig, UpstreamTlsConfig,
+};
 
 /// Environment variable prefix; nested keys are joined with `__`.
 pub const ENV_PREFIX: &str = "BULK_PROXY_";

@@ -46,6 +46,20 @@ impl Config {
             paths.push(("server.tls.cert", &mut tls.cert));
             paths.push(("server.tls.key", &mut tls.key));
         }
+        let upstream = &mut self.upstream;
+        for (key, path) in [
+            ("upstream.tls.ca_file", &mut upstream.tls.ca_file),
+            ("upstream.tls.client_cert", &mut upstream.tls.client_cert),
+            ("upstream.tls.client_key", &mut upstream.tls.client_key),
+            (
+                "upstream.auth.private_key_file",
+                &mut upstream.auth.private_key_file,
+            ),
+        ] {
+            if let Some(path) = path {
+                paths.push((key, path));
+            }
+        }
         paths
     }
 

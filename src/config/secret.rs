@@ -1,4 +1,5 @@
-//! A configured secret: `auth.signing_secret`, `upstream.auth.token` and `password`,
+//! A configured secret: `auth.signing_secret`, `upstream.auth.token`, `password` and
+//! `client_secret`,
 //! `storage.s3.secret_access_key`, and `store.redis_url` (which may carry a password). The one
 //! place secrets are kept from logs and from `check-config`: `Debug` never prints one, so neither
 //! does `Debug` of the config or any struct holding it; the value is read through
@@ -62,8 +63,9 @@ impl From<String> for Secret {
 mod tests {
     use super::super::{Config, StorageBackend, StoreBackend, UpstreamAuthScheme};
 
-    const SECRETS: [&str; 6] = [
+    const SECRETS: [&str; 7] = [
         "signing-secret",
+        "upstream-client-secret",
         "upstream-bearer-token",
         "upstream-password",
         "s3-secret-key",
@@ -79,6 +81,7 @@ mod tests {
         config.upstream.auth.scheme = UpstreamAuthScheme::Basic;
         config.upstream.auth.token = Some("upstream-bearer-token".into());
         config.upstream.auth.password = Some("upstream-password".into());
+        config.upstream.auth.client_secret = Some("upstream-client-secret".into());
         config.storage.backend = StorageBackend::S3;
         config.storage.s3.endpoint = Some("https://minio:url-password@minio:9000".into());
         config.storage.s3.secret_access_key = Some("s3-secret-key".into());

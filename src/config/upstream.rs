@@ -1,5 +1,9 @@
-//! `[upstream]`: the FHIR server behind the proxy (its URL, timeouts and connection pool) and
-//! `[upstream.auth]`, the credentials the proxy itself presents to it.
+//! `[upstream]`: the FHIR server behind the proxy (its URL, timeouts and connection pool),
+//! `[upstream.auth]`, the credentials the proxy itself presents to it (static, or OAuth 2.0 tokens
+//! it obtains: `client_credentials` with a secret, `private_key_jwt` as SMART Backend Services),
+//! and `[upstream.tls]`, the CA bundle and client certificate of its TLS connections.
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use url::Url;
@@ -25,6 +29,22 @@ pub struct UpstreamConfig {
     /// Credentials the proxy presents upstream on its own requests (`[upstream.auth]`).
     /// Default: none.
     pub auth: UpstreamAuthConfig,
+    /// TLS towards an `https` upstream and its token endpoint (`[upstream.tls]`). Default: the
+    /// system's CA certificates, no client certificate.
+    pub tls: UpstreamTlsConfig,
+}
+
+/// `[upstream.tls]`: whom the proxy trusts and who it is, on TLS connections to the upstream and to
+/// its token endpoint. The server's hostname is always verified against its certificate.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM bundle of the CA certificates to trust instead of the system's. Default unset.
+    pub ca_file: Option<PathBuf>,
+    /// PEM certificate chain presented to the upstream (mutual TLS); needs `client_key`.
+    pub client_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `client_cert`.
+    pub client_key: Option<PathBuf>,
 }
 
 /// `url` as check-config shows it: a password in it is not the log's to see.
@@ -37,6 +57,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("pool_idle_timeout_secs", &self.pool_idle_timeout_secs)
             .field("pool_max_idle_per_host", &self.pool_max_idle_per_host)
             .field("auth", &self.auth)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -50,6 +71,7 @@ impl Default for UpstreamConfig {
             pool_idle_timeout_secs: 90,
             pool_max_idle_per_host: 64,
             auth: UpstreamAuthConfig::default(),
+            tls: UpstreamTlsConfig::default(),
         }
     }
 }
@@ -59,7 +81,9 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct UpstreamAuthConfig {
-    /// `none`, `bearer` (sends `token`) or `basic` (sends `username` and `password`). Default `none`.
+    /// `none`, `bearer` (sends `token`), `basic` (sends `username` and `password`),
+    /// `client_credentials` (OAuth 2.0 with `client_id` and `client_secret`) or `private_key_jwt`
+    /// (SMART Backend Services with `client_id` and `private_key_file`). Default `none`.
     pub scheme: UpstreamAuthScheme,
     /// Bearer token for `scheme = "bearer"`. Default unset.
     pub token: Option<Secret>,
@@ -67,15 +91,44 @@ pub struct UpstreamAuthConfig {
     pub username: Option<String>,
     /// Password for `scheme = "basic"`. Default unset (empty).
     pub password: Option<Secret>,
+    /// The upstream's OAuth token endpoint. Required with `client_credentials`; with
+    /// `private_key_jwt` discovered from `{upstream.url}/.well-known/smart-configuration` when unset.
+    pub token_url: Option<String>,
+    /// The proxy's client id at the upstream's authorization server (the OAuth schemes).
+    pub client_id: Option<String>,
+    /// The client secret for `client_credentials`.
+    pub client_secret: Option<Secret>,
+    /// How `client_credentials` presents its secret: `basic` (HTTP Basic, RFC 6749
+    /// `client_secret_basic`) or `post` (form fields, `client_secret_post`). Default `basic`.
+    pub client_auth: ClientAuth,
+    /// The scopes to ask for (space-separated); unset asks for none and takes the server's default.
+    pub scope: Option<String>,
+    /// `private_key_jwt`: the private key signing the client assertions, a JWK (JSON) or PEM file.
+    pub private_key_file: Option<PathBuf>,
+    /// `private_key_jwt`: `RS384` or `ES384`. Default: the key's (RSA → RS384, EC P-384 → ES384).
+    pub alg: Option<String>,
+    /// `private_key_jwt`: the `kid` header of the assertions. Default: the JWK's `kid`, else none.
+    pub kid: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum UpstreamAuthScheme {
     #[default]
     None,
     Bearer,
     Basic,
+    ClientCredentials,
+    PrivateKeyJwt,
+}
+
+/// How a `client_credentials` client authenticates at the token endpoint.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Basic,
+    Post,
 }
 
 impl UpstreamConfig {
@@ -97,7 +150,8 @@ impl UpstreamConfig {
                 return Err(invalid(key, "0", "must be greater than 0"));
             }
         }
-        self.auth.validate()
+        self.auth.validate()?;
+        self.tls.validate()
     }
 
     /// The upstream base URL, without a trailing slash on its path.
@@ -115,10 +169,51 @@ impl UpstreamConfig {
     }
 }
 
+impl UpstreamTlsConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("upstream.tls.ca_file", &self.ca_file),
+            ("upstream.tls.client_cert", &self.client_cert),
+            ("upstream.tls.client_key", &self.client_key),
+        ] {
+            if let Some(path) = path {
+                readable(key, path)?;
+            }
+        }
+        match (&self.client_cert, &self.client_key) {
+            (Some(_), None) => Err(ConfigError::Missing {
+                key: "upstream.tls.client_key",
+                reason: "the private key of upstream.tls.client_cert (PEM)".into(),
+            }),
+            (None, Some(_)) => Err(ConfigError::Missing {
+                key: "upstream.tls.client_cert",
+                reason: "the certificate (PEM) of upstream.tls.client_key".into(),
+            }),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// `path` can be opened for reading, or an error naming `key`.
+fn readable(key: &'static str, path: &std::path::Path) -> Result<(), ConfigError> {
+    match std::fs::File::open(path) {
+        Ok(file) if file.metadata().is_ok_and(|m| m.is_file()) => Ok(()),
+        Ok(_) => Err(invalid(key, path.display().to_string(), "not a file")),
+        Err(e) => Err(invalid(
+            key,
+            path.display().to_string(),
+            format!("cannot be read: {e}"),
+        )),
+    }
+}
+
 impl UpstreamAuthConfig {
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         match self.scheme {
             UpstreamAuthScheme::None => Ok(()),
+            UpstreamAuthScheme::ClientCredentials | UpstreamAuthScheme::PrivateKeyJwt => {
+                self.validate_oauth()
+            }
             UpstreamAuthScheme::Bearer => match &self.token {
                 Some(token) if is_header_safe(token.expose()) && !token.expose().is_empty() => {
                     Ok(())
@@ -142,11 +237,101 @@ impl UpstreamAuthConfig {
         }
     }
 
-    /// The `Authorization` header value to send upstream, if any.
+    /// The OAuth schemes' keys: what each needs, and values that can be used as they are.
+    fn validate_oauth(&self) -> Result<(), ConfigError> {
+        let jwt = self.scheme == UpstreamAuthScheme::PrivateKeyJwt;
+        let name = if jwt {
+            "private_key_jwt"
+        } else {
+            "client_credentials"
+        };
+        match &self.token_url {
+            Some(url) => {
+                let parsed = url::Url::parse(url).map_err(|e| {
+                    invalid("upstream.auth.token_url", url, format!("not a URL: {e}"))
+                })?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err(invalid(
+                        "upstream.auth.token_url",
+                        url,
+                        "scheme must be http or https",
+                    ));
+                }
+            }
+            None if !jwt => {
+                return Err(ConfigError::Missing {
+                    key: "upstream.auth.token_url",
+                    reason:
+                        "the upstream's OAuth token endpoint, with scheme = \"client_credentials\""
+                            .into(),
+                });
+            }
+            None => {}
+        }
+        match &self.client_id {
+            Some(id) if !id.is_empty() && is_header_safe(id) => {}
+            _ => {
+                return Err(ConfigError::Missing {
+                    key: "upstream.auth.client_id",
+                    reason: format!(
+                        "the proxy's client id at the upstream, with scheme = \"{name}\""
+                    ),
+                });
+            }
+        }
+        if let Some(scope) = &self.scope
+            && !is_header_safe(scope)
+        {
+            return Err(invalid(
+                "upstream.auth.scope",
+                scope,
+                "must not contain control characters",
+            ));
+        }
+        if jwt {
+            let Some(path) = &self.private_key_file else {
+                return Err(ConfigError::Missing {
+                    key: "upstream.auth.private_key_file",
+                    reason: "the private key (JWK or PEM) signing the client assertions, with \
+                             scheme = \"private_key_jwt\""
+                        .into(),
+                });
+            };
+            readable("upstream.auth.private_key_file", path)?;
+            if let Some(alg) = &self.alg
+                && !matches!(alg.as_str(), "RS384" | "ES384")
+            {
+                return Err(invalid("upstream.auth.alg", alg, "must be RS384 or ES384"));
+            }
+        } else if self
+            .client_secret
+            .as_ref()
+            .is_none_or(|s| s.expose().is_empty())
+        {
+            return Err(ConfigError::Missing {
+                key: "upstream.auth.client_secret",
+                reason: "the client secret, with scheme = \"client_credentials\"".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether the proxy obtains its upstream tokens from an OAuth token endpoint.
+    pub fn is_oauth(&self) -> bool {
+        matches!(
+            self.scheme,
+            UpstreamAuthScheme::ClientCredentials | UpstreamAuthScheme::PrivateKeyJwt
+        )
+    }
+
+    /// The `Authorization` header value to send upstream for the static schemes, if any (the OAuth
+    /// schemes' tokens come from `upstream_auth::Credentials`).
     pub fn authorization(&self) -> Option<String> {
         use base64::Engine as _;
         match self.scheme {
-            UpstreamAuthScheme::None => None,
+            UpstreamAuthScheme::None
+            | UpstreamAuthScheme::ClientCredentials
+            | UpstreamAuthScheme::PrivateKeyJwt => None,
             UpstreamAuthScheme::Bearer => self
                 .token
                 .as_ref()
@@ -220,6 +405,38 @@ mod tests {
                 "upstream.auth.username",
             ),
             ("[upstream.auth]\nscheme = \"digest\"\n", "digest"),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\nclient_id = \"p\"\nclient_secret = \"s\"\n",
+                "upstream.auth.token_url",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"http://t/token\"\nclient_secret = \"s\"\n",
+                "upstream.auth.client_id",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"http://t/token\"\nclient_id = \"p\"\n",
+                "upstream.auth.client_secret",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"ftp://t/token\"\nclient_id = \"p\"\nclient_secret = \"s\"\n",
+                "upstream.auth.token_url",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"client_credentials\"\nclient_auth = \"jwt\"\n",
+                "jwt",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"private_key_jwt\"\nclient_id = \"p\"\n",
+                "upstream.auth.private_key_file",
+            ),
+            (
+                "[upstream.auth]\nscheme = \"private_key_jwt\"\nclient_id = \"p\"\nprivate_key_file = \"/nonexistent/key.pem\"\n",
+                "upstream.auth.private_key_file",
+            ),
+            (
+                "[upstream.tls]\nca_file = \"/nonexistent/ca.pem\"\n",
+                "upstream.tls.ca_file",
+            ),
         ];
         for (toml, expected) in cases {
             let message = load_toml(toml).expect_err(toml);
@@ -234,6 +451,46 @@ mod tests {
         });
         assert!(message.contains("credentials"), "{message}");
         assert!(!message.contains("hunter2"), "{message}");
+    }
+
+    #[test]
+    fn oauth_schemes_validate_with_their_keys_and_a_readable_key_file() {
+        let config = load_toml(
+            "[upstream.auth]\nscheme = \"client_credentials\"\ntoken_url = \"https://t/token\"\nclient_id = \"p\"\nclient_secret = \"s\"\nclient_auth = \"post\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.upstream.auth.client_auth, ClientAuth::Post);
+        assert!(config.upstream.auth.is_oauth());
+        // Not a static header: the token comes from the token endpoint.
+        assert_eq!(config.upstream.auth.authorization(), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, "not checked here").unwrap();
+        let toml = format!(
+            "[upstream.auth]\nscheme = \"private_key_jwt\"\nclient_id = \"p\"\nprivate_key_file = {:?}\nalg = \"PS256\"\n",
+            key.display().to_string()
+        );
+        let message = load_toml(&toml).unwrap_err();
+        assert!(message.contains("upstream.auth.alg"), "{message}");
+        let config = load_toml(&toml.replace("PS256", "ES384")).unwrap();
+        assert_eq!(
+            config.upstream.auth.token_url, None,
+            "discovered at run time"
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("c.pem");
+        std::fs::write(&cert, "").unwrap();
+        let toml = format!(
+            "[upstream.tls]\nclient_cert = {:?}\n",
+            cert.display().to_string()
+        );
+        let message = load_toml(&toml).unwrap_err();
+        assert!(message.contains("upstream.tls.client_key"), "{message}");
     }
 
     #[test]

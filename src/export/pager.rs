@@ -2,20 +2,23 @@
 //! and the sort), fetches pages under the global concurrency cap, and retries 5xx / 429 / timeouts
 //! with capped exponential backoff that honours `Retry-After` (DESIGN "The upstream is protected").
 //! `next` links may be absolute or relative; one naming another host (the upstream's own idea of
-//! its address) is moved onto the configured upstream origin.
+//! its address) is moved onto the configured upstream origin. Each request carries the
+//! upstream credentials of the moment ([`Credentials`]); a 401 renews an OAuth token and the
+//! request is sent once more.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
-use reqwest::header::{ACCEPT, HeaderMap, HeaderValue, RETRY_AFTER};
+use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::config::Config;
 use crate::job::now_millis;
 use crate::store::JobStore;
+use crate::upstream_auth::Credentials;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
@@ -46,6 +49,8 @@ pub struct Pager {
     /// The fleet-wide cap (Redis): `None` when this replica is the whole fleet.
     fleet: Option<Arc<dyn JobStore>>,
     page_timeout: Duration,
+    /// What each request presents upstream (`[upstream.auth]`).
+    credentials: Arc<Credentials>,
 }
 
 /// A fleet-wide upstream slot, given back when dropped: also when the fetch holding it is
@@ -81,7 +86,12 @@ impl Pager {
         // would silently widen a `_typeFilter` to the whole type; strict handling makes it a
         // 400, which lands in the error file instead.
         headers.insert("prefer", HeaderValue::from_static("handling=strict"));
+        let mut tls = crate::upstream_auth::tls::client_config(&config.upstream.tls)?
+            .as_ref()
+            .clone();
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
             .default_headers(headers)
             .connect_timeout(config.connect_timeout())
             .timeout(Duration::from_millis(e.page_timeout_ms))
@@ -101,7 +111,14 @@ impl Pager {
             max_concurrency: e.max_upstream_concurrency,
             fleet: None,
             page_timeout: Duration::from_millis(e.page_timeout_ms),
+            credentials: Arc::new(Credentials::none()),
         })
+    }
+
+    /// Presents `credentials` upstream (by default none).
+    pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
+        self.credentials = credentials;
+        self
     }
 
     /// Makes `export.max_upstream_concurrency` hold for every replica sharing `store` together.
@@ -231,10 +248,43 @@ impl Pager {
         self.request(url).await
     }
 
-    /// One upstream GET, its body read up to the page limit.
+    /// One upstream GET with the current credentials; after a 401 to an OAuth token, once more
+    /// with a new one.
     async fn request(&self, url: &str) -> Result<Bytes, Attempt> {
+        let mut renewed = false;
+        loop {
+            let authorization =
+                self.credentials
+                    .authorization()
+                    .await
+                    .map_err(|e| Attempt::Retry {
+                        reason: e.to_string(),
+                        retry_after: None,
+                    })?;
+            match self.request_with(url, authorization.as_ref()).await {
+                Err(Attempt::Fatal(StatusCode::UNAUTHORIZED, _))
+                    if !renewed && self.credentials.rejected(authorization.as_ref()) =>
+                {
+                    tracing::debug!(url, "the upstream refused its token; renewing it");
+                    renewed = true;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
+    /// One upstream GET, its body read up to the page limit.
+    async fn request_with(
+        &self,
+        url: &str,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<Bytes, Attempt> {
         let started = std::time::Instant::now();
-        let response = self.client.get(url).send().await;
+        let mut request = self.client.get(url);
+        if let Some(value) = authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        let response = request.send().await;
         // Latency to response headers, as for passthrough requests (route `export_page`).
         let outcome = match &response {
             Ok(_) => "ok",

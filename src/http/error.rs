@@ -125,9 +125,9 @@ impl ApiError {
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Self::Proxy(ProxyError::Timeout(_)) => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
-            Self::Proxy(ProxyError::Unreachable(_) | ProxyError::Protocol(_)) => {
-                (StatusCode::BAD_GATEWAY, "transient")
-            }
+            Self::Proxy(
+                ProxyError::Unreachable(_) | ProxyError::Protocol(_) | ProxyError::Credentials(_),
+            ) => (StatusCode::BAD_GATEWAY, "transient"),
             Self::Proxy(ProxyError::TooLarge(_)) => (StatusCode::BAD_GATEWAY, "too-costly"),
             Self::Proxy(ProxyError::ClientBody(_)) => (StatusCode::BAD_REQUEST, "invalid"),
             Self::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid"),

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, Method, header};
+use axum::http::{Method, StatusCode, header};
 use axum::response::Response;
 
 use super::error::ApiError;
@@ -51,13 +51,40 @@ pub async fn passthrough(
              write it without percent-encoding"
         )));
     }
-    let request = if is_open(app) {
-        request
-    } else {
-        admit(app, request).await?
-    };
     let context = app.client_context(peer);
-    Ok(app.upstream.forward(request, &context).await?)
+    if is_open(app) {
+        return Ok(app.upstream.forward(request, &context).await?);
+    }
+    let request = admit(app, request).await?;
+    // The proxy's own credentials went upstream: a 401 to an OAuth token renews it, and a request
+    // without a body (one that can be sent again) goes once more with the new one.
+    let again = (!has_body(request.headers())).then(|| {
+        let mut head = Request::new(Body::empty());
+        *head.method_mut() = request.method().clone();
+        *head.uri_mut() = request.uri().clone();
+        *head.version_mut() = request.version();
+        *head.headers_mut() = request.headers().clone();
+        head
+    });
+    let sent = request.headers().get(header::AUTHORIZATION).cloned();
+    let response = app.upstream.forward(request, &context).await?;
+    match again {
+        Some(mut again)
+            if response.status() == StatusCode::UNAUTHORIZED
+                && app.upstream_credentials.rejected(sent.as_ref()) =>
+        {
+            if let Some(value) = app
+                .upstream_credentials
+                .authorization()
+                .await
+                .map_err(crate::proxy::ProxyError::from)?
+            {
+                again.headers_mut().insert(header::AUTHORIZATION, value);
+            }
+            Ok(app.upstream.forward(again, &context).await?)
+        }
+        _ => Ok(response),
+    }
 }
 
 /// Headers that ask a server to treat a request as another method.
@@ -113,9 +140,12 @@ async fn admit(app: &App, request: Request) -> Result<Request, ApiError> {
         }
     };
     parts.headers.remove(header::AUTHORIZATION);
-    if let Some(value) = app.config.upstream.auth.authorization() {
-        let value = HeaderValue::from_str(&value)
-            .map_err(|_| ApiError::Internal("upstream.auth is not a valid header".into()))?;
+    if let Some(value) = app
+        .upstream_credentials
+        .authorization()
+        .await
+        .map_err(crate::proxy::ProxyError::from)?
+    {
         parts.headers.insert(header::AUTHORIZATION, value);
     }
     Ok(Request::from_parts(parts, body))

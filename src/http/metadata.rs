@@ -38,7 +38,8 @@ pub async fn get(State(app): State<AppState>, request: Request) -> Result<Respon
         app.config.auth.token_path
     );
     match app.upstream_metadata(Some(request.headers())).await? {
-        Fetched::Statement(mut statement) => {
+        Fetched::Statement(statement) => {
+            let mut statement = statement.document();
             // No token endpoint is served with auth disabled: none is advertised.
             let token_url = app.auth.enabled().then_some(token_url.as_str());
             capability::augment(&mut statement, token_url);

@@ -1,5 +1,6 @@
-//! The upstream client: one connection pool (HTTP/1.1, plain or rustls; [`super::pool`]) shared by
-//! passthrough and by the proxy's own upstream calls (metadata, readiness).
+//! The upstream client: one connection pool (HTTP/1.1, plain or rustls with `[upstream.tls]`'s
+//! client configuration; [`super::pool`]) shared by passthrough and by the proxy's own upstream
+//! calls (metadata, readiness).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -40,8 +41,9 @@ impl Upstream {
         http.enforce_http(false);
         http.set_connect_timeout(Some(config.connect_timeout()));
         http.set_nodelay(true);
+        let tls = crate::upstream_auth::tls::client_config(&config.upstream.tls)?;
         let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_native_roots()?
+            .with_tls_config(tls.as_ref().clone())
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);

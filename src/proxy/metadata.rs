@@ -29,8 +29,23 @@ pub struct MetadataCache {
 #[derive(Clone)]
 struct Entry {
     at: Instant,
+    statement: Statement,
+}
+
+/// An upstream CapabilityStatement as cached.
+#[derive(Clone)]
+pub struct Statement {
     raw: Bytes,
-    types: Option<Vec<String>>,
+    /// The resource types its `rest` (mode `server`) lists; `None` when none.
+    pub types: Option<Vec<String>>,
+}
+
+impl Statement {
+    /// The document (parsed anew: see [`Entry`]).
+    pub fn document(&self) -> Value {
+        // Parsed and checked when it was cached.
+        serde_json::from_slice(&self.raw).unwrap_or_default()
+    }
 }
 
 /// The parts of a CapabilityStatement the cache reads.
@@ -57,8 +72,8 @@ struct OutlineResource {
 
 /// What the upstream answered to `GET /metadata`.
 pub enum Fetched {
-    /// A CapabilityStatement (JSON), possibly from the cache.
-    Statement(Value),
+    /// A CapabilityStatement, possibly from the cache.
+    Statement(Statement),
     /// Anything else (an error, XML, not JSON), as the upstream sent it.
     Other(axum::http::response::Parts, Bytes),
 }
@@ -78,33 +93,12 @@ impl MetadataCache {
         upstream: &Upstream,
         headers: HeaderMap,
     ) -> Result<Fetched, ProxyError> {
-        let entry = match self.fresh() {
-            Some(entry) => entry,
-            None => match self.refresh(upstream, headers).await? {
-                Ok(entry) => entry,
-                Err(other) => return Ok(other),
-            },
-        };
-        // Parsed and checked when it was cached.
-        Ok(Fetched::Statement(
-            serde_json::from_slice(&entry.raw).unwrap_or_default(),
-        ))
-    }
-
-    /// The resource types the upstream's CapabilityStatement lists (cached as [`Self::fetch`]);
-    /// `None` when it lists none or the upstream did not answer with one.
-    pub async fn types(
-        &self,
-        upstream: &Upstream,
-        headers: HeaderMap,
-    ) -> Result<Option<Vec<String>>, ProxyError> {
         Ok(match self.fresh() {
-            Some(entry) => entry.types,
-            None => self
-                .refresh(upstream, headers)
-                .await?
-                .ok()
-                .and_then(|e| e.types),
+            Some(entry) => Fetched::Statement(entry.statement),
+            None => match self.refresh(upstream, headers).await? {
+                Ok(entry) => Fetched::Statement(entry.statement),
+                Err(other) => other,
+            },
         })
     }
 
@@ -135,8 +129,10 @@ impl MetadataCache {
             .collect();
         let entry = Entry {
             at: Instant::now(),
-            raw: body,
-            types: (!types.is_empty()).then_some(types),
+            statement: Statement {
+                raw: body,
+                types: (!types.is_empty()).then_some(types),
+            },
         };
         if !self.ttl.is_zero() {
             *self.entry.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry.clone());

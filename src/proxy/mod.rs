@@ -86,6 +86,9 @@ pub enum ProxyError {
     /// client's error (400), not the upstream's.
     #[error("the request body could not be read: {0}")]
     ClientBody(String),
+    /// The proxy's own credentials for the upstream could not be had (its token endpoint failed).
+    #[error(transparent)]
+    Credentials(#[from] crate::upstream_auth::CredentialError),
 }
 
 /// Records an upstream call's outcome and latency (since `started`) in the metrics.
@@ -99,6 +102,7 @@ fn record_upstream<T>(
         Err(ProxyError::Timeout(_)) => "timeout",
         Err(ProxyError::Unreachable(_)) => "connect_error",
         Err(ProxyError::ClientBody(_)) => "client_error",
+        Err(ProxyError::Credentials(_)) => "credentials_error",
         Err(_) => "protocol_error",
     };
     crate::telemetry::metrics::upstream(route, outcome, started.elapsed());

@@ -15,7 +15,7 @@ use syn::{Attribute, Ident, ImplItem, Item, ItemUse, Macro, UseTree, Visibility}
 
 /// Each top-level module and what it may import directly, besides itself; it may also import
 /// whatever those may ([`may_import`] follows the table down). `server` → `http` → `app` →
-/// `export`/`auth`/`proxy` → `store`/`storage`/`fhir`/`job`; `config` and `telemetry` are usable
+/// `export`/`auth`/`proxy` → `store`/`storage`/`fhir`/`job`/`upstream_auth`; `config` and `telemetry` are usable
 /// from anywhere. `config` sits above `fhir` because validating a client's scopes needs the SMART
 /// scope grammar.
 const MAY_IMPORT: &[(&str, &[&str])] = &[
@@ -26,6 +26,7 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
     ("routes", &["telemetry"]),
     ("store", &["job", "telemetry"]),
     ("storage", &["job", "telemetry"]),
+    ("upstream_auth", &["telemetry"]),
     ("proxy", LOWER),
     ("auth", LOWER),
     ("export", LOWER),
@@ -36,7 +37,14 @@ const MAY_IMPORT: &[(&str, &[&str])] = &[
 ];
 
 /// What `export`, `auth` and `proxy` build on.
-const LOWER: &[&str] = &["store", "storage", "fhir", "job", "telemetry"];
+const LOWER: &[&str] = &[
+    "store",
+    "storage",
+    "fhir",
+    "job",
+    "telemetry",
+    "upstream_auth",
+];
 
 /// What `module` may import: its entries in [`MAY_IMPORT`] and, in turn, theirs.
 fn may_import(module: &str) -> Vec<&'static str> {

@@ -27,3 +27,5 @@ mod scan;
 mod store_contract;
 mod timeouts;
 mod tls;
+mod upstream_auth;
+mod upstream_tls;

@@ -27,6 +27,8 @@ pub mod s3;
 pub mod scripted;
 pub mod setup;
 pub mod smart;
+pub mod tls;
+pub mod token_server;
 
 pub use eventually::eventually;
 pub use fake_fhir::FakeFhir;

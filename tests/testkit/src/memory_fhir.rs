@@ -82,9 +82,14 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// Decides from a request's `Authorization` (if any) whether it may be answered.
+pub type Authorize = Arc<dyn Fn(Option<&str>) -> bool + Send + Sync>;
+
 struct Inner {
     base: String,
     bearer: Option<String>,
+    authorize: Option<Authorize>,
+    smart_configuration: Option<Value>,
     types: HashMap<String, Vec<Stored>>,
     faults: Arc<Faults>,
     counters: Arc<Counters>,
@@ -96,6 +101,8 @@ pub struct MemoryFhir {
     types: HashMap<String, Vec<Stored>>,
     clock: u64,
     bearer: Option<String>,
+    authorize: Option<Authorize>,
+    smart_configuration: Option<Value>,
 }
 
 /// A running [`MemoryFhir`].
@@ -120,6 +127,8 @@ impl MemoryFhir {
             types: HashMap::new(),
             clock: 0,
             bearer: None,
+            authorize: None,
+            smart_configuration: None,
         }
     }
 
@@ -133,6 +142,19 @@ impl MemoryFhir {
     /// authentication).
     pub fn require_bearer(mut self, token: &str) -> Self {
         self.bearer = Some(format!("Bearer {token}"));
+        self
+    }
+
+    /// Answers 401 to requests whose `Authorization` `authorize` refuses (e.g. tokens a test
+    /// token server did not issue, or that expired).
+    pub fn require_authorization(mut self, authorize: Authorize) -> Self {
+        self.authorize = Some(authorize);
+        self
+    }
+
+    /// Serves `document` at `{base}/.well-known/smart-configuration`, without authentication.
+    pub fn smart_configuration(mut self, document: Value) -> Self {
+        self.smart_configuration = Some(document);
         self
     }
 
@@ -233,6 +255,8 @@ impl MemoryFhir {
         let inner = Arc::new(Inner {
             base: self.base.clone(),
             bearer: self.bearer,
+            authorize: self.authorize,
+            smart_configuration: self.smart_configuration,
             types,
             faults: Arc::new(Faults::default()),
             counters: Arc::new(Counters::default()),
@@ -337,6 +361,17 @@ fn outcome(status: StatusCode, text: &str) -> Response {
 }
 
 async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
+    if let Some(document) = &inner.smart_configuration
+        && request.uri().path() == format!("{}/.well-known/smart-configuration", inner.base)
+    {
+        return axum::Json(document.clone()).into_response();
+    }
+    if let Some(authorize) = &inner.authorize {
+        let given = request.headers().get(header::AUTHORIZATION);
+        if !authorize(given.and_then(|v| v.to_str().ok())) {
+            return outcome(StatusCode::UNAUTHORIZED, "authentication required");
+        }
+    }
     if let Some(bearer) = &inner.bearer {
         let given = request.headers().get(header::AUTHORIZATION);
         if given.and_then(|v| v.to_str().ok()) != Some(bearer.as_str()) {
