@@ -21,6 +21,7 @@ mod logs;
 mod object_storage;
 mod operations;
 mod passthrough;
+mod redis_tls;
 mod reference_config;
 mod replicas;
 mod store_contract;
