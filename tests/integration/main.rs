@@ -20,6 +20,7 @@ mod layering;
 mod logs;
 mod object_storage;
 mod operations;
+mod paging_styles;
 mod passthrough;
 mod redis_tls;
 mod reference_config;
