@@ -3,6 +3,10 @@
 //!
 //! Design choices:
 //!
+//! - **Managed Redis**: `rediss://` through rustls (the system's roots, or `store.redis_ca_file`
+//!   alone), the server's name always verified; an ACL user and password from the URL or
+//!   `store.redis_password`. [`RedisStore::connect_configured`] sends a PING before it returns, so
+//!   that a refused password stops the start instead of every later request.
 //! - **One [`ConnectionManager`]** (a multiplexed connection that reconnects by itself), with
 //!   connection and response timeouts, so an operation against a dead Redis fails within a few
 //!   seconds instead of hanging; every Redis error becomes [`StoreError::Unavailable`] (503).
