@@ -203,11 +203,12 @@ impl App {
     /// Every Patient id on the upstream (Patient-level export).
     pub async fn exporter_patients(&self) -> Result<Vec<String>, UpstreamReadError> {
         let pager = &self.exporter.pager;
-        let mut url = pager.search_url(
-            "Patient?_elements=id",
-            None,
-            &crate::fhir::Instant::now().to_string(),
-        );
+        let search = "Patient?_elements=id";
+        let mut url = if pager.lacks_last_updated("Patient").await {
+            pager.unbounded_search_url(search)
+        } else {
+            pager.search_url(search, None, &crate::fhir::Instant::now().to_string())
+        };
         let mut ids = Vec::new();
         loop {
             let body = pager

@@ -1,4 +1,4 @@
-//! Path-typed keys (`store.path`, `storage.path`, `server.tls.cert`, `server.tls.key`) and what a
+//! Path-typed keys (`store.path`, `store.redis_ca_file`, `storage.path`, `server.tls.cert`, `server.tls.key`) and what a
 //! relative one means. A proxy started from another directory must find the same job store, so:
 //!
 //! - a relative path written in the configuration file resolves against that file's directory;
@@ -42,6 +42,9 @@ impl Config {
             ("store.path", &mut self.store.path),
             ("storage.path", &mut self.storage.path),
         ];
+        if let Some(ca) = &mut self.store.redis_ca_file {
+            paths.push(("store.redis_ca_file", ca));
+        }
         if let Some(tls) = &mut self.server.tls {
             paths.push(("server.tls.cert", &mut tls.cert));
             paths.push(("server.tls.key", &mut tls.key));

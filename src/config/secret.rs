@@ -1,6 +1,6 @@
 //! A configured secret: `auth.signing_secret`, `upstream.auth.token`, `password` and
-//! `client_secret`,
-//! `storage.s3.secret_access_key`, and `store.redis_url` (which may carry a password). The one
+//! `client_secret`, `storage.s3.secret_access_key`, `store.redis_password`, and `store.redis_url`
+//! (which may carry a password). The one
 //! place secrets are kept from logs and from `check-config`: `Debug` never prints one, so neither
 //! does `Debug` of the config or any struct holding it; the value is read through
 //! [`Secret::expose`] only where it is used, and a URL is shown through [`redact_url`], which hides
@@ -63,7 +63,7 @@ impl From<String> for Secret {
 mod tests {
     use super::super::{Config, StorageBackend, StoreBackend, UpstreamAuthScheme};
 
-    const SECRETS: [&str; 7] = [
+    const SECRETS: [&str; 8] = [
         "signing-secret",
         "upstream-client-secret",
         "upstream-bearer-token",
@@ -71,6 +71,7 @@ mod tests {
         "s3-secret-key",
         "redis-password",
         "url-password",
+        "redis-env-password",
     ];
 
     /// A configuration with every kind of secret set, each spelled so it can be found.
@@ -87,6 +88,7 @@ mod tests {
         config.storage.s3.secret_access_key = Some("s3-secret-key".into());
         config.store.backend = StoreBackend::Redis;
         config.store.redis_url = Some("redis://user:redis-password@redis:6379/0".into());
+        config.store.redis_password = Some("redis-env-password".into());
         config
     }
 

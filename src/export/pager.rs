@@ -5,6 +5,13 @@
 //! its address) is moved onto the configured upstream origin. Each request carries the
 //! upstream credentials of the moment ([`Credentials`]); a 401 renews an OAuth token and the
 //! request is sent once more.
+//!
+//! Whatever a `next` link carries (an offset, `_getpages`, an opaque cursor) is followed as it is.
+//!
+//! An upstream whose CapabilityStatement lists a type's search parameters without `_lastUpdated`
+//! ([`Pager::lacks_last_updated`]) is searched without the `_lastUpdated` bounds and the sort; the
+//! unit runner then applies the bounds to `meta.lastUpdated` itself (every resource is fetched:
+//! slower with `_since`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +58,9 @@ pub struct Pager {
     page_timeout: Duration,
     /// What each request presents upstream (`[upstream.auth]`).
     credentials: Arc<Credentials>,
+    /// The types the upstream cannot search by `_lastUpdated`, read once from its
+    /// CapabilityStatement.
+    no_last_updated: tokio::sync::OnceCell<Vec<String>>,
 }
 
 /// A fleet-wide upstream slot, given back when dropped: also when the fetch holding it is
@@ -112,6 +122,7 @@ impl Pager {
             fleet: None,
             page_timeout: Duration::from_millis(e.page_timeout_ms),
             credentials: Arc::new(Credentials::none()),
+            no_last_updated: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -119,6 +130,43 @@ impl Pager {
     pub fn with_credentials(mut self, credentials: Arc<Credentials>) -> Self {
         self.credentials = credentials;
         self
+    }
+
+    /// Whether the upstream cannot search `resource_type` by `_lastUpdated`: its
+    /// CapabilityStatement lists search parameters for the type (or for every type) and
+    /// `_lastUpdated` is not among them. A statement that lists none, or that cannot be read,
+    /// says nothing: `_lastUpdated` is then assumed (the FHIR search basics).
+    pub async fn lacks_last_updated(&self, resource_type: &str) -> bool {
+        let types = self
+            .no_last_updated
+            .get_or_init(|| async {
+                let url = format!("{}/metadata", self.base.as_str().trim_end_matches('/'));
+                match self.fetch(&url, false).await {
+                    Ok(body) => serde_json::from_slice(&body)
+                        .map(|statement| types_without_last_updated(&statement))
+                        .unwrap_or_default(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the upstream's CapabilityStatement; assuming _lastUpdated search");
+                        Vec::new()
+                    }
+                }
+            })
+            .await;
+        types.iter().any(|t| t == resource_type)
+    }
+
+    /// The first URL of a search without `_lastUpdated` bounds and sort, for an upstream that
+    /// [`Pager::lacks_last_updated`].
+    pub fn unbounded_search_url(&self, search: &str) -> String {
+        let url = format!("{}/{}", self.base.as_str().trim_end_matches('/'), search);
+        let sep = if search.ends_with('?') || search.ends_with('&') {
+            ""
+        } else if search.contains('?') {
+            "&"
+        } else {
+            "?"
+        };
+        format!("{url}{sep}_count={}", self.page_size)
     }
 
     /// Makes `export.max_upstream_concurrency` hold for every replica sharing `store` together.
@@ -354,6 +402,43 @@ enum Attempt {
     TooLarge,
 }
 
+/// The resource types of a CapabilityStatement whose search parameters leave `_lastUpdated` out.
+fn types_without_last_updated(statement: &serde_json::Value) -> Vec<String> {
+    let names = |params: &serde_json::Value| -> Option<Vec<String>> {
+        let list = params.as_array().filter(|l| !l.is_empty())?;
+        Some(
+            list.iter()
+                .filter_map(|p| p["name"].as_str().map(str::to_owned))
+                .collect(),
+        )
+    };
+    let mut out = Vec::new();
+    for rest in statement["rest"].as_array().into_iter().flatten() {
+        if rest["mode"] != "server" {
+            continue;
+        }
+        let common = names(&rest["searchParam"]);
+        if common
+            .as_ref()
+            .is_some_and(|c| c.iter().any(|n| n == "_lastUpdated"))
+        {
+            continue;
+        }
+        for resource in rest["resource"].as_array().into_iter().flatten() {
+            let Some(resource_type) = resource["type"].as_str() else {
+                continue;
+            };
+            let own = names(&resource["searchParam"]);
+            let listed = own.is_some() || common.is_some();
+            let has = own.is_some_and(|o| o.iter().any(|n| n == "_lastUpdated"));
+            if listed && !has {
+                out.push(resource_type.to_owned());
+            }
+        }
+    }
+    out
+}
+
 fn encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
@@ -401,6 +486,29 @@ mod tests {
             p.resolve_next(current, "http://internal-name:9999/fhir/p/3")
                 .unwrap(),
             "http://up:8080/fhir/p/3"
+        );
+    }
+
+    #[test]
+    fn types_whose_search_parameters_leave_out_last_updated_are_found() {
+        let statement = serde_json::json!({"rest": [{"mode": "server", "resource": [
+            {"type": "Patient", "searchParam": [{"name": "_id"}, {"name": "_lastUpdated"}]},
+            {"type": "Observation", "searchParam": [{"name": "_id"}, {"name": "patient"}]},
+            {"type": "Encounter"},
+        ]}]});
+        assert_eq!(types_without_last_updated(&statement), ["Observation"]);
+        let common = serde_json::json!({"rest": [{"mode": "server",
+            "searchParam": [{"name": "_lastUpdated"}],
+            "resource": [{"type": "Observation", "searchParam": [{"name": "patient"}]}]}]});
+        assert!(types_without_last_updated(&common).is_empty());
+        let p = pager();
+        assert_eq!(
+            p.unbounded_search_url("Observation?patient=a"),
+            "http://up:8080/fhir/Observation?patient=a&_count=1000"
+        );
+        assert_eq!(
+            p.unbounded_search_url("Patient"),
+            "http://up:8080/fhir/Patient?_count=1000"
         );
     }
 

@@ -215,6 +215,11 @@ impl Exporter {
             Ok(progress) => progress,
             Err((unit, e)) => return self.storage_failed(&unit, worker, shutdown, &e).await,
         };
+        // An upstream without `_lastUpdated` search: the bounds are applied here instead.
+        let unbounded = self
+            .pager
+            .lacks_last_updated(&progress.unit().resource_type)
+            .await;
         let mut expiries = 0;
         let mut prefetch: Option<Prefetch> = None;
         loop {
@@ -224,6 +229,10 @@ impl Exporter {
             }
             let (url, is_next) = match progress.next_page() {
                 NextPage::Link(next) => (next, true),
+                NextPage::First if unbounded => (
+                    self.pager.unbounded_search_url(&progress.unit().search),
+                    false,
+                ),
                 NextPage::First => {
                     let lower = job.since.as_deref().map(|s| ("gt", s));
                     let unit = progress.unit();
@@ -273,7 +282,7 @@ impl Exporter {
                 Err(FetchError::Expired(status)) if expiries < MAX_EXPIRIES => {
                     expiries += 1;
                     tracing::info!(%status, "upstream cursor expired; resuming with a bounded query");
-                    if !self.requery(&mut progress, &upper, worker).await {
+                    if !self.requery(&mut progress, &upper, unbounded, worker).await {
                         return;
                     }
                     continue;
@@ -286,13 +295,18 @@ impl Exporter {
             let content = read_page_where(&body, &resource_type, &job.elements, keep);
             // The lines are copies: the page's body goes before they are written (peak memory).
             drop(body);
-            let content = match content {
+            let mut content = match content {
                 Ok(content) => content,
                 Err(e) => {
                     progress.search_failed(e);
                     break;
                 }
             };
+            if unbounded {
+                content
+                    .lines
+                    .retain(|line| within_bounds(line, job.since.as_deref(), &upper));
+            }
             let next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
             // Ask for the next page now, so the upstream works while this one is written and
             // checkpointed (DESIGN "Performance notes"); a crash only wastes that request.
@@ -406,8 +420,15 @@ impl Exporter {
     }
 
     /// Points the unit at its next query after an expired cursor; false when the unit must stop.
-    async fn requery(&self, progress: &mut UnitProgress<'_>, upper: &str, worker: &str) -> bool {
-        match progress.ahead.last_updated.clone() {
+    /// `unbounded`: the upstream cannot search by `_lastUpdated`, so the unit starts again.
+    async fn requery(
+        &self,
+        progress: &mut UnitProgress<'_>,
+        upper: &str,
+        unbounded: bool,
+        worker: &str,
+    ) -> bool {
+        match progress.ahead.last_updated.clone().filter(|_| !unbounded) {
             Some(last) => {
                 let query =
                     self.pager
@@ -472,6 +493,17 @@ fn instant(text: &str) -> Option<OffsetDateTime> {
     OffsetDateTime::parse(text, &Rfc3339).ok()
 }
 
+/// Whether a line is inside the job's bounds (`_since` exclusive, `upper` inclusive) by its
+/// `meta.lastUpdated`, for an upstream that could not apply them. A resource without a readable
+/// `meta.lastUpdated` is kept: when it changed cannot be told, and leaving it out could lose it.
+fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
+    let Some(at) = line.last_updated.as_deref().and_then(instant) else {
+        return true;
+    };
+    since.and_then(instant).is_none_or(|since| at > since)
+        && instant(upper).is_none_or(|upper| at <= upper)
+}
+
 /// Drops lines a resumed unit already wrote (same `lastUpdated` as the checkpoint, known id).
 fn skip_already_written(lines: Vec<Line>, cp: &Checkpoint) -> Vec<Line> {
     let Some(last) = &cp.last_updated else {
@@ -501,7 +533,13 @@ fn track_last_updated(cp: &mut Checkpoint, lines: &[Line]) {
             .map(|last| (instant(updated), instant(last)))
         {
             None if cp.pages > 0 || !cp.ids_at_last_updated.is_empty() => {}
-            Some((Some(new), Some(old))) if new < old => {}
+            Some((Some(new), Some(old))) if new < old => {
+                // Out of `_lastUpdated` order: the upstream ignores `_sort`, so a query from the
+                // mark could miss earlier resources not written yet. Untrackable: a restart from
+                // scratch on expiry instead.
+                cp.last_updated = None;
+                cp.ids_at_last_updated = vec![String::new()];
+            }
             Some((Some(new), Some(old))) if new == old => {
                 if cp.ids_at_last_updated.len() >= MAX_TRACKED_IDS {
                     // Untrackable: fall back to a restart from scratch on expiry.
@@ -554,6 +592,47 @@ mod tests {
         );
         let ids: Vec<_> = kept.iter().map(|l| l.id.clone().unwrap()).collect();
         assert_eq!(ids, ["d", "e"]);
+    }
+
+    #[test]
+    fn lines_out_of_last_updated_order_make_the_mark_untrackable() {
+        let mut cp = Checkpoint::default();
+        track_last_updated(
+            &mut cp,
+            &[
+                line("b", "2024-01-02T00:00:00Z"),
+                line("a", "2024-01-01T00:00:00Z"),
+            ],
+        );
+        assert_eq!(cp.last_updated, None);
+        cp.pages = 1;
+        track_last_updated(&mut cp, &[line("c", "2024-01-03T00:00:00Z")]);
+        assert_eq!(cp.last_updated, None, "stays untrackable");
+    }
+
+    #[test]
+    fn bounds_apply_to_meta_last_updated_and_keep_what_has_none() {
+        let upper = "2024-01-03T00:00:00Z";
+        let since = Some("2024-01-01T00:00:00+00:00");
+        let within = |l: &Line| within_bounds(l, since, upper);
+        assert!(
+            !within(&line("a", "2024-01-01T00:00:00Z")),
+            "since is exclusive"
+        );
+        assert!(within(&line("b", "2024-01-01T00:00:00.001Z")));
+        assert!(
+            within(&line("c", "2024-01-03T01:00:00+01:00")),
+            "upper is inclusive"
+        );
+        assert!(!within(&line("d", "2024-01-03T00:00:00.001Z")));
+        let mut none = line("e", "");
+        none.last_updated = None;
+        assert!(within(&none));
+        assert!(within_bounds(
+            &line("f", "2000-01-01T00:00:00Z"),
+            None,
+            upper
+        ));
     }
 
     #[test]

@@ -47,10 +47,7 @@ pub async fn open(config: &StoreConfig) -> Result<Arc<dyn JobStore>, StoreError>
             }
             Arc::new(embedded::EmbeddedStore::open(&config.path)?)
         }
-        StoreBackend::Redis => Arc::new(
-            redis::RedisStore::connect(config.redis_url.as_ref().map_or("", |url| url.expose()))
-                .await?,
-        ),
+        StoreBackend::Redis => Arc::new(redis::RedisStore::connect_configured(config).await?),
     })
 }
 

@@ -3,6 +3,10 @@
 //!
 //! Design choices:
 //!
+//! - **Managed Redis**: `rediss://` through rustls (the system's roots, or `store.redis_ca_file`
+//!   alone), the server's name always verified; an ACL user and password from the URL or
+//!   `store.redis_password`. [`RedisStore::connect_configured`] sends a PING before it returns, so
+//!   that a refused password stops the start instead of every later request.
 //! - **One [`ConnectionManager`]** (a multiplexed connection that reconnects by itself), with
 //!   connection and response timeouts, so an operation against a dead Redis fails within a few
 //!   seconds instead of hanging; every Redis error becomes [`StoreError::Unavailable`] (503).
@@ -44,10 +48,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{AsyncCommands, RedisError, Script};
+use ::redis::{AsyncCommands, IntoConnectionInfo, RedisError, Script};
 use async_trait::async_trait;
 
 use super::{Created, JobStore, StoreError};
+use crate::config::StoreConfig;
 use crate::job::{Job, JobState, Unit, UnitState, UnixSecs};
 
 /// Key prefix used by [`RedisStore::connect`].
@@ -61,6 +66,26 @@ impl From<RedisError> for StoreError {
         crate::telemetry::metrics::store_error("redis");
         StoreError::Unavailable(error.to_string())
     }
+}
+
+/// `url` with its password hidden, for messages.
+fn redacted(url: &str) -> String {
+    crate::config::Secret::from(url).redacted_url()
+}
+
+/// A connection error with its causes (rustls' reason for refusing a certificate is the source
+/// of an I/O error, which `Display` alone leaves out).
+fn describe(error: &RedisError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let shown = cause.to_string();
+        if !text.contains(&shown) {
+            text = format!("{text}: {shown}");
+        }
+        source = std::error::Error::source(cause);
+    }
+    text
 }
 
 /// `ARGV`: prefix, id, finisher, now, lease_until. Returns the attempt number, or 0 when the
@@ -350,6 +375,51 @@ impl RedisStore {
     /// Like [`RedisStore::connect`], with another key prefix (several deployments, one Redis).
     pub async fn connect_with_prefix(url: &str, prefix: &str) -> Result<Self, StoreError> {
         let client = ::redis::Client::open(url)?;
+        Self::connect_client(client, &redacted(url), prefix).await
+    }
+
+    /// Connects as `[store]` says: `store.redis_url` (`redis://` or `rediss://`, the user and
+    /// password in it if any), `store.redis_password` and, for TLS, `store.redis_ca_file` as the
+    /// only trusted roots (otherwise the system's). TLS always verifies the server's certificate
+    /// and name. A wrong password or an untrusted certificate fails here, with Redis' or rustls'
+    /// reason; the password never appears in an error.
+    pub async fn connect_configured(config: &StoreConfig) -> Result<Self, StoreError> {
+        let url = config.redis_url.as_ref().map_or("", |url| url.expose());
+        let shown = redacted(url);
+        let mut info = url.into_connection_info()?;
+        if let Some(password) = &config.redis_password {
+            let settings = info
+                .redis_settings()
+                .clone()
+                .set_password(password.expose());
+            info = info.set_redis_settings(settings);
+        }
+        let client = match &config.redis_ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StoreError::Unavailable(format!(
+                        "cannot read store.redis_ca_file {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                ::redis::Client::build_with_tls(
+                    info,
+                    ::redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )?
+            }
+            None => ::redis::Client::open(info)?,
+        };
+        Self::connect_client(client, &shown, DEFAULT_PREFIX).await
+    }
+
+    async fn connect_client(
+        client: ::redis::Client,
+        shown: &str,
+        prefix: &str,
+    ) -> Result<Self, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(TIMEOUT))
             .set_response_timeout(Some(TIMEOUT))
@@ -363,7 +433,14 @@ impl RedisStore {
             ConnectionManager::new_with_config(client, config),
         )
         .await
-        .map_err(|_| StoreError::Unavailable(format!("no answer from Redis at {url}")))??;
+        .map_err(|_| StoreError::Unavailable(format!("no answer from Redis at {shown}")))?
+        .map_err(|e| StoreError::Unavailable(format!("{shown}: {}", describe(&e))))?;
+        // A Redis that wants a password nobody gave accepts the connection but no command: ask
+        // one now, so that the proxy stops at start rather than failing every request.
+        let _: String = ::redis::cmd("PING")
+            .query_async(&mut conn.clone())
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("{shown}: {}", describe(&e))))?;
         Ok(Self {
             conn,
             prefix: prefix.to_owned(),

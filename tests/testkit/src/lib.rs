@@ -33,7 +33,7 @@ pub mod token_server;
 pub use eventually::eventually;
 pub use fake_fhir::FakeFhir;
 pub use proxy::TestProxy;
-pub use redis::RedisServer;
+pub use redis::{RedisServer, RedisTls, TlsServerKind, tls_server_kind};
 pub use setup::Setup;
 
 /// A reqwest client that neither follows redirects nor decompresses.

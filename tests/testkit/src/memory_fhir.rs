@@ -10,6 +10,11 @@
 //!   (repeatable, AND); `_sort=_lastUpdated`; `_elements` is accepted and ignored (servers may);
 //!   any other parameter matches a top-level string field or a `coding.code` inside that field.
 //!
+//! Paging the way other servers do ([`Paging`], [`MemoryFhir::paging`]): HAPI's `_getpages`
+//! links on the base, opaque cursors, absolute or relative `next` links, `_sort` ignored, `_count`
+//! capped, no `Bundle.total`, and no `_lastUpdated` search (left out of the CapabilityStatement's
+//! search parameters, and answered with 400 or ignored).
+//!
 //! Fault injection for tests: [`Faults`] makes chosen requests fail (500 or 429 with
 //! `Retry-After`), expires `next` links (410), or adds latency. Every search is counted.
 
@@ -85,8 +90,52 @@ impl Drop for InFlight<'_> {
 /// Decides from a request's `Authorization` (if any) whether it may be answered.
 pub type Authorize = Arc<dyn Fn(Option<&str>) -> bool + Send + Sync>;
 
+/// How the server pages and what of the search it honours (default: stateless `_offset` links
+/// relative to the host, `_sort` and `_count` honoured up to 5000, a total, `_lastUpdated`).
+#[derive(Debug, Clone, Default)]
+pub struct Paging {
+    pub style: PagingStyle,
+    /// `next` links as full URLs (`http://host:port/fhir/...`), not just a path.
+    pub absolute_links: bool,
+    /// Pages come newest first whatever `_sort` asks.
+    pub ignore_sort: bool,
+    /// At most this many entries a page, whatever `_count` asks.
+    pub max_count: Option<usize>,
+    /// No `Bundle.total`.
+    pub omit_total: bool,
+    pub last_updated: LastUpdatedSearch,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PagingStyle {
+    /// `{Type}?...&_offset=N` (stateless).
+    #[default]
+    Offset,
+    /// HAPI: `{base}?_getpages=ID&_getpagesoffset=N&_count=N&_bundletype=searchset`, the search
+    /// kept on the server under ID.
+    GetPages,
+    /// `{Type}?_cursor=TOKEN`, TOKEN opaque (a random id the server maps to the position).
+    Cursor,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LastUpdatedSearch {
+    #[default]
+    Supported,
+    /// Not in the CapabilityStatement; a search with `_lastUpdated` (or `_sort=_lastUpdated`)
+    /// answers 400.
+    Rejected,
+    /// Not in the CapabilityStatement; `_lastUpdated` and `_sort` are ignored.
+    Ignored,
+}
+
 struct Inner {
     base: String,
+    /// `http://host:port`, for absolute links.
+    origin: String,
+    paging: Paging,
+    /// Searches kept for `_getpages` and cursors: id → (type, parameters); cursor → (id, offset).
+    kept: std::sync::Mutex<Kept>,
     bearer: Option<String>,
     authorize: Option<Authorize>,
     smart_configuration: Option<Value>,
@@ -96,7 +145,14 @@ struct Inner {
 }
 
 /// An in-memory FHIR server under construction.
+#[derive(Default)]
+struct Kept {
+    searches: HashMap<String, (String, Vec<(String, String)>)>,
+    cursors: HashMap<String, (String, usize)>,
+}
+
 pub struct MemoryFhir {
+    paging: Paging,
     base: String,
     types: HashMap<String, Vec<Stored>>,
     clock: u64,
@@ -123,6 +179,7 @@ impl Default for MemoryFhir {
 impl MemoryFhir {
     pub fn new() -> Self {
         Self {
+            paging: Paging::default(),
             base: "/fhir".into(),
             types: HashMap::new(),
             clock: 0,
@@ -130,6 +187,12 @@ impl MemoryFhir {
             authorize: None,
             smart_configuration: None,
         }
+    }
+
+    /// Pages the way `paging` says.
+    pub fn paging(mut self, paging: Paging) -> Self {
+        self.paging = paging;
+        self
     }
 
     /// The FHIR base path (default `/fhir`; `""` for the root).
@@ -253,6 +316,9 @@ impl MemoryFhir {
             resources.sort_by(|a, b| (a.at, &a.id).cmp(&(b.at, &b.id)));
         }
         let inner = Arc::new(Inner {
+            origin: format!("http://{addr}"),
+            paging: self.paging,
+            kept: std::sync::Mutex::new(Kept::default()),
             base: self.base.clone(),
             bearer: self.bearer,
             authorize: self.authorize,
@@ -301,6 +367,22 @@ impl RunningFhir {
             .map_or_else(Vec::new, |r| {
                 r.iter()
                     .filter(|s| s.patients.iter().any(|p| patients.contains(p)))
+                    .map(|s| s.id.clone())
+                    .collect()
+            })
+    }
+
+    /// Ids of the resources of a type whose `meta.lastUpdated` is after `since` (RFC 3339).
+    pub fn ids_updated_after(&self, resource_type: &str, since: &str) -> Vec<String> {
+        let since =
+            time::OffsetDateTime::parse(since, &time::format_description::well_known::Rfc3339)
+                .expect("an RFC 3339 instant");
+        self.inner
+            .types
+            .get(resource_type)
+            .map_or_else(Vec::new, |r| {
+                r.iter()
+                    .filter(|s| s.at > since)
                     .map(|s| s.id.clone())
                     .collect()
             })
@@ -389,6 +471,30 @@ async fn handle(State(inner): State<Arc<Inner>>, request: Request) -> Response {
         .filter(|s| !s.is_empty())
         .collect();
     match segments.as_slice() {
+        [] if query.contains("_getpages=") => {
+            let params = parse_query(&query);
+            let get = |name: &str| {
+                params
+                    .iter()
+                    .find(|(k, _)| k == name)
+                    .map(|(_, v)| v.clone())
+            };
+            let kept = get("_getpages").and_then(|id| {
+                let kept = inner.kept.lock().ok()?;
+                kept.searches.get(&id).cloned().map(|search| (id, search))
+            });
+            let Some((id, (resource_type, mut params))) = kept else {
+                return outcome(StatusCode::GONE, "unknown or expired _getpages");
+            };
+            let offset = get("_getpagesoffset")
+                .and_then(|o| o.parse().ok())
+                .unwrap_or(0);
+            params.retain(|(k, _)| k != "_count");
+            if let Some(count) = get("_count") {
+                params.push(("_count".into(), count));
+            }
+            search_page(&inner, &resource_type, params, offset, Some(id)).await
+        }
         ["metadata"] => capability(&inner),
         [resource_type, id] => {
             let found = inner
@@ -417,7 +523,17 @@ fn capability(inner: &Inner) -> Response {
     types.sort();
     let resources: Vec<Value> = types
         .iter()
-        .map(|t| json!({"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}]}))
+        .map(|t| {
+            let mut resource =
+                json!({"type": t, "interaction": [{"code": "read"}, {"code": "search-type"}]});
+            if inner.paging.last_updated != LastUpdatedSearch::Supported {
+                resource["searchParam"] = json!([
+                    {"name": "_id", "type": "token"},
+                    {"name": "patient", "type": "reference"}
+                ]);
+            }
+            resource
+        })
         .collect();
     let body = json!({
         "resourceType": "CapabilityStatement", "status": "active", "kind": "instance",
@@ -431,22 +547,68 @@ fn capability(inner: &Inner) -> Response {
         .into_response()
 }
 
-async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
-    let params: Vec<(String, String)> = url::form_urlencoded::parse(query.as_bytes())
+fn parse_query(query: &str) -> Vec<(String, String)> {
+    url::form_urlencoded::parse(query.as_bytes())
         .into_owned()
-        .collect();
+        .collect()
+}
+
+async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
+    let params = parse_query(query);
+    if let Some((_, cursor)) = params.iter().find(|(k, _)| k == "_cursor") {
+        let kept = inner.kept.lock().ok().and_then(|kept| {
+            let (id, offset) = kept.cursors.get(cursor)?.clone();
+            Some((id.clone(), kept.searches.get(&id)?.1.clone(), offset))
+        });
+        let Some((id, params, offset)) = kept else {
+            return outcome(StatusCode::GONE, "unknown or expired cursor");
+        };
+        return search_page(inner, resource_type, params, offset, Some(id)).await;
+    }
     let offset: usize = params
         .iter()
         .find(|(k, _)| k == "_offset")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0);
+    search_page(inner, resource_type, params, offset, None).await
+}
+
+/// One page of a search from `offset`; `kept` is the id of a search the server keeps
+/// (`_getpages`, cursors), `None` for a new one or a stateless `_offset` link.
+async fn search_page(
+    inner: &Inner,
+    resource_type: &str,
+    params: Vec<(String, String)>,
+    offset: usize,
+    kept: Option<String>,
+) -> Response {
+    let paging = &inner.paging;
+    if paging.last_updated == LastUpdatedSearch::Rejected
+        && params
+            .iter()
+            .any(|(k, v)| k == "_lastUpdated" || (k == "_sort" && v.contains("_lastUpdated")))
+    {
+        return outcome(
+            StatusCode::BAD_REQUEST,
+            "unknown search parameter _lastUpdated",
+        );
+    }
+    let params: Vec<(String, String)> = if paging.last_updated == LastUpdatedSearch::Ignored {
+        params
+            .into_iter()
+            .filter(|(k, _)| k != "_lastUpdated")
+            .collect()
+    } else {
+        params
+    };
+    let is_next = offset > 0 || kept.is_some();
     let _in_flight = InFlight::start(&inner.counters);
     let faults = &inner.faults;
     let latency = faults.latency_ms.load(Ordering::Relaxed);
     if latency > 0 {
         tokio::time::sleep(Duration::from_millis(latency)).await;
     }
-    if offset > 0 && take(&faults.expire_next_links) {
+    if is_next && take(&faults.expire_next_links) {
         return outcome(StatusCode::GONE, "the paging cursor has expired");
     }
     if faults
@@ -468,7 +630,7 @@ async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
         response.headers_mut().insert(header::RETRY_AFTER, 1.into());
         return response;
     }
-    if offset == 0 {
+    if !is_next {
         inner.counters.searches.fetch_add(1, Ordering::Relaxed);
     }
     inner.counters.pages.fetch_add(1, Ordering::Relaxed);
@@ -481,7 +643,7 @@ async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
         .find(|(k, _)| k == "_count")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(50)
-        .clamp(1, 5000);
+        .clamp(1, paging.max_count.unwrap_or(5000));
     let empty = Vec::new();
     let all = inner.types.get(resource_type).unwrap_or(&empty);
     let bounds = last_updated_bounds(&params);
@@ -502,28 +664,80 @@ async fn search(inner: &Inner, resource_type: &str, query: &str) -> Response {
             .into_response();
     }
     // Stored sorted by (lastUpdated, id) already: `_sort=_lastUpdated` and the default agree.
+    if paging.ignore_sort {
+        matches.reverse();
+    }
     let page: Vec<Value> = matches
         .iter()
         .skip(offset)
         .take(count)
         .map(|s| json!({"fullUrl": format!("{}/{}", resource_type, s.id), "resource": s.json, "search": {"mode": "match"}}))
         .collect();
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params.iter())
+        .finish();
     let mut links = vec![json!({"relation": "self", "url": format!("{resource_type}?{query}")})];
     if offset + count < matches.len() {
-        let kept: String = url::form_urlencoded::Serializer::new(String::new())
-            .extend_pairs(params.iter().filter(|(k, _)| k != "_offset"))
-            .append_pair("_offset", &(offset + count).to_string())
-            .finish();
-        links.push(
-            json!({"relation": "next", "url": format!("{}/{resource_type}?{kept}", inner.base)}),
-        );
+        let next_offset = offset + count;
+        let next = match paging.style {
+            PagingStyle::Offset => {
+                let kept: String = url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(params.iter().filter(|(k, _)| k != "_offset"))
+                    .append_pair("_offset", &next_offset.to_string())
+                    .finish();
+                format!("{}/{resource_type}?{kept}", inner.base)
+            }
+            PagingStyle::GetPages => {
+                let id = keep(inner, kept, resource_type, &params);
+                format!(
+                    "{}?_getpages={id}&_getpagesoffset={next_offset}&_count={count}&_bundletype=searchset",
+                    inner.base
+                )
+            }
+            PagingStyle::Cursor => {
+                let id = keep(inner, kept, resource_type, &params);
+                let cursor = uuid::Uuid::new_v4().simple().to_string();
+                if let Ok(mut kept) = inner.kept.lock() {
+                    kept.cursors.insert(cursor.clone(), (id, next_offset));
+                }
+                format!("{}/{resource_type}?_cursor={cursor}", inner.base)
+            }
+        };
+        let next = if paging.absolute_links {
+            format!("{}{next}", inner.origin)
+        } else {
+            next
+        };
+        links.push(json!({"relation": "next", "url": next}));
     }
-    let body = json!({"resourceType": "Bundle", "type": "searchset", "total": matches.len(), "link": links, "entry": page});
+    let mut body = json!({"resourceType": "Bundle", "type": "searchset", "total": matches.len(), "link": links, "entry": page});
+    if paging.omit_total
+        && let Some(bundle) = body.as_object_mut()
+    {
+        bundle.remove("total");
+    }
     (
         [(header::CONTENT_TYPE, "application/fhir+json")],
         body.to_string(),
     )
         .into_response()
+}
+
+/// The id under which a search is kept (`_getpages`, cursors): `kept` if it is one already.
+fn keep(
+    inner: &Inner,
+    kept: Option<String>,
+    resource_type: &str,
+    params: &[(String, String)],
+) -> String {
+    kept.unwrap_or_else(|| {
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        if let Ok(mut kept) = inner.kept.lock() {
+            kept.searches
+                .insert(id.clone(), (resource_type.to_owned(), params.to_vec()));
+        }
+        id
+    })
 }
 
 /// The instant of each `_lastUpdated` parameter (after its prefix), parsed once per search rather
