@@ -157,6 +157,11 @@ pub struct Checkpoint {
     /// OperationOutcome lines to report for this unit (page-level problems).
     #[serde(default)]
     pub issues: Vec<String>,
+    /// Patient and Group level: the supporting resources (`Type/id`, the job's types outside the
+    /// Patient compartment) that the lines written so far reference; the finaliser fetches their
+    /// union over the job's units.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub references: std::collections::BTreeSet<String>,
 }
 
 /// One search of a job.

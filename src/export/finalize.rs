@@ -348,6 +348,9 @@ impl Exporter {
                 issues.push(OperationOutcome::error("processing", error.as_str()).to_line());
             }
         }
+        let supporting = self.fetch_supporting(job, units, attempt).await?;
+        output.extend(supporting.output);
+        issues.extend(supporting.issues);
         let mut errors = Vec::new();
         if !issues.is_empty() {
             let lines: Vec<Line> = issues

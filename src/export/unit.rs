@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use super::exporter::Exporter;
 use super::ndjson::{Line, read_page};
 use super::pager::{FetchError, Pager};
+use super::supporting::Collector;
 use super::writer::UnitWriter;
 use crate::job::{Checkpoint, Job, JobState, Unit, UnitState, now_unix};
 use crate::storage::{Storage, StorageError};
@@ -40,6 +41,8 @@ pub(super) struct UnitProgress<'a> {
     /// not. Its `files` stay empty: the writer's are the truth.
     ahead: Checkpoint,
     writer: UnitWriter<'a>,
+    /// Patient and Group level: records the supporting resources the lines reference.
+    references: Option<Collector>,
 }
 
 /// What the unit fetches next.
@@ -59,6 +62,7 @@ impl<'a> UnitProgress<'a> {
         job: &Job,
         unit: Unit,
         limits: (u64, u64),
+        references: Option<Collector>,
     ) -> Result<UnitProgress<'a>, (Unit, StorageError)> {
         let writer = UnitWriter::resume(
             storage,
@@ -77,6 +81,7 @@ impl<'a> UnitProgress<'a> {
                 },
                 unit,
                 writer,
+                references,
             }),
             Err(e) => Err((unit, e)),
         }
@@ -117,6 +122,9 @@ impl<'a> UnitProgress<'a> {
         let lines = skip_already_written(lines, &self.ahead);
         let durable = self.writer.write(&lines).await?;
         track_last_updated(&mut self.ahead, &lines);
+        if let Some(references) = &self.references {
+            references.collect(&lines, &mut self.ahead.references);
+        }
         self.ahead.issues.extend(issues);
         self.ahead.next = next;
         self.ahead.pages += 1;
@@ -180,10 +188,12 @@ impl Exporter {
         };
         let upper = upper_bound(&job);
         let limits = (self.config.max_file_bytes, self.config.max_file_resources);
-        let mut progress = match UnitProgress::resume(&self.storage, &job, unit, limits).await {
-            Ok(progress) => progress,
-            Err((unit, e)) => return self.storage_failed(&unit, worker, shutdown, &e).await,
-        };
+        let references = Collector::for_job(&job, &self.pager);
+        let mut progress =
+            match UnitProgress::resume(&self.storage, &job, unit, limits, references).await {
+                Ok(progress) => progress,
+                Err((unit, e)) => return self.storage_failed(&unit, worker, shutdown, &e).await,
+            };
         let mut expiries = 0;
         let mut prefetch: Option<Prefetch> = None;
         loop {

@@ -120,6 +120,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         upstream_types: upstream_types.as_deref(),
         patients: &patients,
         batch_size: e.patient_batch_size,
+        supporting_types: &e.supporting_types,
         max_ids_bytes: plan::ids_room(
             e.max_search_url_bytes,
             app.upstream.base_url().len(),
