@@ -24,5 +24,6 @@ mod passthrough;
 mod reference_config;
 mod replicas;
 mod store_contract;
+mod supporting;
 mod timeouts;
 mod tls;
