@@ -453,6 +453,7 @@ async fn planned_urls(
         upstream_types: Some(&upstream_types),
         patients: &patients,
         batch_size: e.patient_batch_size,
+        supporting_types: &e.supporting_types,
         max_ids_bytes: plan::ids_room(e.max_search_url_bytes, upstream_url.len(), &k.type_filters),
     })
     .map_err(|e| anyhow!("{e}"))?;

@@ -203,6 +203,16 @@ mod tests {
         );
         let config = load_toml("[export]\nsupporting_types = []\n").unwrap();
         assert!(config.export.supporting_types.is_empty());
+        figment::Jail::expect_with(|jail| {
+            crate::config::tests::with_upstream(jail);
+            jail.set_env(
+                "BULK_PROXY_EXPORT__SUPPORTING_TYPES",
+                "[Organization, Location]",
+            );
+            let config = crate::config::Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.export.supporting_types, ["Organization", "Location"]);
+            Ok(())
+        });
     }
 
     #[test]

@@ -2,8 +2,8 @@
 //! data references): at Patient and Group level, the job's types outside the Patient compartment
 //! (those of `export.supporting_types` that `_type`, the token's scopes and the upstream allow)
 //! have no searches. Instead each unit records, page by page in its checkpoint, which of their
-//! resources the lines it wrote reference ([`Collector`]), and the finaliser fetches the union over
-//! all units by `{Type}?_id=a,b,c` searches, each resource once ([`Exporter::fetch_supporting`]).
+//! resources the lines it wrote reference (`Collector`), and the finaliser fetches the union over
+//! all units by `{Type}?_id=a,b,c` searches, each resource once (`Exporter::fetch_supporting`).
 //!
 //! - **What counts as a reference:** a `"reference"` string, as written (after `_elements`), of
 //!   the form `Type/id` (optionally `/_history/v`), relative or absolute to the upstream base.
