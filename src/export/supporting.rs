@@ -255,7 +255,8 @@ impl Exporter {
             .await?;
             let room = ids_room(self.config.max_search_url_bytes, base_len, &[]);
             let mut found: HashSet<String> = HashSet::new();
-            let mut failed = 0;
+            // Ids of batches that failed: reported as such, not as missing.
+            let mut failed: HashSet<String> = HashSet::new();
             for batch in batch_ids(&ids, self.config.patient_batch_size, room) {
                 let requested: HashSet<&str> = batch.split(',').collect();
                 let search = format!("{t}?_id={batch}");
@@ -286,7 +287,7 @@ impl Exporter {
                         Err(e) => Some(e.to_string()),
                     };
                     if let Some(problem) = problem {
-                        failed += requested.len();
+                        failed.extend(requested.iter().map(|id| (*id).to_owned()));
                         fetched.issues.push(
                             OperationOutcome::error(
                                 "exception",
@@ -307,8 +308,11 @@ impl Exporter {
             fetched
                 .output
                 .extend(writer.files().iter().filter(|f| f.count > 0).cloned());
-            let missing: Vec<&String> = ids.iter().filter(|id| !found.contains(*id)).collect();
-            if missing.len() > failed {
+            let missing: Vec<&String> = ids
+                .iter()
+                .filter(|id| !found.contains(*id) && !failed.contains(id.as_str()))
+                .collect();
+            if !missing.is_empty() {
                 let some: Vec<String> = missing
                     .iter()
                     .take(5)

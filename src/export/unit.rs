@@ -542,3 +542,79 @@ mod tests {
         assert_eq!(cp.ids_at_last_updated, ["a"]);
     }
 }
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    fn encounter(id: &str, organization: &str) -> Line {
+        Line {
+            id: Some(id.into()),
+            last_updated: Some(format!("2024-01-01T00:00:0{}Z", id.len())),
+            bytes: format!(
+                r#"{{"resourceType":"Encounter","id":"{id}","serviceProvider":{{"reference":"{organization}"}}}}
+"#
+            )
+            .into_bytes(),
+        }
+    }
+
+    /// A unit resumed by another process (from its checkpoint, as stored) keeps the references of
+    /// the pages it committed and adds those of the next; a restart from scratch forgets them with
+    /// the files.
+    #[tokio::test]
+    async fn a_resumed_unit_keeps_the_references_of_its_committed_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).unwrap();
+        let mut config = crate::config::Config::default();
+        config.upstream.url = "http://up/fhir".into();
+        let pager = Pager::new(&config, Default::default()).unwrap();
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "id": "j", "client_id": "c", "level": {"level": "patient"}, "request": "r",
+            "transaction_time": "2026-01-01T00:00:00Z", "types": ["Encounter", "Organization"],
+            "state": "running", "created_at": 0, "units_total": 1
+        }))
+        .unwrap();
+        let resume = |unit: Unit| {
+            UnitProgress::resume(
+                &storage,
+                &job,
+                unit,
+                (1 << 20, 1000),
+                Collector::for_job(&job, &pager),
+            )
+        };
+        let unit = Unit::new("j", 0, "Encounter", "Encounter?patient=p".into());
+        let mut progress = resume(unit).await.unwrap_or_else(|(_, e)| panic!("{e}"));
+        let (_, durable) = progress
+            .write_page(
+                vec![encounter("e1", "Organization/a")],
+                vec![],
+                Some("http://up/fhir?page=2".into()),
+            )
+            .await
+            .unwrap();
+        assert!(durable);
+        let stored = serde_json::to_string(&progress.into_unit()).unwrap();
+
+        let unit: Unit = serde_json::from_str(&stored).unwrap();
+        let mut progress = resume(unit).await.unwrap_or_else(|(_, e)| panic!("{e}"));
+        progress
+            .write_page(
+                vec![
+                    encounter("e22", "http://up/fhir/Organization/b"),
+                    encounter("e333", "Location/x"),
+                ],
+                vec![],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            progress.unit().checkpoint.references,
+            ["Organization/a".to_owned(), "Organization/b".to_owned()].into()
+        );
+        progress.restart();
+        assert!(progress.unit().checkpoint.references.is_empty());
+    }
+}
