@@ -46,6 +46,8 @@ pub struct PlanInput<'a> {
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
     pub types: Vec<String>,
+    /// The supporting types `_type` named (Patient and Group level), a subset of `types`.
+    pub named_supporting: Vec<String>,
     /// `(type, search)` with the search relative to the upstream base.
     pub searches: Vec<(String, String)>,
     pub warnings: Vec<String>,
@@ -100,6 +102,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
                 }
                 if is_supporting(t) {
                     supporting.push(t.clone());
+                    out.named_supporting.push(t.clone());
                 } else {
                     types.push(t.clone());
                 }
@@ -281,6 +284,7 @@ mod tests {
             "no search for a supporting type"
         );
         assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert!(p.named_supporting.is_empty(), "no _type: none named");
         let mut i = input(&Level::System, &kickoff, &patients, &readable);
         i.upstream_types = Some(&upstream);
         assert_eq!(
@@ -340,6 +344,7 @@ mod tests {
             };
             let p = plan(&input(&Level::Group("g".into()), &kickoff, &patients, &all)).unwrap();
             assert_eq!(p.types, ["Organization"]);
+            assert_eq!(p.named_supporting, ["Organization"]);
             assert!(p.searches.is_empty(), "{:?}", p.searches);
             assert_eq!(p.warnings.len(), 1);
             assert!(p.warnings[0].contains("exported empty: _type ValueSet"));

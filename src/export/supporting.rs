@@ -13,7 +13,8 @@
 //!   (a client needs what the exported resources reference, changed or not), nor do `_typeFilter`s.
 //!   A resource the upstream does not return (deleted, or changed after `transactionTime`) is
 //!   counted in a warning in the error file; a batch that fails (after the pager's retries) is an
-//!   error line there, not a failed job.
+//!   error line there, not a failed job. A supporting type that `_type` named and nothing
+//!   references is exported empty, with a warning saying so.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -242,7 +243,19 @@ impl Exporter {
             .search_url("Patient", None, "")
             .find("/Patient?")
             .unwrap_or(0);
-        for (t, ids) in wanted.into_iter().filter(|(_, ids)| !ids.is_empty()) {
+        for (t, ids) in wanted {
+            if ids.is_empty() {
+                if job.named_supporting.iter().any(|n| n == t) {
+                    fetched.issues.push(
+                        OperationOutcome::warning(format!(
+                            "exported empty: _type {t} names a supporting type, and no exported \
+                             resource references a {t}"
+                        ))
+                        .to_line(),
+                    );
+                }
+                continue;
+            }
             let ids: Vec<String> = ids.into_iter().map(str::to_owned).collect();
             let mut writer = UnitWriter::resume(
                 &self.storage,

@@ -146,6 +146,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         since: kickoff.since.map(|i| i.to_string()),
         until: kickoff.until.map(|i| i.to_string()),
         types: planned.types,
+        named_supporting: planned.named_supporting,
         elements: kickoff.elements,
         state: JobState::Running,
         created_at: now_unix(),

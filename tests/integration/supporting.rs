@@ -105,6 +105,11 @@ async fn assert_exact_with_supporting(s: &Setup, path: &str, patients: &[String]
         .filter(|e| e.to_string().contains("Practitioner/ghost"))
         .collect();
     assert_eq!(missing.len(), 1, "{path}: {errors:?}");
+    assert_eq!(
+        errors.len(),
+        1,
+        "{path}: nothing else to report: {errors:?}"
+    );
     assert_eq!(missing[0]["issue"][0]["severity"], "warning");
     assert!(
         missing[0]["issue"][0]["diagnostics"]
@@ -141,6 +146,21 @@ async fn type_selects_supporting_types_like_any_other(store: Store) {
     let (manifest, files) = s.export("/Patient/$export?_type=Encounter").await;
     assert_eq!(files.keys().collect::<Vec<_>>(), ["Encounter"]);
     assert_eq!(manifest["error"], json!([]));
+
+    // Named, but nothing exported references one (Patients name no Organization): exported
+    // empty, and the error file says why.
+    let (manifest, files) = s
+        .export("/Patient/$export?_type=Patient,Organization")
+        .await;
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["Patient"]);
+    let errors = s.errors(&manifest).await;
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert_eq!(errors[0]["issue"][0]["severity"], "warning");
+    let diagnostics = errors[0]["issue"][0]["diagnostics"].as_str().unwrap();
+    assert!(
+        diagnostics.starts_with("exported empty: _type Organization"),
+        "{diagnostics}"
+    );
 
     // The references as written: `_elements` that drops them leaves nothing to fetch.
     let (_, files) = s
