@@ -8,8 +8,10 @@ system-all/ (system level, no _type), patient/, group/.
 The truth comes from the server itself, independently of the proxy's planning: every resource of
 every type it lists in its CapabilityStatement, read by paging its searches (next links), and the
 Patients each resource references anywhere (for the fixture, a resource is in a patient's
-compartment exactly when it references the patient). Per type, `_summary=count` must agree with the
-paged reads. Exits 1 with a list of differences when anything disagrees.
+compartment exactly when it references the patient). Patient and Group exports also hold the
+supporting resources (the proxy's default `export.supporting_types`) that the compartment's
+resources reference, exactly those. Per type, `_summary=count` must agree with the paged reads.
+Exits 1 with a list of differences when anything disagrees.
 """
 
 import json
@@ -21,6 +23,9 @@ from collections import defaultdict
 from pathlib import Path
 
 PATIENT_REF = re.compile(r'"reference"\s*:\s*"(?:[^"]*/)?Patient/([^"/]+)"')
+REFERENCE = re.compile(r'"reference"\s*:\s*"([^"]+)"')
+# export.supporting_types' default.
+SUPPORTING = ("Organization", "Practitioner", "PractitionerRole", "Location", "Medication")
 TIMEOUT = 60
 
 
@@ -30,17 +35,32 @@ def get(url, accept="application/fhir+json"):
         return json.load(response)
 
 
+def supporting_refs(hfs, resource):
+    """The (type, id) of the supporting resources `resource` references on the server: relative, or
+    absolute below its base (not contained, `urn:` or conditional references)."""
+    found = set()
+    for reference in REFERENCE.findall(json.dumps(resource)):
+        reference = reference.removeprefix(hfs.rstrip("/") + "/")
+        parts = reference.split("/")
+        if ":" in reference or "?" in reference or "#" in reference or len(parts) not in (2, 4):
+            continue
+        if parts[0] in SUPPORTING and (len(parts) == 2 or parts[2] == "_history"):
+            found.add((parts[0], parts[1]))
+    return found
+
+
 def server_truth(hfs):
-    """{type: {id: set(patient ids referenced)}} and {type: _summary=count total}."""
+    """{type: {id: set(patient ids referenced)}}, {type: {id: set((type, id) of the supporting
+    resources referenced)}} and {type: _summary=count total}."""
     capability = get(f"{hfs}/metadata")
     types = sorted({r["type"] for rest in capability.get("rest", []) for r in rest.get("resource", [])})
-    totals, resources = {}, {}
+    totals, resources, supporting = {}, {}, {}
     for resource_type in types:
         total = get(f"{hfs}/{resource_type}?_summary=count").get("total", 0)
         totals[resource_type] = total
         if not total:
             continue
-        found = {}
+        found, referencing = {}, {}
         url = f"{hfs}/{resource_type}?_count=1000"
         pages = 0
         while url:
@@ -54,11 +74,13 @@ def server_truth(hfs):
                 if resource_type == "Patient":
                     refs.add(resource["id"])
                 found[resource["id"]] = refs
+                referencing[resource["id"]] = supporting_refs(hfs, resource)
             url = next((l["url"] for l in page.get("link", []) if l.get("relation") == "next"), None)
             if pages > 10000:
                 raise SystemExit(f"{resource_type}: more than 10000 pages, giving up")
         resources[resource_type] = found
-    return resources, totals
+        supporting[resource_type] = referencing
+    return resources, supporting, totals
 
 
 def exported(directory):
@@ -102,7 +124,7 @@ def main():
     hfs, proxy, group_id, out_dir = sys.argv[1:5]
     out_dir = Path(out_dir)
     problems, report = [], []
-    truth, totals = server_truth(hfs)
+    truth, references, totals = server_truth(hfs)
     for resource_type, found in truth.items():
         if len(found) != totals[resource_type]:
             problems.append(
@@ -114,11 +136,22 @@ def main():
     everything = {t: set(found) for t, found in truth.items()}
 
     def in_compartment(patients):
+        """The patients' compartments, and the supporting resources those reference."""
         want = {}
         for resource_type, found in truth.items():
             ids = {i for i, refs in found.items() if refs & patients}
             if ids:
                 want[resource_type] = ids
+        referenced = defaultdict(set)
+        for resource_type, ids in want.items():
+            for i in ids:
+                for t, target in references[resource_type][i]:
+                    referenced[t].add(target)
+        for t, ids in referenced.items():
+            missing = ids - set(truth.get(t, {}))
+            if missing:
+                problems.append(f"server: {len(missing)} referenced {t} missing, e.g. {sorted(missing)[:2]}")
+            want[t] = ids - missing
         return want
 
     all_patients = set(truth.get("Patient", {}))
@@ -140,12 +173,14 @@ def main():
     compare("system+_type", got, {t: ids for t, ids in everything.items() if t in types}, problems, report)
     problems += [f"system+_type: error file: {json.dumps(e)[:300]}" for e in errors]
 
-    # Patient level: every resource in some Patient's compartment.
+    # Patient level: every resource in some Patient's compartment, and what those reference of the
+    # supporting types.
     got, errors = exported(out_dir / "patient")
     compare("Patient", got, in_compartment(all_patients), problems, report)
     problems += [f"Patient: error file: {json.dumps(e)[:300]}" for e in errors]
 
-    # Group level: the members' compartments, and the Patients are exactly the members.
+    # Group level: the members' compartments (and the supporting resources they reference), and the
+    # Patients are exactly the members.
     got, errors = exported(out_dir / "group")
     compare(f"Group/{group_id}", got, in_compartment(members), problems, report)
     problems += [f"Group: error file: {json.dumps(e)[:300]}" for e in errors]

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # End to end against a real FHIR server: Helios hfs (../shared/tools/real-upstream) loaded with the
-# 10-patient Synthea fixture, the proxy binary in front of it with a client registered by `keygen`,
+# 10-patient Synthea fixture (E2E_FIXTURE=../shared/fixtures/synthea/bds-r4-100 for the 100-patient
+# one), the proxy binary in front of it with a client registered by `keygen`,
 # then `backend_client` exports at system level (with and without _type), Patient level and Group
-# level, and .ci/e2e-hfs-compare.py checks every export, passthrough and metadata against what hfs
+# level, and .ci/e2e-hfs-compare.py checks every export (Patient and Group level: the compartment and
+# exactly the supporting resources it references), passthrough and metadata against what hfs
 # itself holds; smart-fetch (a third-party client from PyPI) exports too, checked by
 # .ci/e2e-smart-fetch.py against backend_client's exports. Exits non-zero on any difference; skips (exit 0) when the tool is not there.
 #
@@ -15,7 +17,8 @@ cd "$(dirname "$0")/.."
 repo=$(pwd)
 tool=${REAL_UPSTREAM:-$repo/../shared/tools/real-upstream}
 fixture=${E2E_FIXTURE:-$repo/../shared/fixtures/synthea/bds-r4-10}
-group=synthea-10
+# The fixture's Group (synthea-10 for bds-r4-10, synthea-100 for bds-r4-100).
+group=${E2E_GROUP:-$(head -n 1 "$fixture/Group.ndjson" 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])' 2>/dev/null || echo synthea-10)}
 smart_fetch_version=1.0.3
 
 if [[ ! -x $tool || ! -d $fixture ]]; then

@@ -347,6 +347,7 @@ async fn planned_urls(
         upstream_types: Some(&upstream_types),
         patients: &patients,
         batch_size: e.patient_batch_size,
+        supporting_types: &e.supporting_types,
         max_ids_bytes: plan::ids_room(e.max_search_url_bytes, upstream_url.len(), &k.type_filters),
         // As the proxy decides: the patients against the upstream's count.
         scan: plan::scan_pays(patients.len(), all_patients, e.scan_min_coverage),

@@ -92,6 +92,10 @@ pub struct Job {
     pub until: Option<String>,
     /// Resource types the job exports (after `_type`, scopes and upstream support).
     pub types: Vec<String>,
+    /// Patient and Group level: the supporting types `_type` named (see `export::supporting`); one
+    /// that nothing exported references is reported in the error file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub named_supporting: Vec<String>,
     /// `_elements`, kept for the writers.
     #[serde(default)]
     pub elements: Vec<String>,
@@ -157,6 +161,11 @@ pub struct Checkpoint {
     /// OperationOutcome lines to report for this unit (page-level problems).
     #[serde(default)]
     pub issues: Vec<String>,
+    /// Patient and Group level: the supporting resources (`Type/id`, the job's types outside the
+    /// Patient compartment) that the lines written so far reference; the finaliser fetches their
+    /// union over the job's units.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub references: std::collections::BTreeSet<String>,
 }
 
 /// One search of a job.

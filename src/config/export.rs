@@ -4,6 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
+use crate::fhir::compartment::compartment_param;
+use crate::fhir::resource_types::is_resource_type;
 
 /// How exports are built.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +63,11 @@ pub struct ExportConfig {
     /// Seconds between sweeps that delete expired jobs and their files, and finalise jobs whose
     /// units are all done but whose finaliser died. Default 60.
     pub sweep_interval_secs: u64,
+    /// Types outside the Patient compartment whose resources a Patient or Group export includes
+    /// when the exported resources reference them (and `_type` is absent or names them), fetched
+    /// by `_id` at the end of the export. R4 resource types outside the compartment. Default
+    /// Organization, Practitioner, PractitionerRole, Location, Medication.
+    pub supporting_types: Vec<String>,
 }
 
 impl Default for ExportConfig {
@@ -87,6 +94,15 @@ impl Default for ExportConfig {
             poll_retry_after_secs: 2,
             lease_secs: 30,
             sweep_interval_secs: 60,
+            supporting_types: [
+                "Organization",
+                "Practitioner",
+                "PractitionerRole",
+                "Location",
+                "Medication",
+            ]
+            .map(String::from)
+            .to_vec(),
         }
     }
 }
@@ -146,6 +162,16 @@ impl ExportConfig {
                 "must be at least 1024",
             ));
         }
+        for t in &e.supporting_types {
+            let reason = if !is_resource_type(t) {
+                "is not an R4 resource type"
+            } else if compartment_param(t).is_some() {
+                "is in the Patient compartment (exported by search at Patient and Group level)"
+            } else {
+                continue;
+            };
+            return Err(invalid("export.supporting_types", t, reason));
+        }
         if e.retry_base_ms > e.retry_max_ms {
             return Err(invalid(
                 "export.retry_base_ms",
@@ -160,7 +186,47 @@ impl ExportConfig {
 #[cfg(test)]
 #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
-    use crate::config::tests::assert_each_bad_value_named;
+    use crate::config::tests::{assert_each_bad_value_named, load_toml};
+
+    #[test]
+    fn supporting_types_are_r4_types_outside_the_patient_compartment() {
+        let config = load_toml("").unwrap();
+        assert_eq!(
+            config.export.supporting_types,
+            [
+                "Organization",
+                "Practitioner",
+                "PractitionerRole",
+                "Location",
+                "Medication"
+            ]
+        );
+        let config = load_toml("[export]\nsupporting_types = [\"Device\"]\n");
+        let message = config.unwrap_err();
+        assert!(
+            message.contains("export.supporting_types")
+                && message.contains("Device")
+                && message.contains("Patient compartment"),
+            "{message}"
+        );
+        let message = load_toml("[export]\nsupporting_types = [\"Organisation\"]\n").unwrap_err();
+        assert!(
+            message.contains("Organisation") && message.contains("not an R4 resource type"),
+            "{message}"
+        );
+        let config = load_toml("[export]\nsupporting_types = []\n").unwrap();
+        assert!(config.export.supporting_types.is_empty());
+        figment::Jail::expect_with(|jail| {
+            crate::config::tests::with_upstream(jail);
+            jail.set_env(
+                "BULK_PROXY_EXPORT__SUPPORTING_TYPES",
+                "[Organization, Location]",
+            );
+            let config = crate::config::Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.export.supporting_types, ["Organization", "Location"]);
+            Ok(())
+        });
+    }
 
     #[test]
     fn each_bad_export_value_names_key_value_and_reason() {

@@ -196,6 +196,7 @@ mod tests {
             since: None,
             until: None,
             types: vec!["Patient".into()],
+            named_supporting: Vec::new(),
             elements: Vec::new(),
             state: JobState::Running,
             created_at: 0,

@@ -13,6 +13,9 @@
 //!   `errors.f{attempt}.0.ndjson`): an attempt cut short anywhere leaves its successor's inputs
 //!   intact, and a finisher that lost its claim (stalled past its lease) cannot touch the files of
 //!   the attempt that commits. Files of attempts that never commit go with the job.
+//! - **Supporting resources.** At Patient and Group level the attempt also fetches the supporting
+//!   resources the units' checkpoints reference ([`super::supporting`]) into its own
+//!   `{type}.f{attempt}.{n}.ndjson`: an attempt cut short fetches them again.
 //! - **One manifest.** The final state is committed by [`JobStore::complete_job`](crate::store::JobStore::complete_job), which only the
 //!   claim's holder can do while the job is Running.
 //! - **Bounded.** A failed attempt is retried after `export.retry_base_ms` (doubled per attempt,
@@ -348,6 +351,9 @@ impl Exporter {
                 issues.push(OperationOutcome::error("processing", error.as_str()).to_line());
             }
         }
+        let supporting = self.fetch_supporting(job, units, attempt).await?;
+        output.extend(supporting.output);
+        issues.extend(supporting.issues);
         let mut errors = Vec::new();
         if !issues.is_empty() {
             let lines: Vec<Line> = issues

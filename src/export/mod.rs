@@ -1,7 +1,8 @@
 //! Bulk export (SPEC A5–A10): kick-off parsing ([`kickoff`]), planning ([`plan`]), upstream paging
 //! ([`pager`]), NDJSON ([`ndjson`], [`writer`]); the [`Exporter`] that jobs are submitted to
 //! ([`exporter`]), its workers that claim units under a lease ([`worker`]) and run them
-//! ([`mod@unit`]), the finaliser that builds the manifest's files ([`finalize`]), the sweeper
+//! ([`mod@unit`]), the finaliser that builds the manifest's files ([`finalize`]) and fetches the
+//! supporting resources the exported data references ([`supporting`]), the sweeper
 //! ([`sweep`]), and deleting a job with its files ([`cancel`]: a client's DELETE, the operator's
 //! `jobs cancel`, expiry, and a writer that finds its job gone).
 //!
@@ -23,6 +24,7 @@ pub mod membership;
 pub mod ndjson;
 pub mod pager;
 pub mod plan;
+pub mod supporting;
 pub mod sweep;
 pub mod unit;
 pub mod worker;

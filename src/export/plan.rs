@@ -3,7 +3,9 @@
 //!
 //! Types = `_type` (or every type, for the level) ∩ what the token's scopes can read ∩ what the
 //! upstream supports. At Patient and Group level the types are those of the R4 Patient compartment,
-//! fetched one of two ways:
+//! plus the supporting types (`export.supporting_types`, fetched by the finaliser without a search
+//! of their own; another type outside the compartment is exported empty, with a warning). The
+//! compartment types are fetched one of two ways:
 //!
 //! - **batched**: the patients are batched into `param=a,b,c` searches, the batch bounded by a
 //!   count and by the search URL's length;
@@ -42,6 +44,9 @@ pub struct PlanInput<'a> {
     /// Patient ids (Patient and Group level).
     pub patients: &'a [String],
     pub batch_size: usize,
+    /// `export.supporting_types`: at Patient and Group level, the types outside the compartment
+    /// whose referenced resources the export includes.
+    pub supporting_types: &'a [String],
     /// Room for the patient list in a search URL, in bytes.
     pub max_ids_bytes: usize,
     /// Patient and Group level: fetch by type-level scans filtered by membership rather than by
@@ -53,6 +58,8 @@ pub struct PlanInput<'a> {
 #[derive(Debug, Default, PartialEq)]
 pub struct Plan {
     pub types: Vec<String>,
+    /// The supporting types `_type` named (Patient and Group level), a subset of `types`.
+    pub named_supporting: Vec<String>,
     /// `(type, search)` with the search relative to the upstream base.
     pub searches: Vec<(String, String)>,
     /// The searches are type-level scans whose resources are kept only when in the compartment
@@ -83,14 +90,24 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     };
     let mut out = Plan::default();
 
+    // At Patient and Group level, the supporting types have no searches: the finaliser fetches
+    // the resources of theirs that the exported data references (`super::supporting`).
+    let is_supporting = |t: &str| patient_level && input.supporting_types.iter().any(|s| s == t);
+    let mut supporting = Vec::new();
     let types: Vec<String> = match &k.types {
         Some(requested) => {
             let mut types = Vec::new();
             for t in requested {
                 let problem = if NOT_EXPORTABLE.contains(&t.as_str()) {
                     Some(format!("{t} is not exported by this server"))
-                } else if patient_level && compartment_param(t).is_none() {
-                    Some(format!("{t} is not in the Patient compartment"))
+                } else if patient_level && compartment_param(t).is_none() && !is_supporting(t) {
+                    // A valid type, just not one a Patient or Group export holds: never a 400.
+                    // Nothing of it is read, so neither scopes nor the upstream matter.
+                    out.warnings.push(format!(
+                        "exported empty: _type {t} is outside the Patient compartment and not a \
+                         supporting type (export.supporting_types)"
+                    ));
+                    continue;
                 } else if !supported(t) {
                     Some(format!("the upstream server does not support {t}"))
                 } else {
@@ -110,17 +127,30 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
                 if !(input.can_read)(t) {
                     return Err(PlanError::Forbidden(t.clone()));
                 }
-                types.push(t.clone());
+                if is_supporting(t) {
+                    supporting.push(t.clone());
+                    out.named_supporting.push(t.clone());
+                } else {
+                    types.push(t.clone());
+                }
             }
             types
         }
-        None => R4_RESOURCE_TYPES
-            .iter()
-            .filter(|t| !NOT_EXPORTABLE.contains(t))
-            .filter(|t| !patient_level || compartment_param(t).is_some())
-            .filter(|t| supported(t) && (input.can_read)(t))
-            .map(|t| (*t).to_owned())
-            .collect(),
+        None => {
+            supporting = R4_RESOURCE_TYPES
+                .iter()
+                .filter(|t| is_supporting(t) && !NOT_EXPORTABLE.contains(t))
+                .filter(|t| supported(t) && (input.can_read)(t))
+                .map(|t| (*t).to_owned())
+                .collect();
+            R4_RESOURCE_TYPES
+                .iter()
+                .filter(|t| !NOT_EXPORTABLE.contains(t))
+                .filter(|t| !patient_level || compartment_param(t).is_some())
+                .filter(|t| supported(t) && (input.can_read)(t))
+                .map(|t| (*t).to_owned())
+                .collect()
+        }
     };
 
     // Every compartment type's membership is decidable (membership.rs holds its table to that);
@@ -167,6 +197,7 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     }
     out.types = types;
     out.members_only = scan;
+    out.types.extend(supporting);
     Ok(out)
 }
 
@@ -219,9 +250,19 @@ mod tests {
             upstream_types: None,
             patients,
             batch_size: 2,
+            supporting_types: supporting(),
             max_ids_bytes: 1000,
             scan: false,
         }
+    }
+
+    /// The default `export.supporting_types`.
+    fn supporting() -> &'static [String] {
+        Box::leak(
+            crate::config::ExportConfig::default()
+                .supporting_types
+                .into_boxed_slice(),
+        )
     }
 
     fn ids(n: usize) -> Vec<String> {
@@ -251,23 +292,43 @@ mod tests {
     #[test]
     fn types_are_limited_by_scopes_upstream_and_compartment() {
         let kickoff = KickOff::default();
-        let only_obs = |t: &str| t == "Observation" || t == "Practitioner";
+        let readable = |t: &str| t == "Observation" || t == "Practitioner" || t == "ValueSet";
         let upstream = vec![
             "Observation".to_owned(),
             "Practitioner".to_owned(),
+            "Organization".to_owned(),
+            "ValueSet".to_owned(),
             "Patient".to_owned(),
         ];
         let patients = ids(1);
-        let mut i = input(&Level::Patient, &kickoff, &patients, &only_obs);
+        let mut i = input(&Level::Patient, &kickoff, &patients, &readable);
+        i.upstream_types = Some(&upstream);
+        let p = plan(&i).unwrap();
+        assert_eq!(
+            p.types,
+            ["Observation", "Practitioner"],
+            "Practitioner is a readable supporting type, Organization is not readable, ValueSet \
+             is neither in the compartment nor supporting"
+        );
+        assert_eq!(
+            p.searches,
+            [(
+                "Observation".to_owned(),
+                "Observation?patient=p0".to_owned()
+            )],
+            "no search for a supporting type"
+        );
+        assert!(p.warnings.is_empty(), "{:?}", p.warnings);
+        assert!(p.named_supporting.is_empty(), "no _type: none named");
+        let mut i = input(&Level::System, &kickoff, &patients, &readable);
         i.upstream_types = Some(&upstream);
         assert_eq!(
             plan(&i).unwrap().types,
-            ["Observation"],
-            "Practitioner is outside the compartment"
+            ["Observation", "Practitioner", "ValueSet"]
         );
-        let mut i = input(&Level::System, &kickoff, &patients, &only_obs);
-        i.upstream_types = Some(&upstream);
-        assert_eq!(plan(&i).unwrap().types, ["Observation", "Practitioner"]);
+        let mut i = input(&Level::Patient, &kickoff, &patients, &readable);
+        i.supporting_types = &[];
+        assert_eq!(plan(&i).unwrap().types, ["Observation"], "none configured");
     }
 
     #[test]
@@ -281,21 +342,56 @@ mod tests {
             plan(&input(&Level::System, &kickoff, &[], &none)),
             Err(PlanError::Forbidden(_))
         ));
-        let all = |_: &str| true;
-        let kickoff = KickOff {
-            types: Some(vec!["Practitioner".into()]),
+        let organization = KickOff {
+            types: Some(vec!["Encounter".into(), "Organization".into()]),
             ..KickOff::default()
         };
+        let only_encounter = |t: &str| t == "Encounter";
         assert!(matches!(
-            plan(&input(&Level::Patient, &kickoff, &[], &all)),
-            Err(PlanError::Invalid(_))
+            plan(&input(&Level::Patient, &organization, &[], &only_encounter)),
+            Err(PlanError::Forbidden(t)) if t == "Organization"
         ));
+        let all = |_: &str| true;
+        let upstream = vec!["Patient".to_owned()];
+        let mut i = input(&Level::Patient, &organization, &[], &all);
+        i.upstream_types = Some(&upstream);
+        assert!(matches!(plan(&i), Err(PlanError::Invalid(_))));
         let lenient = KickOff {
             lenient: true,
-            ..kickoff
+            ..organization
         };
-        let p = plan(&input(&Level::Patient, &lenient, &[], &all)).unwrap();
-        assert!(p.types.is_empty() && p.warnings.len() == 1);
+        let mut i = input(&Level::Patient, &lenient, &[], &all);
+        i.upstream_types = Some(&upstream);
+        let p = plan(&i).unwrap();
+        assert!(p.types.is_empty() && p.warnings.len() == 2, "{p:?}");
+    }
+
+    #[test]
+    fn a_valid_type_outside_the_compartment_is_exported_empty_with_a_warning_never_a_400() {
+        let patients = ids(3);
+        let none = |_: &str| false;
+        let all = |_: &str| true;
+        for lenient in [false, true] {
+            let kickoff = KickOff {
+                types: Some(vec!["ValueSet".into(), "Organization".into()]),
+                lenient,
+                ..KickOff::default()
+            };
+            let p = plan(&input(&Level::Group("g".into()), &kickoff, &patients, &all)).unwrap();
+            assert_eq!(p.types, ["Organization"]);
+            assert_eq!(p.named_supporting, ["Organization"]);
+            assert!(p.searches.is_empty(), "{:?}", p.searches);
+            assert_eq!(p.warnings.len(), 1);
+            assert!(p.warnings[0].contains("exported empty: _type ValueSet"));
+            // Nothing of it is read: no scope needed.
+            let kickoff = KickOff {
+                types: Some(vec!["ValueSet".into()]),
+                lenient,
+                ..KickOff::default()
+            };
+            let p = plan(&input(&Level::Patient, &kickoff, &patients, &none)).unwrap();
+            assert!(p.types.is_empty() && p.warnings.len() == 1);
+        }
     }
 
     #[test]

@@ -21,6 +21,7 @@ use super::exporter::Exporter;
 use super::membership;
 use super::ndjson::{Line, read_page_where};
 use super::pager::{FetchError, Pager};
+use super::supporting::Collector;
 use super::writer::UnitWriter;
 use crate::job::{Checkpoint, Job, JobState, Unit, UnitState, now_unix};
 use crate::storage::{Storage, StorageError};
@@ -42,6 +43,8 @@ pub(super) struct UnitProgress<'a> {
     /// not. Its `files` stay empty: the writer's are the truth.
     ahead: Checkpoint,
     writer: UnitWriter<'a>,
+    /// Patient and Group level: records the supporting resources the lines reference.
+    references: Option<Collector>,
 }
 
 /// What the unit fetches next.
@@ -61,6 +64,7 @@ impl<'a> UnitProgress<'a> {
         job: &Job,
         unit: Unit,
         limits: (u64, u64),
+        references: Option<Collector>,
     ) -> Result<UnitProgress<'a>, (Unit, StorageError)> {
         let writer = UnitWriter::resume(
             storage,
@@ -79,6 +83,7 @@ impl<'a> UnitProgress<'a> {
                 },
                 unit,
                 writer,
+                references,
             }),
             Err(e) => Err((unit, e)),
         }
@@ -119,6 +124,9 @@ impl<'a> UnitProgress<'a> {
         let lines = skip_already_written(lines, &self.ahead);
         let durable = self.writer.write(&lines).await?;
         track_last_updated(&mut self.ahead, &lines);
+        if let Some(references) = &self.references {
+            references.collect(&lines, &mut self.ahead.references);
+        }
         self.ahead.issues.extend(issues);
         self.ahead.next = next;
         self.ahead.pages += 1;
@@ -211,10 +219,12 @@ impl Exporter {
             members.is_some().then_some(&in_compartment);
         let upper = upper_bound(&job);
         let limits = (self.config.max_file_bytes, self.config.max_file_resources);
-        let mut progress = match UnitProgress::resume(&self.storage, &job, unit, limits).await {
-            Ok(progress) => progress,
-            Err((unit, e)) => return self.storage_failed(&unit, worker, shutdown, &e).await,
-        };
+        let references = Collector::for_job(&job, &self.pager);
+        let mut progress =
+            match UnitProgress::resume(&self.storage, &job, unit, limits, references).await {
+                Ok(progress) => progress,
+                Err((unit, e)) => return self.storage_failed(&unit, worker, shutdown, &e).await,
+            };
         // An upstream without `_lastUpdated` search: the bounds are applied here instead.
         let unbounded = self
             .pager
@@ -643,5 +653,81 @@ mod tests {
         no_meta.last_updated = None;
         track_last_updated(&mut cp, &[no_meta]);
         assert_eq!(cp.ids_at_last_updated, ["a"]);
+    }
+}
+
+#[cfg(test)]
+mod reference_tests {
+    use super::*;
+
+    fn encounter(id: &str, organization: &str) -> Line {
+        Line {
+            id: Some(id.into()),
+            last_updated: Some(format!("2024-01-01T00:00:0{}Z", id.len())),
+            bytes: format!(
+                r#"{{"resourceType":"Encounter","id":"{id}","serviceProvider":{{"reference":"{organization}"}}}}
+"#
+            )
+            .into_bytes(),
+        }
+    }
+
+    /// A unit resumed by another process (from its checkpoint, as stored) keeps the references of
+    /// the pages it committed and adds those of the next; a restart from scratch forgets them with
+    /// the files.
+    #[tokio::test]
+    async fn a_resumed_unit_keeps_the_references_of_its_committed_pages() {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = Storage::local(dir.path()).unwrap();
+        let mut config = crate::config::Config::default();
+        config.upstream.url = "http://up/fhir".into();
+        let pager = Pager::new(&config, Default::default()).unwrap();
+        let job: Job = serde_json::from_value(serde_json::json!({
+            "id": "j", "client_id": "c", "level": {"level": "patient"}, "request": "r",
+            "transaction_time": "2026-01-01T00:00:00Z", "types": ["Encounter", "Organization"],
+            "state": "running", "created_at": 0, "units_total": 1
+        }))
+        .unwrap();
+        let resume = |unit: Unit| {
+            UnitProgress::resume(
+                &storage,
+                &job,
+                unit,
+                (1 << 20, 1000),
+                Collector::for_job(&job, &pager),
+            )
+        };
+        let unit = Unit::new("j", 0, "Encounter", "Encounter?patient=p".into());
+        let mut progress = resume(unit).await.unwrap_or_else(|(_, e)| panic!("{e}"));
+        let (_, durable) = progress
+            .write_page(
+                vec![encounter("e1", "Organization/a")],
+                vec![],
+                Some("http://up/fhir?page=2".into()),
+            )
+            .await
+            .unwrap();
+        assert!(durable);
+        let stored = serde_json::to_string(&progress.into_unit()).unwrap();
+
+        let unit: Unit = serde_json::from_str(&stored).unwrap();
+        let mut progress = resume(unit).await.unwrap_or_else(|(_, e)| panic!("{e}"));
+        progress
+            .write_page(
+                vec![
+                    encounter("e22", "http://up/fhir/Organization/b"),
+                    encounter("e333", "Location/x"),
+                ],
+                vec![],
+                None,
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            progress.unit().checkpoint.references,
+            ["Organization/a".to_owned(), "Organization/b".to_owned()].into()
+        );
+        progress.restart();
+        assert!(progress.unit().checkpoint.references.is_empty());
     }
 }

@@ -5,6 +5,7 @@
 //! scope grammar ([`scopes`]).
 
 pub mod capability;
+pub mod compartment;
 pub mod instant;
 pub mod mandatory_elements;
 pub mod operation_outcome;

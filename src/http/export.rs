@@ -128,6 +128,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         upstream_types: upstream_types.as_deref(),
         patients: &patients,
         batch_size: e.patient_batch_size,
+        supporting_types: &e.supporting_types,
         max_ids_bytes: plan::ids_room(
             e.max_search_url_bytes,
             app.upstream.base_url().len(),
@@ -154,6 +155,7 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         since: kickoff.since.map(|i| i.to_string()),
         until: kickoff.until.map(|i| i.to_string()),
         types: planned.types,
+        named_supporting: planned.named_supporting,
         elements: kickoff.elements,
         state: JobState::Running,
         created_at: now_unix(),

@@ -27,6 +27,7 @@ mod reference_config;
 mod replicas;
 mod scan;
 mod store_contract;
+mod supporting;
 mod timeouts;
 mod tls;
 mod upstream_auth;

@@ -253,6 +253,7 @@ async fn expired_leases_are_taken_over(store: Arc<dyn JobStore>) {
         last_updated: Some("2024-01-01T00:00:00Z".to_owned()),
         ids_at_last_updated: vec!["o1".to_owned()],
         issues: Vec::new(),
+        references: ["Organization/a".to_owned(), "Practitioner/b".to_owned()].into(),
     };
     assert!(store.save_unit(&unit, "w1").await.unwrap());
     assert_eq!(lease(&store, "w2", NOW + 20, NOW + 40).await, None);
