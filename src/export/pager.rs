@@ -142,9 +142,7 @@ impl Pager {
             .get_or_init(|| async {
                 let url = format!("{}/metadata", self.base.as_str().trim_end_matches('/'));
                 match self.fetch(&url, false).await {
-                    Ok(body) => serde_json::from_slice(&body)
-                        .map(|statement| types_without_last_updated(&statement))
-                        .unwrap_or_default(),
+                    Ok(body) => types_without_last_updated(&body),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the upstream's CapabilityStatement; assuming _lastUpdated search");
                         Vec::new()
@@ -403,36 +401,61 @@ enum Attempt {
 }
 
 /// The resource types of a CapabilityStatement whose search parameters leave `_lastUpdated` out.
-fn types_without_last_updated(statement: &serde_json::Value) -> Vec<String> {
-    let names = |params: &serde_json::Value| -> Option<Vec<String>> {
-        let list = params.as_array().filter(|l| !l.is_empty())?;
-        Some(
-            list.iter()
-                .filter_map(|p| p["name"].as_str().map(str::to_owned))
-                .collect(),
-        )
+/// The parts of a CapabilityStatement [`types_without_last_updated`] reads; the rest of the
+/// document (hfs: 2.5 MB, mostly SearchParameter definitions) is skipped as it is read, never
+/// built, since this runs while the first units page.
+#[derive(serde::Deserialize)]
+struct Outline {
+    #[serde(default)]
+    rest: Vec<OutlineRest>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutlineRest {
+    mode: Option<String>,
+    #[serde(default, rename = "searchParam")]
+    search_param: Vec<Named>,
+    #[serde(default)]
+    resource: Vec<OutlineResource>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutlineResource {
+    #[serde(rename = "type")]
+    resource_type: Option<String>,
+    #[serde(default, rename = "searchParam")]
+    search_param: Vec<Named>,
+}
+
+#[derive(serde::Deserialize)]
+struct Named {
+    name: Option<String>,
+}
+
+/// The types a CapabilityStatement (JSON) lists search parameters for, for them or for every
+/// type, without `_lastUpdated`; none when it does not parse.
+fn types_without_last_updated(statement: &[u8]) -> Vec<String> {
+    let Ok(statement) = serde_json::from_slice::<Outline>(statement) else {
+        return Vec::new();
+    };
+    let has = |params: &[Named]| {
+        params
+            .iter()
+            .any(|p| p.name.as_deref() == Some("_lastUpdated"))
     };
     let mut out = Vec::new();
-    for rest in statement["rest"].as_array().into_iter().flatten() {
-        if rest["mode"] != "server" {
+    for rest in statement.rest {
+        if rest.mode.as_deref() != Some("server") || has(&rest.search_param) {
             continue;
         }
-        let common = names(&rest["searchParam"]);
-        if common
-            .as_ref()
-            .is_some_and(|c| c.iter().any(|n| n == "_lastUpdated"))
-        {
-            continue;
-        }
-        for resource in rest["resource"].as_array().into_iter().flatten() {
-            let Some(resource_type) = resource["type"].as_str() else {
+        let common = !rest.search_param.is_empty();
+        for resource in rest.resource {
+            let Some(resource_type) = resource.resource_type else {
                 continue;
             };
-            let own = names(&resource["searchParam"]);
-            let listed = own.is_some() || common.is_some();
-            let has = own.is_some_and(|o| o.iter().any(|n| n == "_lastUpdated"));
-            if listed && !has {
-                out.push(resource_type.to_owned());
+            let listed = common || !resource.search_param.is_empty();
+            if listed && !has(&resource.search_param) {
+                out.push(resource_type);
             }
         }
     }
@@ -496,11 +519,14 @@ mod tests {
             {"type": "Observation", "searchParam": [{"name": "_id"}, {"name": "patient"}]},
             {"type": "Encounter"},
         ]}]});
-        assert_eq!(types_without_last_updated(&statement), ["Observation"]);
+        assert_eq!(
+            types_without_last_updated(statement.to_string().as_bytes()),
+            ["Observation"]
+        );
         let common = serde_json::json!({"rest": [{"mode": "server",
             "searchParam": [{"name": "_lastUpdated"}],
             "resource": [{"type": "Observation", "searchParam": [{"name": "patient"}]}]}]});
-        assert!(types_without_last_updated(&common).is_empty());
+        assert!(types_without_last_updated(common.to_string().as_bytes()).is_empty());
         let p = pager();
         assert_eq!(
             p.unbounded_search_url("Observation?patient=a"),

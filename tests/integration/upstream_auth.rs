@@ -380,7 +380,20 @@ async fn the_client_secret_and_the_upstream_tokens_never_reach_the_log() {
         (response.status() == 200).then_some(())
     })
     .await;
+    // A second export after every token is revoked: its first page is refused, and the token
+    // renewed (whether or not the first export outlived a token, which depends on its speed).
     tokens.revoke_all();
+    let status_url =
+        testkit::start_export(format!("{}/$export?_type=Patient", proxy.base()), "unused").await;
+    testkit::eventually(
+        "the second export to finish",
+        Duration::from_secs(60),
+        || async {
+            let response = testkit::get_anonymous(&status_url).await;
+            (response.status() == 200).then_some(())
+        },
+    )
+    .await;
     let metadata = testkit::get_anonymous(format!("{}/metadata", proxy.base())).await;
     assert_eq!(metadata.status(), 200);
 
