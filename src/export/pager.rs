@@ -16,6 +16,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Searches of one job counted at kick-off, at most ([`Pager::count_all`]).
+pub const MAX_COUNTED: usize = 64;
+
 use bytes::{Bytes, BytesMut};
 use reqwest::StatusCode;
 use reqwest::header::{ACCEPT, AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
@@ -200,6 +203,47 @@ impl Pager {
             push(&mut url, "_sort=_lastUpdated".to_owned());
         }
         url
+    }
+
+    /// How many resources `search` would return between the bounds, as the upstream counts them
+    /// (`_summary=count`); `None` when it does not say (no `Bundle.total`, an error, no answer).
+    /// One attempt: a count only sizes and orders the work.
+    pub async fn count(
+        &self,
+        search: &str,
+        lower: Option<(&str, &str)>,
+        upper: &str,
+    ) -> Option<u64> {
+        let url = format!("{}&_summary=count", self.search_url(search, lower, upper));
+        let body = match self.try_fetch(&url).await {
+            Ok(body) => body,
+            Err(_) => return None,
+        };
+        #[derive(serde::Deserialize)]
+        struct Total {
+            total: Option<u64>,
+        }
+        serde_json::from_slice::<Total>(&body).ok()?.total
+    }
+
+    /// [`Self::count`] of each search, at most the concurrency cap at a time; none counted when
+    /// there are more than [`MAX_COUNTED`] (patient batches of a large population: the counts
+    /// would cost more than they save).
+    pub async fn count_all(
+        &self,
+        searches: &[(String, String)],
+        lower: Option<(&str, &str)>,
+        upper: &str,
+    ) -> Vec<Option<u64>> {
+        if searches.len() > MAX_COUNTED {
+            return vec![None; searches.len()];
+        }
+        futures_util::future::join_all(
+            searches
+                .iter()
+                .map(|(_, search)| self.count(search, lower, upper)),
+        )
+        .await
     }
 
     /// A `next` link made absolute, on the configured upstream origin.

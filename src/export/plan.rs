@@ -201,6 +201,13 @@ pub fn plan(input: &PlanInput<'_>) -> Result<Plan, PlanError> {
     Ok(out)
 }
 
+/// Orders searches by their counted size, largest first (uncounted ones last, in plan order):
+/// with fewer workers than searches, the longest chain of pages starts at once instead of behind
+/// the small ones (hfs, 100 patients: Observation's 17 pages started 0.5 s late in type order).
+pub fn largest_first<T>(searches: &mut [(T, Option<u64>)]) {
+    searches.sort_by_key(|(_, count)| std::cmp::Reverse(count.map_or(0, |c| c.saturating_add(1))));
+}
+
 /// Room for the patient ids in a search URL: what is left after the base URL, the longest
 /// `/{Type}?{param}=` (45 bytes covers every compartment entry), the longest `_typeFilter` query,
 /// and the paging parameters the pager adds (`_count`, two `_lastUpdated` bounds, `_sort`: at most
@@ -424,6 +431,20 @@ mod tests {
         let mut i = input(&Level::System, &kickoff, &patients, &all);
         i.scan = true;
         assert!(!plan(&i).unwrap().members_only);
+    }
+
+    #[test]
+    fn searches_go_largest_first_and_uncounted_last_in_order() {
+        let mut searches = vec![
+            ("a", Some(5)),
+            ("b", None),
+            ("c", Some(900)),
+            ("d", Some(0)),
+            ("e", None),
+        ];
+        largest_first(&mut searches);
+        let order: Vec<&str> = searches.iter().map(|(s, _)| *s).collect();
+        assert_eq!(order, ["c", "a", "d", "b", "e"]);
     }
 
     #[test]

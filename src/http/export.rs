@@ -17,6 +17,7 @@ use crate::export::plan::{self, PlanError, PlanInput};
 use crate::fhir::{FHIR_JSON, Instant, OperationOutcome};
 use crate::job::{Job, JobState, Level, Unit, now_unix};
 use crate::store::Created;
+use crate::telemetry::metrics;
 
 pub async fn system(State(app): State<AppState>, request: Request) -> Result<Response, ApiError> {
     kick_off(app, Level::System, request).await
@@ -170,12 +171,26 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
         error: None,
     };
     let members_only = planned.members_only;
-    let units: Vec<Unit> = planned
-        .searches
+    let counts = app
+        .exporter
+        .pager
+        .count_all(
+            &planned.searches,
+            job.since.as_deref().map(|s| ("gt", s)),
+            &job.transaction_time,
+        )
+        .await;
+    let mut searches: Vec<_> = planned.searches.into_iter().zip(counts).collect();
+    plan::largest_first(&mut searches);
+    if !members_only && searches.iter().all(|(_, count)| count.is_some()) {
+        metrics::resources_expected(searches.iter().filter_map(|(_, c)| *c).sum());
+    }
+    let units: Vec<Unit> = searches
         .into_iter()
         .enumerate()
-        .map(|(i, (t, search))| Unit {
+        .map(|(i, ((t, search), expected))| Unit {
             members_only,
+            expected,
             ..Unit::new(&id, i as u32, &t, search)
         })
         .collect();

@@ -83,12 +83,7 @@ fn first_poll_retry_after(retry_after: u64) -> u64 {
 
 async fn in_progress(app: &AppState, job: &Job, retry_after: u64) -> Result<Response, ApiError> {
     let units = app.store.units(&job.id).await?;
-    let Progress {
-        done,
-        total,
-        resources,
-    } = Progress::of(&units);
-    let progress = format!("{done} of {total} searches done, {resources} resources");
+    let progress = Progress::of(&units).describe();
     let mut response = StatusCode::ACCEPTED.into_response();
     let headers = response.headers_mut();
     headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after));

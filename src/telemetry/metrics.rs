@@ -42,6 +42,7 @@ pub const JOBS_STARTED: &str = "bulk_proxy_jobs_started_total";
 pub const JOBS_FINISHED: &str = "bulk_proxy_jobs_finished_total";
 pub const EXPORT_PAGES: &str = "bulk_proxy_export_pages_total";
 pub const EXPORT_RESOURCES: &str = "bulk_proxy_export_resources_total";
+pub const EXPORT_RESOURCES_EXPECTED: &str = "bulk_proxy_export_resources_expected_total";
 pub const UNITS_CLAIMED: &str = "bulk_proxy_units_claimed_total";
 pub const UNITS_FINISHED: &str = "bulk_proxy_units_finished_total";
 pub const UNITS_ACTIVE: &str = "bulk_proxy_units_active";
@@ -55,6 +56,7 @@ pub const SPLICED_BYTES: &str = "bulk_proxy_spliced_bytes_total";
 pub fn init_series(store: &'static str, storage: &'static str) {
     let _ = handle();
     metrics::counter!(JOBS_STARTED).absolute(0);
+    metrics::counter!(EXPORT_RESOURCES_EXPECTED).absolute(0);
     for state in ["completed", "failed"] {
         metrics::counter!(JOBS_FINISHED, "state" => state).absolute(0);
     }
@@ -84,6 +86,12 @@ pub fn job_started() {
 /// A job's final state was committed (`completed` or `failed`).
 pub fn job_finished(state: &'static str) {
     metrics::counter!(JOBS_FINISHED, "state" => state).increment(1);
+}
+
+/// A job started whose searches the upstream counted (`_summary=count`): the resources they
+/// will write, against which `bulk_proxy_export_resources_total` tells how far exports are.
+pub fn resources_expected(resources: u64) {
+    metrics::counter!(EXPORT_RESOURCES_EXPECTED).increment(resources);
 }
 
 /// One search page written and checkpointed, with `resources` resources of `resource_type`.

@@ -22,6 +22,7 @@ mod object_storage;
 mod operations;
 mod paging_styles;
 mod passthrough;
+mod progress;
 mod redis_tls;
 mod reference_config;
 mod replicas;
