@@ -45,6 +45,11 @@ impl Instant {
         Self::try_from(now).unwrap_or(if now.year() < 1 { Self::MIN } else { Self::MAX })
     }
 
+    /// This instant without its fraction of a second (never later than it).
+    pub fn whole_seconds(self) -> Self {
+        Self(self.0.replace_nanosecond(0).unwrap_or(self.0))
+    }
+
     /// 0001-01-01T00:00:00Z.
     pub const MIN: Self = Self(time::macros::datetime!(0001-01-01 00:00:00 UTC));
     /// 9999-12-31T23:59:59.999999999Z.
@@ -250,6 +255,17 @@ mod tests {
 
     fn parse(text: &str) -> Result<String, InstantError> {
         Instant::parse(text).map(|i| i.to_string())
+    }
+
+    #[test]
+    fn whole_seconds_drop_the_fraction_only() {
+        let whole = |t: &str| Instant::parse(t).unwrap().whole_seconds().to_string();
+        assert_eq!(
+            whole("2024-01-02T03:04:05.999999999Z"),
+            "2024-01-02T03:04:05Z"
+        );
+        assert_eq!(whole("2024-01-02T03:04:05Z"), "2024-01-02T03:04:05Z");
+        assert_eq!(whole("0001-01-01T00:00:00.5Z"), "0001-01-01T00:00:00Z");
     }
 
     #[test]

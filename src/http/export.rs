@@ -152,7 +152,11 @@ async fn kick_off(app: AppState, level: Level, request: Request) -> Result<Respo
                 .strip_prefix(app.base_path.as_str())
                 .unwrap_or(path_and_query)
         ),
-        transaction_time: now.to_string(),
+        // Whole seconds: the bound every search carries (`_lastUpdated=le…`), and a fraction
+        // there more than doubled hfs's time per page (0.92 s against 0.38 s for Observation's
+        // 17 pages unbounded, 0.58 s with a whole second). Anything changed in the fraction
+        // before the kick-off is in the next export since this one.
+        transaction_time: now.whole_seconds().to_string(),
         since: kickoff.since.map(|i| i.to_string()),
         until: kickoff.until.map(|i| i.to_string()),
         types: planned.types,
