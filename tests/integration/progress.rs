@@ -14,12 +14,12 @@ async fn searches_are_counted_and_run_largest_first(store: Store) {
     // One worker: the searches run one after the other, in the order they are claimed.
     let s = Setup::new(store, |c| c.export.workers = 1).await;
     let before = s.fhir.counters.served.lock().unwrap().len();
+    let counts_before = s.fhir.counters.counts.load(Ordering::SeqCst);
     s.export(&format!("/$export?_type={}", TYPES.join(",")))
         .await;
     let served = s.fhir.counters.served.lock().unwrap()[before..].to_vec();
-    // First the three counts (first pages of their own), then the searches' pages.
     let mut order: Vec<String> = Vec::new();
-    for (t, offset) in &served[TYPES.len()..] {
+    for (t, offset) in &served {
         if *offset == 0 && !order.contains(t) {
             order.push(t.clone());
         }
@@ -28,6 +28,11 @@ async fn searches_are_counted_and_run_largest_first(store: Store) {
     by_size.sort_by(|a, b| b.cmp(a));
     let want: Vec<&str> = by_size.iter().map(|(_, t)| *t).collect();
     assert_eq!(order, want, "served: {served:?}");
+    assert_eq!(
+        s.fhir.counters.counts.load(Ordering::SeqCst) - counts_before,
+        TYPES.len() as u64,
+        "one count per search"
+    );
 }
 
 both!(progress_is_told_in_percent_of_the_counted_resources);

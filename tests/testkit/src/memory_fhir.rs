@@ -58,8 +58,10 @@ pub struct Faults {
 /// Counters readable by tests and benchmarks.
 #[derive(Default)]
 pub struct Counters {
-    /// Searches (first pages) received.
+    /// Searches (first pages) received, counts (`_summary=count`) apart.
     pub searches: AtomicU64,
+    /// `_summary=count` requests received.
+    pub counts: AtomicU64,
     /// Pages served (first and following).
     pub pages: AtomicU64,
     /// Every page served, in order: its resource type and `_offset`; a resumed export shows here
@@ -630,12 +632,18 @@ async fn search_page(
         response.headers_mut().insert(header::RETRY_AFTER, 1.into());
         return response;
     }
-    if !is_next {
-        inner.counters.searches.fetch_add(1, Ordering::Relaxed);
-    }
-    inner.counters.pages.fetch_add(1, Ordering::Relaxed);
-    if let Ok(mut served) = inner.counters.served.lock() {
-        served.push((resource_type.to_owned(), offset));
+    // A count (`_summary=count`) is no page of data: counted apart.
+    let summary_count = params.iter().any(|(k, v)| k == "_summary" && v == "count");
+    if summary_count {
+        inner.counters.counts.fetch_add(1, Ordering::Relaxed);
+    } else {
+        if !is_next {
+            inner.counters.searches.fetch_add(1, Ordering::Relaxed);
+        }
+        inner.counters.pages.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut served) = inner.counters.served.lock() {
+            served.push((resource_type.to_owned(), offset));
+        }
     }
 
     let count: usize = params
@@ -655,7 +663,7 @@ async fn search_page(
             Err(problem) => return outcome(StatusCode::BAD_REQUEST, &problem),
         }
     }
-    if params.iter().any(|(k, v)| k == "_summary" && v == "count") {
+    if summary_count {
         let body = json!({"resourceType": "Bundle", "type": "searchset", "total": matches.len()});
         return (
             [(header::CONTENT_TYPE, "application/fhir+json")],
