@@ -506,7 +506,7 @@ fn instant(text: &str) -> Option<OffsetDateTime> {
 /// Whether a line is inside the job's bounds (`_since` exclusive, `upper` inclusive) by its
 /// `meta.lastUpdated`, for an upstream that could not apply them. A resource without a readable
 /// `meta.lastUpdated` is kept: when it changed cannot be told, and leaving it out could lose it.
-fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
+pub(super) fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
     let Some(at) = line.last_updated.as_deref().and_then(instant) else {
         return true;
     };

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 use testkit::both;
-use testkit::memory_fhir::{MemoryFhir, RunningFhir};
+use testkit::memory_fhir::{LastUpdatedSearch, MemoryFhir, Paging, RunningFhir};
 use testkit::plain_client;
 use testkit::process::Store;
 use testkit::setup::{GROUP, Setup, assert_same, expected, fixture_dir, group_members, ids};
@@ -246,4 +246,29 @@ async fn an_upstream_failure_fetching_supporting_resources_is_an_error_line_not_
             "{diagnostics}"
         );
     }
+}
+
+both!(supporting_resources_come_from_an_upstream_that_rejects_last_updated);
+async fn supporting_resources_come_from_an_upstream_that_rejects_last_updated(store: Store) {
+    // The compartment's units search such an upstream without `_lastUpdated`; the `_id` searches
+    // of the supporting resources must too, or every one of them is a 400.
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .paging(Paging {
+            last_updated: LastUpdatedSearch::Rejected,
+            ..Paging::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    let s = Setup::with_upstream(store, fhir, |_| {}).await;
+    let (manifest, files) = s
+        .export("/Patient/$export?_type=Encounter,Organization")
+        .await;
+    let errors = s.errors(&manifest).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let refs = referenced(&files, &["Organization"]);
+    assert!(!refs["Organization"].is_empty());
+    assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
 }
