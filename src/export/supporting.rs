@@ -300,9 +300,11 @@ impl Exporter {
                                     .collect();
                                 writer.write(&lines).await?;
                                 fetched.issues.extend(content.issues);
+                                // A `next` link to this very page would be followed forever.
                                 url = content
                                     .next
-                                    .and_then(|next| self.pager.resolve_next(&current, &next));
+                                    .and_then(|next| self.pager.resolve_next(&current, &next))
+                                    .filter(|next| *next != current);
                                 None
                             }
                             Err(e) => Some(e.to_string()),

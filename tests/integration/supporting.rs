@@ -272,3 +272,51 @@ async fn supporting_resources_come_from_an_upstream_that_rejects_last_updated(st
     assert!(!refs["Organization"].is_empty());
     assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
 }
+
+/// The fixture upstream behind a front whose searches of `looping` answer with a `next` link to
+/// the very page they are (an upstream bug); returns the front's FHIR base URL.
+async fn self_linking_front(fhir: &RunningFhir, looping: &'static str) -> String {
+    use axum::extract::Request;
+    let origin = format!("http://{}", fhir.addr);
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let origin = origin.clone();
+        async move {
+            let target = request.uri().path_and_query().unwrap().to_string();
+            let body = reqwest::get(format!("{origin}{target}"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let mut json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            if target.starts_with(&format!("/fhir/{looping}?")) && json["type"] == "searchset" {
+                json["link"] = json!([{"relation": "next", "url": target}]);
+            }
+            (
+                [("content-type", "application/fhir+json")],
+                json.to_string(),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/fhir", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+both!(a_next_link_to_the_same_page_ends_the_supporting_search);
+async fn a_next_link_to_the_same_page_ends_the_supporting_search(store: Store) {
+    let fhir = testkit::setup::fixture_upstream().await;
+    let front = self_linking_front(&fhir, "Organization").await;
+    let s = Setup::with_upstream(store, fhir, |c| c.upstream.url = front).await;
+    let status_url = s
+        .start("/Patient/$export?_type=Encounter,Organization")
+        .await;
+    let manifest =
+        tokio::time::timeout(std::time::Duration::from_secs(30), s.manifest(&status_url))
+            .await
+            .expect("the export never finishes");
+    let files = s.download(&manifest).await;
+    let refs = referenced(&files, &["Organization"]);
+    assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
+}
