@@ -273,8 +273,8 @@ async fn supporting_resources_come_from_an_upstream_that_rejects_last_updated(st
     assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
 }
 
-/// The fixture upstream behind a front whose searches of `looping` answer with a `next` link to
-/// the very page they are (an upstream bug); returns the front's FHIR base URL.
+/// The fixture upstream behind a front whose searches of `looping` answer their last page with a
+/// `next` link to that very page (an upstream bug); returns the front's FHIR base URL.
 async fn self_linking_front(fhir: &RunningFhir, looping: &'static str) -> String {
     use axum::extract::Request;
     let origin = format!("http://{}", fhir.addr);
@@ -289,7 +289,13 @@ async fn self_linking_front(fhir: &RunningFhir, looping: &'static str) -> String
                 .await
                 .unwrap();
             let mut json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-            if target.starts_with(&format!("/fhir/{looping}?")) && json["type"] == "searchset" {
+            let last = !json["link"]
+                .as_array()
+                .is_some_and(|links| links.iter().any(|l| l["relation"] == "next"));
+            if target.starts_with(&format!("/fhir/{looping}?"))
+                && json["type"] == "searchset"
+                && last
+            {
                 json["link"] = json!([{"relation": "next", "url": target}]);
             }
             (
@@ -319,4 +325,21 @@ async fn a_next_link_to_the_same_page_ends_the_supporting_search(store: Store) {
     let files = s.download(&manifest).await;
     let refs = referenced(&files, &["Organization"]);
     assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
+}
+
+both!(a_next_link_to_the_same_page_ends_a_unit);
+async fn a_next_link_to_the_same_page_ends_a_unit(store: Store) {
+    let fhir = testkit::setup::fixture_upstream().await;
+    let front = self_linking_front(&fhir, "Encounter").await;
+    let s = Setup::with_upstream(store, fhir, |c| c.upstream.url = front).await;
+    let status_url = s.start("/$export?_type=Encounter").await;
+    let manifest =
+        tokio::time::timeout(std::time::Duration::from_secs(30), s.manifest(&status_url))
+            .await
+            .expect("the export never finishes");
+    let files = s.download(&manifest).await;
+    let count = s.fhir.ids("Encounter").len();
+    assert!(count > 100, "several pages");
+    assert_eq!(files["Encounter"].len(), count, "each once");
+    assert_eq!(ids(&files)["Encounter"].len(), count);
 }
