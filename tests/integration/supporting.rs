@@ -343,3 +343,22 @@ async fn a_next_link_to_the_same_page_ends_a_unit(store: Store) {
     assert_eq!(files["Encounter"].len(), count, "each once");
     assert_eq!(ids(&files)["Encounter"].len(), count);
 }
+
+both!(a_next_link_to_the_same_page_ends_the_patient_list);
+async fn a_next_link_to_the_same_page_ends_the_patient_list(store: Store) {
+    // A Patient export lists the upstream's Patients at kick-off.
+    let fhir = testkit::setup::fixture_upstream().await;
+    let front = self_linking_front(&fhir, "Patient").await;
+    let s = Setup::with_upstream(store, fhir, |c| {
+        c.upstream.url = front;
+        c.export.page_size = 4;
+    })
+    .await;
+    let (_, files) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.export("/Patient/$export?_type=Patient"),
+    )
+    .await
+    .expect("the export never finishes");
+    assert_eq!(files["Patient"].len(), 10);
+}
