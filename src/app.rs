@@ -218,7 +218,12 @@ impl App {
             let page = crate::export::ndjson::read_page(&body, "Patient", &[])
                 .map_err(|e| UpstreamReadError::Failed(format!("cannot list patients: {e}")))?;
             ids.extend(page.lines.into_iter().filter_map(|l| l.id));
-            match page.next.and_then(|n| pager.resolve_next(&url, &n)) {
+            // A `next` link to this very page (an upstream bug) would be followed forever.
+            match page
+                .next
+                .and_then(|n| pager.resolve_next(&url, &n))
+                .filter(|next| *next != url)
+            {
                 Some(next) => url = next,
                 None => return Ok(ids),
             }

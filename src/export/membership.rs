@@ -15,7 +15,6 @@ use std::sync::OnceLock;
 use serde_json::Value;
 
 use super::compartment::PATIENT_REFERENCE_EXPRESSIONS;
-use super::group::reference_id;
 
 /// The element paths of one expression, e.g. `Appointment.participant.actor.where(resolve() is
 /// Patient) | ...` → `[["participant", "actor"], ...]`; `None` for anything beyond that grammar.
@@ -82,7 +81,7 @@ fn collect<'a>(value: &'a Value, path: &[&str], found: &mut Vec<&'a str>) {
                 if let Some(id) = map
                     .get("reference")
                     .and_then(Value::as_str)
-                    .and_then(|r| reference_id(r, "Patient"))
+                    .and_then(patient_id)
                 {
                     found.push(id);
                 }
@@ -90,6 +89,17 @@ fn collect<'a>(value: &'a Value, path: &[&str], found: &mut Vec<&'a str>) {
         },
         _ => {}
     }
+}
+
+/// The id of the Patient `reference` names (`Patient/id`, relative or absolute, optionally
+/// `/_history/v`), whatever the id's characters or length: it is only compared with the set, which
+/// holds the ids as the upstream gave them (a search by `patient=` finds ids beyond FHIR's grammar).
+fn patient_id(reference: &str) -> Option<&str> {
+    let unversioned = reference
+        .split_once("/_history/")
+        .map_or(reference, |(head, _)| head);
+    let (head, id) = unversioned.rsplit_once('/')?;
+    (head.rsplit('/').next() == Some("Patient") && !id.is_empty()).then_some(id)
 }
 
 /// Whether `resource` is in the compartment of one of `patients`.

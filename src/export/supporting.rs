@@ -27,6 +27,7 @@ use super::kickoff::is_fhir_id;
 use super::ndjson::{Line, read_page};
 use super::pager::Pager;
 use super::plan::{batch_ids, ids_room};
+use super::unit::within_bounds;
 use super::writer::UnitWriter;
 use crate::fhir::OperationOutcome;
 use crate::job::{Job, Level, OutputFile, Unit};
@@ -270,10 +271,16 @@ impl Exporter {
             let mut found: HashSet<String> = HashSet::new();
             // Ids of batches that failed: reported as such, not as missing.
             let mut failed: HashSet<String> = HashSet::new();
+            // An upstream without `_lastUpdated` search: the bound is applied here instead.
+            let unbounded = self.pager.lacks_last_updated(t).await;
             for batch in batch_ids(&ids, self.config.patient_batch_size, room) {
                 let requested: HashSet<&str> = batch.split(',').collect();
                 let search = format!("{t}?_id={batch}");
-                let mut url = Some(self.pager.search_url(&search, None, &job.transaction_time));
+                let mut url = Some(if unbounded {
+                    self.pager.unbounded_search_url(&search)
+                } else {
+                    self.pager.search_url(&search, None, &job.transaction_time)
+                });
                 let mut is_next = false;
                 while let Some(current) = url.take() {
                     let problem = match self.pager.fetch(&current, is_next).await {
@@ -283,6 +290,9 @@ impl Exporter {
                                     .lines
                                     .into_iter()
                                     .filter(|l| {
+                                        !unbounded || within_bounds(l, None, &job.transaction_time)
+                                    })
+                                    .filter(|l| {
                                         l.id.as_deref().is_some_and(|id| {
                                             requested.contains(id) && found.insert(id.to_owned())
                                         })
@@ -290,9 +300,11 @@ impl Exporter {
                                     .collect();
                                 writer.write(&lines).await?;
                                 fetched.issues.extend(content.issues);
+                                // A `next` link to this very page would be followed forever.
                                 url = content
                                     .next
-                                    .and_then(|next| self.pager.resolve_next(&current, &next));
+                                    .and_then(|next| self.pager.resolve_next(&current, &next))
+                                    .filter(|next| *next != current);
                                 None
                             }
                             Err(e) => Some(e.to_string()),

@@ -317,7 +317,11 @@ impl Exporter {
                     .lines
                     .retain(|line| within_bounds(line, job.since.as_deref(), &upper));
             }
-            let next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
+            // A `next` link to this very page (an upstream bug) would be followed forever.
+            let next = content
+                .next
+                .and_then(|n| self.pager.resolve_next(&url, &n))
+                .filter(|n| *n != url);
             // Ask for the next page now, so the upstream works while this one is written and
             // checkpointed (DESIGN "Performance notes"); a crash only wastes that request.
             prefetch = next.clone().map(|url| Prefetch::start(&self.pager, url));
@@ -506,7 +510,7 @@ fn instant(text: &str) -> Option<OffsetDateTime> {
 /// Whether a line is inside the job's bounds (`_since` exclusive, `upper` inclusive) by its
 /// `meta.lastUpdated`, for an upstream that could not apply them. A resource without a readable
 /// `meta.lastUpdated` is kept: when it changed cannot be told, and leaving it out could lose it.
-fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
+pub(super) fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
     let Some(at) = line.last_updated.as_deref().and_then(instant) else {
         return true;
     };

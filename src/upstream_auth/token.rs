@@ -18,6 +18,8 @@ use crate::config::Secret;
 const MAX_MARGIN: Duration = Duration::from_secs(60);
 /// Lifetime assumed when the token response has no `expires_in`.
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(300);
+/// How long a token is kept at most when its `expires_in` is beyond what an `Instant` can hold.
+const MAX_HELD: Duration = Duration::from_secs(365 * 24 * 3600);
 /// How long a failed token request is answered from memory before the endpoint is tried again.
 const FAILURE_HOLD: Duration = Duration::from_secs(1);
 
@@ -201,7 +203,10 @@ impl TokenSource {
         );
         Ok(Cached {
             header,
-            renew_at: asked + lifetime - margin,
+            // A huge `expires_in` (a token that does not expire) would overflow an `Instant`.
+            renew_at: asked
+                .checked_add(lifetime - margin)
+                .unwrap_or_else(|| asked + MAX_HELD),
         })
     }
 

@@ -126,3 +126,30 @@ async fn a_small_group_keeps_patient_batches(store: Store) {
     // 2 types × 3 batches (2 if scanned).
     assert_eq!(searches, 2 * 3);
 }
+
+both!(patients_whose_ids_break_the_id_grammar_keep_their_data_when_scanned);
+async fn patients_whose_ids_break_the_id_grammar_keep_their_data_when_scanned(store: Store) {
+    // Upstreams hold ids longer than FHIR's 64 characters or with other characters; a Patient
+    // export lists them as they are, and a batched search by `patient=` finds their data, so a
+    // scan must too.
+    let odd = ["p".repeat(70), "odd_id".to_owned()];
+    let mut got = Vec::new();
+    for coverage in [0.5, 2.0] {
+        let mut fhir = MemoryFhir::new();
+        for (i, id) in odd.iter().enumerate() {
+            fhir.insert(json!({"resourceType": "Patient", "id": id}));
+            fhir.insert(json!({
+                "resourceType": "Observation", "id": format!("obs-{i}"), "status": "final",
+                "code": {"text": "x"}, "subject": {"reference": format!("Patient/{id}")}
+            }));
+        }
+        let s = Setup::with_upstream(store, fhir.start().await.unwrap(), |c| {
+            c.export.scan_min_coverage = coverage
+        })
+        .await;
+        let (_, files) = s.export("/Patient/$export?_type=Patient,Observation").await;
+        got.push(ids(&files));
+    }
+    assert_eq!(got[1]["Observation"].len(), 2, "batches: {:?}", got[1]);
+    assert_eq!(got[0], got[1], "scans and batches differ");
+}

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::{Value, json};
 use testkit::both;
-use testkit::memory_fhir::{MemoryFhir, RunningFhir};
+use testkit::memory_fhir::{LastUpdatedSearch, MemoryFhir, Paging, RunningFhir};
 use testkit::plain_client;
 use testkit::process::Store;
 use testkit::setup::{GROUP, Setup, assert_same, expected, fixture_dir, group_members, ids};
@@ -246,4 +246,119 @@ async fn an_upstream_failure_fetching_supporting_resources_is_an_error_line_not_
             "{diagnostics}"
         );
     }
+}
+
+both!(supporting_resources_come_from_an_upstream_that_rejects_last_updated);
+async fn supporting_resources_come_from_an_upstream_that_rejects_last_updated(store: Store) {
+    // The compartment's units search such an upstream without `_lastUpdated`; the `_id` searches
+    // of the supporting resources must too, or every one of them is a 400.
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .paging(Paging {
+            last_updated: LastUpdatedSearch::Rejected,
+            ..Paging::default()
+        })
+        .start()
+        .await
+        .unwrap();
+    let s = Setup::with_upstream(store, fhir, |_| {}).await;
+    let (manifest, files) = s
+        .export("/Patient/$export?_type=Encounter,Organization")
+        .await;
+    let errors = s.errors(&manifest).await;
+    assert!(errors.is_empty(), "{errors:?}");
+    let refs = referenced(&files, &["Organization"]);
+    assert!(!refs["Organization"].is_empty());
+    assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
+}
+
+/// The fixture upstream behind a front whose searches of `looping` answer their last page with a
+/// `next` link to that very page (an upstream bug); returns the front's FHIR base URL.
+async fn self_linking_front(fhir: &RunningFhir, looping: &'static str) -> String {
+    use axum::extract::Request;
+    let origin = format!("http://{}", fhir.addr);
+    let app = axum::Router::new().fallback(move |request: Request| {
+        let origin = origin.clone();
+        async move {
+            let target = request.uri().path_and_query().unwrap().to_string();
+            let body = reqwest::get(format!("{origin}{target}"))
+                .await
+                .unwrap()
+                .bytes()
+                .await
+                .unwrap();
+            let mut json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let last = !json["link"]
+                .as_array()
+                .is_some_and(|links| links.iter().any(|l| l["relation"] == "next"));
+            if target.starts_with(&format!("/fhir/{looping}?"))
+                && json["type"] == "searchset"
+                && last
+            {
+                json["link"] = json!([{"relation": "next", "url": target}]);
+            }
+            (
+                [("content-type", "application/fhir+json")],
+                json.to_string(),
+            )
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/fhir", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+both!(a_next_link_to_the_same_page_ends_the_supporting_search);
+async fn a_next_link_to_the_same_page_ends_the_supporting_search(store: Store) {
+    let fhir = testkit::setup::fixture_upstream().await;
+    let front = self_linking_front(&fhir, "Organization").await;
+    let s = Setup::with_upstream(store, fhir, |c| c.upstream.url = front).await;
+    let status_url = s
+        .start("/Patient/$export?_type=Encounter,Organization")
+        .await;
+    let manifest =
+        tokio::time::timeout(std::time::Duration::from_secs(30), s.manifest(&status_url))
+            .await
+            .expect("the export never finishes");
+    let files = s.download(&manifest).await;
+    let refs = referenced(&files, &["Organization"]);
+    assert_eq!(ids(&files).get("Organization"), refs.get("Organization"));
+}
+
+both!(a_next_link_to_the_same_page_ends_a_unit);
+async fn a_next_link_to_the_same_page_ends_a_unit(store: Store) {
+    let fhir = testkit::setup::fixture_upstream().await;
+    let front = self_linking_front(&fhir, "Encounter").await;
+    let s = Setup::with_upstream(store, fhir, |c| c.upstream.url = front).await;
+    let status_url = s.start("/$export?_type=Encounter").await;
+    let manifest =
+        tokio::time::timeout(std::time::Duration::from_secs(30), s.manifest(&status_url))
+            .await
+            .expect("the export never finishes");
+    let files = s.download(&manifest).await;
+    let count = s.fhir.ids("Encounter").len();
+    assert!(count > 100, "several pages");
+    assert_eq!(files["Encounter"].len(), count, "each once");
+    assert_eq!(ids(&files)["Encounter"].len(), count);
+}
+
+both!(a_next_link_to_the_same_page_ends_the_patient_list);
+async fn a_next_link_to_the_same_page_ends_the_patient_list(store: Store) {
+    // A Patient export lists the upstream's Patients at kick-off.
+    let fhir = testkit::setup::fixture_upstream().await;
+    let front = self_linking_front(&fhir, "Patient").await;
+    let s = Setup::with_upstream(store, fhir, |c| {
+        c.upstream.url = front;
+        c.export.page_size = 4;
+    })
+    .await;
+    let (_, files) = tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.export("/Patient/$export?_type=Patient"),
+    )
+    .await
+    .expect("the export never finishes");
+    assert_eq!(files["Patient"].len(), 10);
 }

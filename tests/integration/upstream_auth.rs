@@ -455,3 +455,35 @@ async fn a_fhir_bulk_proxy_in_front_accepts_the_proxys_own_assertions() {
     let direct = testkit::get_anonymous(inner.url("/Patient")).await;
     assert_eq!(direct.status(), 401);
 }
+
+#[tokio::test]
+async fn a_token_that_never_expires_by_its_expires_in_is_used_not_a_panic() {
+    // Some token endpoints give a token that does not expire a huge `expires_in`; the renewal time
+    // computed from it must not overflow.
+    let app = axum::Router::new().route(
+        "/token",
+        axum::routing::post(|| async {
+            (
+                [("content-type", "application/json")],
+                r#"{"access_token":"forever","token_type":"bearer","expires_in":18446744073709551615}"#,
+            )
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let token_url = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let fhir = MemoryFhir::new()
+        .load_dir(&fixture_dir())
+        .unwrap()
+        .start()
+        .await
+        .unwrap();
+    let s = Setup::with_upstream(Store::Embedded, fhir, |c| {
+        client_credentials(c, &token_url, ClientAuth::Basic);
+        c.export.retry_max_attempts = 1;
+    })
+    .await;
+    let (manifest, files) = s.export("/$export?_type=Patient").await;
+    assert!(s.errors(&manifest).await.is_empty());
+    assert_eq!(ids(&files)["Patient"].len(), 10);
+}
