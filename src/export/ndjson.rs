@@ -73,6 +73,22 @@ pub struct Line {
     pub bytes: Vec<u8>,
 }
 
+/// A FHIR instant (RFC 3339) as a time; `None` when it is not one.
+pub(super) fn instant(text: &str) -> Option<time::OffsetDateTime> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339).ok()
+}
+
+/// Whether a line is inside the job's bounds (`_since` exclusive, `upper` inclusive) by its
+/// `meta.lastUpdated`, for an upstream that could not apply them. A resource without a readable
+/// `meta.lastUpdated` is kept: when it changed cannot be told, and leaving it out could lose it.
+pub(super) fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
+    let Some(at) = line.last_updated.as_deref().and_then(instant) else {
+        return true;
+    };
+    since.and_then(instant).is_none_or(|since| at > since)
+        && instant(upper).is_none_or(|upper| at <= upper)
+}
+
 /// What a page held.
 #[derive(Debug, Default)]
 pub struct PageContent {

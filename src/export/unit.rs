@@ -13,13 +13,11 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use tokio_util::sync::CancellationToken;
 
 use super::exporter::Exporter;
 use super::membership;
-use super::ndjson::{Line, read_page_where};
+use super::ndjson::{Line, instant, read_page_where, within_bounds};
 use super::pager::{FetchError, Pager};
 use super::supporting::Collector;
 use super::writer::UnitWriter;
@@ -501,21 +499,6 @@ fn upper_bound(job: &Job) -> String {
         Some(until) if instant(until) < instant(&job.transaction_time) => until.clone(),
         _ => job.transaction_time.clone(),
     }
-}
-
-fn instant(text: &str) -> Option<OffsetDateTime> {
-    OffsetDateTime::parse(text, &Rfc3339).ok()
-}
-
-/// Whether a line is inside the job's bounds (`_since` exclusive, `upper` inclusive) by its
-/// `meta.lastUpdated`, for an upstream that could not apply them. A resource without a readable
-/// `meta.lastUpdated` is kept: when it changed cannot be told, and leaving it out could lose it.
-pub(super) fn within_bounds(line: &Line, since: Option<&str>, upper: &str) -> bool {
-    let Some(at) = line.last_updated.as_deref().and_then(instant) else {
-        return true;
-    };
-    since.and_then(instant).is_none_or(|since| at > since)
-        && instant(upper).is_none_or(|upper| at <= upper)
 }
 
 /// Drops lines a resumed unit already wrote (same `lastUpdated` as the checkpoint, known id).
