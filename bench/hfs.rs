@@ -348,8 +348,7 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
         };
         let section = format!(
             "## Export against hfs (issue 17)\n\n\
-             Written by `cargo bench --bench hfs -- --rounds {rounds} --write-results` (bench/hfs.rs) at commit \
-             {commit}, {date}. Helios hfs 0.2.7 (SQLite) with `{fixture}` loaded, on this machine's 2 cores; \
+             Written by `cargo bench --bench hfs -- {args}` (bench/hfs.rs) at commit {commit}, {date}. Helios hfs 0.2.7 (SQLite) with `{fixture}` loaded, on this machine's 2 cores; \
              the proxy's release build with {settings}. Each export is timed from kick-off to the proxy's \
              \"export finished\"; the baseline pages through one plain type-level search per type \
              (`{{type}}?_count={page_size}`, {concurrency} at once, the proxy's own concurrency), bodies \
@@ -357,6 +356,11 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
              proxy / pager ratios; peak RSS = the largest `VmHWM` of the proxy over the rounds, reset \
              before each export.\n\n{table}",
             rounds = opts.rounds,
+            args = std::env::args()
+                .skip(1)
+                .filter(|a| a != "--bench")
+                .collect::<Vec<_>>()
+                .join(" "),
             date = time::OffsetDateTime::now_utc().date(),
             fixture = opts
                 .fixture
