@@ -47,11 +47,12 @@ mod child;
 mod pager;
 mod procfs;
 mod results;
+mod timed;
 use bulk::{kick_off, manifest};
-use child::ChildProxy;
 use pager::plain_pager;
-use procfs::{cpu_secs, machine_busy_secs, proc_status};
+use procfs::{cpu_secs, machine_busy_secs};
 use results::write_section;
+use timed::Proxy;
 
 const GROUP_ID: &str = "synthea-100";
 
@@ -232,56 +233,7 @@ impl Drop for Upstream {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The proxy process.
-
-struct Proxy {
-    process: ChildProxy,
-    finished: mpsc::Receiver<Instant>,
-    /// The settings both sides share.
-    config: Config,
-}
-
-impl Proxy {
-    fn start(upstream_url: &str) -> Result<Self> {
-        Self::start_with(upstream_url, &[])
-    }
-
-    /// Like [`Proxy::start`], with more `BULK_PROXY_*` settings (a shared store and storage).
-    fn start_with(upstream_url: &str, extra_env: &[(&str, String)]) -> Result<Self> {
-        let (tx, finished) = mpsc::channel();
-        // Warnings, plus the worker's "export finished" line the driver times.
-        let process = ChildProxy::start(
-            upstream_url,
-            "",
-            "warn,fhir_bulk_proxy::export=info",
-            extra_env,
-            move |line| {
-                if line.contains("export finished") {
-                    let _ = tx.send(Instant::now());
-                } else if !line.contains(" INFO ") {
-                    eprintln!("[proxy] {line}");
-                }
-            },
-        )?;
-        // The settings the proxy resolves: defaults < the file < the environment, as the binary.
-        let config = Config::from_figment(Config::figment(Some(&process.config_path)).merge(
-            figment::providers::Serialized::default("upstream.url", upstream_url),
-        ))?;
-        Ok(Self {
-            process,
-            finished,
-            config,
-        })
-    }
-
-    async fn token(&self, http: &reqwest::Client) -> Result<String> {
-        self.process.token(http).await
-    }
-
-    fn status_field(&self, field: &str) -> Result<u64> {
-        proc_status(self.process.pid(), field)
-    }
-}
+// The searches the proxy plans (the same-searches pager's URLs).
 
 /// The searches the proxy plans for `level`, as first-page URLs (same `_count`, `_lastUpdated`
 /// bound and sort), computed with the proxy's own planner and pager.

@@ -27,11 +27,9 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use fhir_bulk_proxy::config::Config;
 use fhir_bulk_proxy::export::compartment::compartment_param;
 
 mod bulk;
@@ -39,10 +37,11 @@ mod child;
 mod pager;
 mod procfs;
 mod results;
+mod timed;
 use bulk::{kick_off, manifest};
-use child::ChildProxy;
 use pager::plain_pager;
 use procfs::{cpu_secs, machine_busy_secs, proc_status};
+use timed::Proxy;
 
 #[derive(clap::Parser)]
 struct Opts {
@@ -178,25 +177,8 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
         })
         .collect::<Result<_>>()?;
     let env_refs: Vec<(&str, String)> = env.iter().map(|(k, v)| (k.as_str(), v.clone())).collect();
-    let (tx, finished) = mpsc::channel();
-    let proxy = ChildProxy::start(
-        &hfs.url,
-        "",
-        "warn,fhir_bulk_proxy::export=info",
-        &env_refs,
-        move |line| {
-            if line.contains("export finished") {
-                let _ = tx.send(Instant::now());
-            } else if !line.contains(" INFO ") {
-                eprintln!("[proxy] {line}");
-            }
-        },
-    )?;
-    // The settings the proxy resolves from its file (the environment only adds the upstream, the
-    // paths and `--set`, none of which the pager needs).
-    let config = Config::from_figment(Config::figment(Some(&proxy.config_path)).merge(
-        figment::providers::Serialized::default("upstream.url", &hfs.url),
-    ))?;
+    let proxy = Proxy::start_with(&hfs.url, &env_refs)?;
+    let config = &proxy.config;
     let concurrency = config
         .export
         .workers
@@ -236,7 +218,7 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
     .collect();
     let http = reqwest::Client::new();
     let mut samples: Vec<Samples> = cases.iter().map(|_| Samples::default()).collect();
-    let clear_refs = format!("/proc/{}/clear_refs", proxy.pid());
+    let clear_refs = format!("/proc/{}/clear_refs", proxy.process.pid());
     for round in 0..opts.rounds {
         for (case, s) in cases.iter().zip(&mut samples) {
             let urls: Vec<String> = case
@@ -254,22 +236,28 @@ async fn drive(opts: Opts, repo: &Path) -> Result<()> {
             for is_proxy in order {
                 if is_proxy {
                     let token = proxy.token(&http).await?;
-                    while finished.try_recv().is_ok() {}
+                    while proxy.finished.try_recv().is_ok() {}
                     std::fs::write(&clear_refs, "5").context("resetting VmHWM")?;
-                    let (cpu0, busy0) = (cpu_secs(proxy.pid()), machine_busy_secs());
+                    let (cpu0, busy0) = (cpu_secs(proxy.process.pid()), machine_busy_secs());
                     let started = Instant::now();
-                    let status =
-                        kick_off(&http, &format!("{}{}", proxy.base, case.path), &token).await?;
-                    let at = finished
+                    let status = kick_off(
+                        &http,
+                        &format!("{}{}", proxy.process.base, case.path),
+                        &token,
+                    )
+                    .await?;
+                    let at = proxy
+                        .finished
                         .recv_timeout(Duration::from_secs(1800))
                         .context("the export did not finish")?;
                     proxy_s = at.saturating_duration_since(started).as_secs_f64();
-                    let cpu = cpu_secs(proxy.pid()) - cpu0;
+                    let cpu = cpu_secs(proxy.process.pid()) - cpu0;
                     s.proxy_cpu.push(cpu);
                     s.other_cpu
                         .push((machine_busy_secs() - busy0 - cpu).max(0.0));
-                    s.rss_mib
-                        .push(proc_status(proxy.pid(), "VmHWM")? as f64 / (1024.0 * 1024.0));
+                    s.rss_mib.push(
+                        proc_status(proxy.process.pid(), "VmHWM")? as f64 / (1024.0 * 1024.0),
+                    );
                     let manifest = manifest(&http, &status, &token).await?;
                     let got: u64 = manifest["output"]
                         .as_array()

@@ -26,6 +26,7 @@ use tokio::sync::Semaphore;
 use url::Url;
 
 use crate::config::Config;
+use crate::fhir::capability::Outline;
 use crate::job::now_millis;
 use crate::store::JobStore;
 use crate::upstream_auth::Credentials;
@@ -145,7 +146,9 @@ impl Pager {
             .get_or_init(|| async {
                 let url = format!("{}/metadata", self.base.as_str().trim_end_matches('/'));
                 match self.fetch(&url, false).await {
-                    Ok(body) => types_without_last_updated(&body),
+                    Ok(body) => Outline::parse(&body)
+                        .map(|outline| outline.types_without_last_updated())
+                        .unwrap_or_default(),
                     Err(e) => {
                         tracing::warn!(error = %e, "cannot read the upstream's CapabilityStatement; assuming _lastUpdated search");
                         Vec::new()
@@ -444,68 +447,6 @@ enum Attempt {
     TooLarge,
 }
 
-/// The resource types of a CapabilityStatement whose search parameters leave `_lastUpdated` out.
-/// The parts of a CapabilityStatement [`types_without_last_updated`] reads; the rest of the
-/// document (hfs: 2.5 MB, mostly SearchParameter definitions) is skipped as it is read, never
-/// built, since this runs while the first units page.
-#[derive(serde::Deserialize)]
-struct Outline {
-    #[serde(default)]
-    rest: Vec<OutlineRest>,
-}
-
-#[derive(serde::Deserialize)]
-struct OutlineRest {
-    mode: Option<String>,
-    #[serde(default, rename = "searchParam")]
-    search_param: Vec<Named>,
-    #[serde(default)]
-    resource: Vec<OutlineResource>,
-}
-
-#[derive(serde::Deserialize)]
-struct OutlineResource {
-    #[serde(rename = "type")]
-    resource_type: Option<String>,
-    #[serde(default, rename = "searchParam")]
-    search_param: Vec<Named>,
-}
-
-#[derive(serde::Deserialize)]
-struct Named {
-    name: Option<String>,
-}
-
-/// The types a CapabilityStatement (JSON) lists search parameters for, for them or for every
-/// type, without `_lastUpdated`; none when it does not parse.
-fn types_without_last_updated(statement: &[u8]) -> Vec<String> {
-    let Ok(statement) = serde_json::from_slice::<Outline>(statement) else {
-        return Vec::new();
-    };
-    let has = |params: &[Named]| {
-        params
-            .iter()
-            .any(|p| p.name.as_deref() == Some("_lastUpdated"))
-    };
-    let mut out = Vec::new();
-    for rest in statement.rest {
-        if rest.mode.as_deref() != Some("server") || has(&rest.search_param) {
-            continue;
-        }
-        let common = !rest.search_param.is_empty();
-        for resource in rest.resource {
-            let Some(resource_type) = resource.resource_type else {
-                continue;
-            };
-            let listed = common || !resource.search_param.is_empty();
-            if listed && !has(&resource.search_param) {
-                out.push(resource_type);
-            }
-        }
-    }
-    out
-}
-
 fn encode(value: &str) -> String {
     url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
 }
@@ -558,19 +499,21 @@ mod tests {
 
     #[test]
     fn types_whose_search_parameters_leave_out_last_updated_are_found() {
-        let statement = serde_json::json!({"rest": [{"mode": "server", "resource": [
+        let without = |statement: serde_json::Value| {
+            Outline::parse(statement.to_string().as_bytes())
+                .unwrap()
+                .types_without_last_updated()
+        };
+        let statement = serde_json::json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server", "resource": [
             {"type": "Patient", "searchParam": [{"name": "_id"}, {"name": "_lastUpdated"}]},
             {"type": "Observation", "searchParam": [{"name": "_id"}, {"name": "patient"}]},
             {"type": "Encounter"},
         ]}]});
-        assert_eq!(
-            types_without_last_updated(statement.to_string().as_bytes()),
-            ["Observation"]
-        );
-        let common = serde_json::json!({"rest": [{"mode": "server",
+        assert_eq!(without(statement), ["Observation"]);
+        let common = serde_json::json!({"resourceType": "CapabilityStatement", "rest": [{"mode": "server",
             "searchParam": [{"name": "_lastUpdated"}],
             "resource": [{"type": "Observation", "searchParam": [{"name": "patient"}]}]}]});
-        assert!(types_without_last_updated(common.to_string().as_bytes()).is_empty());
+        assert!(without(common).is_empty());
         let p = pager();
         assert_eq!(
             p.unbounded_search_url("Observation?patient=a"),

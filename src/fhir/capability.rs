@@ -14,6 +14,86 @@ const PATIENT_EXPORT_DEF: &str =
 const GROUP_EXPORT_DEF: &str = "http://hl7.org/fhir/uv/bulkdata/OperationDefinition/group-export";
 const OAUTH_URIS: &str = "http://fhir-registry.smarthealthit.org/StructureDefinition/oauth-uris";
 
+/// The parts of a CapabilityStatement the proxy reads: the resource types and their search
+/// parameters. The rest of the document (hfs: 2.5 MB, mostly SearchParameter definitions) is
+/// skipped as it is read, never built.
+#[derive(serde::Deserialize)]
+pub struct Outline {
+    #[serde(default, rename = "resourceType")]
+    resource_type: String,
+    #[serde(default)]
+    rest: Vec<OutlineRest>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutlineRest {
+    mode: Option<String>,
+    #[serde(default, rename = "searchParam")]
+    search_param: Vec<Named>,
+    #[serde(default)]
+    resource: Vec<OutlineResource>,
+}
+
+#[derive(serde::Deserialize)]
+struct OutlineResource {
+    #[serde(rename = "type")]
+    resource_type: Option<String>,
+    #[serde(default, rename = "searchParam")]
+    search_param: Vec<Named>,
+}
+
+#[derive(serde::Deserialize)]
+struct Named {
+    name: Option<String>,
+}
+
+impl Outline {
+    /// The outline of `json` when it is a CapabilityStatement.
+    pub fn parse(json: &[u8]) -> Option<Self> {
+        serde_json::from_slice::<Self>(json)
+            .ok()
+            .filter(|s| s.resource_type == "CapabilityStatement")
+    }
+
+    fn servers(&self) -> impl Iterator<Item = &OutlineRest> {
+        self.rest
+            .iter()
+            .filter(|r| r.mode.as_deref() == Some("server"))
+    }
+
+    /// The resource types it serves.
+    pub fn types(&self) -> Vec<String> {
+        self.servers()
+            .flat_map(|r| &r.resource)
+            .filter_map(|r| r.resource_type.clone())
+            .collect()
+    }
+
+    /// The types it lists search parameters for (for them, or for every type) without
+    /// `_lastUpdated`: those the upstream cannot search by it.
+    pub fn types_without_last_updated(&self) -> Vec<String> {
+        let has = |params: &[Named]| {
+            params
+                .iter()
+                .any(|p| p.name.as_deref() == Some("_lastUpdated"))
+        };
+        let mut out = Vec::new();
+        for rest in self.servers().filter(|r| !has(&r.search_param)) {
+            let common = !rest.search_param.is_empty();
+            for resource in &rest.resource {
+                let Some(resource_type) = &resource.resource_type else {
+                    continue;
+                };
+                let listed = common || !resource.search_param.is_empty();
+                if listed && !has(&resource.search_param) {
+                    out.push(resource_type.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
 /// Adds the bulk-data and SMART entries. `token_url` is the proxy's absolute token endpoint, or
 /// `None` when the proxy serves none (`auth.enabled = false`): then no SMART security entries are
 /// added (the upstream's own are left as they are).

@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use super::{ProxyError, Upstream};
 use crate::fhir::FHIR_JSON;
+use crate::fhir::capability::Outline;
 
 /// Upper bound on an upstream CapabilityStatement the proxy reads.
 const MAX_CAPABILITY_BYTES: usize = 16 * 1024 * 1024;
@@ -41,33 +42,11 @@ pub struct Statement {
 }
 
 impl Statement {
-    /// The document (parsed anew: see [`Entry`]).
+    /// The document, parsed anew (the cache keeps bytes, not the parsed document).
     pub fn document(&self) -> Value {
         // Parsed and checked when it was cached.
         serde_json::from_slice(&self.raw).unwrap_or_default()
     }
-}
-
-/// The parts of a CapabilityStatement the cache reads.
-#[derive(serde::Deserialize)]
-struct Outline {
-    #[serde(rename = "resourceType")]
-    resource_type: String,
-    #[serde(default)]
-    rest: Vec<OutlineRest>,
-}
-
-#[derive(serde::Deserialize)]
-struct OutlineRest {
-    mode: Option<String>,
-    #[serde(default)]
-    resource: Vec<OutlineResource>,
-}
-
-#[derive(serde::Deserialize)]
-struct OutlineResource {
-    #[serde(rename = "type")]
-    resource_type: Option<String>,
 }
 
 /// What the upstream answered to `GET /metadata`.
@@ -112,21 +91,14 @@ impl MetadataCache {
         let (parts, body) = upstream
             .get_small("metadata", "/metadata", headers, MAX_CAPABILITY_BYTES)
             .await?;
-        // Only what is kept is built: the rest of the document is skipped as it is read.
-        let parsed = (parts.status == StatusCode::OK)
-            .then(|| serde_json::from_slice::<Outline>(&body).ok())
+        // Only what is kept is built (the outline), not the document.
+        let Some(statement) = (parts.status == StatusCode::OK)
+            .then(|| Outline::parse(&body))
             .flatten()
-            .filter(|s| s.resource_type == "CapabilityStatement");
-        let Some(statement) = parsed else {
+        else {
             return Ok(Err(Fetched::Other(parts, body)));
         };
-        let types: Vec<String> = statement
-            .rest
-            .into_iter()
-            .filter(|r| r.mode.as_deref() == Some("server"))
-            .flat_map(|r| r.resource)
-            .filter_map(|r| r.resource_type)
-            .collect();
+        let types = statement.types();
         let entry = Entry {
             at: Instant::now(),
             statement: Statement {
