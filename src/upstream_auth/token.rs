@@ -238,12 +238,21 @@ impl TokenSource {
             .ok_or_else(|| failed("no token_endpoint".into()))?;
         let parsed = url::Url::parse(endpoint)
             .map_err(|e| failed(format!("token_endpoint {endpoint:?}: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(failed(format!(
-                "token_endpoint {endpoint:?} is not http(s)"
-            )));
-        }
+        check_discovered(url, &parsed).map_err(failed)?;
         Ok(endpoint.to_owned())
+    }
+}
+
+/// A discovered token endpoint must be http(s), and https when the smart-configuration was: the
+/// client assertion and the token it buys are not sent in clear because a document said so.
+fn check_discovered(smart_configuration: &str, endpoint: &url::Url) -> Result<(), String> {
+    match endpoint.scheme() {
+        "https" => Ok(()),
+        "http" if !smart_configuration.starts_with("https:") => Ok(()),
+        "http" => Err(format!(
+            "token_endpoint {endpoint} is plain http, and {smart_configuration} is https"
+        )),
+        _ => Err(format!("token_endpoint {endpoint} is not http(s)")),
     }
 }
 
@@ -251,4 +260,18 @@ fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_discovered_endpoint_is_no_less_secure_than_its_document() {
+        let url = |u: &str| url::Url::parse(u).unwrap();
+        let https_doc = "https://fhir.example/.well-known/smart-configuration";
+        let http_doc = "http://127.0.0.1:8080/.well-known/smart-configuration";
+        assert!(super::check_discovered(https_doc, &url("https://auth.example/token")).is_ok());
+        assert!(super::check_discovered(https_doc, &url("http://auth.example/token")).is_err());
+        assert!(super::check_discovered(http_doc, &url("http://127.0.0.1:8080/token")).is_ok());
+        assert!(super::check_discovered(http_doc, &url("ftp://127.0.0.1/token")).is_err());
+    }
 }
