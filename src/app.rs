@@ -219,11 +219,7 @@ impl App {
                 .map_err(|e| UpstreamReadError::Failed(format!("cannot list patients: {e}")))?;
             ids.extend(page.lines.into_iter().filter_map(|l| l.id));
             // A `next` link to this very page (an upstream bug) would be followed forever.
-            match page
-                .next
-                .and_then(|n| pager.resolve_next(&url, &n))
-                .filter(|next| *next != url)
-            {
+            match page.next.and_then(|n| pager.resolve_next(&url, &n)) {
                 Some(next) => url = next,
                 None => return Ok(ids),
             }
@@ -235,9 +231,7 @@ impl App {
     pub async fn patient_count(&self) -> Option<u64> {
         let pager = &self.exporter.pager;
         match pager.read("Patient?_summary=count").await {
-            Ok(body) => serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|bundle| bundle["total"].as_u64()),
+            Ok(body) => crate::export::pager::bundle_total(&body),
             Err(e) => {
                 tracing::info!(error = %e, "cannot count the upstream's Patients; patient batches are used");
                 None

@@ -144,7 +144,7 @@ impl Pager {
         let types = self
             .no_last_updated
             .get_or_init(|| async {
-                let url = format!("{}/metadata", self.base.as_str().trim_end_matches('/'));
+                let url = format!("{}/metadata", self.base_url());
                 match self.fetch(&url, false).await {
                     Ok(body) => Outline::parse(&body)
                         .map(|outline| outline.types_without_last_updated())
@@ -162,7 +162,7 @@ impl Pager {
     /// The first URL of a search without `_lastUpdated` bounds and sort, for an upstream that
     /// [`Pager::lacks_last_updated`].
     pub fn unbounded_search_url(&self, search: &str) -> String {
-        let url = format!("{}/{}", self.base.as_str().trim_end_matches('/'), search);
+        let url = format!("{}/{}", self.base_url(), search);
         let sep = if search.ends_with('?') || search.ends_with('&') {
             ""
         } else if search.contains('?') {
@@ -182,7 +182,7 @@ impl Pager {
     /// The first URL of a search (`Type?query` relative to the upstream base), bounded by
     /// `_lastUpdated` `lower` (exclusive `gt`, or inclusive `ge` when resuming) and `upper` (`le`).
     pub fn search_url(&self, search: &str, lower: Option<(&str, &str)>, upper: &str) -> String {
-        let mut url = format!("{}/{}", self.base.as_str().trim_end_matches('/'), search);
+        let mut url = format!("{}/{}", self.base_url(), search);
         let mut sep = if search.contains('?') { '&' } else { '?' };
         if url.ends_with('?') {
             sep = ' ';
@@ -218,15 +218,7 @@ impl Pager {
         upper: &str,
     ) -> Option<u64> {
         let url = format!("{}&_summary=count", self.search_url(search, lower, upper));
-        let body = match self.try_fetch(&url).await {
-            Ok(body) => body,
-            Err(_) => return None,
-        };
-        #[derive(serde::Deserialize)]
-        struct Total {
-            total: Option<u64>,
-        }
-        serde_json::from_slice::<Total>(&body).ok()?.total
+        bundle_total(&self.try_fetch(&url).await.ok()?)
     }
 
     /// [`Self::count`] of each search, at most the concurrency cap at a time; none counted when
@@ -249,16 +241,24 @@ impl Pager {
         .await
     }
 
-    /// A `next` link made absolute, on the configured upstream origin.
+    /// A `next` link made absolute, on the configured upstream origin; `None` when it cannot be
+    /// read, or when it names the very page it is on (following it would never end: every
+    /// caller pages until there is no next link).
     pub fn resolve_next(&self, current: &str, next: &str) -> Option<String> {
-        let current = Url::parse(current).ok()?;
-        let mut next = current.join(next).ok()?;
+        let base = Url::parse(current).ok()?;
+        let mut next = base.join(next).ok()?;
         if next.origin() != self.base.origin() {
             next.set_scheme(self.base.scheme()).ok()?;
             next.set_host(self.base.host_str()).ok()?;
             next.set_port(self.base.port()).ok()?;
         }
-        Some(next.into())
+        let next: String = next.into();
+        (next != current).then_some(next)
+    }
+
+    /// The upstream's FHIR base URL, without a trailing `/`.
+    pub fn base_url(&self) -> &str {
+        self.base.as_str().trim_end_matches('/')
     }
 
     /// Fetches one page, retrying what can be retried. `is_next_link` makes 404 mean an expired
@@ -433,7 +433,7 @@ impl Pager {
 
     /// Reads one resource (e.g. `Group/1`) from the upstream.
     pub async fn read(&self, path: &str) -> Result<Bytes, FetchError> {
-        let url = format!("{}/{}", self.base.as_str().trim_end_matches('/'), path);
+        let url = format!("{}/{}", self.base_url(), path);
         self.fetch(&url, false).await
     }
 }
@@ -445,6 +445,15 @@ enum Attempt {
     },
     Fatal(StatusCode, String),
     TooLarge,
+}
+
+/// A searchset Bundle's `total` (what `_summary=count` answers); `None` when it has none.
+pub fn bundle_total(body: &[u8]) -> Option<u64> {
+    #[derive(serde::Deserialize)]
+    struct Total {
+        total: Option<u64>,
+    }
+    serde_json::from_slice::<Total>(body).ok()?.total
 }
 
 fn encode(value: &str) -> String {
@@ -494,6 +503,11 @@ mod tests {
             p.resolve_next(current, "http://internal-name:9999/fhir/p/3")
                 .unwrap(),
             "http://up:8080/fhir/p/3"
+        );
+        assert_eq!(
+            p.resolve_next(current, current),
+            None,
+            "a link to this page"
         );
     }
 

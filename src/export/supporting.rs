@@ -63,11 +63,7 @@ impl Collector {
         if types.is_empty() {
             return None;
         }
-        // The pager's search URLs are `{base}/{search}?...`.
-        let probe = pager.search_url("Patient", None, "");
-        let base = probe
-            .split_once("/Patient?")
-            .map_or(String::new(), |(base, _)| format!("{base}/"));
+        let base = format!("{}/", pager.base_url());
         Some(Self { types, base })
     }
 
@@ -239,11 +235,7 @@ impl Exporter {
                 ids.insert(id);
             }
         }
-        let base_len = self
-            .pager
-            .search_url("Patient", None, "")
-            .find("/Patient?")
-            .unwrap_or(0);
+        let base_len = self.pager.base_url().len();
         for (t, ids) in wanted {
             if ids.is_empty() {
                 if job.named_supporting.iter().any(|n| n == t) {
@@ -300,11 +292,9 @@ impl Exporter {
                                     .collect();
                                 writer.write(&lines).await?;
                                 fetched.issues.extend(content.issues);
-                                // A `next` link to this very page would be followed forever.
                                 url = content
                                     .next
-                                    .and_then(|next| self.pager.resolve_next(&current, &next))
-                                    .filter(|next| *next != current);
+                                    .and_then(|next| self.pager.resolve_next(&current, &next));
                                 None
                             }
                             Err(e) => Some(e.to_string()),

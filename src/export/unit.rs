@@ -316,10 +316,7 @@ impl Exporter {
                     .retain(|line| within_bounds(line, job.since.as_deref(), &upper));
             }
             // A `next` link to this very page (an upstream bug) would be followed forever.
-            let next = content
-                .next
-                .and_then(|n| self.pager.resolve_next(&url, &n))
-                .filter(|n| *n != url);
+            let next = content.next.and_then(|n| self.pager.resolve_next(&url, &n));
             // Ask for the next page now, so the upstream works while this one is written and
             // checkpointed (DESIGN "Performance notes"); a crash only wastes that request.
             prefetch = next.clone().map(|url| Prefetch::start(&self.pager, url));
